@@ -1,0 +1,303 @@
+"""The one place configuration comes from.
+
+Environment variables with the ``PLANNERSYNC_`` prefix, nested with ``__``
+(``PLANNERSYNC_PLANNER__ENDPOINT``). Every secret can instead be given as a file
+with the same name plus ``_FILE`` (``PLANNERSYNC_BROKER__PASSWORD_FILE=/run/secrets/amqp``),
+the convention Docker and Kubernetes secrets use. Settings are read once in ``main``
+and passed down; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PLANNERSYNC_"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept ``"10s"``, ``"5m"``, ``"2h"``, ``"250ms"``, plain seconds, or a timedelta."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+def parse_duration_list(value: Any) -> Any:
+    """Accept ``"10s,1m,5m"`` as well as a JSON list."""
+    if isinstance(value, str) and not value.strip().startswith("["):
+        return [parse_duration(part) for part in value.split(",") if part.strip()]
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+DurationList = Annotated[list[Duration], BeforeValidator(parse_duration_list)]
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip().startswith("["):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], BeforeValidator(_split_csv)]
+
+
+class _SecretFiles(BaseModel):
+    """Fills ``<name>`` from the file named by ``<name>_file`` for every secret field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            file_key = f"{name}_file"
+            path = data.get(file_key)
+            if field.annotation not in (SecretStr, SecretStr | None) or not path:
+                continue
+            try:
+                data[name] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"{file_key}: cannot read secret file {path}: {exc.strerror}") from None
+        return {key: value for key, value in data.items() if not key.endswith("_file") or key[:-5] not in cls.model_fields}
+
+
+class BrokerSettings(_SecretFiles):
+    host: str = "127.0.0.1"
+    port: int = Field(5672, ge=1, le=65535)
+    vhost: str = "/"
+    user: str = "guest"
+    password: SecretStr = SecretStr("guest")
+    heartbeat: int = Field(30, ge=5, le=600, description="seconds; never 0 (see runbooks/broker.md)")
+    blocked_connection_timeout: Duration = timedelta(seconds=60)
+    management_url: str = "http://127.0.0.1:15672"
+    prefix: str = Field("plannersync", pattern=r"^[a-z][a-z0-9_-]{0,40}$", description="namespace of every exchange and queue")
+    reconnect_max_delay: Duration = timedelta(seconds=30)
+    max_queue_length: int = Field(1_000_000, ge=1000)
+    delivery_limit: int = Field(10, ge=1, description="crash-loop guard on work queues")
+
+    def amqp_url(self) -> str:
+        vhost = quote(self.vhost, safe="")
+        user = quote(self.user, safe="")
+        password = quote(self.password.get_secret_value(), safe="")
+        return f"amqp://{user}:{password}@{self.host}:{self.port}/{vhost}"
+
+
+class DatabaseSettings(_SecretFiles):
+    url: str = Field(
+        "sqlite:///plannersync.db",
+        description="SQLAlchemy URL: sqlite:///path, postgresql+psycopg://user@host/db, mssql+pymssql://user@host/db",
+    )
+    password: SecretStr | None = Field(None, description="inserted into the URL, so it need not be written there")
+
+    @field_validator("url")
+    @classmethod
+    def _known_dialect(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql(\+psycopg2?)?|mssql\+pymssql)://", value):
+            raise ValueError("must start with sqlite://, postgresql+psycopg:// or mssql+pymssql://")
+        return value
+
+
+class RetrySettings(BaseModel):
+    ladder: DurationList = Field(
+        default_factory=lambda: [parse_duration(x) for x in ("10s", "1m", "5m", "30m", "2h", "2h", "2h")],
+        description="broker-side delays between attempts; their sum is the retry budget",
+    )
+    quick_attempts: int = Field(3, ge=1, le=10, description="in-process tries (tenacity) before the broker ladder")
+    quick_max_wait: Duration = timedelta(seconds=4)
+
+    @field_validator("ladder")
+    @classmethod
+    def _ladder_sane(cls, value: list[timedelta]) -> list[timedelta]:
+        if not value:
+            raise ValueError("needs at least one delay")
+        if any(step <= timedelta(0) for step in value):
+            raise ValueError("every delay must be positive")
+        if any(step.total_seconds() * 1000 != int(step.total_seconds() * 1000) for step in value):
+            raise ValueError("delays are whole milliseconds")
+        return value
+
+
+class BusySettings(BaseModel):
+    busy_statuses: CsvList = Field(default_factory=lambda: ["Busy", "Tentative", "OOF"])
+    window_months: int = Field(3, ge=1, le=24)
+    time_zone: str = "Europe/Copenhagen"
+    planner_organizers: CsvList = Field(default_factory=list, description="organizer addresses whose invitations come from Planner")
+    planner_uid_patterns: CsvList = Field(default_factory=list, description="regular expressions for UIDs Planner puts in calendars")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
+    @field_validator("busy_statuses")
+    @classmethod
+    def _statuses_known(cls, value: list[str]) -> list[str]:
+        known = {"Free", "Tentative", "Busy", "OOF", "NoData", "WorkingElsewhere"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown free/busy status {unknown}; known: {sorted(known)}")
+        return value
+
+    @field_validator("planner_uid_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return value
+
+
+ReceiptAction = Literal["ok", "update_instead", "create_instead", "planner_originated", "retry", "dead_letter"]
+
+DEFAULT_RECEIPT_ACTIONS: dict[str, ReceiptAction] = {
+    "0": "ok",
+    "8@create": "update_instead",
+    "10@update": "create_instead",
+    "10@delete": "ok",
+    "13": "planner_originated",
+    "15": "retry",
+    "16": "retry",
+    "*": "dead_letter",
+}
+
+
+class PlannerSettings(_SecretFiles):
+    endpoint: str = "http://127.0.0.1:8181/PlannerExternalCalendarService.svc"
+    jobcenter_number: str = Field("10100", pattern=r"^[0-9]{1,8}$", description="OrganisationCode of the jobcentre")
+    request_user_identifier: str = Field("CVR:55568510-FID:9100000000518", min_length=1, max_length=255)
+    user_full_name: str = Field("plannersync", min_length=1, max_length=100)
+    client_cert_p12: Path | None = None
+    client_cert_passphrase: SecretStr | None = None
+    client_cert_pem: Path | None = None
+    client_key_pem: Path | None = None
+    ca_bundle: Path | None = Field(None, description="CA bundle for Planner's server certificate; system store when unset")
+    insecure_skip_verify: bool = Field(False, description="never in production: logs a warning at every start")
+    timeout: Duration = timedelta(seconds=60)
+    max_response_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024)
+    batch_size: int = Field(15, ge=1, le=500)
+    linger: Duration = timedelta(milliseconds=300)
+    receipt_actions: dict[str, ReceiptAction] = Field(default_factory=lambda: dict(DEFAULT_RECEIPT_ACTIONS))
+    outage_after_failures: int = Field(5, ge=1)
+    outage_cooldown: Duration = timedelta(seconds=60)
+
+    @model_validator(mode="after")
+    def _cert_pairs(self) -> PlannerSettings:
+        if (self.client_cert_pem is None) != (self.client_key_pem is None):
+            raise ValueError("client_cert_pem and client_key_pem go together")
+        if self.client_cert_p12 and self.client_cert_pem:
+            raise ValueError("give either client_cert_p12 or client_cert_pem/client_key_pem, not both")
+        for path in (self.client_cert_p12, self.client_cert_pem, self.client_key_pem, self.ca_bundle):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file not found: {path}")
+        if "*" not in self.receipt_actions:
+            raise ValueError("receipt_actions needs a '*' entry for codes it does not name")
+        return self
+
+
+class ExchangeSettings(_SecretFiles):
+    endpoint: str = "http://127.0.0.1:8282/EWS/Exchange.asmx"
+    username: str = "svc-plannersync"
+    password: SecretStr = SecretStr("")
+    auth_type: Literal["NTLM", "basic"] = "basic"
+    version: Literal["Exchange2013_SP1", "Exchange2016", "Exchange2019"] = "Exchange2016"
+    ca_bundle: Path | None = None
+    subscription: Literal["streaming", "pull"] = "streaming"
+    streaming_connections: int = Field(3, ge=1, le=20)
+    mailboxes_per_connection: int = Field(200, ge=1, le=200)
+    stream_minutes: int = Field(10, ge=1, le=30)
+    safety_sync_interval: Duration = timedelta(minutes=15)
+    snapshot_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    snapshot_parallelism: int = Field(4, ge=1, le=32)
+    snapshot_part_size: int = Field(500, ge=10, le=5000)
+
+
+class LogSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    busy: BusySettings = Field(default_factory=BusySettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    def database_url(self) -> str:
+        """The database URL with the password from its secret inserted, if one is given."""
+        url = self.database.url
+        if self.database.password is None:
+            return url
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).set(password=self.database.password.get_secret_value()).render_as_string(hide_password=False)
+
+
+class ConfigError(Exception):
+    """Invalid configuration, phrased for the operator (variable name and what is wrong)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    parts = [str(part) for part in loc if not isinstance(part, int)]
+    return ENV_PREFIX + "__".join(parts).upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the configuration once; raise ConfigError naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = error.get("loc", ())
+            name = env_name(loc) if loc else ENV_PREFIX + "*"
+            value = error.get("input")
+            shown = "" if isinstance(value, dict) or "password" in name.lower() or "passphrase" in name.lower() else f" (got {value!r})"
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise ConfigError(problems) from None
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets shown as '***'."""
+    return settings.model_dump(mode="json")

@@ -1,0 +1,215 @@
+"""The message contracts: the only place a message's shape is defined.
+
+Three messages travel the pipeline, each JSON with a ``type`` and a ``schema_version``:
+
+- ``CalendarChange``: one item of one mailbox changed or disappeared (change-event producer).
+- ``CalendarSnapshot``: one numbered part of everything in one mailbox's sync window at one moment
+  (nightly producer); the part with ``final=True`` says how many parts there are.
+- ``BusyTimeState``: what Planner should hold for one event key (mailbox + OriginSystemIdentifier):
+  a busy interval, or absent, with a version that orders states of the same key.
+
+By design none of them has a field for subject, body, location, attendees or categories
+(DOMAIN decision 1); ``extra="forbid"`` makes a producer that tries to add one fail loudly.
+The JSON Schemas in ``docs/contracts/`` are generated from these models (``plannersync contracts export``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+FreeBusy = Literal["Free", "Tentative", "Busy", "OOF", "NoData", "WorkingElsewhere"]
+ItemType = Literal["single", "occurrence", "exception", "master"]
+Sensitivity = Literal["Normal", "Personal", "Private", "Confidential"]
+Mailbox = Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+OriginId = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class UnknownSchemaVersion(ValueError):
+    """A message whose type or schema_version this build does not know."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc)
+
+
+class Interval(_Model):
+    """A busy interval, aware datetimes normalised to UTC; end after start."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Interval:
+        if self.end <= self.start:
+            raise ValueError(f"end {self.end.isoformat()} is not after start {self.start.isoformat()}")
+        object.__setattr__(self, "start", _utc(self.start))
+        object.__setattr__(self, "end", _utc(self.end))
+        return self
+
+
+class CalendarItem(_Model):
+    """Only what deciding busy time needs: times, status and identity. Never content."""
+
+    item_id: str = Field(min_length=1, max_length=1024)
+    change_key: str | None = Field(None, max_length=1024)
+    uid: str | None = Field(None, max_length=480, description="iCalendar UID; None when Exchange gave none")
+    item_type: ItemType = "single"
+    start: AwareDatetime | None = None
+    end: AwareDatetime | None = None
+    original_start: AwareDatetime | None = Field(None, description="occurrences and exceptions: the start the series gave it")
+    time_zone: str | None = Field(None, max_length=128, description="the item's Windows or IANA zone id")
+    all_day: bool = False
+    free_busy: FreeBusy | None = None
+    cancelled: bool = False
+    in_deleted_items: bool = False
+    sensitivity: Sensitivity = "Normal"
+    organizer: str | None = Field(None, max_length=254)
+    last_modified: AwareDatetime | None = None
+
+
+class CalendarChange(_Model):
+    """One item of one mailbox changed (``upsert``) or is gone (``delete``).
+
+    For a recurring master, ``occurrences`` lists every occurrence and exception inside
+    ``window`` as the producer expanded it, so occurrences that vanished can be noticed.
+    ``observed_at`` (when the producer started the read that saw this) is the version.
+    """
+
+    type: Literal["calendar_change"] = "calendar_change"
+    schema_version: Literal[1] = 1
+    correlation_id: str = Field(min_length=1, max_length=64)
+    source: Literal["ews", "graph", "ical", "demo"] = "ews"
+    mailbox: Mailbox
+    observed_at: AwareDatetime
+    change: Literal["upsert", "delete"]
+    item_id: str = Field(min_length=1, max_length=1024)
+    item: CalendarItem | None = None
+    occurrences: list[CalendarItem] | None = None
+    window: Interval | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalendarChange:
+        if self.change == "upsert" and self.item is None:
+            raise ValueError("an upsert carries the item")
+        if self.change == "delete" and (self.item is not None or self.occurrences):
+            raise ValueError("a delete carries only the item id")
+        if self.occurrences is not None and self.window is None:
+            raise ValueError("expanded occurrences need the window they were expanded over")
+        return self
+
+
+class CalendarSnapshot(_Model):
+    """Part ``part`` of a snapshot; the part with ``final=True`` carries ``total_parts``.
+
+    A snapshot is complete only when every part 1..total_parts has arrived. A producer that
+    fails half way never sends the final part, so the snapshot never completes and never
+    causes a deletion.
+    """
+
+    type: Literal["calendar_snapshot"] = "calendar_snapshot"
+    schema_version: Literal[1] = 1
+    correlation_id: str = Field(min_length=1, max_length=64)
+    source: Literal["ews", "graph", "ical", "demo"] = "ews"
+    snapshot_id: str = Field(min_length=1, max_length=64)
+    mailbox: Mailbox
+    observed_at: AwareDatetime
+    window: Interval
+    part: int = Field(ge=1)
+    final: bool = False
+    total_parts: int | None = Field(None, ge=1)
+    items: list[CalendarItem] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _parts(self) -> CalendarSnapshot:
+        if self.final != (self.total_parts is not None):
+            raise ValueError("total_parts is given exactly on the final part")
+        if self.total_parts is not None and self.part != self.total_parts:
+            raise ValueError("the final part is the last one")
+        return self
+
+
+class BusyTimeState(_Model):
+    """What Planner should hold for one event key: ``interval`` busy, or ``None`` for absent."""
+
+    type: Literal["busy_time_state"] = "busy_time_state"
+    schema_version: Literal[1] = 1
+    correlation_id: str = Field(min_length=1, max_length=64)
+    mailbox: Mailbox
+    origin_id: OriginId
+    version: int = Field(ge=0, description="microseconds since the epoch of the source observation")
+    interval: Interval | None
+    cause: Literal["change", "snapshot", "reconcile", "replay"] = "change"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.mailbox.lower(), self.origin_id)
+
+    def message_id(self) -> str:
+        """Deterministic: the same state published twice has the same id."""
+        return stable_id("busy", self.mailbox.lower(), self.origin_id, str(self.version), self.interval.model_dump_json() if self.interval else "absent")
+
+
+Message = Annotated[Union[CalendarChange, CalendarSnapshot, BusyTimeState], Field(discriminator="type")]
+_MESSAGE = TypeAdapter(Message)
+KNOWN_VERSIONS: dict[str, set[int]] = {"calendar_change": {1}, "calendar_snapshot": {1}, "busy_time_state": {1}}
+ALL_MODELS: dict[str, type[_Model]] = {
+    "calendar_change": CalendarChange,
+    "calendar_snapshot": CalendarSnapshot,
+    "busy_time_state": BusyTimeState,
+}
+
+
+def stable_id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def version_of(moment: datetime) -> int:
+    """A version number from an aware datetime: microseconds since the epoch."""
+    delta = _utc(moment) - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def encode(message: CalendarChange | CalendarSnapshot | BusyTimeState) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
+    """Parse one message; raise UnknownSchemaVersion or pydantic's ValidationError with the reason."""
+    try:
+        raw: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnknownSchemaVersion(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UnknownSchemaVersion("not a JSON object")
+    kind, version = raw.get("type"), raw.get("schema_version")
+    if kind not in KNOWN_VERSIONS:
+        raise UnknownSchemaVersion(f"unknown message type {kind!r}")
+    if version not in KNOWN_VERSIONS[kind]:
+        raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}")
+    return _MESSAGE.validate_python(raw)
+
+
+def describe_validation(error: ValidationError) -> str:
+    """A one-line, content-free description of what failed validation (field paths and messages only)."""
+    parts = []
+    for item in error.errors()[:5]:
+        loc = ".".join(str(p) for p in item.get("loc", ()))
+        parts.append(f"{loc or '<root>'}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The exported JSON Schema of each message, by file name."""
+    return {f"{name}.v{SCHEMA_VERSION}.schema.json": model.model_json_schema() for name, model in ALL_MODELS.items()}

@@ -1,0 +1,68 @@
+"""What a failure means: retry later, or dead-letter with a reason. Pure; no I/O, no clock.
+
+Handlers raise ``Permanent`` or ``Transient`` (or let a validation error through) and never
+sleep, loop or settle a message themselves. ``shared/consumer.py`` carries out the outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from shared.contracts import UnknownSchemaVersion, describe_validation
+
+
+class Permanent(Exception):
+    """Retrying cannot help (bad data, a permanent Planner receipt code, a rejected request)."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Transient(Exception):
+    """Retrying later may help (timeouts, connection errors, HTTP 5xx, throttling, codes 15/16)."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    delay: timedelta
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: str
+
+
+Outcome = RetryLater | DeadLetter
+
+
+def describe(error: BaseException) -> str:
+    """A short, content-free description of an error for headers and logs."""
+    if isinstance(error, ValidationError):
+        return f"invalid message: {describe_validation(error)}"
+    if isinstance(error, UnknownSchemaVersion):
+        return f"unknown schema: {error}"
+    if isinstance(error, (Permanent, Transient)):
+        prefix = f"code {error.code}: " if error.code is not None else ""
+        return f"{prefix}{error.reason}"
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def decide(error: BaseException, attempt: int, ladder: Sequence[timedelta]) -> Outcome:
+    """``attempt`` is how many retries this message has had already (its x-retry-count)."""
+    if isinstance(error, (ValidationError, UnknownSchemaVersion, Permanent)):
+        return DeadLetter(reason=describe(error))
+    if attempt < len(ladder):
+        return RetryLater(delay=ladder[attempt], reason=describe(error))
+    return DeadLetter(reason=f"gave up after {attempt + 1} attempts: {describe(error)}")
