@@ -1,0 +1,77 @@
+"""Pure decisions of the Planner publisher: what to send for a desired state, what a receipt means.
+
+Desired state, not commands (DOMAIN decision 6): whether a state becomes Create, Update, Delete
+or nothing is decided here, against what Planner is known to hold. Older versions never
+overwrite newer ones, so duplicates, replays and reordering are harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+from shared.contracts import BusyTimeState, Interval
+from shared.store import DeliveredRow
+
+Operation = Literal["create", "update", "delete"]
+
+
+@dataclass(frozen=True)
+class Send:
+    operation: Operation
+    origin_id: str
+    interval: Interval
+
+
+@dataclass(frozen=True)
+class NoChange:
+    reason: str
+
+
+Action = Send | NoChange
+
+
+def plan(desired: BusyTimeState, known: DeliveredRow | None) -> Action:
+    """The one rule for every path (live changes, snapshots, reconciliation, replays)."""
+    if known is not None and known.planner_originated:
+        return NoChange("planner_originated")
+    if known is not None and known.version >= desired.version:
+        return NoChange("not_newer")
+    if desired.interval is None:
+        if known is not None and known.present and known.interval is not None:
+            return Send("delete", desired.origin_id, known.interval)
+        return NoChange("already_absent")
+    if known is None or not known.present:
+        return Send("create", desired.origin_id, desired.interval)
+    if known.interval != desired.interval:
+        return Send("update", desired.origin_id, desired.interval)
+    return NoChange("same_interval")
+
+
+def newest_per_key(states: Sequence[BusyTimeState]) -> dict[tuple[str, str], int]:
+    """Index of the newest state of each key in a batch; older ones in the same batch need no call."""
+    best: dict[tuple[str, str], int] = {}
+    for index, state in enumerate(states):
+        current = best.get(state.key)
+        if current is None or states[current].version < state.version:
+            best[state.key] = index
+    return best
+
+
+ReceiptAction = Literal["ok", "update_instead", "create_instead", "planner_originated", "retry", "dead_letter"]
+
+
+def receipt_action(code: int, operation: Operation, table: Mapping[str, str]) -> ReceiptAction:
+    """Look a receipt code up in the configured table: ``code@operation``, then ``code``, then ``*``."""
+    for key in (f"{code}@{operation}", str(code), "*"):
+        if key in table:
+            return table[key]  # type: ignore[return-value]
+    return "dead_letter"
+
+
+def follow_up(action: ReceiptAction) -> Operation | None:
+    if action == "update_instead":
+        return "update"
+    if action == "create_instead":
+        return "create"
+    return None

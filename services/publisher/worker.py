@@ -1,0 +1,206 @@
+"""The Planner publisher: busy-time desired states in, Planner calls out, receipts recorded.
+
+Gather (what Planner is known to hold), decide (``delivery_plan``), apply (one call per mailbox
+and operation, receipts matched by OriginSystemIdentifier, never by position). Only the failed
+events of a batch are retried or dead-lettered; the others are done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from shared.config import Settings
+from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Pausable, Result
+from shared.contracts import BusyTimeState, Interval
+from shared.logs import correlation, get_logger
+from shared.retry import Permanent, Transient
+from shared.store import DeliveredRow, Store
+from shared.topology import Topology, from_settings
+
+from services.publisher.delivery_plan import NoChange, Operation, Send, follow_up, newest_per_key, plan, receipt_action
+
+log = get_logger(__name__)
+
+
+class PlannerCalls(Protocol):
+    def create_events(self, events: list[Any]) -> Any: ...
+
+    def update_events(self, events: list[Any]) -> Any: ...
+
+    def delete_events(self, events: list[Any]) -> Any: ...
+
+
+@dataclass
+class OutageGuard:
+    """Counts consecutive transient call failures; past the threshold, pauses the consumer."""
+
+    threshold: int
+    cooldown: float
+    consumer: Pausable | None = None
+    consecutive: int = 0
+
+    def success(self) -> None:
+        if self.consecutive >= self.threshold:
+            log.info("planner_recovered")
+        self.consecutive = 0
+
+    def failure(self, reason: str) -> None:
+        self.consecutive += 1
+        if self.consecutive >= self.threshold and self.consumer is not None:
+            self.consumer.pause_until(time.time() + self.cooldown, f"planner_down: {reason}")
+
+
+@dataclass
+class PublisherDeps:
+    settings: Settings
+    store: Store
+    client: PlannerCalls
+    guard: OutageGuard
+    event_factory: Any = None  # PlannerEvent constructor, injected so this module need not import zeep
+
+
+@dataclass
+class _Pending:
+    index: int
+    state: BusyTimeState
+    send: Send
+    attempts: list[Operation] = field(default_factory=list)
+
+
+def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
+    """Deliver a batch of desired states; one result per message, in order."""
+    results: list[Result | None] = [None] * len(batch)
+    states: list[BusyTimeState] = []
+    for i, inbound in enumerate(batch):
+        if not isinstance(inbound.message, BusyTimeState):
+            results[i] = Permanent(f"publisher takes busy_time_state messages, not {inbound.message.type}")
+        states.append(inbound.message)  # type: ignore[arg-type]
+    newest = newest_per_key([s for s in states if isinstance(s, BusyTimeState)])
+    by_mailbox: dict[str, list[int]] = defaultdict(list)
+    for i, state in enumerate(states):
+        if results[i] is not None:
+            continue
+        if newest.get(state.key) != i:
+            results[i] = Done()  # an older state of the same key in this batch: the newest decides
+            continue
+        by_mailbox[state.mailbox.lower()].append(i)
+    for mailbox, indexes in by_mailbox.items():
+        for i, result in _deliver_mailbox(mailbox, [(i, states[i]) for i in indexes], deps).items():
+            results[i] = result
+    return [r if r is not None else Done() for r in results]
+
+
+def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps: PublisherDeps) -> dict[int, Result]:
+    known = deps.store.delivered(mailbox, [state.origin_id for _, state in items])
+    results: dict[int, Result] = {}
+    pending: list[_Pending] = []
+    for index, state in items:
+        action = plan(state, known.get(state.origin_id))
+        if isinstance(action, NoChange):
+            with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
+                log.info("busy_time_unchanged", reason=action.reason, version=state.version)
+            results[index] = Done()
+        else:
+            pending.append(_Pending(index, state, action))
+    rounds = 0
+    while pending and rounds < 3:  # a create answered 8 becomes an update (and vice versa) at most twice
+        rounds += 1
+        next_round: list[_Pending] = []
+        for operation in ("create", "update", "delete"):
+            group = [p for p in pending if p.send.operation == operation]
+            size = deps.settings.planner.batch_size
+            for start in range(0, len(group), size):
+                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, results))  # type: ignore[arg-type]
+        pending = next_round
+    for p in pending:
+        results[p.index] = Transient(f"Planner kept answering {p.attempts} for this event")
+    failed = [r for r in results.values() if isinstance(r, BaseException)]
+    deps.store.record_delivery_outcome(mailbox, str(failed[0])[:500] if failed else None)
+    return results
+
+
+def _call(
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRow], deps: PublisherDeps, results: dict[int, Result]
+) -> list[_Pending]:
+    events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
+    call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
+    try:
+        outcome = call(events)
+    except Transient as exc:
+        deps.guard.failure(exc.reason)
+        for p in group:
+            results[p.index] = exc
+        log.warning("planner_call_failed", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
+        return []
+    except Permanent as exc:
+        deps.guard.success()
+        for p in group:
+            results[p.index] = exc
+        log.error("planner_call_rejected", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
+        return []
+    deps.guard.success()
+    receipts = {r.origin_id: r for r in outcome.receipts}
+    again: list[_Pending] = []
+    for p in group:
+        state = p.state
+        p.attempts.append(operation)
+        with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
+            receipt = receipts.get(state.origin_id)
+            if receipt is None:
+                results[p.index] = Transient(f"no receipt for the event in the {operation} answer")
+                continue
+            action = receipt_action(receipt.code, operation, deps.settings.planner.receipt_actions)
+            common = {
+                "version": state.version,
+                "last_code": receipt.code,
+                "last_message": (receipt.message or "")[:1000] or None,
+                "conflict_notification_sent": receipt.conflict_notification_sent,
+                "receipt_at": receipt.received_at,
+                "service_request_ref": outcome.reference,
+                "correlation_id": state.correlation_id,
+            }
+            if receipt.planner_event_id:
+                common["planner_event_id"] = receipt.planner_event_id
+            if receipt.planner_resource_id:
+                common["planner_resource_id"] = receipt.planner_resource_id
+            log.info("planner_receipt", operation=operation, code=receipt.code, action=action, reference=outcome.reference)
+            if action == "ok":
+                present = operation != "delete"
+                interval: Interval | None = p.send.interval if present else None
+                deps.store.save_delivered(mailbox, state.origin_id, present=present, interval=interval, **common)
+                log.info("busy_time_delivered", operation=operation, version=state.version)
+                results[p.index] = Done()
+            elif action == "planner_originated":
+                deps.store.save_delivered(mailbox, state.origin_id, present=False, planner_originated=True, interval=None, **common)
+                log.info("busy_time_planner_originated", version=state.version)
+                results[p.index] = Done()
+            elif (next_op := follow_up(action)) is not None and next_op not in p.attempts:
+                again.append(_Pending(p.index, state, Send(next_op, p.send.origin_id, p.send.interval), p.attempts))
+            elif action == "retry":
+                results[p.index] = Transient(receipt.message or "Planner asked to retry", code=receipt.code)
+            else:
+                deps.store.save_delivered(mailbox, state.origin_id, **{k: v for k, v in common.items() if k != "version"})
+                results[p.index] = Permanent(receipt.message or f"Planner receipt code {receipt.code}", code=receipt.code)
+    return again
+
+
+def build(settings: Settings) -> Consumer:
+    """Wire the publisher: store, Planner client, consumer. Nothing connects at import."""
+    from services.publisher.planner_client import PlannerClient, PlannerEvent
+
+    store = Store.connect(settings.database_url())
+    client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
+    topology: Topology = from_settings(settings.broker, settings.retry)
+    guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
+    deps = PublisherDeps(settings, store, client, guard, PlannerEvent)
+    options = ConsumerOptions(
+        prefetch=settings.planner.batch_size * 4,
+        batch_size=settings.planner.batch_size * 4,
+        linger=settings.planner.linger,
+    )
+    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
+    guard.consumer = consumer
+    return consumer

@@ -1,0 +1,277 @@
+"""The ``plannersync`` command. Every subcommand has ``--help``.
+
+Configuration comes from the environment (see ``shared/config.py``) and is validated before
+anything connects: a bad value prints the variable and what is wrong, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.config import ConfigError, Settings, load_settings, masked
+
+WORKERS = ("transformer", "publisher")
+EXIT_CONFIG = 2
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print("plannersync: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def _configure_logs(settings: Settings, service: str) -> None:
+    from shared.logs import configure
+
+    configure(settings.log.level, settings.log.format, service=service)
+
+
+# --- run ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _configure_logs(settings, args.worker)
+    builder = _worker_builder(args.worker)
+    worker = builder(settings)
+    from shared.logs import get_logger
+
+    log = get_logger("plannersync.run")
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if args.ensure_topology:
+        _ensure_policies(settings, force=False, quiet=True)
+    log.info("worker_starting", worker=args.worker, broker=f"{settings.broker.host}:{settings.broker.port}", prefix=settings.broker.prefix)
+    worker.run()
+    return 0
+
+
+def _worker_builder(name: str) -> Callable[[Settings], Any]:
+    if name == "transformer":
+        from services.transformer.worker import build
+
+        return build
+    if name == "publisher":
+        from services.publisher.worker import build
+
+        return build
+    raise SystemExit(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
+
+
+# --- config -------------------------------------------------------------------------------
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings()
+    print(json.dumps(masked(settings), indent=2, default=str))
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+# --- db -----------------------------------------------------------------------------------
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.store import make_engine, upgrade
+
+    version = upgrade(make_engine(settings.database_url()))
+    print(f"database schema at version {version}")
+    return 0
+
+
+def cmd_db_ddl(args: argparse.Namespace) -> int:
+    from shared.store import ddl
+
+    print(";\n\n".join(ddl(args.dialect)) + ";")
+    return 0
+
+
+# --- topology -------------------------------------------------------------------------------
+def cmd_topology_export(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.topology import from_settings
+
+    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    document = from_settings(settings.broker, settings.retry).definitions(args.user if password is not None else None, password)
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _ensure_policies(settings: Settings, force: bool, quiet: bool = False) -> list[str]:
+    from shared.topology import ensure_policies, from_settings
+
+    try:
+        written = ensure_policies(
+            from_settings(settings.broker, settings.retry),
+            settings.broker.management_url,
+            settings.broker.user,
+            settings.broker.password.get_secret_value(),
+            force=force,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal for workers
+        if not quiet:
+            raise
+        from shared.logs import get_logger
+
+        get_logger("plannersync.topology").warning("broker_policies_unverified", error=type(exc).__name__, detail=str(exc)[:200])
+        return []
+    return written
+
+
+def cmd_topology_apply(args: argparse.Namespace) -> int:
+    settings = _settings()
+    import pika
+
+    from shared.topology import from_settings
+
+    topology = from_settings(settings.broker, settings.retry)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.amqp_url()))
+    try:
+        topology.declare(connection.channel())
+    finally:
+        connection.close()
+    written = _ensure_policies(settings, force=args.force)
+    print(f"declared {len(topology.queues())} queues; policies written: {len(written)} ({'forced' if args.force else 'missing ones only'})")
+    return 0
+
+
+# --- contracts --------------------------------------------------------------------------------
+def cmd_contracts_export(args: argparse.Namespace) -> int:
+    from shared.contracts import json_schemas
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (out / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(json_schemas())} schemas to {out}")
+    return 0
+
+
+# --- mailboxes --------------------------------------------------------------------------------
+def cmd_mailboxes(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.store import Store, upgrade
+
+    store = Store.connect(settings.database_url())
+    upgrade(store.engine)
+    if args.action == "add":
+        for address in args.addresses:
+            print(f"{address}: {'enrolled' if store.add_mailbox(address) else 'already enrolled'}")
+    elif args.action == "remove":
+        for address in args.addresses:
+            print(f"{address}: {'removed' if store.remove_mailbox(address) else 'not enrolled'}")
+    else:
+        for row in store.list_mailboxes():
+            print(f"{row.address}\t{'enabled' if row.enabled else 'disabled'}\t{row.status}\t{row.status_detail or ''}")
+    return 0
+
+
+# --- simulators, demo ----------------------------------------------------------------------------
+def cmd_sim(args: argparse.Namespace) -> int:
+    if args.system == "planner":
+        from simulators.planner.server import main as planner_main
+
+        return planner_main(args.sim_args)
+    from simulators.exchange.server import main as exchange_main
+
+    return exchange_main(args.sim_args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shared.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.replay import list_dead_letters, replay
+
+    if args.action == "list":
+        for row in list_dead_letters(settings, args.stage, limit=args.limit):
+            print(json.dumps(row, default=str))
+        return 0
+    moved = replay(settings, args.stage, limit=args.limit, message_id=args.message_id, dry_run=args.dry_run)
+    print(f"{'would replay' if args.dry_run else 'replayed'} {moved} message(s) from the {args.stage} dead-letter queue")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="plannersync", description="Exchange busy time into Jobcenter Planner.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one worker in the foreground until SIGTERM/SIGINT")
+    run.add_argument("worker", choices=WORKERS)
+    run.add_argument("--no-ensure-topology", dest="ensure_topology", action="store_false", help="do not create missing broker policies at start")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    check = config.add_parser("check", help="validate and print the effective configuration (secrets masked)")
+    check.set_defaults(func=cmd_config_check)
+
+    db = sub.add_parser("db", help="the state store").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="create or migrate the schema (idempotent)").set_defaults(func=cmd_db_upgrade)
+    ddl = db.add_parser("ddl", help="print the CREATE statements for a dialect")
+    ddl.add_argument("dialect", choices=("sqlite", "postgresql", "mssql"))
+    ddl.set_defaults(func=cmd_db_ddl)
+
+    topo = sub.add_parser("topology", help="the broker topology").add_subparsers(dest="action", required=True)
+    export = topo.add_parser("export", help="write the RabbitMQ definitions file (for compose)")
+    export.add_argument("--output", "-o", default="-", help="file to write, or - for stdout")
+    export.add_argument("--user", default="plannersync", help="broker user to include (with --password-file)")
+    export.add_argument("--password-file", help="include the user with this password's hash")
+    export.set_defaults(func=cmd_topology_export)
+    apply = topo.add_parser("apply", help="declare queues and create missing policies on a running broker")
+    apply.add_argument("--force", action="store_true", help="overwrite policies an operator changed")
+    apply.set_defaults(func=cmd_topology_apply)
+
+    contracts = sub.add_parser("contracts", help="message contracts").add_subparsers(dest="action", required=True)
+    cexport = contracts.add_parser("export", help="write the JSON Schemas")
+    cexport.add_argument("--output", "-o", default="docs/contracts")
+    cexport.set_defaults(func=cmd_contracts_export)
+
+    mailboxes = sub.add_parser("mailboxes", help="enrolled mailboxes")
+    mailboxes.add_argument("action", choices=("add", "remove", "list"))
+    mailboxes.add_argument("addresses", nargs="*")
+    mailboxes.set_defaults(func=cmd_mailboxes)
+
+    sim = sub.add_parser("sim", help="run a simulator (planner or exchange); its own options follow")
+    sim.add_argument("system", choices=("planner", "exchange"))
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_sim)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline against the local broker and the simulators")
+    demo.add_argument("--seconds", type=float, default=60.0, help="give up waiting after this long")
+    demo.set_defaults(func=cmd_demo)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered messages")
+    dlq.add_argument("action", choices=("list", "replay"))
+    dlq.add_argument("stage", choices=WORKERS)
+    dlq.add_argument("--limit", type=int, default=100)
+    dlq.add_argument("--message-id", help="replay only this message")
+    dlq.add_argument("--dry-run", action="store_true")
+    dlq.set_defaults(func=cmd_dlq)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,422 @@
+"""The state store: SQLAlchemy Core tables and queries, one code path for SQLite, PostgreSQL and SQL Server.
+
+Times are stored as naive UTC (``UtcDateTime``) so every dialect stores the same thing; strings have
+explicit lengths and keys stay under SQL Server's 900-byte index limit. No table holds appointment
+content: ids, times, versions and receipt codes only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from shared.contracts import Interval
+
+SCHEMA_VERSION = 1
+metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out; stored as naive UTC on every dialect."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "mssql":  # DATETIME rounds to 3.33 ms; DATETIME2 keeps microseconds
+            from sqlalchemy.dialects.mssql import DATETIME2
+
+            return dialect.type_descriptor(DATETIME2(precision=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use aware datetimes")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+MAILBOX = 254
+ORIGIN = 512
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("upgraded_at", UtcDateTime, nullable=False),
+)
+
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("address", String(MAILBOX), primary_key=True),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("planner_resource_id", String(36)),
+    Column("status", String(32), nullable=False, default="new"),
+    Column("status_detail", String(500)),
+    Column("status_changed_at", UtcDateTime),
+    Column("next_attempt_at", UtcDateTime),
+    Column("last_delivery_at", UtcDateTime),
+    Column("last_error", String(500)),
+    Column("last_error_at", UtcDateTime),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+exchange_sync = Table(
+    "exchange_sync",
+    metadata,
+    Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("sync_state", String(4000)),
+    Column("subscription_id", String(512)),
+    Column("watermark", String(512)),
+    Column("last_sync_at", UtcDateTime),
+    Column("last_full_sync_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# What the transformer last decided per event key (desired state, not what Planner holds).
+desired_states = Table(
+    "desired_states",
+    metadata,
+    Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("origin_id", String(ORIGIN), primary_key=True),
+    Column("uid", String(480)),
+    Column("source_item_id", String(1024)),
+    Column("version", BigInteger, nullable=False),
+    Column("start_at", UtcDateTime),
+    Column("end_at", UtcDateTime),
+    Column("seen_in_snapshot", String(64)),
+    Column("correlation_id", String(64)),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+snapshot_parts = Table(
+    "snapshot_parts",
+    metadata,
+    Column("snapshot_id", String(64), primary_key=True),
+    Column("part", Integer, primary_key=True),
+    Column("mailbox", String(MAILBOX), nullable=False),
+    Column("total_parts", Integer),
+    Column("received_at", UtcDateTime, nullable=False),
+)
+
+# What Planner is known to hold per event key, with the last receipt.
+delivered_events = Table(
+    "delivered_events",
+    metadata,
+    Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("origin_id", String(ORIGIN), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("present", Boolean, nullable=False),
+    Column("start_at", UtcDateTime),
+    Column("end_at", UtcDateTime),
+    Column("planner_event_id", String(36)),
+    Column("planner_resource_id", String(36)),
+    Column("planner_originated", Boolean, nullable=False, default=False),
+    Column("last_code", Integer),
+    Column("last_message", String(1000)),
+    Column("conflict_notification_sent", Boolean),
+    Column("receipt_at", UtcDateTime),
+    Column("service_request_ref", String(36)),
+    Column("correlation_id", String(64)),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for any supported URL; SQLite gets WAL and a busy timeout so workers can share a file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def upgrade(engine: Engine) -> int:
+    """Create or migrate the schema; safe to run any number of times. Returns the schema version."""
+    metadata.create_all(engine, checkfirst=True)
+    with engine.begin() as conn:
+        current = conn.execute(select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
+        if current is None:
+            conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION, upgraded_at=now_utc()))
+        elif current > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema {current} is newer than this build ({SCHEMA_VERSION}); upgrade plannersync")
+        elif current < SCHEMA_VERSION:
+            conn.execute(update(schema_info).where(schema_info.c.id == 1).values(version=SCHEMA_VERSION, upgraded_at=now_utc()))
+    return SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class MailboxRow:
+    address: str
+    enabled: bool
+    status: str
+    status_detail: str | None
+    planner_resource_id: str | None
+    last_delivery_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DesiredRow:
+    origin_id: str
+    uid: str | None
+    source_item_id: str | None
+    version: int
+    interval: Interval | None
+    seen_in_snapshot: str | None
+
+
+@dataclass(frozen=True)
+class DeliveredRow:
+    mailbox: str
+    origin_id: str
+    version: int
+    present: bool
+    interval: Interval | None
+    planner_event_id: str | None
+    planner_resource_id: str | None
+    planner_originated: bool
+    last_code: int | None
+    last_message: str | None
+
+
+def _interval(start: datetime | None, end: datetime | None) -> Interval | None:
+    return Interval(start=start, end=end) if start is not None and end is not None else None
+
+
+class Store:
+    """Queries over the tables above. One instance per process; safe to share between threads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def connect(cls, url: str) -> Store:
+        return cls(make_engine(url))
+
+    # --- mailboxes -----------------------------------------------------------------------
+    def add_mailbox(self, address: str) -> bool:
+        address = address.lower()
+        now = now_utc()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(mailboxes.c.enabled).where(mailboxes.c.address == address)).first()
+            if row is None:
+                conn.execute(insert(mailboxes).values(address=address, enabled=True, status="new", created_at=now, updated_at=now))
+                return True
+            if not row.enabled:
+                conn.execute(update(mailboxes).where(mailboxes.c.address == address).values(enabled=True, status="new", updated_at=now))
+                return True
+            return False
+
+    def remove_mailbox(self, address: str) -> bool:
+        """Disable (not delete): history stays for the status command and reconciliation."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(mailboxes)
+                .where(and_(mailboxes.c.address == address.lower(), mailboxes.c.enabled.is_(True)))
+                .values(enabled=False, status="removed", updated_at=now_utc())
+            )
+            return bool(result.rowcount)
+
+    def list_mailboxes(self, enabled_only: bool = False) -> list[MailboxRow]:
+        query = select(mailboxes).order_by(mailboxes.c.address)
+        if enabled_only:
+            query = query.where(mailboxes.c.enabled.is_(True))
+        with self.engine.connect() as conn:
+            return [
+                MailboxRow(r.address, r.enabled, r.status, r.status_detail, r.planner_resource_id, r.last_delivery_at, r.last_error, r.last_error_at)
+                for r in conn.execute(query)
+            ]
+
+    def set_mailbox_status(self, address: str, status: str, detail: str | None = None, next_attempt_at: datetime | None = None) -> None:
+        now = now_utc()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(mailboxes)
+                .where(mailboxes.c.address == address.lower())
+                .values(status=status, status_detail=detail, status_changed_at=now, next_attempt_at=next_attempt_at, updated_at=now)
+            )
+
+    def record_delivery_outcome(self, address: str, error: str | None) -> None:
+        """Per mailbox: the last successful delivery time, or the last error."""
+        now = now_utc()
+        values: dict[str, Any] = {"updated_at": now}
+        if error is None:
+            values["last_delivery_at"] = now
+        else:
+            values.update(last_error=error[:500], last_error_at=now)
+        with self.engine.begin() as conn:
+            conn.execute(update(mailboxes).where(mailboxes.c.address == address.lower()).values(**values))
+
+    # --- exchange sync state -----------------------------------------------------------------
+    def sync_state(self, mailbox: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).mappings().first()
+            return dict(row) if row else None
+
+    def save_sync_state(self, mailbox: str, **values: Any) -> None:
+        mailbox = mailbox.lower()
+        values["updated_at"] = now_utc()
+        with self.engine.begin() as conn:
+            found = conn.execute(update(exchange_sync).where(exchange_sync.c.mailbox == mailbox).values(**values)).rowcount
+            if not found:
+                conn.execute(insert(exchange_sync).values(mailbox=mailbox, **values))
+
+    # --- transformer: desired states -----------------------------------------------------------
+    def desired(self, mailbox: str) -> dict[str, DesiredRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox.lower()))
+            return {
+                r.origin_id: DesiredRow(r.origin_id, r.uid, r.source_item_id, r.version, _interval(r.start_at, r.end_at), r.seen_in_snapshot)
+                for r in rows
+            }
+
+    def save_desired(
+        self,
+        mailbox: str,
+        rows: Iterable[DesiredRow],
+        correlation_id: str | None = None,
+        snapshot_part: tuple[str, int, int | None] | None = None,
+    ) -> None:
+        """Upsert rows, never lowering a key's version, and record a snapshot part, in one transaction."""
+        mailbox = mailbox.lower()
+        now = now_utc()
+        with self.engine.begin() as conn:
+            for row in rows:
+                values = {
+                    "uid": row.uid,
+                    "source_item_id": row.source_item_id,
+                    "version": row.version,
+                    "start_at": row.interval.start if row.interval else None,
+                    "end_at": row.interval.end if row.interval else None,
+                    "seen_in_snapshot": row.seen_in_snapshot,
+                    "correlation_id": correlation_id,
+                    "updated_at": now,
+                }
+                key = and_(desired_states.c.mailbox == mailbox, desired_states.c.origin_id == row.origin_id)
+                existing = conn.execute(select(desired_states.c.version).where(key)).scalar()
+                if existing is None:
+                    conn.execute(insert(desired_states).values(mailbox=mailbox, origin_id=row.origin_id, **values))
+                elif existing <= row.version:
+                    conn.execute(update(desired_states).where(key).values(**values))
+            if snapshot_part is not None:
+                snapshot_id, part, total = snapshot_part
+                part_key = and_(snapshot_parts.c.snapshot_id == snapshot_id, snapshot_parts.c.part == part)
+                if conn.execute(select(snapshot_parts.c.part).where(part_key)).first() is None:
+                    conn.execute(insert(snapshot_parts).values(snapshot_id=snapshot_id, part=part, mailbox=mailbox, total_parts=total, received_at=now))
+
+    def snapshot_progress(self, snapshot_id: str) -> tuple[set[int], int | None]:
+        """The parts of a snapshot recorded so far, and its total once the final part is recorded."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(snapshot_parts.c.part, snapshot_parts.c.total_parts).where(snapshot_parts.c.snapshot_id == snapshot_id)).all()
+        totals = [r.total_parts for r in rows if r.total_parts is not None]
+        return {r.part for r in rows}, (max(totals) if totals else None)
+
+    def forget_snapshots_before(self, moment: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(snapshot_parts).where(snapshot_parts.c.received_at < moment)).rowcount
+
+    # --- publisher: what Planner holds ----------------------------------------------------------
+    def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRow]:
+        mailbox = mailbox.lower()
+        query = select(delivered_events).where(delivered_events.c.mailbox == mailbox)
+        result: dict[str, DeliveredRow] = {}
+        if origin_ids is not None and not origin_ids:
+            return result
+        chunks: list[Sequence[str] | None] = [None] if origin_ids is None else [origin_ids[i : i + 500] for i in range(0, len(origin_ids), 500)]
+        with self.engine.connect() as conn:
+            for chunk in chunks:
+                q = query if chunk is None else query.where(delivered_events.c.origin_id.in_(list(chunk)))
+                for r in conn.execute(q):
+                    result[r.origin_id] = DeliveredRow(
+                        r.mailbox, r.origin_id, r.version, r.present, _interval(r.start_at, r.end_at),
+                        r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
+                    )
+        return result
+
+    def save_delivered(self, mailbox: str, origin_id: str, **values: Any) -> None:
+        mailbox = mailbox.lower()
+        values["updated_at"] = now_utc()
+        interval = values.pop("interval", "keep")
+        if interval != "keep":
+            values["start_at"] = interval.start if interval else None
+            values["end_at"] = interval.end if interval else None
+        key = and_(delivered_events.c.mailbox == mailbox, delivered_events.c.origin_id == origin_id)
+        with self.engine.begin() as conn:
+            if not conn.execute(update(delivered_events).where(key).values(**values)).rowcount:
+                values.setdefault("present", False)
+                values.setdefault("version", 0)
+                conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=origin_id, **values))
+
+    def count_delivered(self, mailbox: str | None = None, present: bool | None = None) -> int:
+        query = select(func.count()).select_from(delivered_events)
+        if mailbox is not None:
+            query = query.where(delivered_events.c.mailbox == mailbox.lower())
+        if present is not None:
+            query = query.where(delivered_events.c.present.is_(present))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+
+def ddl(dialect_name: str) -> list[str]:
+    """The CREATE statements for a dialect (``sqlite``, ``postgresql``, ``mssql``), for review and tests."""
+    from sqlalchemy.schema import CreateTable
+
+    dialect = _dialect(dialect_name)
+    return [str(CreateTable(table).compile(dialect=dialect)).strip() for table in metadata.sorted_tables]
+
+
+def _dialect(name: str) -> Any:
+    if name == "mssql":
+        from sqlalchemy.dialects.mssql import pymssql
+
+        return pymssql.dialect()
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import psycopg
+
+        return psycopg.dialect()
+    from sqlalchemy.dialects.sqlite import pysqlite
+
+    return pysqlite.dialect()
+
