@@ -9,10 +9,11 @@ and passed down; nothing else reads ``os.environ``.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "PLANNERSYNC_"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -51,7 +52,7 @@ def parse_duration_list(value: Any) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-DurationList = Annotated[list[Duration], BeforeValidator(parse_duration_list)]
+DurationList = Annotated[list[Duration], NoDecode, BeforeValidator(parse_duration_list)]
 
 
 def _split_csv(value: Any) -> Any:
@@ -60,7 +61,7 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
-CsvList = Annotated[list[str], BeforeValidator(_split_csv)]
+CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
 
 
 class _SecretFiles(BaseModel):
@@ -283,8 +284,33 @@ def env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(parts).upper()
 
 
-def load_settings(**overrides: Any) -> Settings:
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """PLANNERSYNC_* variables that name no setting (a typo would otherwise be silently ignored)."""
+    problems = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        field = Settings.model_fields.get(parts[0])
+        if field is None:
+            problems.append(f"{name}: no such setting")
+            continue
+        model = field.annotation
+        if len(parts) == 2 and isinstance(model, type) and issubclass(model, BaseModel):
+            key = parts[1]
+            known = set(model.model_fields) | {f"{n}_file" for n in model.model_fields}
+            if key not in known:
+                problems.append(f"{name}: no such setting in {parts[0]} (known: {', '.join(sorted(model.model_fields))})")
+        elif len(parts) > 2:
+            problems.append(f"{name}: no such setting")
+    return problems
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read and validate the configuration once; raise ConfigError naming each bad variable."""
+    unknown = unknown_variables(os.environ if environ is None else environ)
+    if unknown:
+        raise ConfigError(unknown)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -296,6 +322,9 @@ def load_settings(**overrides: Any) -> Settings:
             shown = "" if isinstance(value, dict) or "password" in name.lower() or "passphrase" in name.lower() else f" (got {value!r})"
             problems.append(f"{name}: {error['msg']}{shown}")
         raise ConfigError(problems) from None
+    except SettingsError as exc:
+        cause = exc.__cause__
+        raise ConfigError([f"{exc}: {cause}" if cause else str(exc)]) from None
 
 
 def masked(settings: Settings) -> dict[str, Any]:

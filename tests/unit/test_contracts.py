@@ -1,0 +1,121 @@
+"""Message contracts: versioned, content-free, exported schemas in sync."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shared.contracts import (
+    ALL_MODELS,
+    BusyTimeState,
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+    UnknownSchemaVersion,
+    decode,
+    encode,
+    json_schemas,
+    version_of,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
+CONTENT_FIELDS = {"subject", "body", "location", "attendees", "categories", "required_attendees", "optional_attendees"}
+
+
+def change(**overrides: object) -> CalendarChange:
+    data: dict[str, object] = {
+        "correlation_id": "c1",
+        "mailbox": "anne@kommune.dk",
+        "observed_at": T0,
+        "change": "upsert",
+        "item_id": "AAMk1",
+        "item": CalendarItem(item_id="AAMk1", uid="uid-1", start=T0, end=T0 + timedelta(hours=1), free_busy="Busy"),
+    }
+    data.update(overrides)
+    return CalendarChange(**data)  # type: ignore[arg-type]
+
+
+def test_every_message_round_trips_through_json() -> None:
+    window = Interval(start=T0, end=T0 + timedelta(days=90))
+    messages = [
+        change(),
+        change(change="delete", item=None),
+        CalendarSnapshot(correlation_id="c2", snapshot_id="s1", mailbox="anne@kommune.dk", observed_at=T0, window=window, part=1, final=True, total_parts=1),
+        BusyTimeState(correlation_id="c3", mailbox="anne@kommune.dk", origin_id="uid-1", version=5, interval=window),
+        BusyTimeState(correlation_id="c3", mailbox="anne@kommune.dk", origin_id="uid-1", version=6, interval=None),
+    ]
+    for message in messages:
+        assert decode(encode(message)) == message
+
+
+def test_no_contract_has_a_field_for_appointment_content() -> None:
+    for model in [*ALL_MODELS.values(), CalendarItem]:
+        assert not CONTENT_FIELDS & set(model.model_fields), model.__name__
+
+
+def test_a_producer_cannot_smuggle_a_subject_into_a_message() -> None:
+    raw = json.loads(encode(change()))
+    raw["item"]["subject"] = "Tandlæge"
+    with pytest.raises(ValidationError):
+        decode(json.dumps(raw).encode())
+
+
+def test_an_unknown_schema_version_is_refused_with_the_reason() -> None:
+    raw = json.loads(encode(change()))
+    raw["schema_version"] = 99
+    with pytest.raises(UnknownSchemaVersion, match="schema_version 99"):
+        decode(json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b'{"type": "mystery", "schema_version": 1}', b"\xff\xfe"])
+def test_malformed_bodies_are_refused(body: bytes) -> None:
+    with pytest.raises(UnknownSchemaVersion):
+        decode(body)
+
+
+def test_an_interval_must_end_after_it_starts_and_is_kept_in_utc() -> None:
+    with pytest.raises(ValidationError, match="not after start"):
+        Interval(start=T0, end=T0)
+    cph = timezone(timedelta(hours=1))
+    interval = Interval(start=datetime(2026, 12, 1, 9, tzinfo=cph), end=datetime(2026, 12, 1, 10, tzinfo=cph))
+    assert interval.start == T0 and interval.start.utcoffset() == timedelta(0)
+
+
+def test_naive_times_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        change(observed_at=datetime(2026, 12, 1, 8, 0))
+
+
+def test_a_snapshot_final_part_carries_the_total() -> None:
+    window = Interval(start=T0, end=T0 + timedelta(days=1))
+    with pytest.raises(ValidationError, match="total_parts"):
+        CalendarSnapshot(correlation_id="c", snapshot_id="s", mailbox="a@b.dk", observed_at=T0, window=window, part=2, final=True)
+    with pytest.raises(ValidationError, match="last one"):
+        CalendarSnapshot(correlation_id="c", snapshot_id="s", mailbox="a@b.dk", observed_at=T0, window=window, part=2, final=True, total_parts=3)
+
+
+def test_the_same_state_has_the_same_message_id_and_another_version_another() -> None:
+    a = BusyTimeState(correlation_id="x", mailbox="A@b.dk", origin_id="u", version=1, interval=None)
+    b = BusyTimeState(correlation_id="y", mailbox="a@b.dk", origin_id="u", version=1, interval=None)
+    c = BusyTimeState(correlation_id="x", mailbox="a@b.dk", origin_id="u", version=2, interval=None)
+    assert a.message_id() == b.message_id() != c.message_id()
+
+
+def test_versions_order_like_the_times_they_come_from() -> None:
+    assert version_of(T0) < version_of(T0 + timedelta(microseconds=1))
+    assert version_of(T0.astimezone(timezone(timedelta(hours=2)))) == version_of(T0)
+
+
+def test_exported_json_schemas_match_the_models() -> None:
+    exported = ROOT / "docs" / "contracts"
+    for name, schema in json_schemas().items():
+        path = exported / name
+        assert path.is_file(), f"{path} missing: run `plannersync contracts export`"
+        assert json.loads(path.read_text()) == schema, f"{name} drifted from shared/contracts.py: run `plannersync contracts export`"
+    assert {p.name for p in exported.glob("*.schema.json")} == set(json_schemas())
