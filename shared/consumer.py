@@ -170,7 +170,7 @@ class Consumer:
         params = pika.URLParameters(self.broker.amqp_url())
         params.heartbeat = self.broker.heartbeat
         params.blocked_connection_timeout = self.broker.blocked_connection_timeout.total_seconds()
-        params.client_properties = {"connection_name": f"plannersync-{self.stage.name}"}
+        params.client_properties = {"connection_name": f"{self.stage.prefix}.{self.stage.name}"}
         return pika.BlockingConnection(params)
 
     def _session(self) -> None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -33,6 +33,10 @@ OriginId = Annotated[str, Field(min_length=1, max_length=512)]
 
 class UnknownSchemaVersion(ValueError):
     """A message whose type or schema_version this build does not know."""
+
+
+class MalformedMessage(ValueError):
+    """A body that is not a JSON object at all."""
 
 
 class _Model(BaseModel):
@@ -160,10 +164,8 @@ class BusyTimeState(_Model):
         return stable_id("busy", self.mailbox.lower(), self.origin_id, str(self.version), self.interval.model_dump_json() if self.interval else "absent")
 
 
-Message = Annotated[Union[CalendarChange, CalendarSnapshot, BusyTimeState], Field(discriminator="type")]
-_MESSAGE = TypeAdapter(Message)
 KNOWN_VERSIONS: dict[str, set[int]] = {"calendar_change": {1}, "calendar_snapshot": {1}, "busy_time_state": {1}}
-ALL_MODELS: dict[str, type[_Model]] = {
+ALL_MODELS: dict[str, type[CalendarChange] | type[CalendarSnapshot] | type[BusyTimeState]] = {
     "calendar_change": CalendarChange,
     "calendar_snapshot": CalendarSnapshot,
     "busy_time_state": BusyTimeState,
@@ -189,15 +191,15 @@ def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
     try:
         raw: Any = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnknownSchemaVersion(f"not JSON: {exc}") from None
+        raise MalformedMessage(f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise UnknownSchemaVersion("not a JSON object")
+        raise MalformedMessage("not a JSON object")
     kind, version = raw.get("type"), raw.get("schema_version")
     if kind not in KNOWN_VERSIONS:
         raise UnknownSchemaVersion(f"unknown message type {kind!r}")
     if version not in KNOWN_VERSIONS[kind]:
         raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}")
-    return _MESSAGE.validate_python(raw)
+    return ALL_MODELS[kind].model_validate(raw)  # type: ignore[return-value]
 
 
 def describe_validation(error: ValidationError) -> str:

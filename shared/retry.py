@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from shared.contracts import UnknownSchemaVersion, describe_validation
+from shared.contracts import MalformedMessage, UnknownSchemaVersion, describe_validation
 
 
 class Permanent(Exception):
@@ -53,6 +53,8 @@ def describe(error: BaseException) -> str:
         return f"invalid message: {describe_validation(error)}"
     if isinstance(error, UnknownSchemaVersion):
         return f"unknown schema: {error}"
+    if isinstance(error, MalformedMessage):
+        return f"malformed message: {error}"
     if isinstance(error, (Permanent, Transient)):
         prefix = f"code {error.code}: " if error.code is not None else ""
         return f"{prefix}{error.reason}"
@@ -61,7 +63,7 @@ def describe(error: BaseException) -> str:
 
 def decide(error: BaseException, attempt: int, ladder: Sequence[timedelta]) -> Outcome:
     """``attempt`` is how many retries this message has had already (its x-retry-count)."""
-    if isinstance(error, (ValidationError, UnknownSchemaVersion, Permanent)):
+    if isinstance(error, (ValidationError, UnknownSchemaVersion, MalformedMessage, Permanent)):
         return DeadLetter(reason=describe(error))
     if attempt < len(ladder):
         return RetryLater(delay=ladder[attempt], reason=describe(error))

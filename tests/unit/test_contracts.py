@@ -16,6 +16,7 @@ from shared.contracts import (
     CalendarItem,
     CalendarSnapshot,
     Interval,
+    MalformedMessage,
     UnknownSchemaVersion,
     decode,
     encode,
@@ -73,10 +74,15 @@ def test_an_unknown_schema_version_is_refused_with_the_reason() -> None:
         decode(json.dumps(raw).encode())
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b'{"type": "mystery", "schema_version": 1}', b"\xff\xfe"])
+@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b"\xff\xfe"])
 def test_malformed_bodies_are_refused(body: bytes) -> None:
-    with pytest.raises(UnknownSchemaVersion):
+    with pytest.raises(MalformedMessage):
         decode(body)
+
+
+def test_an_unknown_message_type_is_refused() -> None:
+    with pytest.raises(UnknownSchemaVersion, match="unknown message type"):
+        decode(b'{"type": "mystery", "schema_version": 1}')
 
 
 def test_an_interval_must_end_after_it_starts_and_is_kept_in_utc() -> None:

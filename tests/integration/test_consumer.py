@@ -1,0 +1,186 @@
+"""The one consume loop on the real broker: confirms, retry ladder, dead-lettering, reconnects, stop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Iterator
+
+import pika
+import pytest
+import requests
+
+from shared.config import Settings
+from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Outgoing, Publisher, Result
+from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
+from shared.retry import Permanent, Transient
+from shared.topology import Topology
+from tests.conftest import MANAGEMENT, drain, queue_depth, wait_for
+
+T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+
+
+def change(n: int = 1) -> CalendarChange:
+    item = CalendarItem(item_id=f"item-{n}", uid=f"uid-{n}", start=T, end=T + timedelta(hours=1), free_busy="Busy")
+    return CalendarChange(correlation_id=f"corr-{n}-{uuid.uuid4().hex[:6]}", mailbox="anne@kommune.dk", observed_at=T, change="upsert", item_id=f"item-{n}", item=item)
+
+
+class Recorder:
+    """A handler whose behaviour per correlation id is scripted by the test."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.seen: list[str] = []
+        self.fail_with: dict[str, BaseException] = {}
+        self.fail_times: dict[str, int] = {}
+        self.recorded: list[str] = []
+        self.block = threading.Event()
+        self.block.set()
+
+    def __call__(self, batch: list[Inbound]) -> list[Result]:
+        self.block.wait(30)
+        results: list[Result] = []
+        for inbound in batch:
+            cid = inbound.message.correlation_id
+            self.seen.append(cid)
+            if cid in self.fail_with and self.fail_times.get(cid, 1) > 0:
+                self.fail_times[cid] = self.fail_times.get(cid, 1) - 1
+                results.append(self.fail_with[cid])
+                continue
+            state = BusyTimeState(correlation_id=cid, mailbox="anne@kommune.dk", origin_id=cid, version=1, interval=None)
+            out = Outgoing(self.topology.busy_exchange, self.topology.busy_key("anne@kommune.dk"), state)
+            results.append(Done(publish=[out], record=lambda cid=cid: self.recorded.append(cid)))
+        return results
+
+
+@pytest.fixture
+def running(settings: Settings, topology: Topology) -> Iterator[tuple[Consumer, Recorder, Publisher]]:
+    recorder = Recorder(topology)
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, ConsumerOptions(prefetch=10, batch_size=5))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_for(lambda: consumer.health.connected, 15, what="consumer connected")
+    publisher = Publisher(settings.broker, topology)
+    yield consumer, recorder, publisher
+    recorder.block.set()
+    consumer.stop()
+    thread.join(15)
+    publisher.close()
+    assert not thread.is_alive(), "consumer did not stop"
+
+
+def send(publisher: Publisher, topology: Topology, message: CalendarChange) -> None:
+    publisher.publish(Outgoing(topology.calendar_exchange, topology.change_key(message.mailbox), message))
+
+
+def test_a_handled_message_is_published_recorded_and_acked(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    message = change()
+    send(publisher, topology, message)
+    got = drain(topology.stage("publisher").work_queue(), timeout=15)
+    assert got and json.loads(got[0][1])["origin_id"] == message.correlation_id
+    assert got[0][0].delivery_mode == 2 and got[0][0].correlation_id == message.correlation_id
+    wait_for(lambda: recorder.recorded == [message.correlation_id], 10, what="record step")
+    wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 0, 10, what="ack")
+
+
+def test_malformed_and_unknown_version_messages_are_dead_lettered_and_consuming_goes_on(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    stage = topology.stage("transformer")
+    raw = json.loads(encode(change(2)))
+    raw["schema_version"] = 7
+    publisher.publish_raw(topology.calendar_exchange, "change.x", b"{this is not json")
+    publisher.publish_raw(topology.calendar_exchange, "change.x", json.dumps(raw).encode())
+    invalid = json.loads(encode(change(3)))
+    invalid["item"]["end"] = "yesterday"
+    publisher.publish_raw(topology.calendar_exchange, "change.x", json.dumps(invalid).encode())
+    good = change(4)
+    send(publisher, topology, good)
+    dead = drain(stage.dead_letter_queue(), timeout=15, count=3)
+    reasons = sorted(props.headers["x-plannersync-reason"] for props, _ in dead)
+    assert len(reasons) == 3
+    assert any("not JSON" in r for r in reasons)
+    assert any("schema_version 7" in r for r in reasons)
+    assert any("invalid message: item.end" in r for r in reasons)
+    assert all(props.headers["x-original-queue"] == stage.work_queue() for props, _ in dead)
+    wait_for(lambda: good.correlation_id in recorder.recorded, 10, what="the good message after the bad ones")
+    assert recorder.seen == [good.correlation_id]  # bad messages never reached the handler
+
+
+def test_a_transient_failure_climbs_the_retry_ladder_then_succeeds(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    message = change(5)
+    recorder.fail_with[message.correlation_id] = Transient("Planner timeout")
+    recorder.fail_times[message.correlation_id] = 2
+    send(publisher, topology, message)
+    wait_for(lambda: message.correlation_id in recorder.recorded, 20, what="success after two retries")
+    assert recorder.seen.count(message.correlation_id) == 3
+    assert consumer.health.retried == 2 and consumer.health.dead_lettered == 0
+
+
+def test_after_the_retry_budget_a_message_is_dead_lettered_with_reason_attempts_and_first_failure(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    message = change(6)
+    recorder.fail_with[message.correlation_id] = Transient("HTTP 503")
+    recorder.fail_times[message.correlation_id] = 99
+    send(publisher, topology, message)
+    dead = drain(topology.stage("transformer").dead_letter_queue(), timeout=30)
+    assert dead, "nothing dead-lettered"
+    headers = dead[0][0].headers
+    assert headers["x-retry-count"] == len(topology.ladder)
+    assert "gave up after 4 attempts: HTTP 503" in headers["x-plannersync-reason"]
+    first = datetime.fromisoformat(headers["x-first-failure-at"])
+    assert first < datetime.fromisoformat(headers["x-dead-lettered-at"])
+    assert recorder.seen.count(message.correlation_id) == len(topology.ladder) + 1
+
+
+def test_a_permanent_failure_dead_letters_at_once(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    message = change(7)
+    recorder.fail_with[message.correlation_id] = Permanent("receipt code 3: unknown resource", code=3)
+    send(publisher, topology, message)
+    dead = drain(topology.stage("transformer").dead_letter_queue(), timeout=15)
+    assert dead and dead[0][0].headers["x-plannersync-reason"] == "code 3: receipt code 3: unknown resource"
+    assert dead[0][0].headers["x-retry-count"] == 0
+    assert recorder.seen.count(message.correlation_id) == 1
+
+
+def test_the_consumer_reconnects_when_the_broker_drops_its_connection(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
+    consumer, recorder, publisher = running
+    wanted = f"{topology.prefix}.transformer"
+
+    def mine() -> list[str]:
+        connections = requests.get(f"{MANAGEMENT}/api/connections", auth=("guest", "guest"), timeout=5).json()
+        return [c["name"] for c in connections if (c.get("client_properties") or {}).get("connection_name") == wanted]
+
+    wait_for(mine, 20, interval=0.5, what="the consumer's connection in the management API")
+    for name in mine():
+        requests.delete(f"{MANAGEMENT}/api/connections/{requests.utils.quote(name, safe='')}", auth=("guest", "guest"), timeout=5)
+    wait_for(lambda: not consumer.health.connected, 10, what="connection loss noticed")
+    message = change(8)
+    send(publisher, topology, message)
+    wait_for(lambda: message.correlation_id in recorder.recorded, 30, what="message handled after reconnect")
+
+
+def test_stop_returns_unhandled_messages_to_the_queue(settings: Settings, topology: Topology) -> None:
+    recorder = Recorder(topology)
+    recorder.block.clear()  # the handler is stuck on its first batch
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, ConsumerOptions(prefetch=10, batch_size=1))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    publisher = Publisher(settings.broker, topology)
+    for n in range(3):
+        send(publisher, topology, change(10 + n))
+    publisher.close()
+    wait_for(lambda: consumer._in_flight is not None, 15, what="a batch in flight")
+    consumer.stop()
+    time.sleep(0.3)
+    assert thread.is_alive(), "must finish the in-flight batch first"
+    recorder.block.set()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert len(recorder.recorded) == 1  # the in-flight one finished
+    wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 2, 10, what="the other two back in the queue")

@@ -1,0 +1,93 @@
+"""The state store on SQLite and on the real PostgreSQL; the DDL compiles for SQL Server."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from shared.contracts import Interval
+from shared.store import DesiredRow, Store, ddl, make_engine, upgrade
+
+T = datetime(2026, 3, 29, 0, 30, tzinfo=timezone.utc)
+SPAN = Interval(start=T, end=T + timedelta(hours=3))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    url = f"sqlite:///{tmp_path / 'x.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = Store(make_engine(url))
+    upgrade(s.engine)
+    return s
+
+
+def test_upgrade_is_idempotent(store: Store) -> None:
+    assert upgrade(store.engine) == upgrade(store.engine) == 1
+
+
+def test_mailboxes_are_enrolled_removed_and_listed_case_insensitively(store: Store) -> None:
+    assert store.add_mailbox("Anne@Kommune.dk") is True
+    assert store.add_mailbox("anne@kommune.dk") is False
+    assert [m.address for m in store.list_mailboxes(enabled_only=True)] == ["anne@kommune.dk"]
+    assert store.remove_mailbox("ANNE@kommune.dk") is True
+    assert store.list_mailboxes(enabled_only=True) == []
+    assert store.list_mailboxes()[0].status == "removed"
+    assert store.add_mailbox("anne@kommune.dk") is True
+
+
+def test_mailbox_status_and_delivery_outcomes_are_kept(store: Store) -> None:
+    store.add_mailbox("a@k.dk")
+    store.set_mailbox_status("a@k.dk", "failing", "ErrorImpersonateUserDenied")
+    store.record_delivery_outcome("a@k.dk", "code 3: unknown resource")
+    row = store.list_mailboxes()[0]
+    assert (row.status, row.status_detail, row.last_error) == ("failing", "ErrorImpersonateUserDenied", "code 3: unknown resource")
+    assert row.last_error_at is not None and row.last_error_at.tzinfo is not None
+
+
+def test_times_round_trip_as_aware_utc_with_microseconds(store: Store) -> None:
+    precise = Interval(start=T + timedelta(microseconds=123456), end=T + timedelta(hours=1))
+    store.save_desired("a@k.dk", [DesiredRow("uid-1", "uid-1", "item-1", 5, precise, None)])
+    row = store.desired("a@k.dk")["uid-1"]
+    assert row.interval == precise and row.interval.start.tzinfo == timezone.utc
+
+
+def test_a_desired_state_never_goes_back_to_an_older_version(store: Store) -> None:
+    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 7, SPAN, None)])
+    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 6, None, None)])
+    assert store.desired("a@k.dk")["k"].version == 7 and store.desired("a@k.dk")["k"].interval == SPAN
+    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 8, None, None)])
+    assert store.desired("a@k.dk")["k"].interval is None
+
+
+def test_a_snapshot_is_complete_only_when_every_part_is_recorded(store: Store) -> None:
+    store.save_desired("a@k.dk", [], snapshot_part=("s1", 2, 3))
+    assert store.snapshot_progress("s1") == ({2}, 3)
+    store.save_desired("a@k.dk", [], snapshot_part=("s1", 1, None))
+    store.save_desired("a@k.dk", [], snapshot_part=("s1", 1, None))  # a duplicate part is harmless
+    assert store.snapshot_progress("s1") == ({1, 2}, 3)
+
+
+def test_delivered_state_keeps_planner_ids_and_receipts(store: Store) -> None:
+    store.save_delivered("A@k.dk", "uid-1", version=3, present=True, interval=SPAN, planner_event_id="6f1c2d3e-0000-4000-8000-000000000001", last_code=0)
+    store.save_delivered("a@k.dk", "uid-1", last_code=15, last_message="try later")
+    row = store.delivered("a@k.dk")["uid-1"]
+    assert (row.version, row.present, row.interval, row.last_code, row.planner_event_id) == (3, True, SPAN, 15, "6f1c2d3e-0000-4000-8000-000000000001")
+    assert store.delivered("a@k.dk", []) == {}
+    assert store.count_delivered("a@k.dk", present=True) == 1
+
+
+def test_exchange_sync_state_is_saved_and_replaced(store: Store) -> None:
+    store.save_sync_state("a@k.dk", sync_state="H4sI-state-1")
+    store.save_sync_state("a@k.dk", sync_state="H4sI-state-2", subscription_id="sub-1")
+    state = store.sync_state("a@k.dk")
+    assert state is not None and (state["sync_state"], state["subscription_id"]) == ("H4sI-state-2", "sub-1")
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
+def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
+    statements = ddl(dialect)
+    assert len(statements) == 6 and all(s.startswith("CREATE TABLE") for s in statements)
+    if dialect == "mssql":
+        joined = "\n".join(statements)
+        assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
