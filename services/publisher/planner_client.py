@@ -12,6 +12,7 @@ Only ids, codes and counts are logged.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -233,7 +234,7 @@ def classify(error: BaseException, operation: str) -> Transient | Permanent:
     if isinstance(error, requests.Timeout):
         return Transient(f"{operation}: timeout ({type(error).__name__})")
     if isinstance(error, requests.exceptions.SSLError):
-        return Transient(f"{operation}: TLS failure ({_first_line(error)})")
+        return Transient(f"{operation}: TLS failure: {_tls_reason(error)}")
     if isinstance(error, requests.ConnectionError):
         return Transient(f"{operation}: connection failed ({type(error).__name__})")
     if isinstance(error, ResponseTooLarge):
@@ -264,8 +265,12 @@ def classify(error: BaseException, operation: str) -> Transient | Permanent:
     return Transient(f"{operation}: unexpected {type(error).__name__}")
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+def _tls_reason(error: BaseException) -> str:
+    text = str(error)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "certificate verify failed: the server certificate is not trusted by the configured CA bundle or system store"
+    match = re.search(r"\[SSL: ([A-Z0-9_]+)\]", text) or re.search(r"(TLSV1_ALERT_[A-Z_]+|SSLEOFError|SSLZeroReturnError)", text)
+    return match.group(1).lower() if match else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------- transport

@@ -16,7 +16,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -219,13 +219,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, soap.fault("Client", f"Invalid request: {exc}"[:2000], soap.INVALID_REQUEST_ERROR_CODE))
             return
 
-        call = CallRecord(operation, now, origin_ids=soap.origin_ids_of(body))
+        call = CallRecord(operation, now, origin_ids=soap.origin_ids_of(body), outcome="pending")
+        state.record(call)  # on arrival, so a client that gave up is still counted
         for fault in state.call_faults(operation, now):
             if fault.type == "latency":
                 self.server.stopping.wait(fault.seconds or 0)
                 continue
             call.outcome = _outcome(fault)
-            state.record(call)
             log.info("planner_sim_fault_injected", operation=operation, fault=fault.type, fault_id=fault.id)
             self._inject(fault)
             return
@@ -235,10 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
             validate_envelope(response, expect="response")
         except ContractViolation as exc:  # a simulator bug: say so loudly, in a valid fault
             call.outcome = "simulator_error"
-            state.record(call)
             self._send(500, soap.fault("Server", f"Simulator produced an invalid response: {exc}"[:2000], None))
             return
-        state.record(call)
+        call.outcome = "ok"
         log.info("planner_sim_call", operation=operation, events=len(call.origin_ids), codes=sorted(set(call.codes)))
         self._send(200, response)
 
