@@ -1,0 +1,322 @@
+"""The transformer's decision core: calendar changes and snapshots in, busy-time desired states out.
+
+Pure: no I/O, no clock (``now`` is a parameter), no logging. Live changes, snapshot parts and snapshot
+completion all go through the same ``_Decider.decide`` so the paths cannot disagree.
+
+``known`` is what the transformer last decided for one mailbox (origin id -> ``Known``), persisted by
+``shared.store``. Besides one entry per event key it holds two kinds of **bookkeeping entries**, which are
+never emitted and never reach Planner (``is_event_key`` tells them apart):
+
+- ``~plannersync/item/<hash of item id>``: the newest change of a series master or a delete for that Exchange
+  item id (uid, item id, version). Every change for an item id is ignored when this record is at least as
+  new, so a delete that overtakes its create, or an older master upsert arriving after a newer one, cannot
+  resurrect anything (a per-key version alone cannot do that for keys the late message would create).
+  Snapshot items of the same item id or series UID are ignored the same way.
+- ``~plannersync/snapshot``: the newest *completed* snapshot (its id, version, and window as the interval).
+  A message older than that snapshot may not make an event busy inside its window unless the snapshot
+  saw that event: the snapshot is the newer observation that said it was not there.
+
+Together these make the outcome independent of delivery order and duplication (``test_transform_properties``).
+
+Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
+
+- A key whose ``Known.version`` is at least the incoming version is left alone. Otherwise the new desired
+  interval is compared with ``Known.interval``: different -> emit and remember; equal -> remember only
+  (a version bump). A key never known and not busy produces nothing.
+- **Window** (``busy_rules.sync_window(now)``): an item overlapping the window is sent with its full times.
+  An item starting at or after the window end is not sent, and a *known* event that moved there becomes
+  absent (Planner should not keep a slot we no longer maintain; it comes back when the window reaches it).
+  An item that is over (end <= now) is never sent as new; a known event whose interval is unchanged and
+  simply ended is left as it is (a correctly delivered past event is not deleted), while a known event
+  that was *changed* to a time already over becomes absent (as the reference client does: moved into
+  the past -> D).
+- **Series**: a master is never emitted; its listed occurrences and exceptions become keys (missing UID,
+  organizer, status and zone are inherited from the master). Present keys of the series (``uid$...``) that
+  overlap ``change.window`` and are not listed become absent; a master that is cancelled, deleted, free or
+  a Planner echo makes all its current and future occurrences absent. The master's own key (its UID) is
+  absent, which deletes the event of a single that was turned into a series.
+- **Delete**: every present key whose ``source_item_id`` is the deleted item id, or whose uid is the uid
+  recorded for that item id, becomes absent. (Occurrences first seen by a snapshot carry no master item
+  id; if the master was never seen by a change either, its delete removes them at the next snapshot.)
+- **Snapshots**: every item seen records ``seen_in_snapshot``. ``complete_snapshot`` makes absent every
+  present event key overlapping the snapshot window that the snapshot did not see and whose version is
+  older than the snapshot. ``derive_snapshot_part`` alone never makes anything absent.
+- An item that cannot be judged (``ItemRejected``) is reported in ``rejected`` with a content-free reason;
+  the other items of the message are still processed. A rejected single produces nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Mapping
+
+from shared.busy_rules import (
+    BusyPolicy,
+    ItemRejected,
+    busy_interval,
+    not_busy_reason,
+    origin_id,
+    overlaps,
+    sync_window,
+)
+from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval, stable_id, version_of
+
+BOOKKEEPING_PREFIX = "~plannersync/"
+ITEM_RECORD_PREFIX = BOOKKEEPING_PREFIX + "item/"
+SNAPSHOT_MARKER = BOOKKEEPING_PREFIX + "snapshot"
+Cause = Literal["change", "snapshot"]
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the transformer last decided for one event key (or a bookkeeping entry, see the module doc)."""
+
+    origin_id: str
+    uid: str | None
+    source_item_id: str | None   # the single's or the series master's Exchange item id (for deletes by id)
+    version: int
+    interval: Interval | None    # None = absent
+    seen_in_snapshot: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    emit: list[BusyTimeState] = field(default_factory=list)        # only what changes what Planner should hold
+    remember: list[Known] = field(default_factory=list)            # every key whose Known changes
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (item_id, content-free reason)
+
+
+def is_event_key(key: str) -> bool:
+    """False for the core's bookkeeping entries in ``known``; they are never Planner events."""
+    return not key.startswith(BOOKKEEPING_PREFIX)
+
+
+def item_record_key(item_id: str) -> str:
+    return ITEM_RECORD_PREFIX + stable_id("item", item_id)
+
+
+def _series_prefix(uid: str) -> str:
+    return uid + "$"
+
+
+class _Decider:
+    """Accumulates one message's decisions over ``known`` (later decisions see earlier ones)."""
+
+    def __init__(self, mailbox: str, correlation_id: str, cause: Cause, version: int, known: Mapping[str, Known]) -> None:
+        self.mailbox, self.correlation_id, self.cause, self.version = mailbox, correlation_id, cause, version
+        self.known = known
+        self.changed: dict[str, Known] = {}
+        self.emitted: dict[str, BusyTimeState] = {}
+        self.rejected: list[tuple[str, str]] = []
+        self.marker = known.get(SNAPSHOT_MARKER)
+
+    def current(self, key: str) -> Known | None:
+        return self.changed.get(key) or self.known.get(key)
+
+    def event_keys(self) -> list[Known]:
+        merged = {**self.known, **self.changed}
+        return [k for key, k in merged.items() if is_event_key(key)]
+
+    def remember(self, known: Known) -> None:
+        self.changed[known.origin_id] = known
+
+    def decide(
+        self,
+        key: str,
+        desired: Interval | None,
+        *,
+        uid: str | None,
+        source_item_id: str | None,
+        seen_in_snapshot: str | None = None,
+    ) -> None:
+        """Settle one event key on ``desired`` (already filtered by the window rules) at this message's version."""
+        previous = self.current(key)
+        version = self.version
+        if previous is not None and previous.version >= version:
+            return
+        marker = self.marker
+        if (
+            marker is not None
+            and version < marker.version
+            and (previous is None or previous.seen_in_snapshot != marker.seen_in_snapshot)
+            and marker.interval is not None
+            and overlaps(desired, marker.interval)
+        ):
+            desired, version = None, marker.version     # the newer complete snapshot did not see it
+        if previous is None and desired is None:
+            return
+        self.remember(
+            Known(
+                origin_id=key,
+                uid=uid if uid is not None else (previous.uid if previous else None),
+                source_item_id=source_item_id if source_item_id is not None else (previous.source_item_id if previous else None),
+                version=version,
+                interval=desired,
+                seen_in_snapshot=seen_in_snapshot or (previous.seen_in_snapshot if previous else None),
+            )
+        )
+        if previous is None or previous.interval != desired:
+            self.emitted[key] = BusyTimeState(
+                correlation_id=self.correlation_id,
+                mailbox=self.mailbox,
+                origin_id=key,
+                version=version,
+                interval=desired,
+                cause=self.cause,
+            )
+
+    def result(self) -> Decision:
+        return Decision(
+            emit=[self.emitted[key] for key in sorted(self.emitted)],
+            remember=[self.changed[key] for key in sorted(self.changed)],
+            rejected=list(self.rejected),
+        )
+
+
+def _desired(interval: Interval | None, previous: Known | None, now: datetime, window: Interval) -> Interval | None:
+    """The window rules (see the module doc) applied to an item's busy interval."""
+    if interval is None:
+        return None
+    if interval.end <= now:
+        return interval if previous is not None and previous.interval == interval else None
+    if interval.start >= window.end:
+        return None
+    return interval
+
+
+def _inherit(occurrence: CalendarItem, master: CalendarItem) -> CalendarItem:
+    missing = {
+        name: getattr(master, name)
+        for name in ("uid", "free_busy", "organizer", "time_zone")
+        if getattr(occurrence, name) is None and getattr(master, name) is not None
+    }
+    return occurrence.model_copy(update=missing) if missing else occurrence
+
+
+def _newer_record(known: Mapping[str, Known], item_id: str, version: int) -> bool:
+    record = known.get(item_record_key(item_id))
+    return record is not None and record.version >= version
+
+
+def derive_change(change: CalendarChange, known: Mapping[str, Known], policy: BusyPolicy, now: datetime) -> Decision:
+    """The desired states one calendar change implies, given what was last decided for its mailbox."""
+    version = version_of(change.observed_at)
+    if _newer_record(known, change.item_id, version):
+        return Decision()
+    decider = _Decider(change.mailbox, change.correlation_id, "change", version, known)
+    window = sync_window(now, policy)
+    if change.change == "delete":
+        _delete(change, decider)
+        return decider.result()
+    item = change.item
+    assert item is not None   # an upsert carries its item (CalendarChange validates this)
+    if item.item_type == "master":
+        _upsert_master(change, item, decider, policy, now, window)
+        return decider.result()
+    try:
+        key = origin_id(item, policy.zone)
+        interval = busy_interval(item, policy)
+    except ItemRejected as rejected:
+        return Decision(rejected=[(item.item_id, rejected.reason)])
+    source = item.item_id if item.item_type == "single" else None
+    decider.decide(key, _desired(interval, decider.current(key), now, window), uid=item.uid, source_item_id=source)
+    return decider.result()
+
+
+def _delete(change: CalendarChange, decider: _Decider) -> None:
+    record = decider.known.get(item_record_key(change.item_id))
+    uids = {k.uid for k in decider.event_keys() if k.source_item_id == change.item_id and k.uid}
+    if record is not None and record.uid:
+        uids.add(record.uid)
+    for k in decider.event_keys():
+        if k.interval is not None and (k.source_item_id == change.item_id or k.uid in uids):
+            decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
+    uid = record.uid if record is not None and record.uid else (min(uids) if uids else None)
+    decider.remember(Known(item_record_key(change.item_id), uid, change.item_id, decider.version, None))
+
+
+def _upsert_master(change: CalendarChange, master: CalendarItem, decider: _Decider, policy: BusyPolicy, now: datetime, window: Interval) -> None:
+    try:
+        master_key = origin_id(master, policy.zone)
+        series_busy = not_busy_reason(master, policy) is None
+    except ItemRejected as rejected:
+        decider.rejected.append((master.item_id, rejected.reason))
+        return
+    uid = master_key
+    listed: set[str] = set()
+    for occurrence in change.occurrences or []:
+        occurrence = _inherit(occurrence, master)
+        try:
+            key = origin_id(occurrence, policy.zone)
+        except ItemRejected as rejected:
+            decider.rejected.append((occurrence.item_id, rejected.reason))
+            continue
+        listed.add(key)
+        try:
+            interval = busy_interval(occurrence, policy) if series_busy else None
+        except ItemRejected as rejected:
+            decider.rejected.append((occurrence.item_id, rejected.reason))
+            continue   # the occurrence exists: leave its key as it is
+        decider.decide(key, _desired(interval, decider.current(key), now, window), uid=uid, source_item_id=master.item_id)
+    decider.decide(master_key, None, uid=uid, source_item_id=master.item_id)   # a single that became a series
+    scope = change.window or window
+    for k in decider.event_keys():
+        if k.interval is None or k.origin_id in listed or not k.origin_id.startswith(_series_prefix(uid)):
+            continue
+        if k.uid not in (uid, None) and k.source_item_id != master.item_id:
+            continue
+        if overlaps(k.interval, scope) or (not series_busy and k.interval.end > now):
+            decider.decide(k.origin_id, None, uid=uid, source_item_id=master.item_id)
+    decider.remember(Known(item_record_key(master.item_id), uid, master.item_id, decider.version, None))
+
+
+def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, Known], policy: BusyPolicy, now: datetime) -> Decision:
+    """The desired states one snapshot part implies. Never makes an unseen key absent: that is ``complete_snapshot``."""
+    version = version_of(part.observed_at)
+    decider = _Decider(part.mailbox, part.correlation_id, "snapshot", version, known)
+    window = sync_window(now, policy)
+    newest_by_uid: dict[str, int] = {}
+    for key, record in known.items():
+        if key.startswith(ITEM_RECORD_PREFIX) and record.uid:
+            newest_by_uid[record.uid] = max(record.version, newest_by_uid.get(record.uid, -1))
+    for item in part.items:
+        if item.item_type == "master":
+            decider.rejected.append((item.item_id, "a snapshot carries occurrences, not series masters"))
+            continue
+        try:
+            key = origin_id(item, policy.zone)
+            interval = busy_interval(item, policy)
+        except ItemRejected as rejected:
+            decider.rejected.append((item.item_id, rejected.reason))
+            continue
+        previous = decider.current(key)
+        if _newer_record(known, item.item_id, version) or newest_by_uid.get(item.uid or "", -1) >= version:
+            # A newer change of this item or series decided already; the snapshot still saw the event.
+            if previous is not None and previous.version < version and previous.seen_in_snapshot != part.snapshot_id:
+                decider.remember(Known(key, previous.uid, previous.source_item_id, previous.version, previous.interval, part.snapshot_id))
+            continue
+        source = item.item_id if item.item_type == "single" else None
+        decider.decide(key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=source, seen_in_snapshot=part.snapshot_id)
+    return decider.result()
+
+
+def complete_snapshot(
+    mailbox: str,
+    snapshot_id: str,
+    observed_at: datetime,
+    window: Interval,
+    known: Mapping[str, Known],
+    correlation_id: str,
+) -> Decision:
+    """Once every part has been derived: present events in the window the snapshot did not see become absent."""
+    version = version_of(observed_at)
+    decider = _Decider(mailbox, correlation_id, "snapshot", version, known)
+    decider.marker = None    # the snapshot being completed is the authority here
+    for k in decider.event_keys():
+        if k.interval is not None and overlaps(k.interval, window) and k.seen_in_snapshot != snapshot_id and k.version < version:
+            decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
+    marker = known.get(SNAPSHOT_MARKER)
+    if marker is None or marker.version < version:
+        decider.remember(Known(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))
+    return decider.result()

@@ -1,0 +1,515 @@
+"""The transformer's decisions, scenario by scenario, through a tiny in-memory store.
+
+Each scenario is a sequence of messages fed to derive_change / derive_snapshot_part / complete_snapshot;
+the store applies ``remember`` and the test checks what each step emitted and what Planner should hold at
+the end. Where we deliberately differ from the reference client (reference-client.md §3.4, §9) the row
+says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from itertools import count
+from typing import Any, Union
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from shared.busy_rules import BusyPolicy, sync_window
+from shared.config import BusySettings
+from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval, version_of
+from shared.transform_core import (
+    Decision,
+    Known,
+    complete_snapshot,
+    derive_change,
+    derive_snapshot_part,
+    is_event_key,
+)
+
+UTC = timezone.utc
+CPH = ZoneInfo("Europe/Copenhagen")
+MAILBOX = "Anna.Caseworker@kommune.dk"
+POLICY = BusyPolicy.from_settings(BusySettings(planner_organizers=["noreply@planner.star.dk"], planner_uid_patterns=[r"^STAR-PLANNER-"]))
+NOW = datetime(2026, 3, 16, 12, tzinfo=CPH)            # Monday; the window runs to 16 Jun 2026 12:00 CEST
+WINDOW = sync_window(NOW, POLICY)
+_clock = count(1)
+
+
+def cph(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=CPH)
+
+
+def utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+def span(start: datetime, end: datetime) -> Interval:
+    return Interval(start=start, end=end)
+
+
+def observed() -> datetime:
+    """Strictly increasing observation times, like a producer reading the mailbox over and over."""
+    return NOW - timedelta(hours=1) + timedelta(milliseconds=next(_clock))
+
+
+def item(uid: str = "uid-a", start: datetime | None = None, end: datetime | None = None, **fields: Any) -> CalendarItem:
+    base: dict[str, Any] = {
+        "item_id": f"item-{uid}",
+        "uid": uid,
+        "start": start or cph(2026, 3, 17, 9),
+        "end": end or cph(2026, 3, 17, 10),
+        "free_busy": "Busy",
+        "time_zone": "Romance Standard Time",
+    }
+    base.update(fields)
+    return CalendarItem(**base)
+
+
+def occurrence(uid: str, original: datetime, start: datetime | None = None, minutes: int = 60, **fields: Any) -> CalendarItem:
+    start = start or original
+    kind = "exception" if start != original or fields.get("free_busy") not in (None, "Busy") else "occurrence"
+    return CalendarItem(
+        item_id=f"occ-{uid}-{original.isoformat()}",
+        uid=uid,
+        item_type=fields.pop("item_type", kind),
+        start=start,
+        end=start + timedelta(minutes=minutes),
+        original_start=original,
+        free_busy=fields.pop("free_busy", "Busy"),
+        **fields,
+    )
+
+
+def master(uid: str, **fields: Any) -> CalendarItem:
+    return item(uid, item_type="master", **fields)
+
+
+def upsert(value: CalendarItem, occurrences: list[CalendarItem] | None = None, window: Interval | None = None) -> CalendarChange:
+    return CalendarChange(
+        correlation_id=f"c{next(_clock)}", mailbox=MAILBOX, observed_at=observed(), change="upsert",
+        item_id=value.item_id, item=value, occurrences=occurrences,
+        window=(window or WINDOW) if occurrences is not None else None,
+    )
+
+
+def delete(item_id: str) -> CalendarChange:
+    return CalendarChange(correlation_id=f"c{next(_clock)}", mailbox=MAILBOX, observed_at=observed(), change="delete", item_id=item_id)
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Complete a snapshot whose parts were given earlier (the lead calls this when all parts arrived)."""
+
+    snapshot: CalendarSnapshot
+
+
+def snapshot(*parts: list[CalendarItem], snapshot_id: str = "snap-1", window: Interval | None = None) -> list[Union[CalendarSnapshot, Complete]]:
+    at = observed()
+    messages: list[Union[CalendarSnapshot, Complete]] = []
+    for number, items in enumerate(parts, start=1):
+        final = number == len(parts)
+        messages.append(CalendarSnapshot(
+            correlation_id=f"s{next(_clock)}", snapshot_id=snapshot_id, mailbox=MAILBOX, observed_at=at,
+            window=window or WINDOW, part=number, final=final, total_parts=len(parts) if final else None, items=items,
+        ))
+    return [*messages, Complete(messages[-1])]
+
+
+Step = Union[CalendarChange, CalendarSnapshot, Complete]
+
+
+@dataclass
+class MemoryStore:
+    """Applies decisions like the lead's store (never lowering a key's version) and plays Planner."""
+
+    policy: BusyPolicy = POLICY
+    known: dict[str, Known] = field(default_factory=dict)
+    planner: dict[str, BusyTimeState] = field(default_factory=dict)
+
+    def apply(self, decision: Decision) -> Decision:
+        for k in decision.remember:
+            if k.origin_id not in self.known or self.known[k.origin_id].version <= k.version:
+                self.known[k.origin_id] = k
+        for state in decision.emit:
+            held = self.planner.get(state.origin_id)
+            if held is None or held.version < state.version:
+                self.planner[state.origin_id] = state
+        return decision
+
+    def feed(self, step: Step, now: datetime = NOW) -> Decision:
+        if isinstance(step, CalendarChange):
+            return self.apply(derive_change(step, self.known, self.policy, now))
+        if isinstance(step, CalendarSnapshot):
+            return self.apply(derive_snapshot_part(step, self.known, self.policy, now))
+        s = step.snapshot
+        return self.apply(complete_snapshot(s.mailbox, s.snapshot_id, s.observed_at, s.window, self.known, s.correlation_id))
+
+    def desired(self) -> dict[str, Interval]:
+        return {key: k.interval for key, k in self.known.items() if is_event_key(key) and k.interval is not None}
+
+    def held(self) -> dict[str, Interval]:
+        return {key: s.interval for key, s in self.planner.items() if s.interval is not None}
+
+
+def emitted(decision: Decision) -> dict[str, Interval | None]:
+    return {state.origin_id: state.interval for state in decision.emit}
+
+
+T = span(utc(2026, 3, 17, 8), utc(2026, 3, 17, 9))            # tomorrow 09:00-10:00 CET
+T_LATER = span(utc(2026, 3, 17, 9), utc(2026, 3, 17, 10))
+T_SHORT = span(utc(2026, 3, 17, 8), utc(2026, 3, 17, 8, 30))
+T_PLUS_15 = span(utc(2026, 3, 17, 8), utc(2026, 3, 17, 9, 15))
+A = "uid-a"
+
+
+@dataclass
+class Scenario:
+    name: str
+    steps: list[Any]                                  # Step, or (Step, now)
+    emits: list[dict[str, Interval | None]]           # what each step emitted, in order
+    final: dict[str, Interval]
+
+
+def flat(*groups: Any) -> list[Any]:
+    out: list[Any] = []
+    for group in groups:
+        out.extend(group if isinstance(group, list) else [group])
+    return out
+
+
+SCENARIOS = [
+    Scenario("a busy appointment is created", [upsert(item())], [{A: T}], {A: T}),
+    Scenario("a moved appointment is updated", [upsert(item()), upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11)))], [{A: T}, {A: T_LATER}], {A: T_LATER}),
+    Scenario("a shortened appointment is updated", [upsert(item()), upsert(item(end=cph(2026, 3, 17, 9, 30)))], [{A: T}, {A: T_SHORT}], {A: T_SHORT}),
+    Scenario("a cancelled appointment is deleted", [upsert(item()), upsert(item(cancelled=True))], [{A: T}, {A: None}], {}),
+    Scenario("a deleted appointment is deleted", [upsert(item()), delete("item-uid-a")], [{A: T}, {A: None}], {}),
+    Scenario("an appointment moved to Deleted Items is deleted", [upsert(item()), upsert(item(in_deleted_items=True))], [{A: T}, {A: None}], {}),
+    Scenario(
+        "free, busy, free, busy: created, deleted, created again",
+        [upsert(item(free_busy="Free")), upsert(item()), upsert(item(free_busy="Free")), upsert(item())],
+        [{}, {A: T}, {A: None}, {A: T}], {A: T},
+    ),
+    Scenario("an unknown zero-length appointment is ignored", [upsert(item(end=cph(2026, 3, 17, 9)))], [{}], {}),
+    Scenario("a known appointment made zero-length is deleted", [upsert(item()), upsert(item(end=cph(2026, 3, 17, 9)))], [{A: T}, {A: None}], {}),
+    Scenario(
+        "an appointment created for later today is sent (the reference client never sent it)",
+        [upsert(item(start=cph(2026, 3, 16, 15), end=cph(2026, 3, 16, 16)))],
+        [{A: span(utc(2026, 3, 16, 14), utc(2026, 3, 16, 15))}], {A: span(utc(2026, 3, 16, 14), utc(2026, 3, 16, 15))},
+    ),
+    Scenario("an appointment already over is not sent", [upsert(item(start=cph(2026, 3, 16, 8), end=cph(2026, 3, 16, 9)))], [{}], {}),
+    Scenario(
+        "a delivered appointment that simply ended is left as it is",
+        [(upsert(item(start=cph(2026, 3, 16, 13), end=cph(2026, 3, 16, 14))), NOW), (upsert(item(start=cph(2026, 3, 16, 13), end=cph(2026, 3, 16, 14))), NOW + timedelta(hours=3))],
+        [{A: span(utc(2026, 3, 16, 12), utc(2026, 3, 16, 13))}, {}], {A: span(utc(2026, 3, 16, 12), utc(2026, 3, 16, 13))},
+    ),
+    Scenario("a known appointment moved into the past is deleted", [upsert(item()), upsert(item(start=cph(2026, 3, 13, 9), end=cph(2026, 3, 13, 10)))], [{A: T}, {A: None}], {}),
+    Scenario("a known appointment moved beyond the window is deleted", [upsert(item()), upsert(item(start=cph(2026, 7, 1, 9), end=cph(2026, 7, 1, 10)))], [{A: T}, {A: None}], {}),
+    Scenario("an appointment starting exactly at the window end is not sent", [upsert(item(start=WINDOW.end, end=WINDOW.end + timedelta(hours=1)))], [{}], {}),
+    Scenario(
+        "an appointment starting a minute before the window end is sent whole",
+        [upsert(item(start=WINDOW.end - timedelta(minutes=1), end=WINDOW.end + timedelta(hours=1)))],
+        [{A: span(WINDOW.end - timedelta(minutes=1), WINDOW.end + timedelta(hours=1))}], {A: span(WINDOW.end - timedelta(minutes=1), WINDOW.end + timedelta(hours=1))},
+    ),
+    Scenario("an appointment ending exactly now is not sent", [upsert(item(start=NOW - timedelta(hours=1), end=NOW))], [{}], {}),
+    Scenario(
+        "an all-day appointment blocks the Copenhagen day",
+        [upsert(item(start=cph(2026, 3, 20), end=cph(2026, 3, 21), all_day=True, free_busy="OOF"))],
+        [{A: span(utc(2026, 3, 19, 23), utc(2026, 3, 20, 23))}], {A: span(utc(2026, 3, 19, 23), utc(2026, 3, 20, 23))},
+    ),
+    Scenario(
+        "a multi-day all-day appointment over the spring DST change blocks every day",
+        [upsert(item(start=cph(2026, 3, 28), end=cph(2026, 3, 31), all_day=True))],
+        [{A: span(utc(2026, 3, 27, 23), utc(2026, 3, 30, 22))}], {A: span(utc(2026, 3, 27, 23), utc(2026, 3, 30, 22))},
+    ),
+    Scenario("a private appointment is busy", [upsert(item(sensitivity="Private"))], [{A: T}], {A: T}),
+    Scenario("a tentative appointment is busy", [upsert(item(free_busy="Tentative"))], [{A: T}], {A: T}),
+    Scenario("an out-of-office appointment is busy", [upsert(item(free_busy="OOF"))], [{A: T}], {A: T}),
+    Scenario("a working-elsewhere appointment is not busy", [upsert(item(free_busy="WorkingElsewhere"))], [{}], {}),
+    Scenario("a meeting invitation from Planner is not echoed", [upsert(item(organizer="NoReply@Planner.STAR.dk"))], [{}], {}),
+    Scenario("a Planner UID is not echoed", [upsert(item("STAR-PLANNER-42"))], [{}], {}),
+    Scenario(
+        "an unchanged snapshot emits nothing",
+        flat(upsert(item()), snapshot([item()])), [{A: T}, {}, {}], {A: T},
+    ),
+    Scenario(
+        "a snapshot missing a known appointment deletes it only when complete",
+        flat(upsert(item()), upsert(item("uid-b")), snapshot([item("uid-b")], [])),
+        [{A: T}, {"uid-b": T}, {}, {}, {A: None}], {"uid-b": T},
+    ),
+    Scenario(
+        "a snapshot creates what the changes missed",
+        flat(snapshot([item()])), [{A: T}, {}], {A: T},
+    ),
+    # reference-client.md §9, TestEventProcessor / DoesAppointmentQualifyForUpdate_*
+    Scenario("reference ProcessNotifications_Create: a future busy item is created", [upsert(item())], [{A: T}], {A: T}),
+    Scenario("reference ProcessNotifications_Update: a changed end is an update", [upsert(item()), upsert(item(end=cph(2026, 3, 17, 10, 15)))], [{A: T}, {A: T_PLUS_15}], {A: T_PLUS_15}),
+    Scenario("reference ProcessNotifications_Cancelled: cancelled is deleted", [upsert(item()), upsert(item(cancelled=True))], [{A: T}, {A: None}], {}),
+    Scenario(
+        "reference ProcessNotifications_Delete: create, update, then Deleted Items is deleted",
+        [upsert(item()), upsert(item(end=cph(2026, 3, 17, 10, 15))), upsert(item(end=cph(2026, 3, 17, 10, 15), in_deleted_items=True))],
+        [{A: T}, {A: T_PLUS_15}, {A: None}], {},
+    ),
+    Scenario("reference EmptySyncLog_NoCalendarEvent: created", [upsert(item())], [{A: T}], {A: T}),
+    Scenario("reference AppointmentUnchanged: no row", [upsert(item()), upsert(item())], [{A: T}, {}], {A: T}),
+    Scenario("reference AppointmentChanged: +15 minutes is an update", [upsert(item()), upsert(item(end=cph(2026, 3, 17, 10, 15)))], [{A: T}, {A: T_PLUS_15}], {A: T_PLUS_15}),
+    Scenario("reference AppointmentCancelled: deleted", [upsert(item()), upsert(item(cancelled=True))], [{A: T}, {A: None}], {}),
+    Scenario("reference AppointmentDeleted: deleted", [upsert(item()), upsert(item(in_deleted_items=True))], [{A: T}, {A: None}], {}),
+    Scenario("reference DoNotCreateSyncForAppointmentWithSameStartEnd: nothing", [upsert(item(end=cph(2026, 3, 17, 9)))], [{}], {}),
+    Scenario("reference DoNotCreateSyncForFreeAppointment: nothing", [upsert(item(free_busy="Free"))], [{}], {}),
+    Scenario("reference AppointmentChangedToFree: deleted", [upsert(item()), upsert(item(free_busy="Free"))], [{A: T}, {A: None}], {}),
+    Scenario(
+        "reference AppointmentChangedFromBusyToFreeToBusy: created again",
+        [upsert(item()), upsert(item(free_busy="Free")), upsert(item())], [{A: T}, {A: None}, {A: T}], {A: T},
+    ),
+    Scenario("reference AppointmentChangedFromFree: an unknown busy item is created", [upsert(item())], [{A: T}], {A: T}),
+    Scenario(
+        "reference AllDayAppointment: created",
+        [upsert(item(start=cph(2026, 3, 18), end=cph(2026, 3, 19), all_day=True))],
+        [{A: span(utc(2026, 3, 17, 23), utc(2026, 3, 18, 23))}], {A: span(utc(2026, 3, 17, 23), utc(2026, 3, 18, 23))},
+    ),
+    Scenario(
+        "reference MultiDayAppointment: created",
+        [upsert(item(start=cph(2026, 3, 18, 9), end=cph(2026, 3, 20, 15)))],
+        [{A: span(utc(2026, 3, 18, 8), utc(2026, 3, 20, 14))}], {A: span(utc(2026, 3, 18, 8), utc(2026, 3, 20, 14))},
+    ),
+    Scenario(
+        "reference DoNotSyncCreateToday: WE DIFFER, an item for later today is created",
+        [upsert(item(start=cph(2026, 3, 16, 14), end=cph(2026, 3, 16, 15)))],
+        [{A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))}], {A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))},
+    ),
+    Scenario(
+        "reference DoSyncUpdateToday: a known item moved to later today is updated",
+        [upsert(item()), upsert(item(start=cph(2026, 3, 16, 14), end=cph(2026, 3, 16, 15)))],
+        [{A: T}, {A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))}], {A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))},
+    ),
+    Scenario(
+        "reference DoSyncDeleteToday: a known item for today that is deleted is deleted",
+        [upsert(item(start=cph(2026, 3, 16, 14), end=cph(2026, 3, 16, 15))), delete("item-uid-a")],
+        [{A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))}, {A: None}], {},
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_scenario(scenario: Scenario) -> None:
+    store = MemoryStore()
+    got = []
+    for step in scenario.steps:
+        message, now = step if isinstance(step, tuple) else (step, NOW)
+        decision = store.feed(message, now)
+        assert decision.rejected == []
+        got.append(emitted(decision))
+    assert got == scenario.emits
+    assert store.desired() == scenario.final
+    assert store.held() == scenario.final        # what the emitted states leave in Planner agrees
+
+
+def test_reference_delete_appointments_not_in_view_outside_date_scope() -> None:
+    """Only window events missing from the view are deleted; events outside the window and past events are left.
+
+    The reference left an event present in the view with changed times to its qualification step; ours
+    updates it in the same pass (one rule for every path).
+    """
+    store = MemoryStore()
+    store.feed(upsert(item("in-window-missing")))
+    store.feed(upsert(item("in-view-moved")))
+    store.feed(upsert(item("ends-soon", start=cph(2026, 3, 16, 13), end=cph(2026, 3, 16, 14))))
+    store.feed(upsert(item("beyond", start=cph(2026, 6, 10, 9), end=cph(2026, 6, 10, 10))))
+    # the beyond-window event: known from a larger window earlier; the snapshot's window is shorter
+    later = NOW + timedelta(hours=3)       # "ends-soon" is over by now
+    window = span(later, cph(2026, 6, 1))
+    steps = snapshot([item("in-view-moved", start=cph(2026, 3, 17, 11), end=cph(2026, 3, 17, 12))], window=window)
+    decisions = [store.feed(step, later) for step in steps]
+    assert emitted(decisions[0]) == {"in-view-moved": span(utc(2026, 3, 17, 10), utc(2026, 3, 17, 11))}
+    assert emitted(decisions[1]) == {"in-window-missing": None}
+    assert set(store.desired()) == {"in-view-moved", "ends-soon", "beyond"}
+
+
+def test_an_incomplete_snapshot_removes_nothing() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    parts = snapshot([item("uid-b")], [])            # part 1 of 2 arrives; part 2 never does
+    decision = store.feed(parts[0])
+    assert all(state.interval is not None for state in decision.emit)
+    assert store.desired() == {A: T, "uid-b": T}
+
+
+def test_a_change_newer_than_the_snapshot_survives_it() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    steps = snapshot([item()])                                     # read at t1: A at 09:00
+    moved = upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11)))   # t2 > t1: A moved
+    created = upsert(item("uid-new"))                              # t2 > t1: created after the snapshot read
+    store.feed(moved)
+    store.feed(created)
+    for step in steps:
+        assert store.feed(step).emit == []
+    assert store.desired() == {A: T_LATER, "uid-new": T}
+
+
+def test_an_older_change_never_overwrites_a_newer_one_and_a_duplicate_is_a_no_op() -> None:
+    store = MemoryStore()
+    first, second = upsert(item()), upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11)))
+    store.feed(second)
+    assert store.feed(first) == Decision()
+    assert store.feed(second) == Decision()
+    assert store.desired() == {A: T_LATER}
+
+
+def test_a_delete_that_overtakes_its_create_is_not_undone() -> None:
+    store = MemoryStore()
+    create, gone = upsert(item()), delete("item-uid-a")
+    store.feed(gone)
+    assert store.feed(create).emit == []
+    assert store.desired() == {}
+
+
+def test_an_older_change_arriving_after_a_complete_snapshot_that_did_not_see_it_is_not_sent() -> None:
+    store = MemoryStore()
+    late = upsert(item("uid-late"))                 # observed before the snapshot, delivered after it
+    for step in snapshot([item()]):
+        store.feed(step)
+    assert emitted(store.feed(late)) == {}
+    assert store.desired() == {A: T}
+
+
+def test_the_emitted_state_carries_mailbox_version_correlation_and_cause() -> None:
+    change = upsert(item())
+    (state,) = derive_change(change, {}, POLICY, NOW).emit
+    assert state == BusyTimeState(correlation_id=change.correlation_id, mailbox=MAILBOX, origin_id=A, version=version_of(change.observed_at), interval=T, cause="change")
+    (part, _) = snapshot([item("uid-s")])
+    assert isinstance(part, CalendarSnapshot)
+    (state,) = derive_snapshot_part(part, {}, POLICY, NOW).emit
+    assert (state.cause, state.correlation_id, state.version) == ("snapshot", part.correlation_id, version_of(part.observed_at))
+
+
+def test_emits_are_sorted_by_origin_id() -> None:
+    (part, _) = snapshot([item("uid-c"), item("uid-a"), item("uid-b")])
+    assert isinstance(part, CalendarSnapshot)
+    assert [s.origin_id for s in derive_snapshot_part(part, {}, POLICY, NOW).emit] == ["uid-a", "uid-b", "uid-c"]
+
+
+def test_a_rejected_single_yields_only_the_rejection() -> None:
+    decision = derive_change(upsert(item(end=cph(2026, 3, 17, 8))), {}, POLICY, NOW)
+    assert decision == Decision(rejected=[("item-uid-a", "single ends before it starts")])
+
+
+def test_a_rejected_item_does_not_stop_the_rest_of_a_snapshot_part() -> None:
+    (part, _) = snapshot([item("uid-bad", free_busy=None), item()])
+    assert isinstance(part, CalendarSnapshot)
+    decision = derive_snapshot_part(part, {}, POLICY, NOW)
+    assert decision.rejected == [("item-uid-bad", "single has no free/busy status")]
+    assert emitted(decision) == {A: T}
+
+
+# --- series -----------------------------------------------------------------------------------------
+
+S = "series-1"
+
+
+def key(uid: str, local: datetime) -> str:
+    return f"{uid}${local.strftime('%Y%m%d-%H%M%S')}"
+
+
+def weekly(uid: str, first: datetime, weeks: int, minutes: int = 60) -> list[CalendarItem]:
+    return [occurrence(uid, first + timedelta(weeks=n), minutes=minutes) for n in range(weeks)]
+
+
+def test_a_weekly_series_across_both_dst_changes_with_one_moved_and_one_deleted_occurrence() -> None:
+    policy = BusyPolicy.from_settings(BusySettings(window_months=8))
+    now = cph(2026, 10, 1, 12)
+    window = sync_window(now, policy)
+    store = MemoryStore(policy=policy)
+    mondays = [datetime(2026, 10, 19, 9, tzinfo=CPH) + timedelta(weeks=n) for n in range(26)]   # to 12 Apr 2027
+    moved_from, deleted = mondays[3], mondays[20]
+    occurrences = [occurrence(S, m) for m in mondays if m not in (moved_from, deleted)]
+    occurrences.append(occurrence(S, moved_from, start=datetime(2026, 11, 10, 13, tzinfo=CPH)))
+    store.feed(upsert(master(S), [occurrence(S, m) for m in mondays], window), now)
+    store.feed(upsert(master(S), occurrences, window), now)
+
+    expected = {}
+    for local in mondays:
+        winter = datetime(2026, 10, 25) < local.replace(tzinfo=None) < datetime(2027, 3, 28)
+        start = datetime(local.year, local.month, local.day, 8 if winter else 7, tzinfo=UTC)
+        expected[key(S, local)] = span(start, start + timedelta(hours=1))
+    expected[key(S, moved_from)] = span(utc(2026, 11, 10, 12), utc(2026, 11, 10, 13))
+    del expected[key(S, deleted)]
+    assert store.desired() == expected
+    assert expected[key(S, mondays[0])].start == utc(2026, 10, 19, 7)        # summer time
+    assert expected[key(S, mondays[1])].start == utc(2026, 10, 26, 8)        # winter time
+    assert expected[key(S, mondays[-1])].start == utc(2027, 4, 12, 7)       # summer time again
+    assert S not in store.desired()                                           # the master is never emitted
+
+
+def test_a_series_shortened_by_changing_its_end_date_deletes_the_dropped_occurrences() -> None:
+    store = MemoryStore()
+    six = weekly(S, cph(2026, 3, 18, 9), 6)
+    store.feed(upsert(master(S), six))
+    decision = store.feed(upsert(master(S), six[:3]))
+    assert emitted(decision) == {key(S, o.original_start.astimezone(CPH)): None for o in six[3:]}  # type: ignore[union-attr]
+    assert len(store.desired()) == 3
+
+
+def test_a_cancelled_series_deletes_every_occurrence() -> None:
+    store = MemoryStore()
+    four = weekly(S, cph(2026, 3, 18, 9), 4)
+    store.feed(upsert(master(S), four))
+    store.feed(upsert(master(S, cancelled=True), four))
+    assert store.desired() == {}
+
+
+def test_a_deleted_series_deletes_every_occurrence() -> None:
+    store = MemoryStore()
+    store.feed(upsert(master(S), weekly(S, cph(2026, 3, 18, 9), 4)))
+    decision = store.feed(delete(f"item-{S}"))
+    assert len(decision.emit) == 4 and all(s.interval is None for s in decision.emit)
+    assert store.desired() == {}
+
+
+def test_a_monthly_series_on_the_last_weekday_keys_each_occurrence_by_its_local_original_start() -> None:
+    store = MemoryStore()
+    last_weekdays = [cph(2026, 3, 31, 9), cph(2026, 4, 30, 9), cph(2026, 5, 29, 9)]
+    store.feed(upsert(master(S), [occurrence(S, d, minutes=30) for d in last_weekdays]))
+    assert store.desired() == {
+        f"{S}$20260331-090000": span(utc(2026, 3, 31, 7), utc(2026, 3, 31, 7, 30)),
+        f"{S}$20260430-090000": span(utc(2026, 4, 30, 7), utc(2026, 4, 30, 7, 30)),
+        f"{S}$20260529-090000": span(utc(2026, 5, 29, 7), utc(2026, 5, 29, 7, 30)),
+    }
+
+
+def test_an_occurrence_moved_across_midnight_keeps_its_key() -> None:
+    store = MemoryStore()
+    original = cph(2026, 3, 20, 23)
+    store.feed(upsert(master(S), [occurrence(S, original, minutes=30)]))
+    decision = store.feed(upsert(master(S), [occurrence(S, original, start=cph(2026, 3, 21, 0, 30), minutes=30)]))
+    assert emitted(decision) == {f"{S}$20260320-230000": span(utc(2026, 3, 20, 23, 30), utc(2026, 3, 21, 0))}
+
+
+def test_a_single_turned_into_a_series_deletes_the_single() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item(S)))
+    decision = store.feed(upsert(master(S), weekly(S, cph(2026, 3, 18, 9), 2)))
+    assert emitted(decision)[S] is None
+    assert set(store.desired()) == {f"{S}$20260318-090000", f"{S}$20260325-090000"}
+
+
+def test_a_rejected_occurrence_does_not_stop_the_rest_of_the_series() -> None:
+    store = MemoryStore()
+    good, bad = weekly(S, cph(2026, 3, 18, 9), 2)
+    broken = bad.model_copy(update={"end": bad.start - timedelta(minutes=5)})
+    decision = store.feed(upsert(master(S), [good, broken]))
+    assert decision.rejected == [(broken.item_id, "occurrence ends before it starts")]
+    assert set(store.desired()) == {f"{S}$20260318-090000"}
+
+
+def test_a_snapshot_of_occurrences_after_the_series_was_deleted_does_not_resurrect_them() -> None:
+    store = MemoryStore()
+    occurrences = weekly(S, cph(2026, 3, 18, 9), 3)
+    steps = snapshot(occurrences)                   # read before the delete, delivered after it
+    store.feed(upsert(master(S), occurrences))
+    store.feed(delete(f"item-{S}"))
+    for step in steps:
+        store.feed(step)
+    assert store.desired() == {}
