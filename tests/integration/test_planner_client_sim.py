@@ -410,3 +410,33 @@ def test_times_across_a_dst_change_come_back_equal(make_client, control, change:
     held = {e["origin_id"]: e for e in control.get("/events", email=MAILBOX)["events"]}
     offsets = {held["uid-across"]["start"][-6:], held["uid-across"]["end"][-6:]}
     assert offsets == {"+01:00", "+02:00"}
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_the_simulator_runs_as_a_process_with_tls_and_seeded_resources(pki, tmp_path: Path) -> None:
+    import json
+    import re
+    import subprocess
+    import sys
+
+    seed = tmp_path / "resources.json"
+    seed.write_text(json.dumps(RESOURCES), encoding="utf-8")
+    args = [sys.executable, "-m", "simulators.planner", "--port", "0", "--tls-cert", str(pki.server_cert),
+            "--tls-key", str(pki.server_key), "--client-ca", str(pki.ca_cert), "--seed-resources", str(seed)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the start line is printed once the port is bound
+            match = re.search(r"control (\S+)/", line)
+            if match:
+                break
+        else:
+            pytest.fail("the simulator exited without announcing its URLs")
+        health = requests.get(match.group(1) + "/health", verify=str(pki.ca_cert),
+                              cert=(str(pki.client_cert), str(pki.client_key)), timeout=10)
+        assert health.json()["resources"] == 2
+    finally:
+        process.terminate()
+        assert process.wait(timeout=20) == 0
