@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, Literal
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 
@@ -50,7 +50,6 @@ REQUEST_USER_TYPE_SYSTEM = 3
 USER_FULL_NAME_MAX = 140
 RID_MAX = 64
 _READ_CHUNK = 64 * 1024
-_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------------------------- values
