@@ -7,22 +7,31 @@ completion all go through the same ``_Decider.decide`` so the paths cannot disag
 ``shared.store``. Besides one entry per event key it holds two kinds of **bookkeeping entries**, which are
 never emitted and never reach Planner (``is_event_key`` tells them apart):
 
-- ``~plannersync/item/<hash of item id>``: the newest change of a series master or a delete for that Exchange
-  item id (uid, item id, version). Every change for an item id is ignored when this record is at least as
-  new, so a delete that overtakes its create, or an older master upsert arriving after a newer one, cannot
-  resurrect anything (a per-key version alone cannot do that for keys the late message would create).
-  Snapshot items of the same item id or series UID are ignored the same way.
+- ``~plannersync/item/<hash of item id>`` (newest upsert of a series master) and
+  ``~plannersync/deleted/<hash of item id>`` (newest delete of an item): uid, item id, version. Every change
+  for an item id is ignored when one of these is at least as new, so a delete that overtakes its create, or
+  an older master upsert arriving after a newer one, cannot resurrect anything (a per-key version alone
+  cannot do that for keys the late message would create). Snapshot items of the same item id or series
+  UID are ignored the same way. A late upsert of an item deleted before its UID was known teaches the
+  delete its UID, and the delete is then applied to that UID's older keys.
 - ``~plannersync/snapshot``: the newest *completed* snapshot (its id, version, and window as the interval).
   A message older than that snapshot may not make an event busy inside its window unless the snapshot
   saw that event: the snapshot is the newer observation that said it was not there.
 
 Together these make the outcome independent of delivery order and duplication (``test_transform_properties``).
 
+Retention: absent rows and bookkeeping records are tombstones. Pruning one is safe only once no message
+older than it can still arrive (the retry ladder's total, plus however long an operator may wait before
+replaying a dead-lettered message), so prune absent rows and records only by age, with that margin.
+
 Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
 
 - A key whose ``Known.version`` is at least the incoming version is left alone. Otherwise the new desired
   interval is compared with ``Known.interval``: different -> emit and remember; equal -> remember only
-  (a version bump). A key never known and not busy produces nothing.
+  (a version bump). A key never known and not busy emits nothing, but **is remembered as absent** at its
+  version: otherwise an older "busy" message for it that arrives late would create it (the brief said
+  "no remember" here; order-independence needs this tombstone). Such rows cost one per item seen; see
+  the retention note below.
 - **Window** (``busy_rules.sync_window(now)``): an item overlapping the window is sent with its full times.
   An item starting at or after the window end is not sent, and a *known* event that moved there becomes
   absent (Planner should not keep a slot we no longer maintain; it comes back when the window reaches it).
@@ -64,6 +73,7 @@ from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, Calend
 
 BOOKKEEPING_PREFIX = "~plannersync/"
 ITEM_RECORD_PREFIX = BOOKKEEPING_PREFIX + "item/"
+DELETED_RECORD_PREFIX = BOOKKEEPING_PREFIX + "deleted/"
 SNAPSHOT_MARKER = BOOKKEEPING_PREFIX + "snapshot"
 Cause = Literal["change", "snapshot"]
 
@@ -94,6 +104,10 @@ def is_event_key(key: str) -> bool:
 
 def item_record_key(item_id: str) -> str:
     return ITEM_RECORD_PREFIX + stable_id("item", item_id)
+
+
+def deleted_record_key(item_id: str) -> str:
+    return DELETED_RECORD_PREFIX + stable_id("item", item_id)
 
 
 def _series_prefix(uid: str) -> str:
@@ -144,8 +158,6 @@ class _Decider:
             and overlaps(desired, marker.interval)
         ):
             desired, version = None, marker.version     # the newer complete snapshot did not see it
-        if previous is None and desired is None:
-            return
         self.remember(
             Known(
                 origin_id=key,
@@ -156,7 +168,7 @@ class _Decider:
                 seen_in_snapshot=seen_in_snapshot or (previous.seen_in_snapshot if previous else None),
             )
         )
-        if previous is None or previous.interval != desired:
+        if (previous.interval if previous is not None else None) != desired:
             self.emitted[key] = BusyTimeState(
                 correlation_id=self.correlation_id,
                 mailbox=self.mailbox,
@@ -195,15 +207,33 @@ def _inherit(occurrence: CalendarItem, master: CalendarItem) -> CalendarItem:
 
 
 def _newer_record(known: Mapping[str, Known], item_id: str, version: int) -> bool:
-    record = known.get(item_record_key(item_id))
-    return record is not None and record.version >= version
+    records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
+    return any(record is not None and record.version >= version for record in records)
+
+
+def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, Known]) -> Decision:
+    """A late upsert of an item deleted before we knew its UID: apply that delete to the UID's keys now.
+
+    Keys of that UID older than the delete (for example occurrences first seen by a snapshot, which carry
+    no master item id) are absent as of the delete's version.
+    """
+    tomb = known.get(deleted_record_key(change.item_id))
+    uid = change.item.uid if change.item is not None else None
+    if tomb is None or tomb.uid is not None or not uid:
+        return Decision()
+    decider = _Decider(change.mailbox, change.correlation_id, "change", tomb.version, known)
+    for k in decider.event_keys():
+        if k.interval is not None and k.version < tomb.version and (k.uid == uid or k.origin_id.startswith(_series_prefix(uid))):
+            decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
+    decider.remember(Known(tomb.origin_id, uid, tomb.source_item_id, tomb.version, None))
+    return decider.result()
 
 
 def derive_change(change: CalendarChange, known: Mapping[str, Known], policy: BusyPolicy, now: datetime) -> Decision:
     """The desired states one calendar change implies, given what was last decided for its mailbox."""
     version = version_of(change.observed_at)
     if _newer_record(known, change.item_id, version):
-        return Decision()
+        return _learn_deleted_uid(change, known)
     decider = _Decider(change.mailbox, change.correlation_id, "change", version, known)
     window = sync_window(now, policy)
     if change.change == "delete":
@@ -225,7 +255,7 @@ def derive_change(change: CalendarChange, known: Mapping[str, Known], policy: Bu
 
 
 def _delete(change: CalendarChange, decider: _Decider) -> None:
-    record = decider.known.get(item_record_key(change.item_id))
+    record = decider.known.get(item_record_key(change.item_id)) or decider.known.get(deleted_record_key(change.item_id))
     uids = {k.uid for k in decider.event_keys() if k.source_item_id == change.item_id and k.uid}
     if record is not None and record.uid:
         uids.add(record.uid)
@@ -233,7 +263,7 @@ def _delete(change: CalendarChange, decider: _Decider) -> None:
         if k.interval is not None and (k.source_item_id == change.item_id or k.uid in uids):
             decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
     uid = record.uid if record is not None and record.uid else (min(uids) if uids else None)
-    decider.remember(Known(item_record_key(change.item_id), uid, change.item_id, decider.version, None))
+    decider.remember(Known(deleted_record_key(change.item_id), uid, change.item_id, decider.version, None))
 
 
 def _upsert_master(change: CalendarChange, master: CalendarItem, decider: _Decider, policy: BusyPolicy, now: datetime, window: Interval) -> None:
@@ -278,7 +308,7 @@ def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, Known], pol
     window = sync_window(now, policy)
     newest_by_uid: dict[str, int] = {}
     for key, record in known.items():
-        if key.startswith(ITEM_RECORD_PREFIX) and record.uid:
+        if key.startswith((ITEM_RECORD_PREFIX, DELETED_RECORD_PREFIX)) and record.uid:
             newest_by_uid[record.uid] = max(record.version, newest_by_uid.get(record.uid, -1))
     for item in part.items:
         if item.item_type == "master":

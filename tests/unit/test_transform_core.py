@@ -513,3 +513,37 @@ def test_a_snapshot_of_occurrences_after_the_series_was_deleted_does_not_resurre
     for step in steps:
         store.feed(step)
     assert store.desired() == {}
+
+
+# --- order independence, the cases the property test found ----------------------------------------------
+
+
+def test_an_unknown_free_item_emits_nothing_but_is_remembered_as_absent() -> None:
+    store = MemoryStore()
+    decision = store.feed(upsert(item(free_busy="Free")))
+    assert decision.emit == []
+    assert [(k.origin_id, k.interval) for k in decision.remember] == [(A, None)]
+
+
+def test_an_older_busy_change_arriving_after_a_newer_free_one_is_not_sent() -> None:
+    store = MemoryStore()
+    busy, free = upsert(item()), upsert(item(free_busy="Free"))
+    store.feed(free)
+    assert store.feed(busy).emit == []
+    assert store.desired() == {}
+
+
+def test_a_late_upsert_teaches_an_earlier_series_delete_its_uid() -> None:
+    """Occurrences first seen by a snapshot carry no master id; the delete learns the UID from the late upsert."""
+    store = MemoryStore()
+    occurrences = weekly(S, cph(2026, 3, 18, 9), 2)
+    create = upsert(master(S), occurrences)
+    steps = snapshot(occurrences)
+    gone = delete(f"item-{S}")
+    for step in [*steps, gone]:
+        store.feed(step)
+    assert len(store.desired()) == 2                 # the delete could not know which keys were the series
+    decision = store.feed(create)
+    assert {s.origin_id: s.interval for s in decision.emit} == {f"{S}$20260318-090000": None, f"{S}$20260325-090000": None}
+    assert {s.version for s in decision.emit} == {version_of(gone.observed_at)}
+    assert store.desired() == {}
