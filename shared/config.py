@@ -111,6 +111,7 @@ class DatabaseSettings(_SecretFiles):
         description="SQLAlchemy URL: sqlite:///path, postgresql+psycopg://user@host/db, mssql+pymssql://user@host/db",
     )
     password: SecretStr | None = Field(None, description="inserted into the URL, so it need not be written there")
+    auto_upgrade: bool = Field(True, description="workers create/migrate the schema at start; set false where DDL rights are separate")
 
     @field_validator("url")
     @classmethod

@@ -171,6 +171,26 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def schema_version(engine: Engine) -> int | None:
+    """The schema version in the database, or None when it has no schema yet."""
+    from sqlalchemy import inspect
+
+    if not inspect(engine).has_table("schema_info"):
+        return None
+    with engine.connect() as conn:
+        return conn.execute(select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
+
+
+def open_store(url: str, auto_upgrade: bool) -> Store:
+    """The store a worker uses: schema created/migrated when allowed, else checked."""
+    store = Store(make_engine(url))
+    if auto_upgrade:
+        upgrade(store.engine)
+    elif schema_version(store.engine) != SCHEMA_VERSION:
+        raise RuntimeError(f"database schema is {schema_version(store.engine)}, this build needs {SCHEMA_VERSION}: run `plannersync db upgrade`")
+    return store
+
+
 def upgrade(engine: Engine) -> int:
     """Create or migrate the schema; safe to run any number of times. Returns the schema version."""
     metadata.create_all(engine, checkfirst=True)

@@ -17,7 +17,7 @@ from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Pausable, 
 from shared.contracts import BusyTimeState, Interval
 from shared.logs import correlation, get_logger
 from shared.retry import Permanent, Transient
-from shared.store import DeliveredRow, Store
+from shared.store import DeliveredRow, Store, open_store
 from shared.topology import Topology, from_settings
 
 from services.publisher.delivery_plan import NoChange, Operation, Send, follow_up, newest_per_key, plan, receipt_action
@@ -191,7 +191,7 @@ def build(settings: Settings) -> Consumer:
     """Wire the publisher: store, Planner client, consumer. Nothing connects at import."""
     from services.publisher.planner_client import PlannerClient, PlannerEvent
 
-    store = Store.connect(settings.database_url())
+    store = open_store(settings.database_url(), settings.database.auto_upgrade)
     client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
     topology: Topology = from_settings(settings.broker, settings.retry)
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())

@@ -18,7 +18,7 @@ from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Outgoing, 
 from shared.contracts import CalendarChange, CalendarSnapshot
 from shared.logs import correlation, get_logger
 from shared.retry import Permanent
-from shared.store import DesiredRow, Store
+from shared.store import DesiredRow, Store, open_store
 from shared.topology import Topology, from_settings
 from shared.transform_core import Decision, Known, complete_snapshot, derive_change, derive_snapshot_part
 
@@ -60,7 +60,7 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
             snapshot_part = None
             if isinstance(message, CalendarChange):
                 decision = derive_change(message, known, deps.policy, now)
-                if decision.rejected and not decision.emit and not decision.remember and message.change == "upsert" and message.occurrences is None:
+                if decision.rejected and not decision.emit and not decision.remember and message.change == "upsert":
                     results.append(Permanent(f"item rejected: {decision.rejected[0][1]}"))
                     continue
             else:
@@ -107,7 +107,7 @@ def _apply(mailbox: str, correlation_id: str, decision: Decision, snapshot_part:
 
 def build(settings: Settings) -> Consumer:
     """Wire the transformer: store, policy, consumer. Nothing connects at import."""
-    store = Store.connect(settings.database_url())
+    store = open_store(settings.database_url(), settings.database.auto_upgrade)
     topology = from_settings(settings.broker, settings.retry)
     deps = TransformerDeps(store, topology, BusyPolicy.from_settings(settings.busy))
     options = ConsumerOptions(prefetch=200, batch_size=100)
