@@ -241,6 +241,12 @@ class ExchangeSettings(_SecretFiles):
     snapshot_part_size: int = Field(500, ge=10, le=5000)
 
 
+class ReconcileSettings(BaseModel):
+    time: str = Field("05:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="local time of the nightly reconciliation with Planner")
+    max_delete_share: float = Field(0.5, gt=0, le=1, description="stop a mailbox whose reconciliation would delete more than this share")
+    mailboxes_per_call: int = Field(2, ge=1, le=50, description="mailboxes per GetEvents call")
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -260,6 +266,7 @@ class Settings(BaseSettings):
     busy: BusySettings = Field(default_factory=BusySettings)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     def database_url(self) -> str:

@@ -35,7 +35,9 @@ def plan(desired: BusyTimeState, known: DeliveredRow | None) -> Action:
     """The one rule for every path (live changes, snapshots, reconciliation, replays)."""
     if known is not None and known.planner_originated:
         return NoChange("planner_originated")
-    if known is not None and known.version >= desired.version:
+    if known is not None and (known.version > desired.version or (known.version == desired.version and desired.cause != "reconcile")):
+        # A reconciliation re-sends the current desired state (same version) after correcting what
+        # Planner is known to hold; anything else at the same version is a duplicate.
         return NoChange("not_newer")
     if desired.interval is None:
         if known is not None and known.present and known.interval is not None:

@@ -25,6 +25,12 @@ def delivered(version: int, interval: Interval | None, present: bool = True, ech
     return DeliveredRow("a@b.dk", KEY, version, present, interval, None, None, echo, 0, None)
 
 
+def test_a_reconciliation_resends_the_current_version_but_never_an_older_one() -> None:
+    again = BusyTimeState(correlation_id="c", mailbox="a@b.dk", origin_id=KEY, version=7, interval=NINE_TO_TEN, cause="reconcile")
+    assert plan(again, delivered(7, None, present=False)) == Send("create", KEY, NINE_TO_TEN)
+    assert plan(again, delivered(8, None, present=False)) == NoChange("not_newer")
+
+
 def test_a_new_busy_time_is_created() -> None:
     assert plan(desired(1, NINE_TO_TEN), None) == Send("create", KEY, NINE_TO_TEN)
 
