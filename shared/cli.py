@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from shared.config import ConfigError, Settings, load_settings, masked
 
-WORKERS = ("transformer", "publisher")
+WORKERS = ("transformer", "publisher", "change-producer", "snapshot-producer")
+STAGES = ("transformer", "publisher")
 EXIT_CONFIG = 2
 
 
@@ -65,6 +66,14 @@ def _worker_builder(name: str) -> Callable[[Settings], Any]:
         return build
     if name == "publisher":
         from services.publisher.worker import build
+
+        return build
+    if name == "change-producer":
+        from services.change_producer.worker import build
+
+        return build
+    if name == "snapshot-producer":
+        from services.snapshot_producer.worker import build
 
         return build
     raise SystemExit(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
@@ -197,6 +206,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds)
 
 
+def cmd_resync(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _configure_logs(settings, "resync")
+    from services.snapshot_producer.worker import run_snapshots
+    from shared.ews import Exchange
+    from shared.store import open_store
+    from shared.topology import from_settings
+
+    store = open_store(settings.database_url(), settings.database.auto_upgrade)
+    mailboxes = [row.address for row in store.list_mailboxes(enabled_only=True)] if args.all else [m.lower() for m in args.mailbox]
+    if not mailboxes:
+        print("no mailboxes to resync (enrol some with `plannersync mailboxes add`)", file=sys.stderr)
+        return 1
+    exchange = Exchange(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
+    results = run_snapshots(settings, mailboxes, exchange, store, from_settings(settings.broker, settings.retry))
+    for result in results:
+        print(f"{result.mailbox}\t" + (f"{result.items} items published" if result.error is None else f"FAILED: {result.error}"))
+    return 0 if all(r.error is None for r in results) else 1
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.replay import list_dead_letters, replay
@@ -258,9 +287,15 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=60.0, help="give up waiting after this long")
     demo.set_defaults(func=cmd_demo)
 
+    resync = sub.add_parser("resync", help="publish a snapshot of mailboxes now (what the nightly run does)")
+    which = resync.add_mutually_exclusive_group(required=True)
+    which.add_argument("--mailbox", action="append", default=[], help="a mailbox to resync (repeatable)")
+    which.add_argument("--all", action="store_true", help="every enrolled mailbox")
+    resync.set_defaults(func=cmd_resync)
+
     dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered messages")
     dlq.add_argument("action", choices=("list", "replay"))
-    dlq.add_argument("stage", choices=WORKERS)
+    dlq.add_argument("stage", choices=STAGES)
     dlq.add_argument("--limit", type=int, default=100)
     dlq.add_argument("--message-id", help="replay only this message")
     dlq.add_argument("--dry-run", action="store_true")

@@ -1,0 +1,118 @@
+"""When each mailbox is read next. Pure: the caller passes the time; no I/O, no threads.
+
+A notification only marks a mailbox dirty; a dirty mailbox is read at once (bursts coalesce into one
+read, since marking a mailbox that is being read makes it run once more afterwards). Every mailbox is
+also read on a safety interval, more often while it has no live subscription. A failing mailbox is
+retried on its own backoff; it never delays another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from shared.ews import EwsFault
+
+
+@dataclass
+class MailboxState:
+    dirty: bool = True  # a new mailbox is read at once
+    running: bool = False
+    subscribed: bool = False
+    next_safety: datetime | None = None
+    not_before: datetime | None = None
+    failures: int = 0
+    status: str = "new"
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    safety_interval: timedelta
+    unsubscribed_interval: timedelta
+    backoff_max: timedelta
+    transient_base: timedelta = timedelta(seconds=2)
+    unavailable_base: timedelta = timedelta(minutes=2)
+
+
+@dataclass
+class Schedule:
+    timing: Timing
+    mailboxes: dict[str, MailboxState] = field(default_factory=dict)
+
+    # --- membership ----------------------------------------------------------------------------
+    def set_members(self, addresses: set[str]) -> tuple[set[str], set[str]]:
+        """Make the schedule follow the enrolled set; return (added, removed)."""
+        current = set(self.mailboxes)
+        added, removed = addresses - current, current - addresses
+        for address in added:
+            self.mailboxes[address] = MailboxState()
+        for address in removed:
+            del self.mailboxes[address]
+        return added, removed
+
+    def mark_dirty(self, address: str) -> None:
+        state = self.mailboxes.get(address)
+        if state is not None:
+            state.dirty = True
+
+    def mark_all_dirty(self, addresses: set[str]) -> None:
+        for address in addresses:
+            self.mark_dirty(address)
+
+    def set_subscribed(self, address: str, subscribed: bool) -> None:
+        state = self.mailboxes.get(address)
+        if state is not None:
+            state.subscribed = subscribed
+
+    # --- picking work ---------------------------------------------------------------------------
+    def due(self, now: datetime) -> list[str]:
+        """Mailboxes to read now (not running, not backing off, dirty or past their safety time)."""
+        ready = []
+        for address, state in sorted(self.mailboxes.items()):
+            if state.running or (state.not_before is not None and now < state.not_before):
+                continue
+            if state.dirty or state.next_safety is None or now >= state.next_safety:
+                ready.append(address)
+        return ready
+
+    def started(self, address: str) -> None:
+        state = self.mailboxes[address]
+        state.running = True
+        state.dirty = False  # a notification during the read marks it dirty again
+
+    # --- outcomes -------------------------------------------------------------------------------
+    def succeeded(self, address: str, now: datetime) -> None:
+        state = self.mailboxes.get(address)
+        if state is None:
+            return
+        state.running = False
+        state.failures = 0
+        state.not_before = None
+        state.status, state.detail = "active", None
+        interval = self.timing.safety_interval if state.subscribed else self.timing.unsubscribed_interval
+        state.next_safety = now + interval
+
+    def failed(self, address: str, now: datetime, fault: EwsFault) -> timedelta:
+        """Record a failed read; return how long this mailbox now waits."""
+        state = self.mailboxes.get(address)
+        if state is None:
+            return timedelta(0)
+        state.running = False
+        state.failures += 1
+        state.dirty = True  # whatever it was supposed to read is still unread
+        wait = backoff(fault, state.failures, self.timing)
+        state.not_before = now + wait
+        state.status = "failing" if fault.kind == "mailbox_unavailable" else ("throttled" if fault.kind == "throttled" else "retrying")
+        state.detail = fault.detail
+        return wait
+
+
+def backoff(fault: EwsFault, failures: int, timing: Timing) -> timedelta:
+    """Throttling waits as long as Exchange asks; an unavailable mailbox slowly; other faults quickly."""
+    if fault.kind == "throttled":
+        return timedelta(seconds=fault.back_off) if fault.back_off else min(timing.transient_base * 2 ** min(failures, 10), timing.backoff_max)
+    if fault.kind == "invalid_sync_state":
+        return timedelta(0)
+    base = timing.unavailable_base if fault.kind == "mailbox_unavailable" else timing.transient_base
+    return min(base * 2 ** min(failures - 1, 16), timing.backoff_max)

@@ -1,0 +1,267 @@
+"""The change-event producer: Exchange notifications are hints; SyncFolderItems reads what changed.
+
+Threads:
+- the scheduler (``run``): follows enrolments in the store, starts reads of due mailboxes on a pool;
+- one notification thread per streaming group (≤ ``mailboxes_per_connection`` mailboxes each, at most
+  ``streaming_connections`` groups), or one pull thread in pull mode. A notification marks its mailbox
+  dirty; every (re)connect marks the whole group dirty, so changes made while a stream was down, the
+  producer was stopped or a subscription had expired are found by the next read, not at night.
+
+Failures are per mailbox (``schedule.failed``): throttling waits as long as Exchange asks, an
+unavailable mailbox (impersonation denied, not found, being moved) is retried slowly with its status
+recorded, an invalid sync state makes a full re-read plus a snapshot (so deletions are found too).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from shared.busy_rules import BusyPolicy, sync_window
+from shared.config import Settings
+from shared.consumer import Outgoing, Publisher
+from shared.contracts import CalendarChange, CalendarSnapshot
+from shared.ews import Exchange, classify
+from shared.logs import correlation, get_logger
+from shared.store import Store, open_store
+from shared.topology import Topology, from_settings
+
+from services.change_producer.schedule import Schedule, Timing
+from services.change_producer.sync_pass import sync_mailbox
+from services.snapshot_producer.snapshot import snapshot_mailbox
+
+log = get_logger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ChangeProducer:
+    def __init__(self, settings: Settings, store: Store, exchange: Exchange, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
+        self.settings = settings
+        self.store = store
+        self.exchange = exchange
+        self.topology = topology
+        self.clock = clock
+        self.policy = BusyPolicy.from_settings(settings.busy)
+        ex = settings.exchange
+        self.schedule = Schedule(Timing(ex.safety_sync_interval, ex.unsubscribed_poll_interval, ex.failure_backoff_max))
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=ex.sync_workers, thread_name_prefix="ews-sync")
+        self.local = threading.local()
+        self.reads = 0
+
+    # --- control ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> None:
+        ex = self.settings.exchange
+        notifier: list[threading.Thread] = []
+        if ex.subscription == "streaming":
+            notifier = [threading.Thread(target=self._stream_group, args=(i,), name=f"ews-stream-{i}", daemon=True) for i in range(ex.streaming_connections)]
+        else:
+            notifier = [threading.Thread(target=self._pull_loop, name="ews-pull", daemon=True)]
+        next_reload = 0.0
+        log.info("change_producer_started", subscription=ex.subscription, workers=ex.sync_workers)
+        for thread in notifier:
+            thread.start()
+        while not self.stopping.is_set():
+            if time.monotonic() >= next_reload:
+                self._reload_mailboxes()
+                next_reload = time.monotonic() + ex.mailbox_reload_interval.total_seconds()
+            now = self.clock()
+            with self.lock:
+                due = self.schedule.due(now)
+                for address in due:
+                    self.schedule.started(address)
+            for address in due:
+                self.pool.submit(self._read, address)
+            self.wake.wait(0.5)
+            self.wake.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        log.info("worker_stopped", stage="change_producer")
+
+    # --- membership ----------------------------------------------------------------------------------
+    def _reload_mailboxes(self) -> None:
+        try:
+            enrolled = {row.address for row in self.store.list_mailboxes(enabled_only=True)}
+        except Exception as exc:  # noqa: BLE001 - the store being down must not stop notifications
+            log.warning("mailbox_reload_failed", error=type(exc).__name__)
+            return
+        with self.lock:
+            added, removed = self.schedule.set_members(enrolled)
+        for address in sorted(added):
+            log.info("mailbox_enrolled", mailbox=address)
+        for address in sorted(removed):
+            log.info("mailbox_removed", mailbox=address)
+            self.exchange.forget(address)
+
+    def _members(self) -> list[str]:
+        with self.lock:
+            return sorted(self.schedule.mailboxes)
+
+    def _group(self, index: int) -> list[str]:
+        size = self.settings.exchange.mailboxes_per_connection
+        return self._members()[index * size : (index + 1) * size]
+
+    # --- reading one mailbox --------------------------------------------------------------------------
+    def _publisher(self) -> Publisher:
+        publisher = getattr(self.local, "publisher", None)
+        if publisher is None:
+            publisher = Publisher(self.settings.broker, self.topology)
+            self.local.publisher = publisher
+        return publisher
+
+    def _publish(self, message: CalendarChange | CalendarSnapshot) -> None:
+        key = self.topology.change_key(message.mailbox) if isinstance(message, CalendarChange) else self.topology.snapshot_key(message.mailbox)
+        try:
+            self._publisher().publish(Outgoing(self.topology.calendar_exchange, key, message))
+        except Exception:
+            self._publisher().close()
+            raise
+
+    def _read(self, address: str, full: bool = False) -> None:
+        observed_at = self.clock()
+        window = sync_window(observed_at, self.policy)
+        with correlation(None, mailbox=address):
+            try:
+                result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, full=full)
+                if result.full_resync and full:
+                    items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, self.settings.exchange.snapshot_part_size)
+                    log.info("mailbox_resynced", items=items)
+            except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
+                fault = classify(exc)
+                if fault.kind == "invalid_sync_state" and not full:
+                    log.warning("sync_state_invalid", detail=fault.detail)
+                    self._read(address, full=True)
+                    return
+                with self.lock:
+                    wait = self.schedule.failed(address, self.clock(), fault)
+                    state = self.schedule.mailboxes.get(address)
+                log.warning("mailbox_read_failed", kind=fault.kind, detail=fault.detail, retry_in_s=round(wait.total_seconds(), 1))
+                if state is not None:
+                    self._record_status(address, state.status, fault.detail, self.clock() + wait)
+                return
+            with self.lock:
+                previous = self.schedule.mailboxes.get(address)
+                was = previous.status if previous else None
+                self.schedule.succeeded(address, self.clock())
+            self.reads += 1
+            if result.published:
+                log.info("mailbox_changes_published", changes=result.published, full=result.full_resync)
+            if was != "active":
+                self._record_status(address, "active", None, None)
+
+    def _record_status(self, address: str, status: str, detail: str | None, next_attempt: datetime | None) -> None:
+        try:
+            self.store.set_mailbox_status(address, status, detail, next_attempt)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("mailbox_status_not_saved", error=type(exc).__name__)
+
+    def _mark_dirty(self, addresses: list[str]) -> None:
+        with self.lock:
+            self.schedule.mark_all_dirty(set(addresses))
+        self.wake.set()
+
+    # --- streaming notifications ---------------------------------------------------------------------------
+    def _stream_group(self, index: int) -> None:
+        ex = self.settings.exchange
+        subscriptions: dict[str, str] = {}  # subscription id -> mailbox
+        delay = 1.0
+        while not self.stopping.is_set():
+            members = self._group(index)
+            for sub_id, address in list(subscriptions.items()):
+                if address not in members:
+                    del subscriptions[sub_id]
+                    self._unsubscribe(address, sub_id)
+            for address in members:
+                if address in subscriptions.values():
+                    continue
+                try:
+                    subscriptions[self.exchange.subscribe_streaming(address)] = address
+                    with self.lock:
+                        self.schedule.set_subscribed(address, True)
+                except Exception as exc:  # noqa: BLE001 - this mailbox waits; the others stream
+                    log.warning("subscribe_failed", mailbox=address, kind=classify(exc).kind, detail=classify(exc).detail)
+            if not subscriptions:
+                self.stopping.wait(1.0)
+                continue
+            self._mark_dirty(list(subscriptions.values()))  # catch up on anything missed while not streaming
+            anchor = next(iter(subscriptions.values()))
+            try:
+                for sub_id in self.exchange.stream(anchor, list(subscriptions), ex.stream_minutes, ex.stream_silence_timeout.total_seconds()):
+                    address = subscriptions.get(sub_id)
+                    if address is not None:
+                        self._mark_dirty([address])
+                    if self.stopping.is_set() or set(self._group(index)) != set(subscriptions.values()):
+                        break
+                delay = 1.0
+            except Exception as exc:  # noqa: BLE001
+                fault = classify(exc)
+                log.warning("stream_interrupted", group=index, kind=fault.kind, detail=fault.detail)
+                if fault.kind in ("subscription_lost", "mailbox_unavailable"):
+                    with self.lock:
+                        for address in subscriptions.values():
+                            self.schedule.set_subscribed(address, False)
+                    subscriptions.clear()  # resubscribe the group; a dead mailbox fails alone on subscribe
+                wait = fault.back_off if fault.kind == "throttled" and fault.back_off else delay
+                self.stopping.wait(wait)
+                delay = min(delay * 2, 30.0)
+
+    def _unsubscribe(self, address: str, sub_id: str) -> None:
+        try:
+            self.exchange.unsubscribe(address, sub_id)
+        except Exception:  # noqa: BLE001 - it expires on its own
+            pass
+
+    # --- pull notifications ----------------------------------------------------------------------------------
+    def _pull_loop(self) -> None:
+        interval = self.settings.exchange.pull_interval.total_seconds()
+        subscriptions: dict[str, tuple[str, str]] = {}  # mailbox -> (subscription id, watermark)
+        while not self.stopping.is_set():
+            members = self._members()
+            for address in list(subscriptions):
+                if address not in members:
+                    self._unsubscribe(address, subscriptions.pop(address)[0])
+            for address in members:
+                try:
+                    if address not in subscriptions:
+                        subscriptions[address] = self.exchange.subscribe_pull(address)
+                        with self.lock:
+                            self.schedule.set_subscribed(address, True)
+                        self._mark_dirty([address])
+                        continue
+                    sub_id, watermark = subscriptions[address]
+                    changed, watermark = self.exchange.pull(address, sub_id, watermark)
+                    subscriptions[address] = (sub_id, watermark)
+                    if changed:
+                        self._mark_dirty([address])
+                except Exception as exc:  # noqa: BLE001
+                    fault = classify(exc)
+                    log.warning("pull_failed", mailbox=address, kind=fault.kind, detail=fault.detail)
+                    subscriptions.pop(address, None)
+                    with self.lock:
+                        self.schedule.set_subscribed(address, False)
+            self.stopping.wait(interval)
+
+
+def build(settings: Settings) -> ChangeProducer:
+    """Wire the change producer. Nothing connects to Exchange until ``run``."""
+    store = open_store(settings.database_url(), settings.database.auto_upgrade)
+    ex = settings.exchange
+    pool = ex.streaming_connections + ex.sync_workers + 2
+    exchange = Exchange(ex, settings.busy.time_zone, pool)
+    return ChangeProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))
+
+
+def status_snapshot(producer: Any) -> dict[str, Any]:
+    with producer.lock:
+        return {address: state.status for address, state in producer.schedule.mailboxes.items()}

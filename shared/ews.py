@@ -1,0 +1,274 @@
+"""Exchange through EWS: the only module that imports exchangelib.
+
+Reads only what deciding busy time needs (ids, UID, type, times, zones, status, flags, organizer)
+with ``only_fields``: subjects, bodies, locations and attendees are never requested.
+
+Traps handled here (see ../shared/reference/exchangelib-notes.md):
+- exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
+  start on the spring DST Sunday; we keep the instants Exchange sent (``_RawTimesCalendarItem``) and
+  let ``shared.busy_rules`` derive the dates in the item's own zone.
+- ``FailFast`` retry policy: exchangelib's back-off is global per service account, so one throttled
+  mailbox would freeze all; we raise instead and back off per mailbox (``classify``).
+- The session pool is sized for the open streams plus the worker threads (default pool size is 1).
+- A configured CA bundle wins over ``REQUESTS_CA_BUNDLE`` (``_CaBundleAdapter``).
+- ``Folder.get_events`` never advances the watermark while MoreEvents is true: we page ourselves.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterator, Literal
+
+import requests.adapters
+from exchangelib import BASIC, IMPERSONATION, NTLM, Account, Build, Configuration, Credentials, EWSTimeZone, FailFast, Version
+from exchangelib import errors as ews_errors
+from exchangelib.folders.base import BaseFolder
+from exchangelib.items import CalendarItem as EwsCalendarItem
+from exchangelib.protocol import BaseProtocol
+from exchangelib.services import GetStreamingEvents
+
+from shared.config import ExchangeSettings
+from shared.contracts import CalendarItem, Interval
+
+VIEW_CAP = 1000  # Exchange's EWSFindCountLimit: the most items one CalendarView answers
+MIN_VIEW_SLICE = timedelta(hours=1)
+BUILDS = {
+    "Exchange2013_SP1": Build(15, 0, 847, 32),
+    "Exchange2016": Build(15, 1, 2507, 6),
+    "Exchange2019": Build(15, 2, 1118, 7),
+}
+FIELDS = (
+    "uid",
+    "type",
+    "start",
+    "end",
+    "original_start",
+    "is_all_day",
+    "legacy_free_busy_status",
+    "is_cancelled",
+    "sensitivity",
+    "organizer",
+    "last_modified_time",
+    "_start_timezone",
+    "_end_timezone",
+)
+_TYPES = {"Single": "single", "Occurrence": "occurrence", "Exception": "exception", "RecurringMaster": "master"}
+
+
+class _RawTimesCalendarItem(EwsCalendarItem):
+    """A CalendarItem whose all-day start/end stay the UTC instants Exchange sent (no date conversion)."""
+
+    @classmethod
+    def from_xml(cls, elem: Any, account: Any) -> Any:
+        return super(EwsCalendarItem, cls).from_xml(elem=elem, account=account)
+
+
+BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _RawTimesCalendarItem
+
+
+class _CaBundleAdapter(requests.adapters.HTTPAdapter):
+    """Verifies against the configured CA bundle, whatever REQUESTS_CA_BUNDLE says."""
+
+    ca_bundle: str | None = None
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, self.ca_bundle or verify, cert)
+
+
+class _StreamingEvents(GetStreamingEvents):
+    """GetStreamingEvents whose HTTP read timeout is our silence watchdog, not minutes * 60 + 60."""
+
+    def __init__(self, *args: Any, silence: float, **kwargs: Any) -> None:
+        self._silence = silence
+        super().__init__(*args, **kwargs)
+
+    timeout = property(lambda self: self._silence, lambda self, value: None)
+
+
+# --- failures -----------------------------------------------------------------------------------
+FaultKind = Literal["throttled", "invalid_sync_state", "subscription_lost", "mailbox_unavailable", "stream_broken", "transient"]
+
+
+@dataclass(frozen=True)
+class EwsFault:
+    kind: FaultKind
+    detail: str
+    back_off: float | None = None  # seconds Exchange asked us to wait
+
+
+def classify(error: BaseException) -> EwsFault:
+    """What an exception from exchangelib (or requests under it) means for one mailbox."""
+    name = type(error).__name__
+    if isinstance(error, ews_errors.ErrorServerBusy):
+        return EwsFault("throttled", name, getattr(error, "back_off", None))
+    if isinstance(error, ews_errors.ErrorInvalidSyncStateData) or name in {"ErrorInvalidSyncStateData", "ErrorSyncFolderNotFound"}:
+        return EwsFault("invalid_sync_state", name)
+    if isinstance(error, (ews_errors.ErrorSubscriptionNotFound, ews_errors.ErrorExpiredSubscription, ews_errors.ErrorInvalidSubscription)):
+        return EwsFault("subscription_lost", name)
+    if isinstance(
+        error,
+        (
+            ews_errors.ErrorImpersonateUserDenied,
+            ews_errors.ErrorNonExistentMailbox,
+            ews_errors.ErrorMailboxMoveInProgress,
+            ews_errors.ErrorMailboxStoreUnavailable,
+            ews_errors.ErrorImpersonationFailed,
+            ews_errors.ErrorAccessDenied,
+        ),
+    ):
+        return EwsFault("mailbox_unavailable", name)
+    if isinstance(error, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)) or name in {"ErrorTimeoutExpired"}:
+        return EwsFault("stream_broken", name)
+    return EwsFault("transient", f"{name}: {str(error)[:200]}")
+
+
+# --- mapping --------------------------------------------------------------------------------------
+def _aware_utc(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return None
+        return datetime.fromtimestamp(value.timestamp(), tz=timezone.utc)
+    return None
+
+
+def _zone_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    return getattr(value, "ms_id", None) or getattr(value, "key", None) or str(value)
+
+
+def to_calendar_item(item: Any) -> CalendarItem:
+    """exchangelib's calendar item → our content-free CalendarItem (missing fields stay None)."""
+    organizer = getattr(item, "organizer", None)
+    status = getattr(item, "legacy_free_busy_status", None)
+    return CalendarItem(
+        item_id=item.id,
+        change_key=getattr(item, "changekey", None),
+        uid=getattr(item, "uid", None) or None,
+        item_type=_TYPES.get(getattr(item, "type", None) or "Single", "single"),  # type: ignore[arg-type]
+        start=_aware_utc(getattr(item, "start", None)),
+        end=_aware_utc(getattr(item, "end", None)),
+        original_start=_aware_utc(getattr(item, "original_start", None)),
+        time_zone=_zone_id(getattr(item, "_start_timezone", None)),
+        all_day=bool(getattr(item, "is_all_day", False)),
+        free_busy=status if status in ("Free", "Tentative", "Busy", "OOF", "NoData", "WorkingElsewhere") else None,
+        cancelled=bool(getattr(item, "is_cancelled", False)),
+        sensitivity=getattr(item, "sensitivity", None) or "Normal",
+        organizer=(getattr(organizer, "email_address", None) or None) if organizer is not None else None,
+        last_modified=_aware_utc(getattr(item, "last_modified_time", None)),
+    )
+
+
+# --- the connection ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyncChange:
+    change: Literal["upsert", "delete"]
+    item_id: str
+    item: CalendarItem | None
+
+
+class Exchange:
+    """One service account's EWS access, shared by all threads of a producer."""
+
+    def __init__(self, settings: ExchangeSettings, zone: str, pool_size: int) -> None:
+        _CaBundleAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
+        BaseProtocol.HTTP_ADAPTER_CLS = _CaBundleAdapter
+        self.settings = settings
+        self.zone = EWSTimeZone(zone)
+        self.config = Configuration(
+            service_endpoint=settings.endpoint,
+            credentials=Credentials(settings.username, settings.password.get_secret_value()),
+            auth_type=NTLM if settings.auth_type == "NTLM" else BASIC,
+            version=Version(build=BUILDS[settings.version]),
+            retry_policy=FailFast(),
+            max_connections=pool_size,
+        )
+        self._accounts: dict[str, Account] = {}
+        self._lock = threading.Lock()
+
+    def account(self, mailbox: str) -> Account:
+        with self._lock:
+            account = self._accounts.get(mailbox)
+            if account is None:
+                account = Account(mailbox, config=self.config, access_type=IMPERSONATION, autodiscover=False, default_timezone=self.zone)
+                self._accounts[mailbox] = account
+            return account
+
+    def forget(self, mailbox: str) -> None:
+        with self._lock:
+            self._accounts.pop(mailbox, None)
+
+    def close(self) -> None:
+        self.config.protocol.close()
+
+    # --- reads ------------------------------------------------------------------------------------
+    def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
+        """Everything that changed in the calendar since ``sync_state`` (None: everything), and the new state."""
+        calendar = self.account(mailbox).calendar
+        changes = []
+        for change_type, item in calendar.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
+            if change_type in ("create", "update"):
+                changes.append(SyncChange("upsert", item.id, to_calendar_item(item)))
+            elif change_type == "delete":
+                changes.append(SyncChange("delete", item.id, None))
+        return changes, calendar.item_sync_state
+
+    def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        """Every occurrence and single item overlapping ``window``, paging around Exchange's view cap."""
+        calendar = self.account(mailbox).calendar
+        found: dict[str, CalendarItem] = {}
+        pending = [(window.start, window.end)]
+        while pending:
+            start, end = pending.pop()
+            page = list(calendar.view(start=start.astimezone(self.zone), end=end.astimezone(self.zone), max_items=VIEW_CAP).only(*FIELDS))
+            if len(page) >= VIEW_CAP:
+                if end - start <= MIN_VIEW_SLICE:
+                    raise RuntimeError(f"more than {VIEW_CAP} items within {MIN_VIEW_SLICE}; cannot page the calendar view")
+                middle = start + (end - start) / 2
+                pending += [(start, middle), (middle, end)]
+                continue
+            for item in page:
+                found[item.id] = to_calendar_item(item)
+        return list(found.values())
+
+    # --- notifications ------------------------------------------------------------------------------
+    def subscribe_streaming(self, mailbox: str) -> str:
+        return self.account(mailbox).calendar.subscribe_to_streaming()
+
+    def subscribe_pull(self, mailbox: str, timeout_minutes: int = 30) -> tuple[str, str]:
+        subscription_id, watermark = self.account(mailbox).calendar.subscribe_to_pull(timeout=timeout_minutes)
+        return subscription_id, watermark
+
+    def stream(self, anchor: str, subscription_ids: list[str], minutes: int, silence: float) -> Iterator[str]:
+        """Yield the subscription id of every notification that carries an item or folder event.
+
+        Ends when Exchange closes the connection (ConnectionStatus Closed). A stream with no bytes at all
+        (not even keep-alives) for ``silence`` seconds raises, instead of exchangelib's minutes + 60 s.
+        """
+        service = _StreamingEvents(account=self.account(anchor), silence=silence)
+        for notification in service.call(subscription_ids=subscription_ids, connection_timeout=minutes):
+            events = [e for e in notification.events if type(e).__name__ != "StatusEvent"]
+            if events:
+                yield notification.subscription_id
+
+    def pull(self, mailbox: str, subscription_id: str, watermark: str) -> tuple[bool, str]:
+        """Read a pull subscription's events (paging by the last watermark); return (changed, new watermark)."""
+        from exchangelib.services import GetEvents
+
+        service = GetEvents(account=self.account(mailbox))
+        changed = False
+        while True:
+            notification = service.get(subscription_id=subscription_id, watermark=watermark)
+            for event in notification.events:
+                watermark = event.watermark or watermark
+                if type(event).__name__ != "StatusEvent":
+                    changed = True
+            if not notification.more_events:
+                return changed, watermark
+
+    def unsubscribe(self, mailbox: str, subscription_id: str) -> None:
+        self.account(mailbox).calendar.unsubscribe(subscription_id)

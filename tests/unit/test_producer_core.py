@@ -1,0 +1,178 @@
+"""Pure parts of the producers: the mailbox schedule, turning a sync into messages, snapshot parts, the nightly time."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from services.change_producer.schedule import Schedule, Timing, backoff
+from services.change_producer.sync_pass import changes_from_sync, sync_mailbox
+from services.snapshot_producer.snapshot import snapshot_mailbox, snapshot_parts
+from services.snapshot_producer.worker import next_run
+from shared.contracts import CalendarItem, Interval
+from shared.ews import EwsFault, SyncChange
+
+T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+WINDOW = Interval(start=T, end=T + timedelta(days=90))
+TIMING = Timing(timedelta(minutes=15), timedelta(seconds=30), timedelta(hours=1))
+
+
+def item(n: int, kind: str = "single", uid: str | None = None, start: datetime = T) -> CalendarItem:
+    return CalendarItem(item_id=f"id{n}", uid=uid or f"uid{n}", item_type=kind, start=start, end=start + timedelta(hours=1), free_busy="Busy")  # type: ignore[arg-type]
+
+
+def test_a_new_mailbox_is_read_at_once_then_on_its_safety_interval() -> None:
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk"})
+    assert schedule.due(T) == ["a@k.dk"]
+    schedule.started("a@k.dk")
+    assert schedule.due(T) == []  # running
+    schedule.succeeded("a@k.dk", T)
+    assert schedule.due(T + timedelta(seconds=29)) == []
+    assert schedule.due(T + timedelta(seconds=30)) == ["a@k.dk"]  # not subscribed yet: fast poll
+    schedule.set_subscribed("a@k.dk", True)
+    schedule.started("a@k.dk")
+    schedule.succeeded("a@k.dk", T)
+    assert schedule.due(T + timedelta(minutes=14)) == []
+    assert schedule.due(T + timedelta(minutes=15)) == ["a@k.dk"]
+
+
+def test_a_notification_during_a_read_makes_one_more_read() -> None:
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk"})
+    schedule.started("a@k.dk")
+    schedule.mark_dirty("a@k.dk")
+    schedule.mark_dirty("a@k.dk")  # a burst coalesces
+    schedule.succeeded("a@k.dk", T)
+    assert schedule.due(T) == ["a@k.dk"]
+
+
+def test_a_failing_mailbox_backs_off_alone() -> None:
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk", "b@k.dk"})
+    for address in ("a@k.dk", "b@k.dk"):
+        schedule.started(address)
+    wait = schedule.failed("a@k.dk", T, EwsFault("mailbox_unavailable", "ErrorImpersonateUserDenied"))
+    schedule.succeeded("b@k.dk", T)
+    schedule.mark_dirty("b@k.dk")
+    assert wait == timedelta(minutes=2)
+    assert schedule.due(T + timedelta(seconds=1)) == ["b@k.dk"]
+    assert schedule.mailboxes["a@k.dk"].status == "failing"
+    assert "a@k.dk" in schedule.due(T + wait)
+
+
+@pytest.mark.parametrize(
+    ("fault", "failures", "expected"),
+    [
+        (EwsFault("throttled", "ErrorServerBusy", back_off=7.5), 1, timedelta(seconds=7.5)),
+        (EwsFault("throttled", "ErrorServerBusy"), 1, timedelta(seconds=4)),
+        (EwsFault("transient", "x"), 1, timedelta(seconds=2)),
+        (EwsFault("transient", "x"), 3, timedelta(seconds=8)),
+        (EwsFault("mailbox_unavailable", "x"), 10, timedelta(hours=1)),
+        (EwsFault("invalid_sync_state", "x"), 1, timedelta(0)),
+    ],
+)
+def test_backoff_follows_the_fault(fault: EwsFault, failures: int, expected: timedelta) -> None:
+    assert backoff(fault, failures, TIMING) == expected
+
+
+def test_removed_mailboxes_leave_the_schedule() -> None:
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk", "b@k.dk"})
+    added, removed = schedule.set_members({"b@k.dk", "c@k.dk"})
+    assert (added, removed) == ({"c@k.dk"}, {"a@k.dk"})
+    assert sorted(schedule.mailboxes) == ["b@k.dk", "c@k.dk"]
+
+
+def test_a_sync_becomes_changes_and_a_master_carries_its_occurrences() -> None:
+    master = item(1, "master", uid="series")
+    occurrences = {"series": [item(2, "occurrence", uid="series"), item(3, "exception", uid="series")]}
+    changes = [SyncChange("upsert", "id0", item(0)), SyncChange("upsert", "id1", master), SyncChange("delete", "id9", None)]
+    messages = changes_from_sync("a@k.dk", changes, occurrences, WINDOW, T)
+    assert [m.change for m in messages] == ["upsert", "upsert", "delete"]
+    assert messages[0].occurrences is None and messages[0].window is None
+    assert [o.item_id for o in messages[1].occurrences or []] == ["id2", "id3"] and messages[1].window == WINDOW
+    assert messages[2].item is None and messages[2].item_id == "id9"
+    assert len({m.correlation_id for m in messages}) == 3
+
+
+class FakeExchange:
+    def __init__(self, changes: list[SyncChange], view: list[CalendarItem], fail_view: bool = False) -> None:
+        self.changes, self.items, self.fail_view = changes, view, fail_view
+        self.views = 0
+        self.states: list[str | None] = []
+
+    def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
+        self.states.append(sync_state)
+        return self.changes, "state-2"
+
+    def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        self.views += 1
+        if self.fail_view:
+            raise ConnectionError("cut")
+        return self.items
+
+
+class FakeStore:
+    def __init__(self, state: str | None) -> None:
+        self.saved: dict[str, object] = {"sync_state": state}
+
+    def sync_state(self, mailbox: str) -> dict | None:
+        return dict(self.saved)
+
+    def save_sync_state(self, mailbox: str, **values: object) -> None:
+        self.saved.update(values)
+
+
+def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
+    store = FakeStore("state-1")
+    exchange = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
+    published: list[object] = []
+
+    def publish(message: object) -> None:
+        assert store.saved["sync_state"] == "state-1"  # not yet advanced
+        published.append(message)
+
+    result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T)
+    assert exchange.states == ["state-1"] and len(published) == 1 and store.saved["sync_state"] == "state-2"
+    assert exchange.views == 0 and not result.full_resync
+
+
+def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
+    store = FakeStore("state-1")
+
+    def publish(message: object) -> None:
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        sync_mailbox("a@k.dk", FakeExchange([SyncChange("upsert", "id0", item(0))], []), store, publish, WINDOW, T)
+    assert store.saved["sync_state"] == "state-1"
+
+
+def test_snapshot_parts_are_numbered_and_only_the_last_is_final() -> None:
+    parts = snapshot_parts("a@k.dk", [item(n) for n in range(7)], WINDOW, T, part_size=3, snapshot_id="s1")
+    assert [(p.part, p.final, p.total_parts, len(p.items)) for p in parts] == [(1, False, None, 3), (2, False, None, 3), (3, True, 3, 1)]
+    empty = snapshot_parts("a@k.dk", [], WINDOW, T, part_size=3)
+    assert len(empty) == 1 and empty[0].final and empty[0].items == []
+
+
+def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
+    published: list[object] = []
+    with pytest.raises(ConnectionError):
+        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100)
+    assert published == []
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 12, 1, 0, 0, tzinfo=timezone.utc), datetime(2026, 12, 1, 1, 0, tzinfo=timezone.utc)),  # 02:00 CET
+        (datetime(2026, 12, 1, 1, 0, tzinfo=timezone.utc), datetime(2026, 12, 2, 1, 0, tzinfo=timezone.utc)),
+        (datetime(2026, 7, 1, 12, 0, tzinfo=timezone.utc), datetime(2026, 7, 2, 0, 0, tzinfo=timezone.utc)),  # 02:00 CEST
+        (datetime(2027, 3, 27, 12, 0, tzinfo=timezone.utc), datetime(2027, 3, 28, 1, 0, tzinfo=timezone.utc)),  # spring: 02:00 does not exist -> 03:00 CEST
+        (datetime(2026, 10, 24, 12, 0, tzinfo=timezone.utc), datetime(2026, 10, 25, 0, 0, tzinfo=timezone.utc)),  # autumn: first 02:00
+    ],
+)
+def test_the_nightly_run_is_at_local_time_across_dst(now: datetime, expected: datetime) -> None:
+    assert next_run(now, "02:00", "Europe/Copenhagen") == expected
