@@ -49,7 +49,7 @@ class ChangeProducer:
         self.clock = clock
         self.policy = BusyPolicy.from_settings(settings.busy)
         ex = settings.exchange
-        self.schedule = Schedule(Timing(ex.safety_sync_interval, ex.unsubscribed_poll_interval, ex.failure_backoff_max))
+        self.schedule = Schedule(Timing(ex.safety_sync_interval, ex.unsubscribed_poll_interval, ex.failure_backoff_max, ex.transient_retry, ex.unavailable_retry))
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()

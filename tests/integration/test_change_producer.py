@@ -1,0 +1,233 @@
+"""The change-event producer against the EWS simulator (unmodified exchangelib) and the real broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+from zoneinfo import ZoneInfo
+
+import pika
+import pytest
+import requests
+
+from services.change_producer.worker import build
+from shared.config import Settings, load_settings
+from shared.contracts import CalendarChange, decode
+from shared.store import Store
+from shared.topology import Topology
+from simulators.exchange.server import RunningExchangeSim, start_server
+from tests.conftest import BROKER_HOST, wait_for
+
+CPH = ZoneInfo("Europe/Copenhagen")
+ANNE, BO = "anne@jobcenter.dk", "bo@jobcenter.dk"
+
+
+def _future(days: int, hour: int) -> str:
+    day = (datetime.now(CPH) + timedelta(days=days)).date()
+    return f"{day.isoformat()}T{hour:02d}:00"
+
+
+@pytest.fixture
+def ews() -> Iterator[RunningExchangeSim]:
+    import exchangelib.protocol
+
+    sim = start_server(users={"svc": "pw"}, minute_seconds=2.0, keepalive_seconds=0.5, mailboxes=[ANNE, BO])
+    yield sim
+    sim.stop()
+    exchangelib.protocol.close_connections()
+
+
+def producer_settings(settings: Settings, sim: RunningExchangeSim, **exchange: Any) -> Settings:
+    values = {
+        "endpoint": sim.url,
+        "username": "svc",
+        "password": "pw",
+        "stream_minutes": 1,
+        "stream_silence_timeout": "3s",
+        "unsubscribed_poll_interval": "1s",
+        "safety_sync_interval": "10m",
+        "mailbox_reload_interval": "300ms",
+        "transient_retry": "200ms",
+        "unavailable_retry": "300ms",
+        "failure_backoff_max": "1s",
+        **exchange,
+    }
+    return load_settings(environ={}, **{**settings.model_dump(mode="python", exclude={"exchange"}), "exchange": values})
+
+
+class Running:
+    def __init__(self, settings: Settings) -> None:
+        self.producer = build(settings)
+        self.thread = threading.Thread(target=self.producer.run, daemon=True)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.producer.stop()
+        self.thread.join(20)
+
+
+class Collector:
+    """Reads CalendarChange/CalendarSnapshot messages off the transformer's work queue."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.queue = topology.stage("transformer").work_queue()
+        self.connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
+        self.channel = self.connection.channel()
+        self.messages: list[Any] = []
+
+    def poll(self) -> list[Any]:
+        while True:
+            method, _props, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return self.messages
+            self.messages.append(decode(body))
+
+    def changes_for(self, uid: str) -> list[CalendarChange]:
+        self.poll()
+        return [m for m in self.messages if isinstance(m, CalendarChange) and m.item is not None and m.item.uid == uid]
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture
+def collector(topology: Topology) -> Iterator[Collector]:
+    c = Collector(topology)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def enrolled(settings: Settings) -> Store:
+    store = Store.connect(settings.database_url())
+    from shared.store import upgrade
+
+    upgrade(store.engine)
+    store.add_mailbox(ANNE)
+    store.add_mailbox(BO)
+    return store
+
+
+def add_item(sim: RunningExchangeSim, mailbox: str, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("timezone", "Romance Standard Time")
+    spec.setdefault("uid", f"uid-{uuid.uuid4().hex}")
+    response = requests.post(f"{sim.control_url}/mailboxes/{mailbox}/items", json=spec, timeout=10)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def fault(sim: RunningExchangeSim, **spec: Any) -> None:
+    response = requests.post(f"{sim.control_url}/faults", json=spec, timeout=10)
+    assert response.status_code in (200, 201), response.text
+
+
+def subscribed(sim: RunningExchangeSim, mailbox: str) -> bool:
+    subs = requests.get(f"{sim.control_url}/subscriptions", timeout=10).json()
+    rows = subs.get("subscriptions", subs) if isinstance(subs, dict) else subs
+    return any((row.get("mailbox") or "").lower() == mailbox and row.get("kind", row.get("type", "streaming")) == "streaming" for row in rows)
+
+
+def test_a_new_appointment_reaches_the_broker_within_seconds(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
+    with Running(producer_settings(settings, ews)):
+        wait_for(lambda: subscribed(ews, ANNE) and subscribed(ews, BO), 20, what="both mailboxes subscribed")
+        item = add_item(ews, ANNE, start=_future(2, 9), end=_future(2, 10), subject="CANARY-subject-1")
+        changes = wait_for(lambda: collector.changes_for(item["uid"]), 15, what="the change on the broker")
+    change = changes[0]
+    assert change.mailbox == ANNE and change.change == "upsert" and change.item is not None
+    assert change.item.free_busy == "Busy" and change.item.item_type == "single"
+    assert change.item.start == datetime.fromisoformat(_future(2, 9)).replace(tzinfo=CPH).astimezone(timezone.utc)
+    assert enrolled.sync_state(ANNE)["sync_state"]  # type: ignore[index]
+
+
+def test_a_change_made_while_the_producer_was_stopped_is_found_without_a_snapshot(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector
+) -> None:
+    config = producer_settings(settings, ews)
+    with Running(config):
+        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first sync of both mailboxes")
+    item = add_item(ews, BO, start=_future(3, 13), end=_future(3, 14))
+    with Running(config):
+        changes = wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made while stopped")
+    assert changes[0].mailbox == BO
+    assert not [m for m in collector.poll() if m.type == "calendar_snapshot"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "stream_cut", "after_seconds": 0.2, "count": 1},
+        {"kind": "stream_silent", "after_seconds": 0.2, "count": 1},
+        {"kind": "stream_expire", "after_seconds": 0.2, "count": 1},
+    ],
+    ids=lambda s: s["kind"],
+)
+def test_a_change_made_while_the_stream_is_down_arrives_after_the_reconnect(
+    spec: dict[str, Any], settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector
+) -> None:
+    with Running(producer_settings(settings, ews)) as running:
+        wait_for(lambda: subscribed(ews, ANNE), 20, what="subscription")
+        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        fault(ews, **spec)
+        item = add_item(ews, ANNE, start=_future(4, 8), end=_future(4, 9))
+        wait_for(lambda: collector.changes_for(item["uid"]), 30, what=f"the change after {spec['kind']}")
+        after = add_item(ews, BO, start=_future(4, 10), end=_future(4, 11))
+        wait_for(lambda: collector.changes_for(after["uid"]), 30, what="later changes still flowing")
+    assert running.producer.reads > 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "status"),
+    [
+        ({"kind": "server_busy", "back_off_ms": 400, "count": 2}, "throttled"),
+        ({"kind": "http_503", "retry_after": 1, "count": 2}, "throttled"),
+        ({"kind": "impersonation_denied", "count": 3}, "failing"),
+        ({"kind": "nonexistent_mailbox", "count": 3}, "failing"),
+        ({"kind": "mailbox_move", "count": 3}, "failing"),
+        ({"kind": "invalid_sync_state", "count": 1}, None),
+        ({"kind": "latency", "latency_ms": 1500, "count": 2}, None),
+    ],
+    ids=lambda v: v["kind"] if isinstance(v, dict) else str(v),
+)
+def test_a_mailbox_fault_is_recovered_from_and_the_other_mailbox_keeps_flowing(
+    spec: dict[str, Any], status: str | None, settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector
+) -> None:
+    with Running(producer_settings(settings, ews)):
+        wait_for(lambda: subscribed(ews, ANNE) and subscribed(ews, BO), 20, what="subscriptions")
+        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first syncs")
+        fault(ews, mailbox=ANNE, operations=["SyncFolderItems"], **spec) if spec["kind"] != "invalid_sync_state" else fault(ews, mailbox=ANNE, **spec)
+        anne = add_item(ews, ANNE, start=_future(5, 9), end=_future(5, 10))
+        bo = add_item(ews, BO, start=_future(5, 11), end=_future(5, 12))
+        wait_for(lambda: collector.changes_for(bo["uid"]), 20, what="the healthy mailbox's change")
+        if status is not None:
+            wait_for(lambda: any(m.address == ANNE and m.status == status for m in enrolled.list_mailboxes()), 20, what=f"status {status} recorded")
+        wait_for(lambda: collector.changes_for(anne["uid"]), 30, what="the faulty mailbox's change after recovery")
+        wait_for(lambda: any(m.address == ANNE and m.status == "active" for m in enrolled.list_mailboxes()), 20, what="status back to active")
+
+
+def test_invalid_sync_state_rereads_the_mailbox_and_publishes_a_snapshot(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
+    with Running(producer_settings(settings, ews)):
+        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        fault(ews, mailbox=ANNE, kind="invalid_sync_state", count=1)
+        item = add_item(ews, ANNE, start=_future(6, 9), end=_future(6, 10))
+        wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change after a full re-read")
+        snapshots = wait_for(lambda: [m for m in collector.poll() if m.type == "calendar_snapshot" and m.mailbox == ANNE and m.final], 20, what="a snapshot")
+    assert any(i.uid == item["uid"] for s in snapshots for i in s.items) or any(i.uid == item["uid"] for m in collector.messages if m.type == "calendar_snapshot" for i in m.items)
+
+
+def test_enrolment_and_removal_are_noticed_without_a_restart(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
+    carl = "carl@jobcenter.dk"
+    requests.post(f"{ews.control_url}/mailboxes", json={"address": carl}, timeout=10)
+    with Running(producer_settings(settings, ews)) as running:
+        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        enrolled.add_mailbox(carl)
+        item = add_item(ews, carl, start=_future(7, 9), end=_future(7, 10))
+        wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the new mailbox's items")
+        enrolled.remove_mailbox(BO)
+        wait_for(lambda: BO not in running.producer.schedule.mailboxes, 10, what="removal noticed")
