@@ -1,0 +1,285 @@
+"""Pure decisions of the nightly reconciliation with Planner: no I/O, no clock.
+
+Given what Planner returned for one mailbox (GetEvents over the sync window), what the transformer
+decided (desired rows) and what the store believes Planner holds (delivered rows),
+``plan_reconciliation`` works out
+
+1. **corrections**: delivered rows rewritten so they say what GetEvents actually showed (present or
+   absent, Planner's times, Planner's ids), and
+2. **states**: ``BusyTimeState`` messages (cause ``"reconcile"``) for the ordinary publisher path.
+
+It does not choose Create/Update/Delete itself: for each key it asks the publisher's own rule
+(``delivery_plan.plan``) what the state would do against the corrected row, so live delivery and
+reconciliation cannot disagree. A state is published only when ``plan`` would send something.
+
+Rules (issue 5), per event key whose Planner event, desired busy time or known-present delivered row
+starts inside the window:
+
+- Planner-originated keys (delivered row marked so) are left alone and never re-sent.
+- Planner holds our identifier but the calendar has no busy time for it (desired absent, or no
+  desired row at all) → delete. With a desired row the state carries its version; without one,
+  ``now_version``.
+- The calendar has a busy time Planner lacks, or holds with other times → create or update, at the
+  desired row's version (``plan`` allows a reconcile state to re-send the same version).
+- Planner holds an event the store has no delivered row for (state store lost, or migration from
+  the reference client, which used the same OriginSystemIdentifier): if the calendar has a busy
+  time for that key it is **adopted** (recorded as delivered with Planner's times and ids; updated
+  only when the times differ, never deleted and re-created); otherwise deleted.
+- A delivered row newer than the desired row means a newer state is on its way through the
+  pipeline: left alone this time (``in_flight``).
+- More than ``max_delete_share`` of the mailbox's Planner events to delete → the mailbox stops:
+  no corrections, no states, reason in the report; ``force`` overrides.
+
+Decisions taken here (the brief was silent):
+
+- The window is the one GetEvents was called with; Planner events starting outside it are ignored,
+  and a delivered row whose start lies outside it is never "corrected" (GetEvents could not see it).
+- An adopted event whose times equal the desired ones is recorded at the desired row's version (Planner
+  holds exactly that state); one with other times is recorded at version 0 so any state updates it.
+- When Planner's times equal the desired ones, the corrected row takes the desired row's version.
+- A Planner event whose end is not after its start is ignored (counted as ``malformed``).
+- Planner may return an identifier twice; the first occurrence counts (as the reference client did).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+from pydantic import ValidationError
+
+from services.publisher.delivery_plan import NoChange, Send, plan
+from shared.contracts import BusyTimeState, Interval
+from shared.store import DeliveredRow, DesiredRow
+from shared.transform_core import is_event_key
+
+Status = Literal["reconciled", "stopped", "failed", "skipped"]
+
+
+class HeldEvent(Protocol):
+    """An event as GetEvents returns it (``planner_client.PlannerEvent`` fits)."""
+
+    @property
+    def origin_id(self) -> str: ...
+    @property
+    def email(self) -> str: ...
+    @property
+    def start(self) -> datetime: ...
+    @property
+    def end(self) -> datetime: ...
+    @property
+    def planner_event_id(self) -> str | None: ...
+    @property
+    def planner_resource_id(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class DeliveredCorrection:
+    """One delivered row to write so it matches what GetEvents showed."""
+
+    origin_id: str
+    present: bool
+    interval: Interval | None
+    version: int
+    planner_event_id: str | None
+    planner_resource_id: str | None
+
+    def values(self) -> dict[str, Any]:
+        """Keyword arguments for ``Store.save_delivered``; ids Planner did not give are kept as they are."""
+        values: dict[str, Any] = {"present": self.present, "interval": self.interval, "version": self.version}
+        if self.planner_event_id:
+            values["planner_event_id"] = self.planner_event_id
+        if self.planner_resource_id:
+            values["planner_resource_id"] = self.planner_resource_id
+        return values
+
+
+@dataclass(frozen=True)
+class MailboxReport:
+    """What a reconciliation found and did for one mailbox. Counts and ids only, never content."""
+
+    mailbox: str
+    status: Status = "reconciled"
+    reason: str | None = None
+    in_planner: int = 0
+    desired: int = 0
+    up_to_date: int = 0
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    adopted: int = 0
+    planner_originated_skipped: int = 0
+    in_flight: int = 0
+    corrected: int = 0
+    malformed: int = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.status != "reconciled"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MailboxReconciliation:
+    mailbox: str
+    corrections: tuple[DeliveredCorrection, ...]
+    states: tuple[BusyTimeState, ...]
+    report: MailboxReport
+
+
+@dataclass
+class _Counts:
+    up_to_date: int = 0
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    adopted: int = 0
+    planner_originated_skipped: int = 0
+    in_flight: int = 0
+    sends: dict[str, int] = field(default_factory=dict)
+
+
+def _starts_in(interval: Interval | None, window: Interval) -> bool:
+    return interval is not None and window.start <= interval.start < window.end
+
+
+def _held_interval(event: HeldEvent) -> Interval | None:
+    try:
+        return Interval(start=event.start, end=event.end)
+    except ValidationError:
+        return None
+
+
+def _corrected(
+    known: DeliveredRow | None,
+    held: HeldEvent | None,
+    held_interval: Interval | None,
+    wanted: DesiredRow | None,
+    mailbox: str,
+    origin_id: str,
+    window: Interval,
+) -> DeliveredRow | None:
+    """The delivered row as GetEvents showed it (``known`` itself when nothing needs correcting)."""
+    wanted_busy = wanted.interval if wanted is not None else None
+    if held is None:
+        if known is None or not known.present:
+            return known
+        if not _starts_in(known.interval, window):
+            return known  # GetEvents could not have seen it where the store says it is
+        return replace(known, present=False, interval=None)
+    matches_desired = wanted is not None and wanted_busy is not None and wanted_busy == held_interval
+    if known is None:
+        version = wanted.version if matches_desired and wanted is not None else 0
+        return DeliveredRow(mailbox, origin_id, version, True, held_interval, held.planner_event_id, held.planner_resource_id, False, None, None)
+    version = max(known.version, wanted.version) if matches_desired and wanted is not None else known.version
+    return replace(
+        known,
+        version=version,
+        present=True,
+        interval=held_interval,
+        planner_event_id=held.planner_event_id or known.planner_event_id,
+        planner_resource_id=held.planner_resource_id or known.planner_resource_id,
+    )
+
+
+def _differs(before: DeliveredRow | None, after: DeliveredRow | None) -> bool:
+    if after is None:
+        return False
+    if before is None:
+        return True
+    return (before.version, before.present, before.interval, before.planner_event_id, before.planner_resource_id) != (
+        after.version, after.present, after.interval, after.planner_event_id, after.planner_resource_id,
+    )
+
+
+def plan_reconciliation(
+    mailbox: str,
+    planner_events: Sequence[HeldEvent],
+    desired: Mapping[str, DesiredRow],
+    delivered: Mapping[str, DeliveredRow],
+    max_delete_share: float,
+    force: bool,
+    now_version: int,
+    *,
+    window: Interval,
+    correlation_id: str,
+) -> MailboxReconciliation:
+    """Decide how to make Planner equal the desired state for one mailbox. Pure."""
+    mailbox = mailbox.lower()
+    held: dict[str, tuple[HeldEvent, Interval]] = {}
+    malformed = 0
+    for event in planner_events:
+        if event.email.lower() != mailbox or event.origin_id in held:
+            continue
+        interval = _held_interval(event)
+        if interval is None:
+            malformed += 1
+            continue
+        if _starts_in(interval, window):
+            held[event.origin_id] = (event, interval)
+    wanted = {key: row for key, row in desired.items() if is_event_key(key)}
+    known = {key: row for key, row in delivered.items() if is_event_key(key)}
+    keys = set(held)
+    keys |= {key for key, row in wanted.items() if _starts_in(row.interval, window)}
+    keys |= {key for key, row in known.items() if row.present and _starts_in(row.interval, window)}
+
+    counts = _Counts()
+    corrections: list[DeliveredCorrection] = []
+    states: list[BusyTimeState] = []
+    for origin_id in sorted(keys):
+        row = known.get(origin_id)
+        if row is not None and row.planner_originated:
+            counts.planner_originated_skipped += 1
+            continue
+        event, held_interval = held.get(origin_id, (None, None))
+        want = wanted.get(origin_id)
+        after = _corrected(row, event, held_interval, want, mailbox, origin_id, window)
+        if _differs(row, after):
+            assert after is not None
+            corrections.append(DeliveredCorrection(origin_id, after.present, after.interval, after.version, after.planner_event_id, after.planner_resource_id))
+        adopting = row is None and event is not None and want is not None and want.interval is not None
+        state = BusyTimeState(
+            correlation_id=correlation_id,
+            mailbox=mailbox,
+            origin_id=origin_id,
+            version=want.version if want is not None else now_version,
+            interval=want.interval if want is not None else None,
+            cause="reconcile",
+        )
+        action = plan(state, after)
+        if adopting:
+            counts.adopted += 1
+        if isinstance(action, Send):
+            states.append(state)
+            if action.operation == "create":
+                counts.created += 1
+            elif action.operation == "update":
+                counts.updated += 1
+            else:
+                counts.deleted += 1
+        elif isinstance(action, NoChange) and action.reason == "not_newer":
+            counts.in_flight += 1
+        elif not adopting:
+            counts.up_to_date += 1
+
+    report = MailboxReport(
+        mailbox=mailbox,
+        in_planner=len(held),
+        desired=sum(1 for row in wanted.values() if _starts_in(row.interval, window)),
+        up_to_date=counts.up_to_date,
+        created=counts.created,
+        updated=counts.updated,
+        deleted=counts.deleted,
+        adopted=counts.adopted,
+        planner_originated_skipped=counts.planner_originated_skipped,
+        in_flight=counts.in_flight,
+        corrected=len(corrections),
+        malformed=malformed,
+    )
+    if held and counts.deleted > max_delete_share * len(held) and not force:
+        reason = f"would delete {counts.deleted} of {len(held)} Planner events (more than {max_delete_share:.0%}); run with force to apply"
+        return MailboxReconciliation(mailbox, (), (), replace(report, status="stopped", reason=reason))
+    return MailboxReconciliation(mailbox, tuple(corrections), tuple(states), report)
