@@ -1,0 +1,94 @@
+"""The nightly snapshot against the EWS simulator: complete past the view cap, never half-published."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from services.snapshot_producer.worker import run_snapshots
+from shared.config import Settings
+from shared.contracts import CalendarSnapshot
+from shared.ews import Exchange
+from shared.store import Store, upgrade
+from shared.topology import Topology
+from simulators.exchange.server import RunningExchangeSim, start_server
+from tests.integration.test_change_producer import CPH, Collector, producer_settings
+
+BIG, SMALL = "big@jobcenter.dk", "small@jobcenter.dk"
+
+
+@pytest.fixture
+def ews() -> Iterator[RunningExchangeSim]:
+    import exchangelib.protocol
+
+    sim = start_server(users={"svc": "pw"}, mailboxes=[BIG, SMALL])
+    yield sim
+    sim.stop()
+    exchangelib.protocol.close_connections()
+
+
+@pytest.fixture
+def collector(topology: Topology) -> Iterator[Collector]:
+    c = Collector(topology)
+    yield c
+    c.close()
+
+
+def seed_big(sim: RunningExchangeSim, series: int, days: int) -> None:
+    first = (datetime.now(CPH) + timedelta(days=1)).date()
+    for n in range(series):
+        minute = 7 * 60 + n * 15
+        spec: dict[str, Any] = {
+            "start": f"{first.isoformat()}T{minute // 60:02d}:{minute % 60:02d}",
+            "end": f"{first.isoformat()}T{(minute + 10) // 60:02d}:{(minute + 10) % 60:02d}",
+            "timezone": "Romance Standard Time",
+            "recurrence": {"pattern": "daily", "count": days},
+            "subject": f"CANARY-bulk-{n}",
+        }
+        assert requests.post(f"{sim.control_url}/mailboxes/{BIG}/items", json=spec, timeout=10).status_code == 201
+
+
+def parts_for(collector: Collector, mailbox: str) -> list[CalendarSnapshot]:
+    return [m for m in collector.poll() if isinstance(m, CalendarSnapshot) and m.mailbox == mailbox]
+
+
+def test_a_snapshot_of_3000_items_is_complete(settings: Settings, topology: Topology, ews: RunningExchangeSim, collector: Collector, tmp_path: Any) -> None:
+    seed_big(ews, series=34, days=89)  # 3,026 occurrences inside the 3-month window, 3x Exchange's view cap
+    config = producer_settings(settings, ews, snapshot_part_size=500)
+    store = Store.connect(config.database_url())
+    upgrade(store.engine)
+    exchange = Exchange(config.exchange, "Europe/Copenhagen", 4)
+    results = run_snapshots(config, [BIG, SMALL], exchange, store, topology)
+    assert [(r.mailbox, r.items, r.error) for r in results] == [(BIG, 3026, None), (SMALL, 0, None)]
+
+    parts = parts_for(collector, BIG)
+    final = [p for p in parts if p.final]
+    assert len(final) == 1 and final[0].total_parts == len(parts) == 7
+    assert sorted(p.part for p in parts) == list(range(1, 8))
+    ids = {item.item_id for p in parts for item in p.items}
+    assert len(ids) == 3026 and len({p.snapshot_id for p in parts}) == 1
+    assert all(item.item_type == "occurrence" for p in parts for item in p.items)
+    empty = parts_for(collector, SMALL)
+    assert len(empty) == 1 and empty[0].final and empty[0].items == []
+    calls = requests.get(f"{ews.control_url}/calls", timeout=10).json()
+    rows = calls.get("calls", calls) if isinstance(calls, dict) else calls
+    assert sum(1 for c in rows if c.get("operation") == "FindItem" and (c.get("mailbox") or "").lower() == BIG) > 3  # paged around the cap
+
+
+def test_an_interrupted_snapshot_is_not_published_and_the_others_are(settings: Settings, topology: Topology, ews: RunningExchangeSim, collector: Collector) -> None:
+    seed_big(ews, series=15, days=89)
+    requests.post(f"{ews.control_url}/mailboxes/{SMALL}/items", json={"start": (datetime.now(CPH) + timedelta(days=2)).strftime("%Y-%m-%dT09:00"), "timezone": "Romance Standard Time"}, timeout=10)
+    requests.post(f"{ews.control_url}/faults", json={"kind": "http_503", "mailbox": BIG, "operations": ["GetItem"], "count": 1, "retry_after": 1}, timeout=10)
+    config = producer_settings(settings, ews)
+    store = Store.connect(config.database_url())
+    upgrade(store.engine)
+    store.add_mailbox(BIG)
+    results = {r.mailbox: r for r in run_snapshots(config, [BIG, SMALL], Exchange(config.exchange, "Europe/Copenhagen", 4), store, topology)}
+    assert results[BIG].error is not None and results[BIG].items is None
+    assert results[SMALL].error is None and results[SMALL].items == 1
+    assert parts_for(collector, BIG) == []  # nothing at all, so certainly no final part
+    assert len(parts_for(collector, SMALL)) == 1
+    assert store.list_mailboxes()[0].status == "snapshot_failed"
