@@ -50,6 +50,18 @@ def plan(desired: BusyTimeState, known: DeliveredRow | None) -> Action:
     return NoChange("same_interval")
 
 
+def remember_version(desired: BusyTimeState, known: DeliveredRow | None, action: Action) -> bool:
+    """Whether a state that needs no call must still be recorded as the newest word on its key.
+
+    An absent state for a key Planner never got, or a newer version with unchanged times, sends
+    nothing; unless its version is remembered, an older busy state arriving later would be
+    measured against the older record and create or move the event after all.
+    """
+    if not isinstance(action, NoChange) or action.reason not in ("already_absent", "same_interval"):
+        return False
+    return known is None or known.version < desired.version
+
+
 def newest_per_key(states: Sequence[BusyTimeState]) -> dict[tuple[str, str], int]:
     """Index of the newest state of each key in a batch; older ones in the same batch need no call."""
     best: dict[tuple[str, str], int] = {}

@@ -20,7 +20,7 @@ from shared.retry import Permanent, Transient
 from shared.store import DeliveredRow, Store, open_store
 from shared.topology import Topology, from_settings
 
-from services.publisher.delivery_plan import NoChange, Operation, Send, follow_up, newest_per_key, plan, receipt_action
+from services.publisher.delivery_plan import NoChange, Operation, Send, follow_up, newest_per_key, plan, receipt_action, remember_version
 
 log = get_logger(__name__)
 
@@ -73,17 +73,17 @@ class _Pending:
 def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
     """Deliver a batch of desired states; one result per message, in order."""
     results: list[Result | None] = [None] * len(batch)
-    states: list[BusyTimeState] = []
+    states: dict[int, BusyTimeState] = {}
     for i, inbound in enumerate(batch):
-        if not isinstance(inbound.message, BusyTimeState):
+        if isinstance(inbound.message, BusyTimeState):
+            states[i] = inbound.message
+        else:
             results[i] = Permanent(f"publisher takes busy_time_state messages, not {inbound.message.type}")
-        states.append(inbound.message)  # type: ignore[arg-type]
-    newest = newest_per_key([s for s in states if isinstance(s, BusyTimeState)])
+    positions = list(states)  # newest_per_key indexes the states alone; map back to positions in the batch
+    newest = {positions[j] for j in newest_per_key(list(states.values())).values()}
     by_mailbox: dict[str, list[int]] = defaultdict(list)
-    for i, state in enumerate(states):
-        if results[i] is not None:
-            continue
-        if newest.get(state.key) != i:
+    for i, state in states.items():
+        if i not in newest:
             results[i] = Done()  # an older state of the same key in this batch: the newest decides
             continue
         by_mailbox[state.mailbox.lower()].append(i)
@@ -101,6 +101,8 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
         action = plan(state, known.get(state.origin_id))
         if isinstance(action, NoChange):
             with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
+                if remember_version(state, known.get(state.origin_id), action):
+                    deps.store.save_delivered(mailbox, state.origin_id, version=state.version, correlation_id=state.correlation_id)
                 log.info("busy_time_unchanged", reason=action.reason, version=state.version)
             results[index] = Done()
         else:
