@@ -43,7 +43,7 @@ Decisions taken here (the brief was silent):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
@@ -139,7 +139,6 @@ class _Counts:
     adopted: int = 0
     planner_originated_skipped: int = 0
     in_flight: int = 0
-    sends: dict[str, int] = field(default_factory=dict)
 
 
 def _starts_in(interval: Interval | None, window: Interval) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from services.publisher.delivery_plan import Send, plan
 from services.reconciler.reconcile_plan import DeliveredCorrection, MailboxReconciliation, plan_reconciliation
-from shared.contracts import BusyTimeState, Interval
+from shared.contracts import Interval
 from shared.store import DeliveredRow, DesiredRow
 from shared.transform_core import BOOKKEEPING_PREFIX
 
@@ -292,3 +292,21 @@ def test_a_planner_event_without_a_positive_length_is_ignored_and_counted() -> N
 def test_the_report_is_plain_data() -> None:
     report = run(CASES[1]).report
     assert report.as_dict()["deleted"] == 1 and report.as_dict()["mailbox"] == MAILBOX
+
+
+# --------------------------------------------------------------------------------------------- the schedule
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 5, 4, 1, 0, tzinfo=timezone.utc), datetime(2026, 5, 4, 3, 30, tzinfo=timezone.utc)),  # 03:00 CEST: today 05:30
+        (datetime(2026, 5, 4, 3, 30, tzinfo=timezone.utc), datetime(2026, 5, 5, 3, 30, tzinfo=timezone.utc)),  # exactly due: tomorrow
+        (datetime(2026, 3, 28, 12, 0, tzinfo=timezone.utc), datetime(2026, 3, 29, 3, 30, tzinfo=timezone.utc)),  # spring forward night
+        (datetime(2026, 10, 24, 12, 0, tzinfo=timezone.utc), datetime(2026, 10, 25, 4, 30, tzinfo=timezone.utc)),  # fall back night
+    ],
+)
+def test_the_reconciliation_runs_at_half_past_five_copenhagen_wall_clock_across_dst(now: datetime, expected: datetime) -> None:
+    from services.reconciler.worker import next_run
+
+    assert next_run(now, "05:30", "Europe/Copenhagen") == expected
