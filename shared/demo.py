@@ -1,9 +1,10 @@
 """``plannersync demo``: the whole pipeline on the embedded defaults, against the local RabbitMQ.
 
-It starts the Planner simulator in-process, the transformer and the publisher as real worker
-processes (``plannersync run``), plays a caseworker's day of calendar changes into the broker
-(the stand-in for Exchange), and prints what Planner ends up holding. Queues get a throwaway
-prefix and are removed at the end, so the demo never touches a real installation's queues.
+It starts the EWS simulator (a caseworker's calendar) and the Planner simulator in-process, runs the
+change producer, the transformer and the publisher as real worker processes (``plannersync run``),
+lets the first sync carry the calendar into Planner, then edits appointments in Exchange and prints
+how long each edit took to reach Planner. Queues get a throwaway prefix, the state store a
+temporary SQLite file; both are removed at the end, so the demo never touches a real installation.
 """
 
 from __future__ import annotations
@@ -15,106 +16,117 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
+import requests
+
 from shared.config import load_settings
-from shared.consumer import Outgoing, Publisher
-from shared.contracts import CalendarChange, CalendarItem, FreeBusy
+from shared.store import Store, upgrade
 from shared.topology import delete_everything, ensure_policies, from_settings
 
 MAILBOX = "caseworker@jobcenter.example"
 CPH = ZoneInfo("Europe/Copenhagen")
 
 
-def _item(item_id: str, start: datetime, end: datetime, status: FreeBusy, all_day: bool = False) -> CalendarItem:
-    return CalendarItem(item_id=item_id, uid=f"demo-{item_id}", start=start, end=end, free_busy=status, all_day=all_day, time_zone="Romance Standard Time")
-
-
-def _change(item: CalendarItem | None, item_id: str, when: datetime) -> CalendarChange:
-    return CalendarChange(
-        correlation_id=uuid.uuid4().hex[:16],
-        source="demo",
-        mailbox=MAILBOX,
-        observed_at=when,
-        change="upsert" if item else "delete",
-        item_id=item_id,
-        item=item,
-    )
-
-
-def script(now: datetime) -> tuple[list[CalendarChange], dict[str, tuple[datetime, datetime]]]:
-    """A caseworker's day of edits, and the busy times Planner must hold afterwards."""
-    day = (now.astimezone(CPH) + timedelta(days=1)).date()
-
-    def at(hour: int, minute: int = 0, days: int = 0) -> datetime:
-        return datetime(day.year, day.month, day.day, hour, minute, tzinfo=CPH) + timedelta(days=days)
-
-    t = now
-    step = timedelta(milliseconds=1)
-    changes = [
-        _change(_item("meeting", at(9), at(10), "Busy"), "meeting", t),
-        _change(_item("dentist", at(13), at(14), "Tentative"), "dentist", t + step),
-        _change(_item("lunch", at(12), at(12, 30), "Free"), "lunch", t + 2 * step),
-        _change(_item("course", at(0, days=6), at(0, days=8), "OOF", all_day=True), "course", t + 3 * step),
-        _change(_item("homework", at(0, days=2), at(0, days=3), "WorkingElsewhere", all_day=True), "homework", t + 4 * step),
-        _change(_item("meeting", at(10), at(11, 30), "Busy"), "meeting", t + 5 * step),  # moved and made longer
-        _change(None, "dentist", t + 6 * step),  # deleted
+def _calendar(first: date) -> list[dict[str, Any]]:
+    """A caseworker's calendar from tomorrow: what Exchange holds before the demo starts editing."""
+    day = first.isoformat()
+    next_week = (first + timedelta(days=7)).isoformat()
+    return [
+        {"uid": "demo-meeting", "start": f"{day}T09:00", "end": f"{day}T10:00", "status": "Busy", "subject": "Team meeting"},
+        {"uid": "demo-dentist", "start": f"{day}T13:00", "end": f"{day}T14:00", "status": "Tentative", "sensitivity": "Private", "subject": "Dentist"},
+        {"uid": "demo-lunch", "start": f"{day}T12:00", "end": f"{day}T12:30", "status": "Free", "subject": "Lunch"},
+        {"uid": "demo-homework", "start": next_week, "all_day": True, "status": "WorkingElsewhere", "subject": "Working from home"},
+        {"uid": "demo-course", "start": (first + timedelta(days=2)).isoformat(), "end": (first + timedelta(days=4)).isoformat(), "all_day": True, "status": "OOF", "subject": "Course"},
+        {
+            "uid": "demo-standup", "start": f"{day}T08:30", "end": f"{day}T08:45", "status": "Busy", "subject": "Stand-up",
+            "recurrence": {"pattern": "weekly", "days_of_week": ["Monday", "Wednesday", "Friday"], "count": 6},
+        },
     ]
-    expected = {
-        "demo-meeting": (at(10), at(11, 30)),
-        "demo-course": (at(0, days=6), at(0, days=8)),
-    }
-    return changes, expected
 
 
 def run_demo(seconds: float = 60.0) -> int:
-    from simulators.planner.server import start_server
+    from simulators.exchange.server import start_server as start_exchange
+    from simulators.planner.server import start_server as start_planner
 
-    base = load_settings()
+    from shared.logs import configure
+
+    configure("WARNING", "console", service="demo")  # the simulators run in this process: keep their logs out of the way
     prefix = f"demo{uuid.uuid4().hex[:6]}"
     workdir = Path(tempfile.mkdtemp(prefix="plannersync-demo-"))
-    sim = start_server()
+    exchange = start_exchange(users={"svc-plannersync": "demo"}, mailboxes=[MAILBOX])
+    planner = start_planner()
+    control = f"{exchange.control_url}/mailboxes/{MAILBOX}"
+    tomorrow = datetime.now(CPH).date() + timedelta(days=1)
+    for spec in _calendar(tomorrow):
+        requests.post(f"{control}/items", json={**spec, "timezone": "Romance Standard Time"}, timeout=10).raise_for_status()
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}
     env.update(
         {
             "PLANNERSYNC_BROKER__PREFIX": prefix,
             "PLANNERSYNC_DATABASE__URL": f"sqlite:///{workdir / 'state.db'}",
-            "PLANNERSYNC_PLANNER__ENDPOINT": sim.url,
-            "PLANNERSYNC_LOG__FORMAT": "json",
+            "PLANNERSYNC_PLANNER__ENDPOINT": planner.url,
+            "PLANNERSYNC_PLANNER__LINGER": "100ms",
+            "PLANNERSYNC_EXCHANGE__ENDPOINT": exchange.url,
+            "PLANNERSYNC_EXCHANGE__USERNAME": "svc-plannersync",
+            "PLANNERSYNC_EXCHANGE__PASSWORD": "demo",
         }
     )
-    settings = load_settings(environ=env, broker={"prefix": prefix})
+    settings = load_settings(environ=env, broker={"prefix": prefix}, database={"url": env["PLANNERSYNC_DATABASE__URL"]})
+    store = Store.connect(settings.database_url())
+    upgrade(store.engine)
+    store.add_mailbox(MAILBOX)
     topology = from_settings(settings.broker, settings.retry)
     exe = str(Path(sys.executable).with_name("plannersync"))
-    print(f"plannersync demo: broker {base.broker.host}:{base.broker.port}, queues '{prefix}.*', Planner simulator {sim.url}")
-    workers = []
+    print(f"plannersync demo: queues '{prefix}.*' on {settings.broker.host}:{settings.broker.port}")
+    print(f"  Exchange simulator {exchange.url}  (mailbox {MAILBOX})")
+    print(f"  Planner simulator  {planner.url}")
+    workers: list[subprocess.Popen[bytes]] = []
+
+    def held() -> dict[str, tuple[datetime, datetime]]:
+        return {e.origin_id: (e.start, e.end) for e in planner.state.events(MAILBOX)}
+
+    def wait(condition: Callable[[dict[str, tuple[datetime, datetime]]], bool]) -> float | None:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            if condition(held()):
+                return time.monotonic() - started
+            time.sleep(0.05)
+        return None
+
+    ok = True
     try:
         ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
-        for name in ("transformer", "publisher"):
+        for name in ("change-producer", "transformer", "publisher"):
             log = (workdir / f"{name}.log").open("wb")
             workers.append(subprocess.Popen([exe, "run", name], env=env, stdout=log, stderr=subprocess.STDOUT))
-        changes, expected = script(datetime.now(timezone.utc))
-        producer = Publisher(settings.broker, topology)
-        for change in changes:
-            producer.publish(Outgoing(topology.calendar_exchange, topology.change_key(MAILBOX), change))
-        producer.close()
-        print(f"published {len(changes)} calendar changes for {MAILBOX} (stand-in for Exchange)")
-        deadline = time.monotonic() + seconds
-        held: dict[str, tuple[datetime, datetime]] = {}
-        while time.monotonic() < deadline:
-            held = {e.origin_id: (e.start, e.end) for e in sim.state.events(MAILBOX)}
-            if held == expected:
-                break
-            time.sleep(0.2)
-        print("\nPlanner now holds (times in Europe/Copenhagen):")
-        for origin, (start, end) in sorted(held.items()):
-            print(f"  {origin:<16} {start.astimezone(CPH):%a %d %b %H:%M} - {end.astimezone(CPH):%a %d %b %H:%M}")
-        calls = sim.state.calls()
-        print(f"\nPlanner received {len(calls)} call(s): " + ", ".join(f"{c.operation}({len(c.origin_ids)})" for c in calls))
-        ok = held == expected
-        print("\nresult: " + ("OK - Planner matches the calendar" if ok else f"MISMATCH - expected {sorted(expected)}; worker logs in {workdir}"))
+
+        took = wait(lambda h: "demo-meeting" in h and "demo-course" in h and sum(k.startswith("demo-standup$") for k in h) == 6)
+        ok &= _report("first sync: the calendar reaches Planner", took)
+        _show(held())
+
+        at = tomorrow.isoformat()
+        requests.patch(f"{control}/items/demo-meeting", json={"start": f"{at}T10:00", "end": f"{at}T11:30"}, timeout=10).raise_for_status()
+        moved = datetime.fromisoformat(f"{at}T10:00").replace(tzinfo=CPH)
+        ok &= _report("move the team meeting to 10:00-11:30", wait(lambda h: h.get("demo-meeting", (None,))[0] == moved))
+
+        requests.delete(f"{control}/items/demo-dentist", timeout=10).raise_for_status()
+        ok &= _report("delete the dentist appointment", wait(lambda h: "demo-dentist" not in h))
+
+        requests.patch(f"{control}/items/demo-lunch", json={"status": "Busy"}, timeout=10).raise_for_status()
+        ok &= _report("mark lunch as busy", wait(lambda h: "demo-lunch" in h))
+
+        requests.delete(f"{control}/items/demo-standup/occurrences", json={"index": 2}, timeout=10).raise_for_status()
+        ok &= _report("cancel one stand-up of the series", wait(lambda h: sum(k.startswith("demo-standup$") for k in h) == 5))
+        print()
+        _show(held())
+        calls = planner.state.calls()
+        print(f"\nPlanner received {len(calls)} calls: " + ", ".join(f"{c.operation}({len(c.origin_ids)})" for c in calls))
+        print("\nresult: " + ("OK - Planner follows the calendar" if ok else f"FAILED - see the worker logs in {workdir}"))
         return 0 if ok else 1
     finally:
         for proc in workers:
@@ -124,5 +136,18 @@ def run_demo(seconds: float = 60.0) -> int:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        sim.stop()
+        exchange.stop()
+        planner.stop()
         delete_everything(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
+
+
+def _report(step: str, took: float | None) -> bool:
+    print(f"  {step:<45} " + (f"in Planner after {took:.2f} s" if took is not None else "NOT SEEN in time"))
+    return took is not None
+
+
+def _show(events: dict[str, tuple[datetime, datetime]]) -> None:
+    print("\n  Planner holds (Europe/Copenhagen):")
+    for origin, (start, end) in sorted(events.items(), key=lambda e: e[1][0]):
+        print(f"    {start.astimezone(CPH):%a %d %b %H:%M} - {end.astimezone(CPH):%a %d %b %H:%M}  {origin}")
+    print()
