@@ -186,6 +186,20 @@ def _log_report(report: MailboxReport) -> None:
     log.info("reconciliation_mailbox", **report.as_dict())
 
 
+COLUMNS = ("in_planner", "desired", "up_to_date", "created", "updated", "deleted", "adopted", "planner_originated_skipped", "in_flight", "corrected")
+HEADINGS = ("planner", "desired", "ok", "create", "update", "delete", "adopt", "echo", "inflight", "fixed")
+
+
+def render_table(reports: Sequence[MailboxReport]) -> str:
+    """The reports as a plain-text table for ``plannersync reconcile`` (one line per mailbox, reason last)."""
+    width = max([len("mailbox"), *(len(r.mailbox) for r in reports)])
+    lines = [f"{'mailbox':<{width}}  {'status':<10}  " + "  ".join(f"{h:>8}" for h in HEADINGS) + "  reason"]
+    for r in reports:
+        counts = "  ".join(f"{getattr(r, c):>8}" for c in COLUMNS)
+        lines.append(f"{r.mailbox:<{width}}  {r.status:<10}  {counts}  {r.reason or ''}".rstrip())
+    return "\n".join(lines)
+
+
 class Reconciler:
     """``plannersync run reconciler``: reconcile every enrolled mailbox daily at ``reconcile.time``."""
 

@@ -310,3 +310,13 @@ def test_the_reconciliation_runs_at_half_past_five_copenhagen_wall_clock_across_
     from services.reconciler.worker import next_run
 
     assert next_run(now, "05:30", "Europe/Copenhagen") == expected
+
+
+def test_the_report_table_has_one_line_per_mailbox_with_status_counts_and_reason() -> None:
+    from services.reconciler.worker import render_table
+
+    stopped = run(CASES[11]).report
+    lines = render_table([run(CASES[1]).report, stopped]).splitlines()
+    assert lines[0].split()[:3] == ["mailbox", "status", "planner"]
+    assert lines[1].split()[:8] == [MAILBOX, "reconciled", "2", "1", "1", "0", "0", "1"]
+    assert lines[2].startswith(MAILBOX) and "stopped" in lines[2] and lines[2].endswith("run with force to apply")
