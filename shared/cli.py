@@ -226,6 +226,46 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.status import collect_status
+    from shared.store import open_store
+
+    status = collect_status(settings, open_store(settings.database_url(), settings.database.auto_upgrade))
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print("Workers")
+    for stage, data in sorted(status["workers"].items()):
+        extra = f"  paused until {data['paused_until']} ({data['pause_reason']})" if data.get("paused_until") else ""
+        print(f"  {stage:<18} {'ok ' if data['healthy'] else 'BAD'} {data['why']:<26} updated {data.get('updated_at', '?')}{extra}")
+    if not status["workers"]:
+        print(f"  no health files in {settings.status.health_dir}")
+    print("Queues")
+    if isinstance(status["queues"], str):
+        print(f"  {status['queues']}")
+    else:
+        for q in status["queues"]:
+            print(f"  {q['queue']:<44} ready {q['ready']:>6}  unacked {q['unacked']:>5}  consumers {q['consumers']}")
+    print("Mailboxes")
+    for m in status["mailboxes"]:
+        print(
+            f"  {m['mailbox']:<36} {'enabled ' if m['enabled'] else 'disabled'} exchange: {m['exchange']:<30} "
+            f"last sync {m['last_sync_at'] or '-'}  last delivery {m['last_delivery_at'] or '-'}"
+            + (f"  last error {m['last_error_at']}: {m['last_error']}" if m["last_error"] else "")
+        )
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.health import is_healthy, read_health
+
+    healthy, why = is_healthy(read_health(settings.status.health_dir).get(args.stage), settings.status.stale_after.total_seconds())
+    print(f"{args.stage}: {'healthy' if healthy else 'unhealthy'} ({why})")
+    return 0 if healthy else 1
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.replay import list_dead_letters, replay
@@ -292,6 +332,13 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--mailbox", action="append", default=[], help="a mailbox to resync (repeatable)")
     which.add_argument("--all", action="store_true", help="every enrolled mailbox")
     resync.set_defaults(func=cmd_resync)
+
+    status = sub.add_parser("status", help="workers, queues and mailboxes at a glance")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    health = sub.add_parser("health", help="exit 0 when a worker's health file is fresh (for container healthchecks)")
+    health.add_argument("stage", choices=("transformer", "publisher", "change_producer"))
+    health.set_defaults(func=cmd_health)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered messages")
     dlq.add_argument("action", choices=("list", "replay"))

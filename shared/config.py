@@ -255,6 +255,11 @@ class ReconcileSettings(BaseModel):
     mailboxes_per_call: int = Field(2, ge=1, le=50, description="mailboxes per GetEvents call")
 
 
+class StatusSettings(BaseModel):
+    health_dir: Path = Field(Path("var/health"), description="each worker writes <stage>.json here every few seconds")
+    stale_after: Duration = Field(timedelta(seconds=30), description="a health file older than this means the worker is not running")
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -275,6 +280,7 @@ class Settings(BaseSettings):
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     def database_url(self) -> str:

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import pika
@@ -29,6 +30,7 @@ from pika.spec import Basic, BasicProperties
 
 from shared import retry
 from shared.config import BrokerSettings
+from shared.health import write_health
 from shared.contracts import BusyTimeState, CalendarChange, CalendarSnapshot, decode, encode
 from shared.logs import correlation, get_logger
 from shared.topology import Stage, Topology
@@ -126,6 +128,7 @@ class Consumer:
         stage: Stage,
         handler: Handler,
         options: ConsumerOptions | None = None,
+        health_dir: Path | None = None,
     ) -> None:
         self.broker = broker
         self.topology = topology
@@ -133,6 +136,8 @@ class Consumer:
         self.handler = handler
         self.options = options or ConsumerOptions()
         self.health = _Health()
+        self.health_dir = health_dir
+        self._health_written = 0.0
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{stage.name}-handler")
         self._buffer: list[_Delivery] = []
@@ -158,6 +163,7 @@ class Consumer:
                 delay = 0.5
             except (pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
                 self.health.connected = False
+                self._write_health(force=True)
                 self._abandon_in_flight()
                 wait = min(delay, self.broker.reconnect_max_delay.total_seconds()) * random.uniform(0.8, 1.2)
                 log.warning("broker_connection_lost", stage=self.stage.name, error=type(exc).__name__, detail=str(exc)[:200], retry_in=round(wait, 2))
@@ -185,6 +191,7 @@ class Consumer:
             log.info("worker_consuming", stage=self.stage.name, queue=self.stage.work_queue(), prefetch=self.options.prefetch)
             while True:
                 connection.process_data_events(time_limit=self.options.idle_poll)
+                self._write_health()
                 if self._in_flight is not None and self._in_flight[2].done():
                     self._settle(channel)
                 if self._stop.is_set():
@@ -204,6 +211,26 @@ class Consumer:
                     connection.close()
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
                 pass
+
+    def _write_health(self, force: bool = False) -> None:
+        if self.health_dir is None or (not force and time.monotonic() - self._health_written < 2.0):
+            return
+        self._health_written = time.monotonic()
+        paused = time.time() < self.health.paused_until
+        state = "disconnected" if not self.health.connected else ("paused" if paused else "consuming")
+        try:
+            write_health(
+                self.health_dir,
+                self.stage.name,
+                state,
+                paused_until=datetime.fromtimestamp(self.health.paused_until, timezone.utc).isoformat() if paused else None,
+                pause_reason=self.health.pause_reason if paused else None,
+                handled=self.health.handled,
+                retried=self.health.retried,
+                dead_lettered=self.health.dead_lettered,
+            )
+        except OSError as exc:
+            log.warning("health_not_written", error=str(exc)[:200])
 
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self._buffer.append(_Delivery(method.delivery_tag, bool(method.redelivered), properties, body, time.monotonic()))

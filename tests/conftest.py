@@ -79,6 +79,7 @@ def worker_env(prefix: str, tmp_path: Path) -> dict[str, str]:
             "PLANNERSYNC_RETRY__QUICK_MAX_WAIT": "200ms",
             "PLANNERSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'state.db'}",
             "PLANNERSYNC_LOG__LEVEL": "INFO",
+            "PLANNERSYNC_STATUS__HEALTH_DIR": str(tmp_path / "health"),
         }
     )
     return env

@@ -25,6 +25,7 @@ from shared.config import Settings
 from shared.consumer import Outgoing, Publisher
 from shared.contracts import CalendarChange, CalendarSnapshot
 from shared.ews import Exchange, classify
+from shared.health import write_health
 from shared.logs import correlation, get_logger
 from shared.store import Store, open_store
 from shared.topology import Topology, from_settings
@@ -84,10 +85,26 @@ class ChangeProducer:
                     self.schedule.started(address)
             for address in due:
                 self.pool.submit(self._read, address)
+            self._write_health()
             self.wake.wait(0.5)
             self.wake.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
         log.info("worker_stopped", stage="change_producer")
+
+    def _write_health(self) -> None:
+        if time.monotonic() - getattr(self, "_health_at", 0.0) < 2.0:
+            return
+        self._health_at = time.monotonic()
+        with self.lock:
+            states = [state.status for state in self.schedule.mailboxes.values()]
+            subscribed = sum(1 for state in self.schedule.mailboxes.values() if state.subscribed)
+        try:
+            write_health(
+                self.settings.status.health_dir, "change_producer", "running",
+                mailboxes=len(states), subscribed=subscribed, failing=sum(1 for s in states if s in ("failing", "throttled", "retrying")), reads=self.reads,
+            )
+        except OSError as exc:
+            log.warning("health_not_written", error=str(exc)[:200])
 
     # --- membership ----------------------------------------------------------------------------------
     def _reload_mailboxes(self) -> None:
@@ -261,7 +278,3 @@ def build(settings: Settings) -> ChangeProducer:
     exchange = Exchange(ex, settings.busy.time_zone, pool)
     return ChangeProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))
 
-
-def status_snapshot(producer: Any) -> dict[str, Any]:
-    with producer.lock:
-        return {address: state.status for address, state in producer.schedule.mailboxes.items()}

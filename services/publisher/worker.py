@@ -203,6 +203,6 @@ def build(settings: Settings) -> Consumer:
         batch_size=settings.planner.batch_size * 4,
         linger=settings.planner.linger,
     )
-    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
+    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, settings.status.health_dir)
     guard.consumer = consumer
     return consumer

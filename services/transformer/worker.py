@@ -111,4 +111,4 @@ def build(settings: Settings) -> Consumer:
     topology = from_settings(settings.broker, settings.retry)
     deps = TransformerDeps(store, topology, BusyPolicy.from_settings(settings.busy))
     options = ConsumerOptions(prefetch=200, batch_size=100)
-    return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options)
+    return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options, settings.status.health_dir)

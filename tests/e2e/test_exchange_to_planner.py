@@ -139,6 +139,18 @@ def test_a_caseworkers_calendar_reaches_planner_right_across_dst_from_a_new_york
     moved_key = f"{series['uid']}${moved_day:%Y%m%d}-090000"
     wait_for(lambda: held().get(moved_key, (None,))[0] == datetime.combine(moved_day, time(13), CPH).astimezone(timezone.utc), 30, what="the second move in Planner")
 
+    # the operator's view while everything runs
+    import json
+    import subprocess
+
+    from tests.e2e.conftest import PLANNERSYNC
+
+    status_env = {k: v for k, v in env.items() if k != "TZ"}
+    status = json.loads(wait_for(lambda: _status(PLANNERSYNC, status_env), 30, what="all three workers healthy"))
+    row = next(m for m in status["mailboxes"] if m["mailbox"] == MAILBOX)
+    assert row["last_sync_at"] and row["last_delivery_at"] and row["exchange"].startswith("active") and not row["last_error"]
+    assert subprocess.run([PLANNERSYNC, "health", "publisher"], env=status_env, capture_output=True, timeout=60).returncode == 0
+
     for proc in processes:
         assert proc.stop() == 0, proc.log()[-3000:]
     # the canary is nowhere: messages, logs, database, Planner
@@ -148,3 +160,14 @@ def test_a_caseworkers_calendar_reaches_planner_right_across_dst_from_a_new_york
         assert CANARY not in proc.log() and proc.log()
     assert CANARY.encode() not in db.read_bytes()
     assert CANARY not in str([c.to_json() for c in planner_sim.state.calls()])
+
+
+def _status(exe: str, env: dict[str, str]) -> str | None:
+    import json
+    import subprocess
+
+    done = subprocess.run([exe, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    workers = json.loads(done.stdout)["workers"]
+    wanted = {"transformer", "publisher", "change_producer"}
+    return done.stdout if wanted <= set(workers) and all(workers[w]["healthy"] for w in wanted) else None

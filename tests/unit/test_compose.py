@@ -36,6 +36,7 @@ def test_the_env_file_names_only_real_settings_and_validates(tmp_path: Path) -> 
     secret = tmp_path / "amqp"
     secret.write_text("x")
     env["PLANNERSYNC_BROKER__PASSWORD_FILE"] = str(secret)
+    env["PLANNERSYNC_EXCHANGE__PASSWORD_FILE"] = str(secret)
     nested: dict[str, dict[str, str]] = {}
     for name, value in env.items():
         top, _, key = name[len("PLANNERSYNC_") :].lower().partition("__")
@@ -54,8 +55,19 @@ def test_rabbitmq_mounts_the_files_the_repo_ships() -> None:
     assert "load_definitions" not in conf.replace("# do NOT use load_definitions", "")  # the 3.10 boot trap
 
 
+def test_every_worker_runs_and_the_long_running_ones_have_healthchecks() -> None:
+    from shared.cli import WORKERS
+
+    commands = {tuple(spec.get("command", [])) for spec in COMPOSE["services"].values()}
+    for worker in WORKERS:
+        assert ("run", worker) in commands, worker
+    for name in ("transformer", "publisher", "change-producer"):
+        check = COMPOSE["services"][name]["healthcheck"]["test"]
+        assert parser().parse_args(check[2:]).func.__name__ == "cmd_health"
+
+
 def test_workers_wait_for_the_schema_and_the_broker() -> None:
-    for name in ("transformer", "publisher"):
+    for name in ("transformer", "publisher", "change-producer", "snapshot-producer"):
         depends = COMPOSE["services"][name]["depends_on"]
         assert depends["db-upgrade"]["condition"] == "service_completed_successfully"
         assert depends["rabbitmq"]["condition"] == "service_healthy"

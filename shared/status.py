@@ -1,0 +1,57 @@
+"""What ``plannersync status`` shows: mailboxes, queues and workers, in one place."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+from shared.config import Settings
+from shared.health import is_healthy, read_health
+from shared.store import Store, exchange_sync
+from shared.topology import from_settings
+
+
+def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    with store.engine.connect() as conn:
+        synced = {r.mailbox: r for r in conn.execute(select(exchange_sync))}
+    mailboxes = []
+    for row in store.list_mailboxes():
+        sync = synced.get(row.address)
+        mailboxes.append(
+            {
+                "mailbox": row.address,
+                "enabled": row.enabled,
+                "exchange": row.status + (f" ({row.status_detail})" if row.status_detail else ""),
+                "last_sync_at": sync.last_sync_at if sync else None,
+                "last_full_sync_at": sync.last_full_sync_at if sync else None,
+                "last_delivery_at": row.last_delivery_at,
+                "last_error": row.last_error,
+                "last_error_at": row.last_error_at,
+            }
+        )
+    workers = {}
+    for stage, data in read_health(settings.status.health_dir).items():
+        healthy, why = is_healthy(data, settings.status.stale_after.total_seconds(), time.time())
+        workers[stage] = {**{k: v for k, v in data.items() if k != "updated_ts"}, "healthy": healthy, "why": why}
+    return {"mailboxes": mailboxes, "queues": _queues(settings), "workers": workers}
+
+
+def _queues(settings: Settings) -> list[dict[str, Any]] | str:
+    import requests
+
+    topology = from_settings(settings.broker, settings.retry)
+    url = f"{settings.broker.management_url.rstrip('/')}/api/queues/{quote(settings.broker.vhost, safe='')}"
+    try:
+        response = requests.get(url, auth=(settings.broker.user, settings.broker.password.get_secret_value()), timeout=5)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        return f"management API not reachable: {type(exc).__name__}"
+    ours = set(topology.queues())
+    return [
+        {"queue": q["name"], "ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0)}
+        for q in response.json()
+        if q["name"] in ours
+    ]
