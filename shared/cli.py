@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from shared.config import ConfigError, Settings, load_settings, masked
 
-WORKERS = ("transformer", "publisher", "change-producer", "snapshot-producer")
+WORKERS = ("transformer", "publisher", "change-producer", "snapshot-producer", "reconciler")
 STAGES = ("transformer", "publisher")
 EXIT_CONFIG = 2
 
@@ -74,6 +74,10 @@ def _worker_builder(name: str) -> Callable[[Settings], Any]:
         return build
     if name == "snapshot-producer":
         from services.snapshot_producer.worker import build
+
+        return build
+    if name == "reconciler":
+        from services.reconciler.worker import build
 
         return build
     raise SystemExit(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
@@ -226,6 +230,16 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    settings = _settings()
+    _configure_logs(settings, "reconcile")
+    from services.reconciler.worker import render_table, run_reconciliation
+
+    reports = run_reconciliation(settings, None if args.all else [m.lower() for m in args.mailbox], force=args.force)
+    print(json.dumps([r.as_dict() for r in reports], indent=2, default=str) if args.json else render_table(reports))
+    return 0 if all(r.status == "reconciled" for r in reports) else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.status import collect_status
@@ -332,6 +346,14 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--mailbox", action="append", default=[], help="a mailbox to resync (repeatable)")
     which.add_argument("--all", action="store_true", help="every enrolled mailbox")
     resync.set_defaults(func=cmd_resync)
+
+    reconcile = sub.add_parser("reconcile", help="make Planner equal the desired state now (what the nightly run does)")
+    rwhich = reconcile.add_mutually_exclusive_group(required=True)
+    rwhich.add_argument("--mailbox", action="append", default=[], help="a mailbox to reconcile (repeatable)")
+    rwhich.add_argument("--all", action="store_true", help="every enrolled mailbox")
+    reconcile.add_argument("--force", action="store_true", help="go ahead even past the mass-delete guard")
+    reconcile.add_argument("--json", action="store_true")
+    reconcile.set_defaults(func=cmd_reconcile)
 
     status = sub.add_parser("status", help="workers, queues and mailboxes at a glance")
     status.add_argument("--json", action="store_true")

@@ -17,8 +17,8 @@ starts inside the window:
 
 - Planner-originated keys (delivered row marked so) are left alone and never re-sent.
 - Planner holds our identifier but the calendar has no busy time for it (desired absent, or no
-  desired row at all) → delete. With a desired row the state carries its version; without one,
-  ``now_version``.
+  desired row at all) → delete. With a desired row the state carries its version; without one, the
+  version the delivered row is corrected to (0 for an event the store never knew).
 - The calendar has a busy time Planner lacks, or holds with other times → create or update, at the
   desired row's version (``plan`` allows a reconcile state to re-send the same version).
 - Planner holds an event the store has no delivered row for (state store lost, or migration from
@@ -244,7 +244,9 @@ def plan_reconciliation(
             correlation_id=correlation_id,
             mailbox=mailbox,
             origin_id=origin_id,
-            version=want.version if want is not None else now_version,
+            # without a desired row, delete at the version Planner's event is known at (0 when the store never
+            # knew it): a busy time the transformer records later, even from an older observation, still wins
+            version=want.version if want is not None else (after.version if after is not None else now_version),
             interval=want.interval if want is not None else None,
             cause="reconcile",
         )

@@ -263,11 +263,13 @@ def _row_after(result: MailboxReconciliation, case: Case, origin_id: str) -> Del
     return rows.get(origin_id)
 
 
-def test_states_carry_the_desired_version_and_deletes_without_a_desired_row_the_reconciliation_version() -> None:
-    case = Case("", [held("a", TEN), held("orphan", NINE)], [want("a", 5, NINE)], [known("a", 5, NINE), known("orphan", 3, NINE)])
+def test_states_carry_the_desired_version_and_deletes_without_a_desired_row_the_known_version() -> None:
+    case = Case("", [held("a", TEN), held("orphan", NINE), held("stranger", TEN)], [want("a", 5, NINE)], [known("a", 5, NINE), known("orphan", 3, NINE)])
     states = {s.origin_id: s for s in run(case).states}
     assert states["a"].version == 5 and states["a"].interval == NINE
-    assert states["orphan"].version == NOW_VERSION and states["orphan"].interval is None
+    assert states["orphan"].version == 3 and states["orphan"].interval is None
+    assert states["stranger"].version == 0 and states["stranger"].interval is None
+    assert NOW_VERSION not in {s.version for s in states.values()}  # a later, older busy observation can still create them
 
 
 def test_a_delete_carries_planner_times_in_the_corrected_row_so_the_publisher_can_send_it() -> None:
