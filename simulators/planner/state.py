@@ -271,16 +271,24 @@ class SimState:
     # -------------------------------------------------------------------------------- faults for a call
 
     def call_faults(self, operation: str | None, now: datetime) -> list[Fault]:
-        """The call-level faults (not receipt codes) that apply to this call, each use counted."""
+        """The call-level faults that apply to this call: every latency, then at most one failure.
+
+        Only the faults that are applied are counted, so ``times`` means "for the next N calls".
+        """
         with self._lock:
             chosen = []
+            failing = False
             for fault in self._faults:
                 if fault.type == "receipt_code" or not fault.applies_to(operation, now):
                     continue
+                if fault.type != "latency":
+                    if failing:
+                        continue
+                    failing = True
                 if fault.times is not None:
                     fault.times -= 1
                 chosen.append(fault)
-            return chosen
+            return sorted(chosen, key=lambda f: f.type != "latency")
 
     def _forced_receipt(self, operation: str, origin_id: str, now: datetime) -> Fault | None:
         for fault in self._faults:

@@ -53,3 +53,26 @@ def test_an_outage_ends_at_its_time_and_faults_can_be_limited_to_operations() ->
 def test_bad_fault_specifications_are_refused(spec: dict) -> None:
     with pytest.raises(ValueError):
         parse_fault(spec, 1, NOW)
+
+
+def test_stacked_faults_fail_one_call_each_in_order_and_latency_combines() -> None:
+    state = SimState()
+    state.add_faults(
+        [
+            {"type": "latency", "seconds": 0.1, "times": 2},
+            {"type": "http_status", "status": 500, "times": 1},
+            {"type": "http_status", "status": 503, "times": 2},
+            {"type": "reset", "times": 3},
+        ],
+        NOW,
+    )
+    applied = [[f.type + (str(f.status) if f.status else "") for f in state.call_faults("CreateEvents", NOW)] for _ in range(7)]
+    assert applied == [
+        ["latency", "http_status500"],
+        ["latency", "http_status503"],
+        ["http_status503"],
+        ["reset"],
+        ["reset"],
+        ["reset"],
+        [],
+    ]
