@@ -142,5 +142,8 @@ class FaultBook:
         return taken
 
     def describe(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
         with self._lock:
+            self.faults = [f for f in self.faults if (f.remaining is None or f.remaining > 0)
+                           and (f.until is None or f.until > now)]
             return [f.describe() for f in self.faults]
