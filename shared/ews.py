@@ -5,8 +5,8 @@ with ``only_fields``: subjects, bodies, locations and attendees are never reques
 
 Traps handled here (see ../shared/reference/exchangelib-notes.md):
 - exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
-  start on the spring DST Sunday; we keep the instants Exchange sent (``_RawTimesCalendarItem``) and
-  let ``shared.busy_rules`` derive the dates in the item's own zone.
+  start on the spring DST Sunday; we also keep the instants Exchange sent (``_CalendarItemWithInstants``)
+  and let ``shared.busy_rules`` derive the dates in the item's own zone.
 - ``FailFast`` retry policy: exchangelib's back-off is global per service account, so one throttled
   mailbox would freeze all; we raise instead and back off per mailbox (``classify``).
 - The session pool is sized for the open streams plus the worker threads (default pool size is 1).
@@ -27,6 +27,7 @@ from exchangelib import errors as ews_errors
 from exchangelib.folders.base import BaseFolder
 from exchangelib.items import CalendarItem as EwsCalendarItem
 from exchangelib.protocol import BaseProtocol
+from exchangelib.util import TNS
 from exchangelib.services import GetStreamingEvents
 
 from shared.config import ExchangeSettings
@@ -57,15 +58,35 @@ FIELDS = (
 _TYPES = {"Single": "single", "Occurrence": "occurrence", "Exception": "exception", "RecurringMaster": "master"}
 
 
-class _RawTimesCalendarItem(EwsCalendarItem):
-    """A CalendarItem whose all-day start/end stay the UTC instants Exchange sent (no date conversion)."""
+class _CalendarItemWithInstants(EwsCalendarItem):
+    """exchangelib's CalendarItem, unchanged, plus the Start/End instants exactly as Exchange sent them.
+
+    Registered for the CalendarItem tag so every read returns it; other exchangelib users in the same
+    process see the same behaviour as before (``start``/``end`` still become dates on all-day items).
+    """
+
+    __slots__ = ("raw_start", "raw_end")
 
     @classmethod
     def from_xml(cls, elem: Any, account: Any) -> Any:
-        return super(EwsCalendarItem, cls).from_xml(elem=elem, account=account)
+        raw_start, raw_end = _xml_instant(elem, "Start"), _xml_instant(elem, "End")  # before from_xml clears elem
+        item = super().from_xml(elem=elem, account=account)
+        item.raw_start, item.raw_end = raw_start, raw_end
+        return item
 
 
-BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _RawTimesCalendarItem
+def _xml_instant(elem: Any, name: str) -> datetime | None:
+    found = elem.find(f"{{{TNS}}}{name}")
+    if found is None or not found.text:
+        return None
+    try:
+        value = datetime.fromisoformat(found.text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value.astimezone(timezone.utc) if value.tzinfo else None
+
+
+BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _CalendarItemWithInstants
 
 
 class _CaBundleAdapter(requests.adapters.HTTPAdapter):
@@ -150,8 +171,8 @@ def to_calendar_item(item: Any) -> CalendarItem:
         change_key=getattr(item, "changekey", None),
         uid=getattr(item, "uid", None) or None,
         item_type=_TYPES.get(getattr(item, "type", None) or "Single", "single"),  # type: ignore[arg-type]
-        start=_aware_utc(getattr(item, "start", None)),
-        end=_aware_utc(getattr(item, "end", None)),
+        start=getattr(item, "raw_start", None) or _aware_utc(getattr(item, "start", None)),
+        end=getattr(item, "raw_end", None) or _aware_utc(getattr(item, "end", None)),
         original_start=_aware_utc(getattr(item, "original_start", None)),
         time_zone=_zone_id(getattr(item, "_start_timezone", None)),
         all_day=bool(getattr(item, "is_all_day", False)),
