@@ -62,13 +62,15 @@ def main() -> int:
     seeding = time.monotonic()
     with requests.Session() as http:
         for mailbox in mailboxes:
+            specs = []
             for n in range(args.items):
                 day = first + timedelta(days=rng.randrange(0, 80))
                 start = datetime(day.year, day.month, day.day, rng.randrange(7, 16), rng.choice((0, 15, 30, 45)), tzinfo=CPH)
                 uid = f"bench-{mailbox.split('@')[0]}-{n}"
                 spec = {"uid": uid, "start": start.strftime("%Y-%m-%dT%H:%M"), "end": (start + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M"), "timezone": "Romance Standard Time"}
-                http.post(f"{exchange.control_url}/mailboxes/{mailbox}/items", json=spec, timeout=10).raise_for_status()
+                specs.append(spec)
                 items.append((mailbox, uid, start))
+            http.post(f"{exchange.control_url}/mailboxes/{mailbox}/items", json={"items": specs}, timeout=60).raise_for_status()
     seeded_in = time.monotonic() - seeding
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}

@@ -7,7 +7,9 @@ events of a batch are retried or dead-lettered; the others are done.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -41,15 +43,19 @@ class OutageGuard:
     cooldown: float
     consumer: Pausable | None = None
     consecutive: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def success(self) -> None:
-        if self.consecutive >= self.threshold:
-            log.info("planner_recovered")
-        self.consecutive = 0
+        with self.lock:
+            if self.consecutive >= self.threshold:
+                log.info("planner_recovered")
+            self.consecutive = 0
 
     def failure(self, reason: str) -> None:
-        self.consecutive += 1
-        if self.consecutive >= self.threshold and self.consumer is not None:
+        with self.lock:
+            self.consecutive += 1
+            down = self.consecutive >= self.threshold
+        if down and self.consumer is not None:
             self.consumer.pause_until(time.time() + self.cooldown, f"planner_down: {reason}")
 
 
@@ -60,6 +66,7 @@ class PublisherDeps:
     client: PlannerCalls
     guard: OutageGuard
     event_factory: Any = None  # PlannerEvent constructor, injected so this module need not import zeep
+    pool: ThreadPoolExecutor | None = None  # mailboxes delivered in parallel (one call per mailbox at a time)
 
 
 @dataclass
@@ -87,8 +94,13 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
             results[i] = Done()  # an older state of the same key in this batch: the newest decides
             continue
         by_mailbox[state.mailbox.lower()].append(i)
-    for mailbox, indexes in by_mailbox.items():
-        for i, result in _deliver_mailbox(mailbox, [(i, states[i]) for i in indexes], deps).items():
+    jobs = [(mailbox, [(i, states[i]) for i in indexes]) for mailbox, indexes in by_mailbox.items()]
+    if deps.pool is not None and len(jobs) > 1:
+        outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], deps), jobs))
+    else:
+        outcomes = [_deliver_mailbox(mailbox, items, deps) for mailbox, items in jobs]
+    for outcome in outcomes:
+        for i, result in outcome.items():
             results[i] = result
     return [r if r is not None else Done() for r in results]
 
@@ -197,12 +209,10 @@ def build(settings: Settings) -> Consumer:
     client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
     topology: Topology = from_settings(settings.broker, settings.retry)
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
-    deps = PublisherDeps(settings, store, client, guard, PlannerEvent)
-    options = ConsumerOptions(
-        prefetch=settings.planner.batch_size * 4,
-        batch_size=settings.planner.batch_size * 4,
-        linger=settings.planner.linger,
-    )
+    pool = ThreadPoolExecutor(max_workers=settings.planner.parallel_calls, thread_name_prefix="planner-call")
+    deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
+    # A large batch lets a burst group per mailbox (one call of up to batch_size events each).
+    options = ConsumerOptions(prefetch=settings.planner.max_batch_messages, batch_size=settings.planner.max_batch_messages, linger=settings.planner.linger)
     consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, settings.status.health_dir)
     guard.consumer = consumer
     return consumer

@@ -193,3 +193,17 @@ def test_consecutive_call_failures_pause_the_consumer(deps: PublisherDeps) -> No
 def test_a_success_records_the_delivery_time_for_the_mailbox(deps: PublisherDeps) -> None:
     handle([state("u1", HOUR)], deps)
     assert deps.store.list_mailboxes()[0].last_delivery_at is not None
+
+
+def test_mailboxes_are_delivered_in_parallel_with_the_same_outcome(deps: PublisherDeps) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    deps.pool = ThreadPoolExecutor(max_workers=3)
+    deps.client.forced["bad"] = 3
+    batch = [state(f"m{n}-{i}", HOUR, mailbox=f"cw{n}@kommune.dk") for n in range(4) for i in range(3)] + [state("bad", HOUR, mailbox="cw0@kommune.dk")]
+    results = handle(batch, deps)
+    deps.pool.shutdown()
+    assert [type(r).__name__ for r in results] == ["Done"] * 12 + ["Permanent"]
+    per_mailbox = sorted(tuple(sorted(ids)) for _, ids in deps.client.calls)
+    assert len(deps.client.calls) == 8  # batch_size 2: every mailbox has 3 or 4 events, so 2 calls each
+    assert all(len({origin.split("-")[0] for origin in ids if origin != "bad"}) <= 1 for ids in per_mailbox)
