@@ -120,6 +120,10 @@ class ChangeProducer:
         for address in sorted(removed):
             log.info("mailbox_removed", mailbox=address)
             self.exchange.forget(address)
+        ex = self.settings.exchange
+        capacity = ex.streaming_connections * ex.mailboxes_per_connection
+        if ex.subscription == "streaming" and (added or removed) and len(enrolled) > capacity:
+            log.warning("streaming_capacity_exceeded", enrolled=len(enrolled), capacity=capacity, polled_every_s=ex.unsubscribed_poll_interval.total_seconds())
 
     def _members(self) -> list[str]:
         with self.lock:

@@ -231,3 +231,27 @@ def test_enrolment_and_removal_are_noticed_without_a_restart(settings: Settings,
         wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the new mailbox's items")
         enrolled.remove_mailbox(BO)
         wait_for(lambda: BO not in running.producer.schedule.mailboxes, 10, what="removal noticed")
+
+
+def _subscriptions(sim: RunningExchangeSim, kind: str) -> set[str]:
+    rows = requests.get(f"{sim.control_url}/subscriptions", timeout=10).json()
+    return {(row.get("mailbox") or "").lower() for row in rows if row.get("kind") == kind and not row.get("gone")}
+
+
+def test_pull_subscriptions_are_a_working_alternative(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
+    with Running(producer_settings(settings, ews, subscription="pull", pull_interval="300ms", unsubscribed_poll_interval="10m")):
+        wait_for(lambda: _subscriptions(ews, "pull") >= {ANNE, BO}, 20, what="pull subscriptions")
+        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first syncs")
+        item = add_item(ews, BO, start=_future(8, 9), end=_future(8, 10))
+        wait_for(lambda: collector.changes_for(item["uid"]), 15, what="the change found through GetEvents")
+    assert _subscriptions(ews, "streaming") == set()
+
+
+def test_mailboxes_beyond_the_streaming_capacity_are_still_read(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
+    config = producer_settings(settings, ews, streaming_connections=1, mailboxes_per_connection=1, unsubscribed_poll_interval="500ms")
+    with Running(config) as running:
+        wait_for(lambda: ANNE in _subscriptions(ews, "streaming"), 20, what="the first mailbox streaming")
+        item = add_item(ews, BO, start=_future(9, 9), end=_future(9, 10))
+        wait_for(lambda: collector.changes_for(item["uid"]), 15, what="the unstreamed mailbox's change, by polling")
+        assert not running.producer.schedule.mailboxes[BO].subscribed
+    assert BO not in _subscriptions(ews, "streaming")
