@@ -303,14 +303,14 @@ class Consumer:
         if isinstance(outcome, retry.RetryLater):
             headers[RETRY_COUNT] = attempt + 1
             target = self.stage.retry_queue(outcome.delay)
-            _publish(channel, "", target, delivery.body, _copy_properties(delivery.properties, headers))
+            _publish(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
             self.health.retried += 1
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
         else:
             headers[RETRY_COUNT] = attempt
             headers["x-dead-lettered-at"] = now
             target = self.stage.dead_letter_queue()
-            _publish(channel, "", target, delivery.body, _copy_properties(delivery.properties, headers))
+            _publish(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
             self.health.dead_lettered += 1
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
         channel.basic_ack(delivery.tag)
@@ -334,7 +334,8 @@ def retry_count(properties: BasicProperties) -> int:
         return 0
 
 
-def _copy_properties(original: BasicProperties, headers: dict[str, Any]) -> BasicProperties:
+def copy_properties(original: BasicProperties, headers: dict[str, Any]) -> BasicProperties:
+    """A persistent copy of a message's properties with new headers (retry, dead-letter, replay)."""
     return BasicProperties(
         delivery_mode=2,
         content_type=original.content_type,

@@ -14,10 +14,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pika
-from pika.spec import BasicProperties
 
 from shared.config import Settings
-from shared.consumer import REASON, RETRY_COUNT
+from shared.consumer import REASON, RETRY_COUNT, copy_properties
 from shared.topology import from_settings
 
 MAX_REPLAYS = 3
@@ -86,16 +85,7 @@ def replay(settings: Settings, stage: str, limit: int = 100, message_id: str | N
             headers["x-last-dead-letter-reason"] = headers.pop(REASON, None)
             headers[RETRY_COUNT] = 0
             headers.pop("x-first-failure-at", None)
-            copy = BasicProperties(
-                delivery_mode=2,
-                content_type=properties.content_type,
-                message_id=properties.message_id,
-                correlation_id=properties.correlation_id,
-                type=properties.type,
-                timestamp=properties.timestamp,
-                headers=headers,
-            )
-            channel.basic_publish("", named.work_queue(), body, copy, mandatory=True)
+            channel.basic_publish("", named.work_queue(), body, copy_properties(properties, headers), mandatory=True)
             channel.basic_ack(method.delivery_tag)
             moved += 1
     finally:
