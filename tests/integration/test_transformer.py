@@ -1,0 +1,94 @@
+"""The transformer worker on the real broker: bad items dead-lettered with the reason, snapshots completed only when whole."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Iterator
+
+import pytest
+
+from services.transformer.worker import build
+from shared.config import Settings
+from shared.consumer import Consumer, Outgoing, Publisher
+from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval
+from shared.topology import Topology
+from tests.conftest import drain, wait_for
+
+MAILBOX = "anne@jobcenter.dk"
+NOW = datetime.now(timezone.utc)
+START = (NOW + timedelta(days=3)).replace(minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture
+def transformer(settings: Settings, topology: Topology) -> Iterator[Consumer]:
+    consumer = build(settings)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    yield consumer
+    consumer.stop()
+    thread.join(20)
+
+
+def item(uid: str | None, start: datetime = START, hours: float = 1, **fields: object) -> CalendarItem:
+    values: dict[str, object] = {"free_busy": "Busy", "time_zone": "Romance Standard Time", **fields}
+    return CalendarItem(item_id=f"id-{uid or uuid.uuid4().hex}", uid=uid, start=start, end=start + timedelta(hours=hours), **values)  # type: ignore[arg-type]
+
+
+def change(value: CalendarItem, observed: datetime | None = None) -> CalendarChange:
+    return CalendarChange(correlation_id=uuid.uuid4().hex, mailbox=MAILBOX, observed_at=observed or datetime.now(timezone.utc), change="upsert", item_id=value.item_id, item=value)
+
+
+def states(topology: Topology, count: int, timeout: float = 15) -> list[BusyTimeState]:
+    return [BusyTimeState.model_validate(json.loads(body)) for _, body in drain(topology.stage("publisher").work_queue(), timeout=timeout, count=count)]
+
+
+def test_items_that_cannot_be_judged_are_dead_lettered_with_the_reason_and_the_rest_flows(
+    settings: Settings, topology: Topology, transformer: Consumer
+) -> None:
+    producer = Publisher(settings.broker, topology)
+    bad = [
+        change(item(None)),
+        change(item("backwards", hours=-1)),
+        change(item("nowhere", all_day=True, time_zone="Mars Standard Time")),
+    ]
+    good = change(item("fine"))
+    for message in [*bad, good]:
+        producer.publish(Outgoing(topology.calendar_exchange, topology.change_key(MAILBOX), message))
+    producer.close()
+    dead = drain(topology.stage("transformer").dead_letter_queue(), timeout=15, count=3)
+    reasons = {props.correlation_id: props.headers["x-plannersync-reason"] for props, _ in dead}
+    assert len(reasons) == 3 and all(r.startswith("item rejected: ") for r in reasons.values())
+    assert "uid" in reasons[bad[0].correlation_id].lower()
+    assert "time zone" in reasons[bad[2].correlation_id].lower()
+    (state,) = states(topology, 1)
+    assert state.origin_id == "fine" and state.interval == Interval(start=START, end=START + timedelta(hours=1))
+
+
+def test_a_snapshot_deletes_what_it_no_longer_holds_only_once_every_part_has_arrived(
+    settings: Settings, topology: Topology, transformer: Consumer
+) -> None:
+    producer = Publisher(settings.broker, topology)
+    earlier = datetime.now(timezone.utc) - timedelta(minutes=5)
+    for uid in ("keep", "gone"):
+        producer.publish(Outgoing(topology.calendar_exchange, topology.change_key(MAILBOX), change(item(uid), earlier)))
+    assert {s.origin_id for s in states(topology, 2)} == {"keep", "gone"}
+
+    window = Interval(start=NOW, end=NOW + timedelta(days=90))
+    observed = datetime.now(timezone.utc)
+    sid = uuid.uuid4().hex
+    part2 = CalendarSnapshot(correlation_id="p2", snapshot_id=sid, mailbox=MAILBOX, observed_at=observed, window=window, part=2, final=True, total_parts=2, items=[item("new", START + timedelta(hours=3))])
+    part1 = CalendarSnapshot(correlation_id="p1", snapshot_id=sid, mailbox=MAILBOX, observed_at=observed, window=window, part=1, items=[item("keep")])
+    producer.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(MAILBOX), part2))  # the final part first
+    first = states(topology, 1)
+    assert [(s.origin_id, s.interval is not None) for s in first] == [("new", True)]  # nothing deleted yet
+    assert drain(topology.stage("publisher").work_queue(), timeout=1) == []
+    producer.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(MAILBOX), part1))
+    (absent,) = states(topology, 1)
+    assert absent.origin_id == "gone" and absent.interval is None and absent.cause == "snapshot"
+    producer.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(MAILBOX), part1))  # a duplicate part
+    wait_for(lambda: transformer.health.handled >= 5, 10, what="the duplicate handled")
+    assert drain(topology.stage("publisher").work_queue(), timeout=1) == []
+    producer.close()
