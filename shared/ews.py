@@ -16,6 +16,7 @@ Traps handled here (see ../shared/reference/exchangelib-notes.md):
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -90,12 +91,21 @@ BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _CalendarItemWithIns
 
 
 class _CaBundleAdapter(requests.adapters.HTTPAdapter):
-    """Verifies against the configured CA bundle, whatever REQUESTS_CA_BUNDLE says."""
+    """Verifies against the configured CA bundle, or the system store; REQUESTS_CA_BUNDLE has no say.
+
+    exchangelib builds its sessions itself, so the bundle is a class attribute set by ``Exchange``:
+    one Exchange configuration per process (the producers each have one).
+    """
 
     ca_bundle: str | None = None
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        super().cert_verify(conn, url, self.ca_bundle or verify, cert)
+        super().cert_verify(conn, url, self.ca_bundle or _system_trust(), cert)
+
+
+def _system_trust() -> str | bool:
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.capath or True
 
 
 class _StreamingEvents(GetStreamingEvents):
