@@ -101,6 +101,18 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from datetime import datetime, timedelta, timezone
+
+    from shared.store import open_store
+
+    retention = timedelta(days=args.days) if args.days is not None else settings.database.retention
+    counts = open_store(settings.database_url(), settings.database.auto_upgrade).prune(datetime.now(timezone.utc) - retention)
+    print(f"pruned rows older than {retention}: " + ", ".join(f"{table} {n}" for table, n in counts.items()))
+    return 0
+
+
 def cmd_db_ddl(args: argparse.Namespace) -> int:
     from shared.store import ddl
 
@@ -308,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="the state store").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="create or migrate the schema (idempotent)").set_defaults(func=cmd_db_upgrade)
+    prune = db.add_parser("prune", help="forget absent and past rows older than the retention (the reconciler does it nightly)")
+    prune.add_argument("--days", type=int, help="override PLANNERSYNC_DATABASE__RETENTION")
+    prune.set_defaults(func=cmd_db_prune)
     ddl = db.add_parser("ddl", help="print the CREATE statements for a dialect")
     ddl.add_argument("dialect", choices=("sqlite", "postgresql", "mssql"))
     ddl.set_defaults(func=cmd_db_ddl)

@@ -112,6 +112,7 @@ class DatabaseSettings(_SecretFiles):
     )
     password: SecretStr | None = Field(None, description="inserted into the URL, so it need not be written there")
     auto_upgrade: bool = Field(True, description="workers create/migrate the schema at start; set false where DDL rights are separate")
+    retention: Duration = Field(timedelta(days=30), description="absent and past rows older than this are pruned nightly (keep it above the retry budget plus replay delay)")
 
     @field_validator("url")
     @classmethod

@@ -28,6 +28,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -373,9 +374,31 @@ class Store:
         totals = [r.total_parts for r in rows if r.total_parts is not None]
         return {r.part for r in rows}, (max(totals) if totals else None)
 
-    def forget_snapshots_before(self, moment: datetime) -> int:
+    def prune(self, before: datetime) -> dict[str, int]:
+        """Forget what can no longer matter, by age only (``before`` = now minus the retention).
+
+        Snapshot parts received before it; desired and delivered rows that are absent, or whose busy time
+        ended, and were last touched before it. Never a Planner-originated row (it must never be re-sent).
+        The retention must exceed the retry budget plus how long an operator may wait to replay a dead
+        letter: a message older than a pruned tombstone could otherwise bring an event back.
+        """
         with self.engine.begin() as conn:
-            return conn.execute(delete(snapshot_parts).where(snapshot_parts.c.received_at < moment)).rowcount
+            parts = conn.execute(delete(snapshot_parts).where(snapshot_parts.c.received_at < before)).rowcount
+            desired = conn.execute(
+                delete(desired_states).where(
+                    and_(desired_states.c.updated_at < before, or_(desired_states.c.end_at.is_(None), desired_states.c.end_at < before))
+                )
+            ).rowcount
+            delivered = conn.execute(
+                delete(delivered_events).where(
+                    and_(
+                        delivered_events.c.updated_at < before,
+                        delivered_events.c.planner_originated.is_(False),
+                        or_(delivered_events.c.present.is_(False), delivered_events.c.end_at < before),
+                    )
+                )
+            ).rowcount
+        return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered}
 
     # --- publisher: what Planner holds ----------------------------------------------------------
     def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRow]:

@@ -223,6 +223,11 @@ class Reconciler:
                 run_reconciliation(self.settings, clock=self.clock)
             except Exception:  # noqa: BLE001 - a failed night is logged; the next one still runs
                 log.exception("reconciliation_failed")
+            try:
+                store = open_store(self.settings.database_url(), self.settings.database.auto_upgrade)
+                log.info("store_pruned", **store.prune(self.clock() - self.settings.database.retention))
+            except Exception:  # noqa: BLE001
+                log.exception("store_prune_failed")
             self.runs += 1
         log.info("worker_stopped", stage="reconciler")
 

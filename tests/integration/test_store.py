@@ -91,3 +91,29 @@ def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
+
+
+def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originated_ones(store: Store) -> None:
+    from sqlalchemy import update as sql_update
+
+    from shared.store import delivered_events, desired_states, snapshot_parts
+
+    long_ago = T - timedelta(days=60)
+    future = Interval(start=T + timedelta(days=400), end=T + timedelta(days=400, hours=1))
+    store.save_desired("a@k.dk", [
+        DesiredRow("absent-old", "u", None, 1, None, None),
+        DesiredRow("busy-future-old", "u", None, 1, future, None),
+        DesiredRow("absent-new", "u", None, 1, None, None),
+    ], snapshot_part=("old-snapshot", 1, 1))
+    store.save_delivered("a@k.dk", "gone-old", version=1, present=False, interval=None)
+    store.save_delivered("a@k.dk", "echo-old", version=1, present=False, interval=None, planner_originated=True)
+    store.save_delivered("a@k.dk", "held-future-old", version=1, present=True, interval=future)
+    with store.engine.begin() as conn:  # age everything but the "-new" rows
+        conn.execute(sql_update(desired_states).where(desired_states.c.origin_id != "absent-new").values(updated_at=long_ago))
+        conn.execute(sql_update(delivered_events).values(updated_at=long_ago))
+        conn.execute(sql_update(snapshot_parts).values(received_at=long_ago))
+    counts = store.prune(T - timedelta(days=30))
+    assert counts == {"snapshot_parts": 1, "desired_states": 1, "delivered_events": 1}
+    assert sorted(store.desired("a@k.dk")) == ["absent-new", "busy-future-old"]
+    assert sorted(store.delivered("a@k.dk")) == ["echo-old", "held-future-old"]
+    assert store.snapshot_progress("old-snapshot") == (set(), None)
