@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.config import load_settings  # noqa: E402
+from shared.local_workers import start_workers, stop_workers  # noqa: E402
 from shared.logs import configure  # noqa: E402
 from shared.store import Store, upgrade  # noqa: E402
 from shared.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> int:
         store.add_mailbox(mailbox)
     topology = from_settings(settings.broker, settings.retry)
     ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
-    exe = str(Path(sys.executable).with_name("plannersync"))
-    workers = []
+    workers: list[subprocess.Popen[bytes]] = []
     total = len(items)
 
     def held_count() -> int:
@@ -102,8 +101,7 @@ def main() -> int:
 
     try:
         started = time.monotonic()
-        for name in ("change-producer", "transformer", "publisher"):
-            workers.append(subprocess.Popen([exe, "run", name], env=env, stdout=(workdir / f"{name}.log").open("wb"), stderr=subprocess.STDOUT))
+        workers = start_workers(["change-producer", "transformer", "publisher"], env, workdir)
         while held_count() < total and time.monotonic() - started < args.timeout:
             time.sleep(0.1)
         load = time.monotonic() - started
@@ -143,13 +141,7 @@ def main() -> int:
         print("  reference client for comparison: notification poll 4 s + send cycle 20 s, edits for today never sent")
         return 0
     finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_workers(workers)
         exchange.stop()
         planner.stop()
         delete_everything(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())

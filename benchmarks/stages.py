@@ -26,7 +26,7 @@ import pika  # noqa: E402
 
 from shared.config import load_settings  # noqa: E402
 from shared.consumer import Outgoing, Publisher  # noqa: E402
-from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, Interval  # noqa: E402
+from shared.contracts import CalendarChange, CalendarItem  # noqa: E402
 from shared.logs import configure  # noqa: E402
 from shared.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 

@@ -10,9 +10,7 @@ temporary SQLite file; both are removed at the end, so the demo never touches a 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -24,6 +22,7 @@ from zoneinfo import ZoneInfo
 import requests
 
 from shared.config import load_settings
+from shared.local_workers import start_workers, stop_workers
 from shared.store import Store, upgrade
 from shared.topology import delete_everything, ensure_policies, from_settings
 
@@ -81,7 +80,6 @@ def run_demo(seconds: float = 60.0) -> int:
     upgrade(store.engine)
     store.add_mailbox(MAILBOX)
     topology = from_settings(settings.broker, settings.retry)
-    exe = str(Path(sys.executable).with_name("plannersync"))
     print(f"plannersync demo: queues '{prefix}.*' on {settings.broker.host}:{settings.broker.port}")
     print(f"  Exchange simulator {exchange.url}  (mailbox {MAILBOX})")
     print(f"  Planner simulator  {planner.url}")
@@ -101,9 +99,7 @@ def run_demo(seconds: float = 60.0) -> int:
     ok = True
     try:
         ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
-        for name in ("change-producer", "transformer", "publisher"):
-            log = (workdir / f"{name}.log").open("wb")
-            workers.append(subprocess.Popen([exe, "run", name], env=env, stdout=log, stderr=subprocess.STDOUT))
+        workers = start_workers(["change-producer", "transformer", "publisher"], env, workdir)
 
         took = wait(lambda h: "demo-meeting" in h and "demo-course" in h and sum(k.startswith("demo-standup$") for k in h) == 6)
         ok &= _report("first sync: the calendar reaches Planner", took)
@@ -129,13 +125,7 @@ def run_demo(seconds: float = 60.0) -> int:
         print("\nresult: " + ("OK - Planner follows the calendar" if ok else f"FAILED - see the worker logs in {workdir}"))
         return 0 if ok else 1
     finally:
-        for proc in workers:
-            proc.send_signal(signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_workers(workers)
         exchange.stop()
         planner.stop()
         delete_everything(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())

@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from shared.busy_rules import BusyPolicy, sync_window
 from shared.config import Settings

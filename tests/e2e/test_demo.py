@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import broker  # noqa: F401 - fixture: fail loudly without RabbitMQ
 from tests.e2e.conftest import PLANNERSYNC
 
 
-def test_the_demo_runs_green(broker: str) -> None:  # noqa: F811
+def test_the_demo_runs_green(broker: str) -> None:  # the fixture fails loudly without RabbitMQ
     done = subprocess.run([PLANNERSYNC, "demo", "--seconds", "60"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result: OK" in done.stdout

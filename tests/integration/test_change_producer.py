@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 

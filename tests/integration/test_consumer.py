@@ -9,7 +9,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-import pika
 import pytest
 import requests
 
