@@ -148,6 +148,9 @@ class ChangeProducer:
         except Exception:
             self._publisher().close()
             raise
+        if isinstance(message, CalendarChange):  # the start of the correlation trail: Exchange item id -> Planner receipt
+            with correlation(message.correlation_id):
+                log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
 
     def _read(self, address: str, full: bool = False) -> None:
         observed_at = self.clock()

@@ -153,6 +153,16 @@ def test_a_caseworkers_calendar_reaches_planner_right_across_dst_from_a_new_york
 
     for proc in processes:
         assert proc.stop() == 0, proc.log()[-3000:]
+    # one correlation id follows the all-day item from the Exchange read to Planner's receipt
+    import json as _json
+
+    trail = {}
+    for proc in processes:
+        for line in proc.log().splitlines():
+            if line.startswith("{"):
+                entry = _json.loads(line)
+                trail.setdefault(entry.get("correlation_id"), set()).add(entry.get("event"))
+    assert any({"calendar_change_published", "calendar_transformed", "planner_receipt", "busy_time_delivered"} <= events for cid, events in trail.items() if cid)
     # the canary is nowhere: messages, logs, database, Planner
     messages = b"\n".join(tap())
     assert messages and CANARY.encode() not in messages
