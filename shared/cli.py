@@ -261,6 +261,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
+    certificate = status["planner_certificate"]
+    if certificate:
+        shown = certificate.get("error") or f"expires {certificate['expires_at']} ({certificate['days_left']} days)"
+        print(f"Planner client certificate: {shown}")
     print("Workers")
     for stage, data in sorted(status["workers"].items()):
         extra = f"  paused until {data['paused_until']} ({data['pause_reason']})" if data.get("paused_until") else ""

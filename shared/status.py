@@ -36,7 +36,21 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
     for stage, data in read_health(settings.status.health_dir).items():
         healthy, why = is_healthy(data, settings.status.stale_after.total_seconds(), time.time())
         workers[stage] = {**{k: v for k, v in data.items() if k != "updated_ts"}, "healthy": healthy, "why": why}
-    return {"mailboxes": mailboxes, "queues": _queues(settings), "workers": workers}
+    return {"mailboxes": mailboxes, "queues": _queues(settings), "workers": workers, "planner_certificate": _certificate(settings)}
+
+
+def _certificate(settings: Settings) -> dict[str, Any] | None:
+    from datetime import datetime, timezone
+
+    from services.publisher.planner_client import client_certificate_expiry
+
+    try:
+        expiry = client_certificate_expiry(settings.planner)
+    except Exception as exc:  # noqa: BLE001 - a status page must not fail on a bad certificate file
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    if expiry is None:
+        return None
+    return {"expires_at": expiry.isoformat(), "days_left": (expiry - datetime.now(timezone.utc)).days}
 
 
 def _queues(settings: Settings) -> list[dict[str, Any]] | str:

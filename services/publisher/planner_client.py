@@ -332,6 +332,20 @@ def _load_pkcs12(context: ssl.SSLContext, p12: Path, passphrase: str | None) -> 
         context.load_cert_chain(cert_path, key_path)
 
 
+def client_certificate_expiry(planner: PlannerSettings) -> datetime | None:
+    """When the configured client (OCES function) certificate stops being valid; None when none is configured."""
+    from cryptography import x509
+
+    if planner.client_cert_p12 is not None:
+        passphrase = planner.client_cert_passphrase.get_secret_value().encode("utf-8") if planner.client_cert_passphrase else None
+        _key, certificate, _chain = pkcs12.load_key_and_certificates(planner.client_cert_p12.read_bytes(), passphrase)
+    elif planner.client_cert_pem is not None:
+        certificate = x509.load_pem_x509_certificate(planner.client_cert_pem.read_bytes())
+    else:
+        return None
+    return certificate.not_valid_after_utc if certificate is not None else None
+
+
 def build_ssl_context(planner: PlannerSettings) -> ssl.SSLContext:
     """Trust anchors (``ca_bundle`` or the system store) and the client certificate for mutual TLS."""
     if planner.insecure_skip_verify:

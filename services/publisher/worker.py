@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -201,12 +202,30 @@ def _call(
     return again
 
 
+CERTIFICATE_WARNING_DAYS = 30
+
+
+def warn_if_certificate_expires(expiry: datetime | None, now: datetime | None = None) -> int | None:
+    """Log at every start when the OCES certificate expires within 30 days; return the days left."""
+    if expiry is None:
+        return None
+    days = (expiry - (now or datetime.now(timezone.utc))).days
+    if days < CERTIFICATE_WARNING_DAYS:
+        log.warning("planner_certificate_expires_soon", expires_at=expiry.isoformat(), days_left=days)
+    else:
+        log.info("planner_certificate_valid", expires_at=expiry.isoformat(), days_left=days)
+    return days
+
+
 def build(settings: Settings) -> Consumer:
     """Wire the publisher: store, Planner client, consumer. Nothing connects at import."""
     from services.publisher.planner_client import PlannerClient, PlannerEvent
 
+    from services.publisher.planner_client import client_certificate_expiry
+
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
+    warn_if_certificate_expires(client_certificate_expiry(settings.planner))
     topology: Topology = from_settings(settings.broker, settings.retry)
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
     pool = ThreadPoolExecutor(max_workers=settings.planner.parallel_calls, thread_name_prefix="planner-call")
