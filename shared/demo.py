@@ -73,6 +73,7 @@ def run_demo(seconds: float = 60.0) -> int:
             "PLANNERSYNC_EXCHANGE__ENDPOINT": exchange.url,
             "PLANNERSYNC_EXCHANGE__USERNAME": "svc-plannersync",
             "PLANNERSYNC_EXCHANGE__PASSWORD": "demo",
+            "PLANNERSYNC_STATUS__HEALTH_DIR": str(workdir / "health"),
         }
     )
     settings = load_settings(environ=env, broker={"prefix": prefix}, database={"url": env["PLANNERSYNC_DATABASE__URL"]})
