@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     TypeDecorator,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -343,8 +344,21 @@ class Store:
         """Upsert rows, never lowering a key's version, and record a snapshot part, in one transaction."""
         mailbox = mailbox.lower()
         now = now_utc()
+        latest: dict[str, DesiredRow] = {}
+        for row in rows:  # the newest row per key wins inside one call, too
+            if row.origin_id not in latest or latest[row.origin_id].version <= row.version:
+                latest[row.origin_id] = row
         with self.engine.begin() as conn:
-            for row in rows:
+            existing: dict[str, int] = {}
+            keys = list(latest)
+            for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
+                chunk = keys[start : start + 500]
+                query = select(desired_states.c.origin_id, desired_states.c.version).where(
+                    and_(desired_states.c.mailbox == mailbox, desired_states.c.origin_id.in_(chunk))
+                )
+                existing.update({r.origin_id: r.version for r in conn.execute(query)})
+            inserts, updates = [], []
+            for origin_id, row in latest.items():
                 values = {
                     "uid": row.uid,
                     "source_item_id": row.source_item_id,
@@ -355,12 +369,19 @@ class Store:
                     "correlation_id": correlation_id,
                     "updated_at": now,
                 }
-                key = and_(desired_states.c.mailbox == mailbox, desired_states.c.origin_id == row.origin_id)
-                existing = conn.execute(select(desired_states.c.version).where(key)).scalar()
-                if existing is None:
-                    conn.execute(insert(desired_states).values(mailbox=mailbox, origin_id=row.origin_id, **values))
-                elif existing <= row.version:
-                    conn.execute(update(desired_states).where(key).values(**values))
+                if origin_id not in existing:
+                    inserts.append({"mailbox": mailbox, "origin_id": origin_id, **values})
+                elif existing[origin_id] <= row.version:
+                    updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
+            if inserts:
+                conn.execute(insert(desired_states), inserts)
+            if updates:
+                statement = (
+                    update(desired_states)
+                    .where(and_(desired_states.c.mailbox == bindparam("k_mailbox"), desired_states.c.origin_id == bindparam("k_origin_id")))
+                    .values({name: bindparam(name) for name in updates[0] if not name.startswith("k_")})
+                )
+                conn.execute(statement, updates)
             if snapshot_part is not None:
                 snapshot_id, part, total = snapshot_part
                 part_key = and_(snapshot_parts.c.snapshot_id == snapshot_id, snapshot_parts.c.part == part)

@@ -117,3 +117,13 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
     assert sorted(store.desired("a@k.dk")) == ["absent-new", "busy-future-old"]
     assert sorted(store.delivered("a@k.dk")) == ["echo-old", "held-future-old"]
     assert store.snapshot_progress("old-snapshot") == (set(), None)
+
+
+def test_many_rows_are_saved_in_one_call_with_the_newest_per_key_winning(store: Store) -> None:
+    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 5, SPAN, None)])
+    rows = [DesiredRow(f"n{i}", "u", None, 1, SPAN, "snap") for i in range(1200)]  # more than one IN chunk
+    rows += [DesiredRow("k", "u", None, 9, None, "snap"), DesiredRow("k", "u", None, 7, SPAN, None), DesiredRow("k", "u", None, 4, SPAN, None)]
+    store.save_desired("a@k.dk", rows)
+    saved = store.desired("a@k.dk")
+    assert len(saved) == 1201 and saved["n1199"].seen_in_snapshot == "snap"
+    assert (saved["k"].version, saved["k"].interval) == (9, None)
