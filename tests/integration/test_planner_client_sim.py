@@ -16,6 +16,7 @@ from shared.config import PlannerSettings, RetrySettings
 from shared.retry import Permanent, Transient
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
+from tests.support.planner_control import SimControl
 from tests.support.tls import ThrowawayPKI, write_pki
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,40 +47,12 @@ def sim(pki: ThrowawayPKI) -> Iterator[RunningPlannerSim]:
     running.stop()
 
 
-class Control:
-    """The simulator's /_sim API, called with the client certificate like everything else on that port."""
-
-    def __init__(self, sim: RunningPlannerSim, pki: ThrowawayPKI) -> None:
-        self.base = sim.control_url
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.verify = str(pki.ca_cert)
-        self.session.cert = (str(pki.client_cert), str(pki.client_key))
-
-    def post(self, path: str, body: Any = None) -> Any:
-        response = self.session.post(self.base + path, json=body, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def get(self, path: str, **params: str) -> Any:
-        response = self.session.get(self.base + path, params=params, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def fault(self, **spec: Any) -> None:
-        self.post("/faults", spec)
-
-    def calls(self, operation: str | None = None) -> list[dict[str, Any]]:
-        calls = self.get("/calls")["calls"]
-        return [call for call in calls if operation is None or call["operation"] == operation]
-
-
 @pytest.fixture
-def control(sim: RunningPlannerSim, pki: ThrowawayPKI) -> Iterator[Control]:
-    control = Control(sim, pki)
-    control.post("/reset")
+def control(sim: RunningPlannerSim, pki: ThrowawayPKI) -> Iterator[SimControl]:
+    control = SimControl(sim, pki)
+    control.reset()
     yield control
-    control.session.close()
+    control.close()
 
 
 @pytest.fixture
