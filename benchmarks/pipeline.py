@@ -31,11 +31,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plannersync.local_workers import start_workers, stop_workers  # noqa: E402
+from shared.adapters.store import Store, upgrade  # noqa: E402
+from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from shared.config import load_settings  # noqa: E402
-from shared.local_workers import start_workers, stop_workers  # noqa: E402
 from shared.logs import configure  # noqa: E402
-from shared.store import Store, upgrade  # noqa: E402
-from shared.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from simulators.exchange.server import start_server as start_exchange  # noqa: E402
 from simulators.planner.server import start_server as start_planner  # noqa: E402
 

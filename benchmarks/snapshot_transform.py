@@ -21,13 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.snapshot_producer.snapshot import snapshot_parts  # noqa: E402
 from services.transformer.worker import build  # noqa: E402
+from shared.broker.consume_loop import Publisher  # noqa: E402
+from shared.broker.publishing import Outgoing
+from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from shared.config import load_settings  # noqa: E402
-from shared.consumer import Outgoing, Publisher  # noqa: E402
-from shared.contracts import CalendarItem, Interval  # noqa: E402
+from shared.domain.contracts import CalendarItem, Interval  # noqa: E402
+from shared.domain.mailbox_reads import snapshot_parts  # noqa: E402
 from shared.logs import configure  # noqa: E402
-from shared.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +55,7 @@ def main() -> int:
                              end=now + timedelta(days=1 + n % 80, hours=n % 9, minutes=30), free_busy="Busy", time_zone="Romance Standard Time")
                 for n in range(args.items)
             ]
-            for part in snapshot_parts(mailbox, items, window, datetime.now(timezone.utc), settings.exchange.snapshot_part_size):
+            for part in snapshot_parts(mailbox, items, window, datetime.now(timezone.utc), settings.exchange.snapshot_part_size, uuid.uuid4().hex):
                 producer.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(mailbox), part))
                 count += 1
         producer.close()

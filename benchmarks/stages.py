@@ -24,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402
 
+from shared.broker.consume_loop import Publisher  # noqa: E402
+from shared.broker.publishing import Outgoing
+from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from shared.config import load_settings  # noqa: E402
-from shared.consumer import Outgoing, Publisher  # noqa: E402
-from shared.contracts import CalendarChange, CalendarItem  # noqa: E402
+from shared.domain.contracts import CalendarChange, CalendarItem  # noqa: E402
 from shared.logs import configure  # noqa: E402
-from shared.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 
 
 def _depth(queue: str) -> int:

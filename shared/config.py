@@ -28,6 +28,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from shared.domain.busy_rules import BusyPolicy
+from shared.domain.delivery_plan import ReceiptAction
+
 ENV_PREFIX = "PLANNERSYNC_"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -167,6 +170,16 @@ class BusySettings(BaseModel):
             raise ValueError(f"unknown free/busy status {unknown}; known: {sorted(known)}")
         return value
 
+    def policy(self) -> BusyPolicy:
+        """The busy rules' parameters as the pure core takes them."""
+        return BusyPolicy(
+            busy_statuses=frozenset(self.busy_statuses),
+            window_months=self.window_months,
+            zone=ZoneInfo(self.time_zone),
+            planner_organizers=frozenset(address.strip().lower() for address in self.planner_organizers),
+            planner_uid_patterns=tuple(re.compile(pattern) for pattern in self.planner_uid_patterns),
+        )
+
     @field_validator("planner_uid_patterns")
     @classmethod
     def _patterns_compile(cls, value: list[str]) -> list[str]:
@@ -177,8 +190,6 @@ class BusySettings(BaseModel):
                 raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
         return value
 
-
-ReceiptAction = Literal["ok", "update_instead", "create_instead", "planner_originated", "retry", "dead_letter"]
 
 DEFAULT_RECEIPT_ACTIONS: dict[str, ReceiptAction] = {
     "0": "ok",

@@ -15,8 +15,13 @@ import pika
 import pytest
 import requests
 
+from shared.broker.topology import (
+    Topology,
+    delete_everything,
+    ensure_policies,
+    from_settings,
+)
 from shared.config import Settings, load_settings
-from shared.topology import Topology, delete_everything, ensure_policies, from_settings
 
 BROKER_HOST = "127.0.0.1"
 MANAGEMENT = "http://127.0.0.1:15672"

@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable
 
-from shared.busy_rules import BusyPolicy, sync_window
+from shared.adapters.ews import EwsConnection, classify
+from shared.adapters.store import Store, open_store
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.consumer import Outgoing, Publisher
-from shared.contracts import CalendarChange, CalendarSnapshot
-from shared.ews import Exchange, classify
+from shared.domain.busy_rules import sync_window
+from shared.domain.contracts import CalendarChange, CalendarSnapshot
+from shared.domain.read_schedule import Schedule, Timing
 from shared.health import write_health
 from shared.logs import correlation, get_logger
-from shared.store import Store, open_store
-from shared.topology import Topology, from_settings
-
-from services.change_producer.schedule import Schedule, Timing
-from services.change_producer.sync_pass import sync_mailbox
-from services.snapshot_producer.snapshot import snapshot_mailbox
+from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
 
 log = get_logger(__name__)
 
@@ -41,14 +40,18 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
 class ChangeProducer:
-    def __init__(self, settings: Settings, store: Store, exchange: Exchange, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
         self.settings = settings
         self.store = store
         self.exchange = exchange
         self.topology = topology
         self.clock = clock
-        self.policy = BusyPolicy.from_settings(settings.busy)
+        self.policy = settings.busy.policy()
         ex = settings.exchange
         self.schedule = Schedule(Timing(ex.safety_sync_interval, ex.unsubscribed_poll_interval, ex.failure_backoff_max, ex.transient_retry, ex.unavailable_retry))
         self.lock = threading.Lock()
@@ -157,9 +160,9 @@ class ChangeProducer:
         window = sync_window(observed_at, self.policy)
         with correlation(None, mailbox=address):
             try:
-                result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, full=full)
+                result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
                 if result.full_resync and full:
-                    items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, self.settings.exchange.snapshot_part_size)
+                    items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, self.settings.exchange.snapshot_part_size, _new_id())
                     log.info("mailbox_resynced", items=items)
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
                 fault = classify(exc)
@@ -282,6 +285,6 @@ def build(settings: Settings) -> ChangeProducer:
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     ex = settings.exchange
     pool = ex.streaming_connections + ex.sync_workers + 2
-    exchange = Exchange(ex, settings.busy.time_zone, pool)
+    exchange = EwsConnection(ex, settings.busy.time_zone, pool)
     return ChangeProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))
 

@@ -9,21 +9,37 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
-from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol, Sequence
 
+from shared.adapters.store import Store, open_store
+from shared.broker.consume_loop import (
+    Consumer,
+    ConsumerOptions,
+    Done,
+    Inbound,
+    Pausable,
+    Result,
+)
+from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Pausable, Result
-from shared.contracts import BusyTimeState, Interval
+from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.delivery_plan import (
+    DeliveredRecord,
+    NoChange,
+    Operation,
+    Send,
+    follow_up,
+    newest_per_key,
+    plan,
+    receipt_action,
+    remember_version,
+)
+from shared.domain.retry import Permanent, Transient
 from shared.logs import correlation, get_logger
-from shared.retry import Permanent, Transient
-from shared.store import DeliveredRow, Store, open_store
-from shared.topology import Topology, from_settings
-
-from services.publisher.delivery_plan import NoChange, Operation, Send, follow_up, newest_per_key, plan, receipt_action, remember_version
 
 log = get_logger(__name__)
 
@@ -138,7 +154,7 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
 
 
 def _call(
-    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRow], deps: PublisherDeps, results: dict[int, Result]
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, results: dict[int, Result]
 ) -> list[_Pending]:
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
@@ -219,9 +235,11 @@ def warn_if_certificate_expires(expiry: datetime | None, now: datetime | None = 
 
 def build(settings: Settings) -> Consumer:
     """Wire the publisher: store, Planner client, consumer. Nothing connects at import."""
-    from services.publisher.planner_client import PlannerClient, PlannerEvent
-
-    from services.publisher.planner_client import client_certificate_expiry
+    from shared.adapters.planner_client import (
+        PlannerClient,
+        PlannerEvent,
+        client_certificate_expiry,
+    )
 
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Callable, Protocol, Sequence
-from zoneinfo import ZoneInfo
 
-from shared.busy_rules import BusyPolicy, sync_window
+from shared.adapters.store import Store, open_store
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.consumer import Outgoing, Publisher
-from shared.contracts import Interval, version_of
+from shared.domain.busy_rules import sync_window
+from shared.domain.contracts import Interval, version_of
+from shared.domain.reconcile_plan import (
+    HeldEvent,
+    MailboxReconciliation,
+    MailboxReport,
+    plan_reconciliation,
+)
+from shared.domain.retry import Permanent, Transient
+from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
-from shared.retry import Permanent, Transient
-from shared.store import Store, open_store
-from shared.topology import Topology, from_settings
-
-from services.reconciler.reconcile_plan import HeldEvent, MailboxReconciliation, MailboxReport, plan_reconciliation
 
 log = get_logger(__name__)
 
@@ -42,19 +46,6 @@ class PlannerReader(Protocol):
 
 class StatePublisher(Protocol):
     def publish(self, outgoing: Outgoing) -> None: ...
-
-
-def next_run(now: datetime, at: str, zone: str) -> datetime:
-    """The next moment after ``now`` the wall clock in ``zone`` shows ``at`` (HH:MM), as aware UTC."""
-    tz = ZoneInfo(zone)
-    hour, minute = (int(part) for part in at.split(":"))
-    local = now.astimezone(tz)
-    for days in range(3):
-        candidate = datetime.combine(local.date() + timedelta(days=days), time(hour, minute), tzinfo=tz)
-        # a wall time the spring change skips does not exist: zoneinfo gives the hour after, which is fine
-        if candidate.astimezone(timezone.utc) > now.astimezone(timezone.utc):
-            return candidate.astimezone(timezone.utc)
-    raise AssertionError("unreachable")
 
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
@@ -89,7 +80,7 @@ def run_reconciliation(
     if store is None:
         store = open_store(settings.database_url(), settings.database.auto_upgrade)
     if client is None:
-        from services.publisher.planner_client import PlannerClient
+        from shared.adapters.planner_client import PlannerClient
 
         client = own_client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
     if publisher is None:
@@ -115,7 +106,7 @@ def _reconcile(
 ) -> list[MailboxReport]:
     run_id = f"reconcile-{uuid.uuid4().hex[:16]}"
     now = clock()
-    window = sync_window(now, BusyPolicy.from_settings(settings.busy))
+    window = sync_window(now, settings.busy.policy())
     targets, reports = _targets(store, mailboxes)
     with correlation(run_id):
         log.info("reconciliation_started", mailboxes=len(targets), force=force, window_start=window.start.isoformat(), window_end=window.end.isoformat())

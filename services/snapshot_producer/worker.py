@@ -8,38 +8,24 @@ recorded and the others go on. ``SnapshotProducer.run`` waits for the configured
 from __future__ import annotations
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Callable
-from zoneinfo import ZoneInfo
 
-from shared.busy_rules import BusyPolicy, sync_window
+from shared.adapters.ews import EwsConnection, classify
+from shared.adapters.store import Store, open_store
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.consumer import Outgoing, Publisher
-from shared.contracts import CalendarSnapshot
-from shared.ews import Exchange, classify
+from shared.domain.busy_rules import sync_window
+from shared.domain.contracts import CalendarSnapshot
+from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
-from shared.store import Store, open_store
-from shared.topology import Topology, from_settings
-
-from services.snapshot_producer.snapshot import snapshot_mailbox
+from shared.mailbox_passes import snapshot_mailbox
 
 log = get_logger(__name__)
-
-
-def next_run(now: datetime, at: str, zone: str) -> datetime:
-    """The next moment the local wall clock shows ``at`` (HH:MM), as aware UTC; DST-safe."""
-    tz = ZoneInfo(zone)
-    hour, minute = (int(part) for part in at.split(":"))
-    local = now.astimezone(tz)
-    for days in range(0, 3):
-        day = (local + timedelta(days=days)).date()
-        candidate = datetime.combine(day, time(hour, minute), tzinfo=tz)
-        # a wall time skipped by the spring change does not exist: zoneinfo gives the hour after, which is fine
-        if candidate.astimezone(timezone.utc) > now.astimezone(timezone.utc):
-            return candidate.astimezone(timezone.utc)
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -49,9 +35,9 @@ class SnapshotResult:
     error: str | None
 
 
-def run_snapshots(settings: Settings, mailboxes: list[str], exchange: Exchange, store: Store, topology: Topology, clock: Callable[[], datetime] | None = None) -> list[SnapshotResult]:
+def run_snapshots(settings: Settings, mailboxes: list[str], exchange: EwsConnection, store: Store, topology: Topology, clock: Callable[[], datetime] | None = None) -> list[SnapshotResult]:
     clock = clock or (lambda: datetime.now(timezone.utc))
-    policy = BusyPolicy.from_settings(settings.busy)
+    policy = settings.busy.policy()
     local = threading.local()
 
     def publish(part: CalendarSnapshot) -> None:
@@ -64,7 +50,7 @@ def run_snapshots(settings: Settings, mailboxes: list[str], exchange: Exchange, 
         observed_at = clock()
         with correlation(None, mailbox=mailbox):
             try:
-                count = snapshot_mailbox(mailbox, exchange, publish, sync_window(observed_at, policy), observed_at, settings.exchange.snapshot_part_size)
+                count = snapshot_mailbox(mailbox, exchange, publish, sync_window(observed_at, policy), observed_at, settings.exchange.snapshot_part_size, uuid.uuid4().hex)
             except Exception as exc:  # noqa: BLE001 - one mailbox failing never stops the others
                 fault = classify(exc)
                 log.warning("snapshot_failed", kind=fault.kind, detail=fault.detail)
@@ -73,7 +59,7 @@ def run_snapshots(settings: Settings, mailboxes: list[str], exchange: Exchange, 
                 except Exception:  # noqa: BLE001
                     pass
                 return SnapshotResult(mailbox, None, fault.detail)
-            store.save_sync_state(mailbox, last_full_sync_at=observed_at)
+            store.record_full_read(mailbox, observed_at)
             log.info("snapshot_published", items=count)
             return SnapshotResult(mailbox, count, None)
 
@@ -83,7 +69,7 @@ def run_snapshots(settings: Settings, mailboxes: list[str], exchange: Exchange, 
 
 
 class SnapshotProducer:
-    def __init__(self, settings: Settings, store: Store, exchange: Exchange, topology: Topology) -> None:
+    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology) -> None:
         self.settings, self.store, self.exchange, self.topology = settings, store, exchange, topology
         self.stopping = threading.Event()
 
@@ -105,5 +91,5 @@ class SnapshotProducer:
 
 def build(settings: Settings) -> SnapshotProducer:
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
-    exchange = Exchange(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
+    exchange = EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
     return SnapshotProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))

@@ -1,8 +1,8 @@
 """The transformer: calendar changes and snapshots in, busy-time desired states out.
 
-Gather (what was last decided for the mailbox), decide (``shared.transform_core``, pure), apply
+Gather (what was last decided for the mailbox), decide (``shared.domain.transform_core``, pure), apply
 (publish the states that change something, then remember every decision, then ack: done by
-``shared.consumer``). Snapshot parts are remembered in the same transaction as their keys, so a
+``shared.broker.consume_loop``). Snapshot parts are remembered in the same transaction as their keys, so a
 snapshot counts as complete only when every part's effects are stored.
 """
 
@@ -12,15 +12,22 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
-from shared.busy_rules import BusyPolicy
+from shared.adapters.store import Store, open_store
+from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result
+from shared.broker.publishing import Outgoing
+from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Outgoing, Result
-from shared.contracts import CalendarChange, CalendarSnapshot
+from shared.domain.busy_rules import BusyPolicy
+from shared.domain.contracts import CalendarChange, CalendarSnapshot
+from shared.domain.retry import Permanent
+from shared.domain.transform_core import (
+    Decision,
+    DesiredRecord,
+    complete_snapshot,
+    derive_change,
+    derive_snapshot_part,
+)
 from shared.logs import correlation, get_logger
-from shared.retry import Permanent
-from shared.store import DesiredRow, Store, open_store
-from shared.topology import Topology, from_settings
-from shared.transform_core import Decision, Known, complete_snapshot, derive_change, derive_snapshot_part
 
 log = get_logger(__name__)
 
@@ -33,17 +40,9 @@ class TransformerDeps:
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 
 
-def _known(row: DesiredRow) -> Known:
-    return Known(row.origin_id, row.uid, row.source_item_id, row.version, row.interval, row.seen_in_snapshot)
-
-
-def _row(known: Known) -> DesiredRow:
-    return DesiredRow(known.origin_id, known.uid, known.source_item_id, known.version, known.interval, known.seen_in_snapshot)
-
-
 def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
     """Transform a batch; each message's decision sees the decisions of earlier messages in the batch."""
-    overlay: dict[str, dict[str, Known]] = {}
+    overlay: dict[str, dict[str, DesiredRecord]] = {}
     parts_seen: dict[str, set[int]] = {}
     results: list[Result] = []
     now = deps.clock()
@@ -55,7 +54,7 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
                 continue
             mailbox = message.mailbox.lower()
             if mailbox not in overlay:
-                overlay[mailbox] = {origin: _known(row) for origin, row in deps.store.desired(mailbox).items()}
+                overlay[mailbox] = dict(deps.store.desired(mailbox))
             known = overlay[mailbox]
             snapshot_part = None
             if isinstance(message, CalendarChange):
@@ -77,7 +76,7 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
 
 
 def _maybe_complete(
-    part: CalendarSnapshot, decision: Decision, known: dict[str, Known], deps: TransformerDeps, parts_seen: dict[str, set[int]]
+    part: CalendarSnapshot, decision: Decision, known: dict[str, DesiredRecord], deps: TransformerDeps, parts_seen: dict[str, set[int]]
 ) -> Decision:
     recorded, total = deps.store.snapshot_progress(part.snapshot_id)
     seen = parts_seen.setdefault(part.snapshot_id, set()) | recorded | {part.part}
@@ -97,7 +96,7 @@ def _maybe_complete(
 
 def _apply(mailbox: str, correlation_id: str, decision: Decision, snapshot_part: tuple[str, int, int | None] | None, deps: TransformerDeps) -> Done:
     publish = [Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(mailbox), state) for state in decision.emit]
-    rows = [_row(k) for k in decision.remember]
+    rows = list(decision.remember)
 
     def record() -> None:
         deps.store.save_desired(mailbox, rows, correlation_id, snapshot_part=snapshot_part)
@@ -109,6 +108,6 @@ def build(settings: Settings) -> Consumer:
     """Wire the transformer: store, policy, consumer. Nothing connects at import."""
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     topology = from_settings(settings.broker, settings.retry)
-    deps = TransformerDeps(store, topology, BusyPolicy.from_settings(settings.busy))
+    deps = TransformerDeps(store, topology, settings.busy.policy())
     options = ConsumerOptions(prefetch=200, batch_size=100)
     return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options, settings.status.health_dir)

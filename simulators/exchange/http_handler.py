@@ -173,8 +173,8 @@ class EwsHandler(BaseHTTPRequestHandler):
                 forced = flt.code
         if op not in MAILBOX_FREE and (mailbox is None or state.store.mailbox(mailbox) is None):
             state.record(op, mailbox, "ErrorNonExistentMailbox")
-            return self._xml(500, fault("ErrorNonExistentMailbox", f"The SMTP address has no mailbox associated "
-                                        f"with it."))
+            return self._xml(500, fault("ErrorNonExistentMailbox", "The SMTP address has no mailbox associated "
+                                        "with it."))
         log.info("exchange_sim_request", operation=op, mailbox=mailbox)
         if op == "GetStreamingEvents":
             return self._stream(request, mailbox)

@@ -13,9 +13,15 @@ from . import ids, render, sync_state
 from .model import CALENDAR, DELETED_ITEMS, Item
 from .recurrence import expand, find_occurrence, overlaps
 from .restriction import UnsupportedRestriction, matches
-from .soap import Element, message, m, response, sub, t, xs_bool
+from .soap import Element, m, message, response, sub, t, xs_bool
 from .store import Store
-from .subscriptions import EVENT_TYPES, Event, Subscription, SubscriptionError, Subscriptions
+from .subscriptions import (
+    EVENT_TYPES,
+    Event,
+    Subscription,
+    SubscriptionError,
+    Subscriptions,
+)
 
 FOLDER_ALIASES = {"root": "root", "msgfolderroot": "root", "calendar": CALENDAR, "deleteditems": DELETED_ITEMS}
 MAX_SYNC_CHANGES = 512  # real Exchange's upper bound for MaxChangesReturned

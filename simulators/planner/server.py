@@ -24,7 +24,13 @@ from urllib.parse import parse_qs, urlparse
 
 import structlog
 
-from shared.planner_contract import WSDL_PATH, ContractViolation, Namespaces, parse_xml, validate_envelope
+from shared.adapters.planner_contract import (
+    WSDL_PATH,
+    ContractViolation,
+    Namespaces,
+    parse_xml,
+    validate_envelope,
+)
 from simulators.planner import soap
 from simulators.planner.state import CallRecord, Fault, SimResource, SimState
 

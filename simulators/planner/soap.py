@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from lxml import etree
 from lxml.builder import ElementMaker
 
-from shared.planner_contract import SOAP11_ENV, Namespaces
+from shared.adapters.planner_contract import SOAP11_ENV, Namespaces
 from simulators.planner.state import EventInput, ReceiptOutcome, SimEvent, SimResource
 
 LOCAL_ZONE = ZoneInfo("Europe/Copenhagen")

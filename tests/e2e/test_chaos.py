@@ -7,8 +7,8 @@ model says, and no dead-letter queue may hold anything (Jepsen-style accounting:
 from __future__ import annotations
 
 import random
-import time
 import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -16,9 +16,9 @@ from typing import Iterator
 import pytest
 import requests
 
+from shared.adapters.store import Store, upgrade
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.store import Store, upgrade
-from shared.topology import Topology
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.planner.server import RunningPlannerSim
 from tests.conftest import queue_depth, wait_for

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import parser
+from plannersync.cli import parser
 from tests.e2e.conftest import PLANNERSYNC
 
 ROOT = Path(__file__).resolve().parents[2]

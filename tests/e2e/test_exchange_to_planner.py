@@ -16,9 +16,9 @@ import pika
 import pytest
 import requests
 
+from shared.adapters.store import Store, upgrade
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.store import Store, upgrade
-from shared.topology import Topology
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.planner.server import RunningPlannerSim
 from tests.conftest import BROKER_HOST, wait_for

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import requests
 
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.consumer import Outgoing, Publisher
-from shared.contracts import CalendarChange, CalendarItem, encode
-from shared.topology import Topology
+from shared.domain.contracts import CalendarChange, CalendarItem, encode
 from simulators.planner.server import RunningPlannerSim
 from tests.conftest import drain, queue_depth, wait_for
 from tests.e2e.conftest import WorkerProcess

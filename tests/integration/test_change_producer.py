@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from services.change_producer.worker import build
+from shared.adapters.store import Store
+from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
-from shared.contracts import CalendarChange, decode
-from shared.store import Store
-from shared.topology import Topology
+from shared.domain.contracts import CalendarChange, decode
 from simulators.exchange.server import RunningExchangeSim, start_server
 from tests.conftest import BROKER_HOST, wait_for
 
@@ -105,7 +105,7 @@ def collector(topology: Topology) -> Iterator[Collector]:
 @pytest.fixture
 def enrolled(settings: Settings) -> Store:
     store = Store.connect(settings.database_url())
-    from shared.store import upgrade
+    from shared.adapters.store import upgrade
 
     upgrade(store.engine)
     store.add_mailbox(ANNE)
@@ -141,7 +141,7 @@ def test_a_new_appointment_reaches_the_broker_within_seconds(settings: Settings,
     assert change.mailbox == ANNE and change.change == "upsert" and change.item is not None
     assert change.item.free_busy == "Busy" and change.item.item_type == "single"
     assert change.item.start == datetime.fromisoformat(_future(2, 9)).replace(tzinfo=CPH).astimezone(timezone.utc)
-    assert enrolled.sync_state(ANNE)["sync_state"]  # type: ignore[index]
+    assert enrolled.sync_position(ANNE).sync_state  # type: ignore[union-attr]
 
 
 def test_a_change_made_while_the_producer_was_stopped_is_found_without_a_snapshot(
@@ -149,7 +149,7 @@ def test_a_change_made_while_the_producer_was_stopped_is_found_without_a_snapsho
 ) -> None:
     config = producer_settings(settings, ews)
     with Running(config):
-        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first sync of both mailboxes")
+        wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first sync of both mailboxes")
     item = add_item(ews, BO, start=_future(3, 13), end=_future(3, 14))
     with Running(config):
         changes = wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made while stopped")
@@ -171,7 +171,7 @@ def test_a_change_made_while_the_stream_is_down_arrives_after_the_reconnect(
 ) -> None:
     with Running(producer_settings(settings, ews)) as running:
         wait_for(lambda: subscribed(ews, ANNE), 20, what="subscription")
-        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        wait_for(lambda: enrolled.sync_position(ANNE), 20, what="first sync")
         fault(ews, **spec)
         item = add_item(ews, ANNE, start=_future(4, 8), end=_future(4, 9))
         wait_for(lambda: collector.changes_for(item["uid"]), 30, what=f"the change after {spec['kind']}")
@@ -198,7 +198,7 @@ def test_a_mailbox_fault_is_recovered_from_and_the_other_mailbox_keeps_flowing(
 ) -> None:
     with Running(producer_settings(settings, ews)):
         wait_for(lambda: subscribed(ews, ANNE) and subscribed(ews, BO), 20, what="subscriptions")
-        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first syncs")
+        wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first syncs")
         fault(ews, mailbox=ANNE, operations=["SyncFolderItems"], **spec) if spec["kind"] != "invalid_sync_state" else fault(ews, mailbox=ANNE, **spec)
         anne = add_item(ews, ANNE, start=_future(5, 9), end=_future(5, 10))
         bo = add_item(ews, BO, start=_future(5, 11), end=_future(5, 12))
@@ -211,7 +211,7 @@ def test_a_mailbox_fault_is_recovered_from_and_the_other_mailbox_keeps_flowing(
 
 def test_invalid_sync_state_rereads_the_mailbox_and_publishes_a_snapshot(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
     with Running(producer_settings(settings, ews)):
-        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        wait_for(lambda: enrolled.sync_position(ANNE), 20, what="first sync")
         fault(ews, mailbox=ANNE, kind="invalid_sync_state", count=1)
         item = add_item(ews, ANNE, start=_future(6, 9), end=_future(6, 10))
         wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change after a full re-read")
@@ -223,7 +223,7 @@ def test_enrolment_and_removal_are_noticed_without_a_restart(settings: Settings,
     carl = "carl@jobcenter.dk"
     requests.post(f"{ews.control_url}/mailboxes", json={"address": carl}, timeout=10)
     with Running(producer_settings(settings, ews)) as running:
-        wait_for(lambda: enrolled.sync_state(ANNE), 20, what="first sync")
+        wait_for(lambda: enrolled.sync_position(ANNE), 20, what="first sync")
         enrolled.add_mailbox(carl)
         item = add_item(ews, carl, start=_future(7, 9), end=_future(7, 10))
         wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the new mailbox's items")
@@ -239,7 +239,7 @@ def _subscriptions(sim: RunningExchangeSim, kind: str) -> set[str]:
 def test_pull_subscriptions_are_a_working_alternative(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector) -> None:
     with Running(producer_settings(settings, ews, subscription="pull", pull_interval="300ms", unsubscribed_poll_interval="10m")):
         wait_for(lambda: _subscriptions(ews, "pull") >= {ANNE, BO}, 20, what="pull subscriptions")
-        wait_for(lambda: enrolled.sync_state(ANNE) and enrolled.sync_state(BO), 20, what="first syncs")
+        wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first syncs")
         item = add_item(ews, BO, start=_future(8, 9), end=_future(8, 10))
         wait_for(lambda: collector.changes_for(item["uid"]), 15, what="the change found through GetEvents")
     assert _subscriptions(ews, "streaming") == set()

@@ -12,11 +12,12 @@ from typing import Iterator
 import pytest
 import requests
 
+from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.consumer import Consumer, ConsumerOptions, Done, Inbound, Outgoing, Publisher, Result
-from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
-from shared.retry import Permanent, Transient
-from shared.topology import Topology
+from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
+from shared.domain.retry import Permanent, Transient
 from tests.conftest import MANAGEMENT, drain, queue_depth, wait_for
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)

@@ -8,8 +8,8 @@ from typing import Iterator
 import exchangelib.protocol
 import pytest
 
+from shared.adapters.ews import EwsConnection
 from shared.config import ExchangeSettings
-from shared.ews import Exchange
 from simulators.exchange.server import RunningExchangeSim, start_server
 from tests.support.tls import ThrowawayPKI, write_pki
 
@@ -29,9 +29,9 @@ def https_sim(pki: ThrowawayPKI) -> Iterator[RunningExchangeSim]:
     exchangelib.protocol.close_connections()
 
 
-def _exchange(sim: RunningExchangeSim, ca_bundle: Path | None) -> Exchange:
+def _exchange(sim: RunningExchangeSim, ca_bundle: Path | None) -> EwsConnection:
     exchangelib.protocol.close_connections()  # exchangelib caches protocols per endpoint and credentials
-    return Exchange(ExchangeSettings(endpoint=sim.url, username="svc", password="pw", ca_bundle=ca_bundle), "Europe/Copenhagen", 2)
+    return EwsConnection(ExchangeSettings(endpoint=sim.url, username="svc", password="pw", ca_bundle=ca_bundle), "Europe/Copenhagen", 2)
 
 
 def test_the_configured_ca_is_trusted_whatever_the_environment_says(https_sim: RunningExchangeSim, pki: ThrowawayPKI, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,12 +18,21 @@ from typing import Any
 
 import pytest
 import requests
-from lxml import etree
 from exchangelib import (
-    BASIC, IMPERSONATION, Account, Build, Configuration, Credentials, EWSDateTime, EWSTimeZone, Version, errors,
+    BASIC,
+    IMPERSONATION,
+    Account,
+    Build,
+    Configuration,
+    Credentials,
+    EWSDateTime,
+    EWSTimeZone,
+    Version,
+    errors,
 )
 from exchangelib.protocol import close_connections
 from exchangelib.services import GetEvents
+from lxml import etree
 
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.exchange.soap import MNS, TNS
@@ -488,11 +497,12 @@ def test_the_command_line_serves_a_loaded_calendar_until_terminated(tmp_path):
 
 
 def test_https_serves_ews_with_the_configured_certificate(tmp_path):
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

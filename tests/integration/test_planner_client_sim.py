@@ -11,9 +11,14 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from services.publisher.planner_client import CallResult, PlannerClient, PlannerEvent, Receipt
+from shared.adapters.planner_client import (
+    CallResult,
+    PlannerClient,
+    PlannerEvent,
+    Receipt,
+)
 from shared.config import PlannerSettings, RetrySettings
-from shared.retry import Permanent, Transient
+from shared.domain.retry import Permanent, Transient
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
 from tests.support.planner_control import SimControl
@@ -317,7 +322,7 @@ def test_an_oversized_response_is_cut_off_at_the_cap(make_client, control, decla
 
 
 def test_an_invalid_request_gets_a_soap_fault_naming_the_missing_header(sim, pki, control) -> None:
-    envelope = f"""<?xml version="1.0" encoding="utf-8"?>
+    envelope = """<?xml version="1.0" encoding="utf-8"?>
 <s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">
   <s:Header>
     <aoh:ActiveOrganisationHeader xmlns:aoh="http://rep.oio.dk/ams.dk/xml/schemas/2005/09/01/">

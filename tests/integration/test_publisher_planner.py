@@ -24,11 +24,17 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.publisher.worker import build
+from shared.adapters.store import Store
+from shared.broker.consume_loop import Consumer
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import (
+    Topology,
+    delete_everything,
+    ensure_policies,
+    from_settings,
+)
 from shared.config import DatabaseSettings, PlannerSettings, RetrySettings, Settings
-from shared.consumer import Consumer, Outgoing, Publisher
-from shared.contracts import BusyTimeState, CalendarChange, Interval, version_of
-from shared.store import Store
-from shared.topology import Topology, delete_everything, ensure_policies, from_settings
+from shared.domain.contracts import BusyTimeState, CalendarChange, Interval, version_of
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
 from tests.conftest import MANAGEMENT, drain, queue_depth, wait_for

@@ -14,14 +14,16 @@ from typing import Iterator
 
 import pytest
 
-from services.publisher.planner_client import PlannerClient, PlannerEvent
 from services.publisher.worker import build as build_publisher
 from services.reconciler.worker import run_reconciliation
+from shared.adapters.planner_client import PlannerClient, PlannerEvent
+from shared.adapters.store import Store, open_store
+from shared.broker.consume_loop import Consumer
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
-from shared.consumer import Consumer, Outgoing, Publisher
-from shared.contracts import BusyTimeState, Interval
-from shared.store import DesiredRow, Store, open_store
-from shared.topology import Topology
+from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.transform_core import DesiredRecord
 from simulators.planner.server import RunningPlannerSim, start_server
 from tests.conftest import _nested, queue_depth, wait_for
 
@@ -104,7 +106,7 @@ def seed_planner(planner: PlannerClient, mailbox: str, events: dict[str, Interva
 
 
 def seed_desired(store: Store, mailbox: str, rows: dict[str, tuple[int, Interval | None]]) -> None:
-    store.save_desired(mailbox, [DesiredRow(key, key, None, version, interval, None) for key, (version, interval) in rows.items()])
+    store.save_desired(mailbox, [DesiredRecord(key, key, None, version, interval, None) for key, (version, interval) in rows.items()])
 
 
 def held(sim: RunningPlannerSim, mailbox: str) -> dict[str, Interval]:

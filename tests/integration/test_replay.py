@@ -5,9 +5,9 @@ from __future__ import annotations
 import pika
 from pika.spec import BasicProperties
 
+from shared.broker.replay import list_dead_letters, replay
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.replay import list_dead_letters, replay
-from shared.topology import Topology
 from tests.conftest import BROKER_HOST, drain, queue_depth
 
 

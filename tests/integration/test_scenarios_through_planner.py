@@ -14,11 +14,12 @@ import pytest
 
 from services.publisher.worker import build as build_publisher
 from services.transformer.worker import TransformerDeps, handle
+from shared.adapters.store import open_store
+from shared.broker.consume_loop import Consumer, ConsumerOptions
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
-from shared.consumer import Consumer, ConsumerOptions, Outgoing, Publisher
-from shared.contracts import CalendarChange, CalendarSnapshot, Interval
-from shared.store import open_store
-from shared.topology import Topology
+from shared.domain.contracts import CalendarChange, CalendarSnapshot, Interval
 from simulators.planner.server import RunningPlannerSim, start_server
 from tests.conftest import wait_for
 from tests.unit.test_transform_core import NOW, POLICY, SCENARIOS, Complete

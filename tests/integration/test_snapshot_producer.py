@@ -9,11 +9,11 @@ import pytest
 import requests
 
 from services.snapshot_producer.worker import run_snapshots
+from shared.adapters.ews import EwsConnection
+from shared.adapters.store import Store, upgrade
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.contracts import CalendarSnapshot
-from shared.ews import Exchange
-from shared.store import Store, upgrade
-from shared.topology import Topology
+from shared.domain.contracts import CalendarSnapshot
 from simulators.exchange.server import RunningExchangeSim, start_server
 from tests.integration.test_change_producer import CPH, Collector, producer_settings
 
@@ -60,7 +60,7 @@ def test_a_snapshot_of_3000_items_is_complete(settings: Settings, topology: Topo
     config = producer_settings(settings, ews, snapshot_part_size=500)
     store = Store.connect(config.database_url())
     upgrade(store.engine)
-    exchange = Exchange(config.exchange, "Europe/Copenhagen", 4)
+    exchange = EwsConnection(config.exchange, "Europe/Copenhagen", 4)
     results = run_snapshots(config, [BIG, SMALL], exchange, store, topology)
     assert [(r.mailbox, r.items, r.error) for r in results] == [(BIG, 3026, None), (SMALL, 0, None)]
 
@@ -86,7 +86,7 @@ def test_an_interrupted_snapshot_is_not_published_and_the_others_are(settings: S
     store = Store.connect(config.database_url())
     upgrade(store.engine)
     store.add_mailbox(BIG)
-    results = {r.mailbox: r for r in run_snapshots(config, [BIG, SMALL], Exchange(config.exchange, "Europe/Copenhagen", 4), store, topology)}
+    results = {r.mailbox: r for r in run_snapshots(config, [BIG, SMALL], EwsConnection(config.exchange, "Europe/Copenhagen", 4), store, topology)}
     assert results[BIG].error is not None and results[BIG].items is None
     assert results[SMALL].error is None and results[SMALL].items == 1
     assert parts_for(collector, BIG) == []  # nothing at all, so certainly no final part

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.contracts import Interval
-from shared.store import DesiredRow, Store, ddl, make_engine, upgrade
+from shared.adapters.store import Store, ddl, make_engine, upgrade
+from shared.domain.contracts import Interval
+from shared.domain.mailbox_reads import SyncPosition
+from shared.domain.transform_core import DesiredRecord
 
 T = datetime(2026, 3, 29, 0, 30, tzinfo=timezone.utc)
 SPAN = Interval(start=T, end=T + timedelta(hours=3))
@@ -47,16 +49,16 @@ def test_mailbox_status_and_delivery_outcomes_are_kept(store: Store) -> None:
 
 def test_times_round_trip_as_aware_utc_with_microseconds(store: Store) -> None:
     precise = Interval(start=T + timedelta(microseconds=123456), end=T + timedelta(hours=1))
-    store.save_desired("a@k.dk", [DesiredRow("uid-1", "uid-1", "item-1", 5, precise, None)])
+    store.save_desired("a@k.dk", [DesiredRecord("uid-1", "uid-1", "item-1", 5, precise, None)])
     row = store.desired("a@k.dk")["uid-1"]
     assert row.interval == precise and row.interval.start.tzinfo == timezone.utc
 
 
 def test_a_desired_state_never_goes_back_to_an_older_version(store: Store) -> None:
-    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 7, SPAN, None)])
-    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 6, None, None)])
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 7, SPAN, None)])
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 6, None, None)])
     assert store.desired("a@k.dk")["k"].version == 7 and store.desired("a@k.dk")["k"].interval == SPAN
-    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 8, None, None)])
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 8, None, None)])
     assert store.desired("a@k.dk")["k"].interval is None
 
 
@@ -78,10 +80,13 @@ def test_delivered_state_keeps_planner_ids_and_receipts(store: Store) -> None:
 
 
 def test_exchange_sync_state_is_saved_and_replaced(store: Store) -> None:
-    store.save_sync_state("a@k.dk", sync_state="H4sI-state-1")
-    store.save_sync_state("a@k.dk", sync_state="H4sI-state-2", subscription_id="sub-1")
-    state = store.sync_state("a@k.dk")
-    assert state is not None and (state["sync_state"], state["subscription_id"]) == ("H4sI-state-2", "sub-1")
+    first, later, night = (datetime(2026, 12, 1, h, tzinfo=timezone.utc) for h in (8, 9, 10))
+    store.save_sync_position("a@k.dk", "H4sI-state-1", first, full=True)
+    store.save_sync_position("A@k.dk", "H4sI-state-2", later, full=False)
+    assert store.sync_position("a@k.dk") == SyncPosition("H4sI-state-2", later, first)
+    store.record_full_read("a@k.dk", night)
+    assert store.sync_position("a@k.dk") == SyncPosition("H4sI-state-2", later, night)
+    assert store.sync_position("nobody@k.dk") is None
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
@@ -96,14 +101,14 @@ def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
 def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originated_ones(store: Store) -> None:
     from sqlalchemy import update as sql_update
 
-    from shared.store import delivered_events, desired_states, snapshot_parts
+    from shared.adapters.store import delivered_events, desired_states, snapshot_parts
 
     long_ago = T - timedelta(days=60)
     future = Interval(start=T + timedelta(days=400), end=T + timedelta(days=400, hours=1))
     store.save_desired("a@k.dk", [
-        DesiredRow("absent-old", "u", None, 1, None, None),
-        DesiredRow("busy-future-old", "u", None, 1, future, None),
-        DesiredRow("absent-new", "u", None, 1, None, None),
+        DesiredRecord("absent-old", "u", None, 1, None, None),
+        DesiredRecord("busy-future-old", "u", None, 1, future, None),
+        DesiredRecord("absent-new", "u", None, 1, None, None),
     ], snapshot_part=("old-snapshot", 1, 1))
     store.save_delivered("a@k.dk", "gone-old", version=1, present=False, interval=None)
     store.save_delivered("a@k.dk", "echo-old", version=1, present=False, interval=None, planner_originated=True)
@@ -120,9 +125,9 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
 
 
 def test_many_rows_are_saved_in_one_call_with_the_newest_per_key_winning(store: Store) -> None:
-    store.save_desired("a@k.dk", [DesiredRow("k", "u", None, 5, SPAN, None)])
-    rows = [DesiredRow(f"n{i}", "u", None, 1, SPAN, "snap") for i in range(1200)]  # more than one IN chunk
-    rows += [DesiredRow("k", "u", None, 9, None, "snap"), DesiredRow("k", "u", None, 7, SPAN, None), DesiredRow("k", "u", None, 4, SPAN, None)]
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 5, SPAN, None)])
+    rows = [DesiredRecord(f"n{i}", "u", None, 1, SPAN, "snap") for i in range(1200)]  # more than one IN chunk
+    rows += [DesiredRecord("k", "u", None, 9, None, "snap"), DesiredRecord("k", "u", None, 7, SPAN, None), DesiredRecord("k", "u", None, 4, SPAN, None)]
     store.save_desired("a@k.dk", rows)
     saved = store.desired("a@k.dk")
     assert len(saved) == 1201 and saved["n1199"].seen_in_snapshot == "snap"

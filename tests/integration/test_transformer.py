@@ -11,10 +11,17 @@ from typing import Iterator
 import pytest
 
 from services.transformer.worker import build
+from shared.broker.consume_loop import Consumer
+from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.topology import Topology
 from shared.config import Settings
-from shared.consumer import Consumer, Outgoing, Publisher
-from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval
-from shared.topology import Topology
+from shared.domain.contracts import (
+    BusyTimeState,
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+)
 from tests.conftest import drain, wait_for
 
 MAILBOX = "anne@jobcenter.dk"

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.busy_rules import (
-    BusyPolicy,
+from shared.config import BusySettings
+from shared.domain.busy_rules import (
     ItemRejected,
     busy_interval,
     in_window,
@@ -17,17 +17,14 @@ from shared.busy_rules import (
     origin_id,
     sync_window,
 )
-from shared.config import BusySettings
-from shared.contracts import CalendarItem, Interval
+from shared.domain.contracts import CalendarItem, Interval
 
 UTC = timezone.utc
 CPH = ZoneInfo("Europe/Copenhagen")
 PARIS = ZoneInfo("Europe/Paris")
 LONDON = ZoneInfo("Europe/London")
 NEW_YORK = ZoneInfo("America/New_York")
-POLICY = BusyPolicy.from_settings(
-    BusySettings(planner_organizers=["Planner@STAR.dk"], planner_uid_patterns=[r"^PLANNER-[0-9a-f]+$"])
-)
+POLICY = BusySettings(planner_organizers=["Planner@STAR.dk"], planner_uid_patterns=[r"^PLANNER-[0-9a-f]+$"]).policy()
 
 
 def cph(*parts: int) -> datetime:
@@ -232,7 +229,7 @@ def test_planner_echo_compares_organizers_case_insensitively() -> None:
 
 
 def test_the_busy_statuses_come_from_configuration() -> None:
-    policy = BusyPolicy.from_settings(BusySettings(busy_statuses=["Busy", "WorkingElsewhere"]))
+    policy = BusySettings(busy_statuses=["Busy", "WorkingElsewhere"]).policy()
     assert busy_interval(item(free_busy="WorkingElsewhere"), policy) is not None
     assert busy_interval(item(free_busy="Tentative"), policy) is None
 
@@ -248,7 +245,7 @@ WINDOW_ROWS = [
 
 @pytest.mark.parametrize("now, months, end", [row[1:] for row in WINDOW_ROWS], ids=[row[0] for row in WINDOW_ROWS])
 def test_sync_window(now: datetime, months: int, end: datetime) -> None:
-    window = sync_window(now, BusyPolicy.from_settings(BusySettings(window_months=months)))
+    window = sync_window(now, BusySettings(window_months=months).policy())
     assert window == Interval(start=now, end=end)
 
 

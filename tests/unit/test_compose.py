@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.cli import parser
+from plannersync.cli import parser
 from shared.config import load_settings, unknown_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_rabbitmq_mounts_the_files_the_repo_ships() -> None:
 
 
 def test_every_worker_runs_and_the_long_running_ones_have_healthchecks() -> None:
-    from shared.cli import WORKERS
+    from plannersync.cli import WORKERS
 
     commands = {tuple(spec.get("command", [])) for spec in COMPOSE["services"].values()}
     for worker in WORKERS:

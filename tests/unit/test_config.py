@@ -78,14 +78,14 @@ def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: s
 
 def test_config_check_exits_2_and_names_the_variable_before_connecting() -> None:
     env = {"PATH": "/usr/bin:/bin", "PLANNERSYNC_BROKER__HEARTBEAT": "0", "PLANNERSYNC_BROKER__HOST": "192.0.2.1"}
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "run", "transformer"], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "plannersync.cli", "run", "transformer"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "PLANNERSYNC_BROKER__HEARTBEAT" in done.stderr
 
 
 def test_config_check_prints_the_effective_configuration_with_secrets_masked() -> None:
     env = {"PATH": "/usr/bin:/bin", "PLANNERSYNC_BROKER__PASSWORD": "hunter2-visible?"}
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "config", "check"], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "plannersync.cli", "config", "check"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout
     assert '"prefix": "plannersync"' in done.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.contracts import (
+from shared.domain.contracts import (
     ALL_MODELS,
     BusyTimeState,
     CalendarChange,
@@ -123,5 +123,5 @@ def test_exported_json_schemas_match_the_models() -> None:
     for name, schema in json_schemas().items():
         path = exported / name
         assert path.is_file(), f"{path} missing: run `plannersync contracts export`"
-        assert json.loads(path.read_text()) == schema, f"{name} drifted from shared/contracts.py: run `plannersync contracts export`"
+        assert json.loads(path.read_text()) == schema, f"{name} drifted from shared/domain/contracts.py: run `plannersync contracts export`"
     assert {p.name for p in exported.glob("*.schema.json")} == set(json_schemas())

@@ -6,10 +6,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.publisher.delivery_plan import NoChange, Send, newest_per_key, plan, receipt_action
 from shared.config import DEFAULT_RECEIPT_ACTIONS
-from shared.contracts import BusyTimeState, Interval
-from shared.store import DeliveredRow
+from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.delivery_plan import (
+    DeliveredRecord,
+    NoChange,
+    Send,
+    newest_per_key,
+    plan,
+    receipt_action,
+)
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
 NINE_TO_TEN = Interval(start=T, end=T + timedelta(hours=1))
@@ -21,8 +27,8 @@ def desired(version: int, interval: Interval | None) -> BusyTimeState:
     return BusyTimeState(correlation_id="c", mailbox="a@b.dk", origin_id=KEY, version=version, interval=interval)
 
 
-def delivered(version: int, interval: Interval | None, present: bool = True, echo: bool = False) -> DeliveredRow:
-    return DeliveredRow("a@b.dk", KEY, version, present, interval, None, None, echo, 0, None)
+def delivered(version: int, interval: Interval | None, present: bool = True, echo: bool = False) -> DeliveredRecord:
+    return DeliveredRecord("a@b.dk", KEY, version, present, interval, None, None, echo, 0, None)
 
 
 def test_a_reconciliation_resends_the_current_version_but_never_an_older_one() -> None:

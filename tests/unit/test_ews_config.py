@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from exchangelib import BASIC, NTLM, FailFast
 
+from shared.adapters.ews import BUILDS, EwsConnection
 from shared.config import ExchangeSettings, load_settings
-from shared.ews import BUILDS, Exchange
 
 
 @pytest.mark.parametrize(("auth", "expected"), [("NTLM", NTLM), ("basic", BASIC)])
 def test_auth_type_and_version_come_from_configuration(auth: str, expected: str) -> None:
-    exchange = Exchange(ExchangeSettings(auth_type=auth, version="Exchange2013_SP1", password="x"), "Europe/Copenhagen", 7)  # type: ignore[arg-type]
+    exchange = EwsConnection(ExchangeSettings(auth_type=auth, version="Exchange2013_SP1", password="x"), "Europe/Copenhagen", 7)  # type: ignore[arg-type]
     assert exchange.config.auth_type == expected
     assert exchange.config.version.build == BUILDS["Exchange2013_SP1"]
     assert isinstance(exchange.config.retry_policy, FailFast)  # exchangelib's back-off is global; ours is per mailbox

@@ -6,10 +6,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from shared.broker.consume_loop import Consumer
+from shared.broker.topology import Topology
 from shared.config import load_settings
-from shared.consumer import Consumer
 from shared.health import is_healthy, read_health, write_health
-from shared.topology import Topology
 
 
 def test_a_paused_publisher_says_so_and_why(tmp_path: Path) -> None:

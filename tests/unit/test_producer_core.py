@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import pytest
 
-from services.change_producer.schedule import Schedule, Timing, backoff
-from services.change_producer.sync_pass import changes_from_sync, sync_mailbox
-from services.snapshot_producer.snapshot import snapshot_mailbox, snapshot_parts
-from services.snapshot_producer.worker import next_run
-from shared.contracts import CalendarItem, Interval
-from shared.ews import EwsFault, SyncChange
+from shared.domain.contracts import CalendarItem, Interval
+from shared.domain.mailbox_reads import (
+    SyncChange,
+    SyncPosition,
+    changes_from_sync,
+    snapshot_parts,
+)
+from shared.domain.read_schedule import Schedule, Timing, backoff
+from shared.domain.source_faults import SourceFault
+from shared.domain.timing import next_run
+from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+
+
+def ids() -> "itertools.count[int]":
+    return itertools.count(1)
+
+
+def new_id_from(counter: "itertools.count[int]") -> "Callable[[], str]":
+    return lambda: f"id-{next(counter)}"
 WINDOW = Interval(start=T, end=T + timedelta(days=90))
 TIMING = Timing(timedelta(minutes=15), timedelta(seconds=30), timedelta(hours=1))
 
@@ -53,7 +68,7 @@ def test_a_failing_mailbox_backs_off_alone() -> None:
     schedule.set_members({"a@k.dk", "b@k.dk"})
     for address in ("a@k.dk", "b@k.dk"):
         schedule.started(address)
-    wait = schedule.failed("a@k.dk", T, EwsFault("mailbox_unavailable", "ErrorImpersonateUserDenied"))
+    wait = schedule.failed("a@k.dk", T, SourceFault("mailbox_unavailable", "ErrorImpersonateUserDenied"))
     schedule.succeeded("b@k.dk", T)
     schedule.mark_dirty("b@k.dk")
     assert wait == timedelta(minutes=2)
@@ -65,15 +80,15 @@ def test_a_failing_mailbox_backs_off_alone() -> None:
 @pytest.mark.parametrize(
     ("fault", "failures", "expected"),
     [
-        (EwsFault("throttled", "ErrorServerBusy", back_off=7.5), 1, timedelta(seconds=7.5)),
-        (EwsFault("throttled", "ErrorServerBusy"), 1, timedelta(seconds=4)),
-        (EwsFault("transient", "x"), 1, timedelta(seconds=2)),
-        (EwsFault("transient", "x"), 3, timedelta(seconds=8)),
-        (EwsFault("mailbox_unavailable", "x"), 10, timedelta(hours=1)),
-        (EwsFault("invalid_sync_state", "x"), 1, timedelta(0)),
+        (SourceFault("throttled", "ErrorServerBusy", back_off=7.5), 1, timedelta(seconds=7.5)),
+        (SourceFault("throttled", "ErrorServerBusy"), 1, timedelta(seconds=4)),
+        (SourceFault("transient", "x"), 1, timedelta(seconds=2)),
+        (SourceFault("transient", "x"), 3, timedelta(seconds=8)),
+        (SourceFault("mailbox_unavailable", "x"), 10, timedelta(hours=1)),
+        (SourceFault("invalid_sync_state", "x"), 1, timedelta(0)),
     ],
 )
-def test_backoff_follows_the_fault(fault: EwsFault, failures: int, expected: timedelta) -> None:
+def test_backoff_follows_the_fault(fault: SourceFault, failures: int, expected: timedelta) -> None:
     assert backoff(fault, failures, TIMING) == expected
 
 
@@ -89,12 +104,12 @@ def test_a_sync_becomes_changes_and_a_master_carries_its_occurrences() -> None:
     master = item(1, "master", uid="series")
     occurrences = {"series": [item(2, "occurrence", uid="series"), item(3, "exception", uid="series")]}
     changes = [SyncChange("upsert", "id0", item(0)), SyncChange("upsert", "id1", master), SyncChange("delete", "id9", None)]
-    messages = changes_from_sync("a@k.dk", changes, occurrences, WINDOW, T)
+    messages = changes_from_sync("a@k.dk", changes, occurrences, WINDOW, T, new_id_from(ids()))
     assert [m.change for m in messages] == ["upsert", "upsert", "delete"]
     assert messages[0].occurrences is None and messages[0].window is None
     assert [o.item_id for o in messages[1].occurrences or []] == ["id2", "id3"] and messages[1].window == WINDOW
     assert messages[2].item is None and messages[2].item_id == "id9"
-    assert len({m.correlation_id for m in messages}) == 3
+    assert [m.correlation_id for m in messages] == ["id-1", "id-2", "id-3"]  # ids come from the caller
 
 
 class FakeExchange:
@@ -116,13 +131,15 @@ class FakeExchange:
 
 class FakeStore:
     def __init__(self, state: str | None) -> None:
-        self.saved: dict[str, object] = {"sync_state": state}
+        self.state = state
+        self.full: list[bool] = []
 
-    def sync_state(self, mailbox: str) -> dict | None:
-        return dict(self.saved)
+    def sync_position(self, mailbox: str) -> SyncPosition | None:
+        return SyncPosition(self.state, None, None)
 
-    def save_sync_state(self, mailbox: str, **values: object) -> None:
-        self.saved.update(values)
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
+        self.state = sync_state
+        self.full.append(full)
 
 
 def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
@@ -131,11 +148,11 @@ def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
     published: list[object] = []
 
     def publish(message: object) -> None:
-        assert store.saved["sync_state"] == "state-1"  # not yet advanced
+        assert store.state == "state-1"  # not yet advanced
         published.append(message)
 
-    result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T)
-    assert exchange.states == ["state-1"] and len(published) == 1 and store.saved["sync_state"] == "state-2"
+    result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T, new_id_from(ids()))
+    assert exchange.states == ["state-1"] and len(published) == 1 and store.state == "state-2"
     assert exchange.views == 0 and not result.full_resync
 
 
@@ -146,21 +163,21 @@ def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
         raise ConnectionError("broker gone")
 
     with pytest.raises(ConnectionError):
-        sync_mailbox("a@k.dk", FakeExchange([SyncChange("upsert", "id0", item(0))], []), store, publish, WINDOW, T)
-    assert store.saved["sync_state"] == "state-1"
+        sync_mailbox("a@k.dk", FakeExchange([SyncChange("upsert", "id0", item(0))], []), store, publish, WINDOW, T, new_id_from(ids()))
+    assert store.state == "state-1"
 
 
 def test_snapshot_parts_are_numbered_and_only_the_last_is_final() -> None:
     parts = snapshot_parts("a@k.dk", [item(n) for n in range(7)], WINDOW, T, part_size=3, snapshot_id="s1")
     assert [(p.part, p.final, p.total_parts, len(p.items)) for p in parts] == [(1, False, None, 3), (2, False, None, 3), (3, True, 3, 1)]
-    empty = snapshot_parts("a@k.dk", [], WINDOW, T, part_size=3)
+    empty = snapshot_parts("a@k.dk", [], WINDOW, T, part_size=3, snapshot_id="s2")
     assert len(empty) == 1 and empty[0].final and empty[0].items == []
 
 
 def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
     published: list[object] = []
     with pytest.raises(ConnectionError):
-        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100)
+        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100, "s1")
     assert published == []
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from services.publisher.worker import OutageGuard, PublisherDeps, handle
+from shared.adapters.store import Store, upgrade
+from shared.broker.consume_loop import Done, Inbound
 from shared.config import load_settings
-from shared.consumer import Done, Inbound
-from shared.contracts import BusyTimeState, Interval
-from shared.retry import Permanent, Transient
-from shared.store import Store, upgrade
+from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.retry import Permanent, Transient
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
 HOUR = Interval(start=T, end=T + timedelta(hours=1))

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from services.publisher.delivery_plan import NoChange, plan, remember_version
 from services.publisher.worker import OutageGuard, PublisherDeps, handle
+from shared.adapters.store import Store, upgrade
+from shared.broker.consume_loop import Done, Inbound
 from shared.config import load_settings
-from shared.consumer import Done, Inbound
-from shared.contracts import BusyTimeState, CalendarChange, Interval
-from shared.retry import Permanent
-from shared.store import DeliveredRow, Store, upgrade
+from shared.domain.contracts import BusyTimeState, CalendarChange, Interval
+from shared.domain.delivery_plan import (
+    DeliveredRecord,
+    NoChange,
+    plan,
+    remember_version,
+)
+from shared.domain.retry import Permanent
 from tests.unit.test_publisher_handle import Event, FakePlanner, Pauser
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
@@ -27,8 +32,8 @@ def desired(version: int, interval: Interval | None, origin: str = "uid-1") -> B
     return BusyTimeState(correlation_id=f"c-{version}", mailbox=MAILBOX, origin_id=origin, version=version, interval=interval)
 
 
-def delivered(version: int, interval: Interval | None, present: bool = True) -> DeliveredRow:
-    return DeliveredRow(MAILBOX, "uid-1", version, present, interval, None, None, False, 0, None)
+def delivered(version: int, interval: Interval | None, present: bool = True) -> DeliveredRecord:
+    return DeliveredRecord(MAILBOX, "uid-1", version, present, interval, None, None, False, 0, None)
 
 
 def inbound(message: BusyTimeState | CalendarChange) -> Inbound:

@@ -13,11 +13,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from services.publisher.delivery_plan import Send, plan
-from services.reconciler.reconcile_plan import DeliveredCorrection, MailboxReconciliation, plan_reconciliation
-from shared.contracts import Interval
-from shared.store import DeliveredRow, DesiredRow
-from shared.transform_core import BOOKKEEPING_PREFIX
+from shared.domain.contracts import Interval
+from shared.domain.delivery_plan import DeliveredRecord, Send, plan
+from shared.domain.reconcile_plan import (
+    DeliveredCorrection,
+    MailboxReconciliation,
+    plan_reconciliation,
+)
+from shared.domain.transform_core import BOOKKEEPING_PREFIX, DesiredRecord
 
 MAILBOX = "anne@kommune.dk"
 NOW = datetime(2026, 5, 4, 3, 30, tzinfo=timezone.utc)
@@ -51,12 +54,12 @@ def held(origin_id: str, interval: Interval, guid: str | None = None) -> Held:
     return Held(origin_id, interval.start, interval.end, planner_event_id=guid or f"guid-{origin_id}", planner_resource_id="res-anne")
 
 
-def want(origin_id: str, version: int, interval: Interval | None) -> DesiredRow:
-    return DesiredRow(origin_id, origin_id.split("$")[0], None, version, interval, None)
+def want(origin_id: str, version: int, interval: Interval | None) -> DesiredRecord:
+    return DesiredRecord(origin_id, origin_id.split("$")[0], None, version, interval, None)
 
 
-def known(origin_id: str, version: int, interval: Interval | None, present: bool = True, echo: bool = False, guid: str | None = None) -> DeliveredRow:
-    return DeliveredRow(
+def known(origin_id: str, version: int, interval: Interval | None, present: bool = True, echo: bool = False, guid: str | None = None) -> DeliveredRecord:
+    return DeliveredRecord(
         MAILBOX, origin_id, version, present, interval if present else None,
         guid if guid is not None else (f"guid-{origin_id}" if present else None), "res-anne" if present else None, echo, 0, None,
     )
@@ -66,8 +69,8 @@ def known(origin_id: str, version: int, interval: Interval | None, present: bool
 class Case:
     name: str
     planner: list[Held]
-    desired: list[DesiredRow]
-    delivered: list[DeliveredRow]
+    desired: list[DesiredRecord]
+    delivered: list[DeliveredRecord]
     sends: dict[str, str] = field(default_factory=dict)  # origin_id -> create/update/delete
     counts: dict[str, int] = field(default_factory=dict)
     corrections: dict[str, bool] = field(default_factory=dict)  # origin_id -> present after correction
@@ -195,7 +198,7 @@ CASES = [
 ]
 
 
-def run(case: Case, planner: list[Held] | None = None, delivered: list[DeliveredRow] | None = None) -> MailboxReconciliation:
+def run(case: Case, planner: list[Held] | None = None, delivered: list[DeliveredRecord] | None = None) -> MailboxReconciliation:
     return plan_reconciliation(
         MAILBOX,
         case.planner if planner is None else planner,
@@ -209,12 +212,12 @@ def run(case: Case, planner: list[Held] | None = None, delivered: list[Delivered
     )
 
 
-def apply(result: MailboxReconciliation, planner: list[Held], delivered: list[DeliveredRow]) -> tuple[list[Held], list[DeliveredRow]]:
+def apply(result: MailboxReconciliation, planner: list[Held], delivered: list[DeliveredRecord]) -> tuple[list[Held], list[DeliveredRecord]]:
     """Write the corrections, then deliver each state as the publisher does (plan, call, record)."""
     rows = {row.origin_id: row for row in delivered}
     for c in result.corrections:
         old = rows.get(c.origin_id)
-        rows[c.origin_id] = DeliveredRow(
+        rows[c.origin_id] = DeliveredRecord(
             MAILBOX, c.origin_id, c.version, c.present, c.interval,
             c.planner_event_id or (old.planner_event_id if old else None), c.planner_resource_id or (old.planner_resource_id if old else None),
             old.planner_originated if old else False, None, None,
@@ -254,12 +257,12 @@ def test_reconciliation(case: Case) -> None:
     assert again.states == () and again.corrections == (), f"not idempotent: {again}"
 
 
-def _row_after(result: MailboxReconciliation, case: Case, origin_id: str) -> DeliveredRow | None:
+def _row_after(result: MailboxReconciliation, case: Case, origin_id: str) -> DeliveredRecord | None:
     rows = {row.origin_id: row for row in case.delivered}
     for c in result.corrections:
         if c.origin_id == origin_id:
             old = rows.get(origin_id)
-            return DeliveredRow(MAILBOX, origin_id, c.version, c.present, c.interval, c.planner_event_id, c.planner_resource_id, bool(old and old.planner_originated), None, None)
+            return DeliveredRecord(MAILBOX, origin_id, c.version, c.present, c.interval, c.planner_event_id, c.planner_resource_id, bool(old and old.planner_originated), None, None)
     return rows.get(origin_id)
 
 
@@ -309,7 +312,7 @@ def test_the_report_is_plain_data() -> None:
     ],
 )
 def test_the_reconciliation_runs_at_half_past_five_copenhagen_wall_clock_across_dst(now: datetime, expected: datetime) -> None:
-    from services.reconciler.worker import next_run
+    from shared.domain.timing import next_run
 
     assert next_run(now, "05:30", "Europe/Copenhagen") == expected
 

@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ValidationError
 
-from shared.contracts import UnknownSchemaVersion
-from shared.retry import DeadLetter, Permanent, RetryLater, Transient, decide
+from shared.domain.contracts import UnknownSchemaVersion
+from shared.domain.retry import DeadLetter, Permanent, RetryLater, Transient, decide
 
 LADDER = [timedelta(seconds=10), timedelta(minutes=1)]
 

@@ -6,8 +6,13 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+from shared.broker.topology import (
+    Topology,
+    delay_label,
+    from_settings,
+    rabbit_password_hash,
+)
 from shared.config import load_settings
-from shared.topology import Topology, delay_label, from_settings, rabbit_password_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 LADDER = (timedelta(seconds=10), timedelta(minutes=1), timedelta(minutes=1), timedelta(milliseconds=250))

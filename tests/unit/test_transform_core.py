@@ -16,12 +16,19 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.busy_rules import BusyPolicy, sync_window
 from shared.config import BusySettings
-from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval, version_of
-from shared.transform_core import (
+from shared.domain.busy_rules import BusyPolicy, sync_window
+from shared.domain.contracts import (
+    BusyTimeState,
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+    version_of,
+)
+from shared.domain.transform_core import (
     Decision,
-    Known,
+    DesiredRecord,
     complete_snapshot,
     derive_change,
     derive_snapshot_part,
@@ -31,7 +38,7 @@ from shared.transform_core import (
 UTC = timezone.utc
 CPH = ZoneInfo("Europe/Copenhagen")
 MAILBOX = "Anna.Caseworker@kommune.dk"
-POLICY = BusyPolicy.from_settings(BusySettings(planner_organizers=["noreply@planner.star.dk"], planner_uid_patterns=[r"^STAR-PLANNER-"]))
+POLICY = BusySettings(planner_organizers=["noreply@planner.star.dk"], planner_uid_patterns=[r"^STAR-PLANNER-"]).policy()
 NOW = datetime(2026, 3, 16, 12, tzinfo=CPH)            # Monday; the window runs to 16 Jun 2026 12:00 CEST
 WINDOW = sync_window(NOW, POLICY)
 _clock = count(1)
@@ -125,7 +132,7 @@ class MemoryStore:
     """Applies decisions like the lead's store (never lowering a key's version) and plays Planner."""
 
     policy: BusyPolicy = POLICY
-    known: dict[str, Known] = field(default_factory=dict)
+    known: dict[str, DesiredRecord] = field(default_factory=dict)
     planner: dict[str, BusyTimeState] = field(default_factory=dict)
 
     def apply(self, decision: Decision) -> Decision:
@@ -418,7 +425,7 @@ def weekly(uid: str, first: datetime, weeks: int, minutes: int = 60) -> list[Cal
 
 
 def test_a_weekly_series_across_both_dst_changes_with_one_moved_and_one_deleted_occurrence() -> None:
-    policy = BusyPolicy.from_settings(BusySettings(window_months=8))
+    policy = BusySettings(window_months=8).policy()
     now = cph(2026, 10, 1, 12)
     window = sync_window(now, policy)
     store = MemoryStore(policy=policy)

@@ -11,21 +11,32 @@ must leave the same desired state, and that state must be what the calendar fina
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Union
 from zoneinfo import ZoneInfo
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.busy_rules import BusyPolicy, busy_interval, sync_window
 from shared.config import BusySettings
-from shared.contracts import CalendarChange, CalendarItem, CalendarSnapshot, Interval
-from shared.transform_core import Known, complete_snapshot, derive_change, derive_snapshot_part, is_event_key
+from shared.domain.busy_rules import busy_interval, sync_window
+from shared.domain.contracts import (
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+)
+from shared.domain.transform_core import (
+    DesiredRecord,
+    complete_snapshot,
+    derive_change,
+    derive_snapshot_part,
+    is_event_key,
+)
 
 CPH = ZoneInfo("Europe/Copenhagen")
 MAILBOX = "bo@kommune.dk"
-POLICY = BusyPolicy.from_settings(BusySettings())
+POLICY = BusySettings().policy()
 NOW = datetime(2026, 3, 16, 12, tzinfo=CPH)
 WINDOW = sync_window(NOW, POLICY)
 SINGLES = ["s0", "s1", "s2"]
@@ -126,7 +137,7 @@ def build_history(mutations: list[Any]) -> tuple[list[Message], Calendar]:
 
 
 def deliver(messages: list[Message]) -> dict[str, Interval]:
-    known: dict[str, Known] = {}
+    known: dict[str, DesiredRecord] = {}
     for message in messages:
         if isinstance(message, CalendarChange):
             decision = derive_change(message, known, POLICY, NOW)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from services.publisher.planner_client import client_certificate_expiry
 from services.publisher.worker import warn_if_certificate_expires
+from shared.adapters.planner_client import client_certificate_expiry
 from shared.config import PlannerSettings
 from tests.support.tls import write_pki
 

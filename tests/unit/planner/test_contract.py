@@ -9,15 +9,20 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from services.publisher.planner_client import PlannerClient, PlannerEvent, events_payload, get_events_payload
-from shared.config import PlannerSettings, RetrySettings
-from shared.planner_contract import (
+from shared.adapters.planner_client import (
+    PlannerClient,
+    PlannerEvent,
+    events_payload,
+    get_events_payload,
+)
+from shared.adapters.planner_contract import (
     WSDL_PATH,
     ContractViolation,
     contract_schema,
     schema_from_wsdl,
     validate_envelope,
 )
+from shared.config import PlannerSettings, RetrySettings
 from simulators.planner import soap
 from simulators.planner.state import ReceiptOutcome, SimEvent, SimResource
 

@@ -11,7 +11,7 @@ import structlog
 import zeep.exceptions
 from lxml import etree
 
-from services.publisher.planner_client import (
+from shared.adapters.planner_client import (
     PinnedSession,
     PlannerClient,
     PlannerEvent,
@@ -24,7 +24,7 @@ from services.publisher.planner_client import (
     to_wire,
 )
 from shared.config import PlannerSettings, RetrySettings
-from shared.retry import Permanent, Transient
+from shared.domain.retry import Permanent, Transient
 
 CPH = ZoneInfo("Europe/Copenhagen")
 

@@ -6,7 +6,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from simulators.planner.state import NIL_GUID, EventInput, SimResource, SimState, parse_fault
+from simulators.planner.state import (
+    NIL_GUID,
+    EventInput,
+    SimResource,
+    SimState,
+    parse_fault,
+)
 
 NOW = datetime(2026, 6, 1, 8, tzinfo=timezone.utc)
 

@@ -6,10 +6,10 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from shared.adapters.store import Store, exchange_sync
+from shared.broker.topology import from_settings
 from shared.config import Settings
 from shared.health import is_healthy, read_health
-from shared.store import Store, exchange_sync
-from shared.topology import from_settings
 
 
 def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
 def _certificate(settings: Settings) -> dict[str, Any] | None:
     from datetime import datetime, timezone
 
-    from services.publisher.planner_client import client_certificate_expiry
+    from shared.adapters.planner_client import client_certificate_expiry
 
     try:
         expiry = client_certificate_expiry(settings.planner)

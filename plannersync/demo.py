@@ -21,10 +21,10 @@ from zoneinfo import ZoneInfo
 
 import requests
 
+from plannersync.local_workers import start_workers, stop_workers
+from shared.adapters.store import Store, upgrade
+from shared.broker.topology import delete_everything, ensure_policies, from_settings
 from shared.config import load_settings
-from shared.local_workers import start_workers, stop_workers
-from shared.store import Store, upgrade
-from shared.topology import delete_everything, ensure_policies, from_settings
 
 MAILBOX = "caseworker@jobcenter.example"
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -48,10 +48,9 @@ def _calendar(first: date) -> list[dict[str, Any]]:
 
 
 def run_demo(seconds: float = 60.0) -> int:
+    from shared.logs import configure
     from simulators.exchange.server import start_server as start_exchange
     from simulators.planner.server import start_server as start_planner
-
-    from shared.logs import configure
 
     configure("WARNING", "console", service="demo")  # the simulators run in this process: keep their logs out of the way
     prefix = f"demo{uuid.uuid4().hex[:6]}"

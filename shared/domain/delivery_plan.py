@@ -10,10 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
-from shared.contracts import BusyTimeState, Interval
-from shared.store import DeliveredRow
+from shared.domain.contracts import BusyTimeState, Interval
 
 Operation = Literal["create", "update", "delete"]
+ReceiptAction = Literal["ok", "update_instead", "create_instead", "planner_originated", "retry", "dead_letter"]
+
+
+@dataclass(frozen=True)
+class DeliveredRecord:
+    """What Planner is known to hold for one event key (the publisher's row in the state store)."""
+
+    mailbox: str
+    origin_id: str
+    version: int
+    present: bool
+    interval: Interval | None
+    planner_event_id: str | None
+    planner_resource_id: str | None
+    planner_originated: bool
+    last_code: int | None
+    last_message: str | None
 
 
 @dataclass(frozen=True)
@@ -31,7 +47,7 @@ class NoChange:
 Action = Send | NoChange
 
 
-def plan(desired: BusyTimeState, known: DeliveredRow | None) -> Action:
+def plan(desired: BusyTimeState, known: DeliveredRecord | None) -> Action:
     """The one rule for every path (live changes, snapshots, reconciliation, replays)."""
     if known is not None and known.planner_originated:
         return NoChange("planner_originated")
@@ -50,7 +66,7 @@ def plan(desired: BusyTimeState, known: DeliveredRow | None) -> Action:
     return NoChange("same_interval")
 
 
-def remember_version(desired: BusyTimeState, known: DeliveredRow | None, action: Action) -> bool:
+def remember_version(desired: BusyTimeState, known: DeliveredRecord | None, action: Action) -> bool:
     """Whether a state that needs no call must still be recorded as the newest word on its key.
 
     An absent state for a key Planner never got, or a newer version with unchanged times, sends
@@ -70,9 +86,6 @@ def newest_per_key(states: Sequence[BusyTimeState]) -> dict[tuple[str, str], int
         if current is None or states[current].version < state.version:
             best[state.key] = index
     return best
-
-
-ReceiptAction = Literal["ok", "update_instead", "create_instead", "planner_originated", "retry", "dead_letter"]
 
 
 def receipt_action(code: int, operation: Operation, table: Mapping[str, str]) -> ReceiptAction:

@@ -6,7 +6,7 @@ with ``only_fields``: subjects, bodies, locations and attendees are never reques
 Traps handled here (see ../shared/reference/exchangelib-notes.md):
 - exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
   start on the spring DST Sunday; we also keep the instants Exchange sent (``_CalendarItemWithInstants``)
-  and let ``shared.busy_rules`` derive the dates in the item's own zone.
+  and let ``shared.domain.busy_rules`` derive the dates in the item's own zone.
 - ``FailFast`` retry policy: exchangelib's back-off is global per service account, so one throttled
   mailbox would freeze all; we raise instead and back off per mailbox (``classify``).
 - The session pool is sized for the open streams plus the worker threads (default pool size is 1).
@@ -18,21 +18,33 @@ from __future__ import annotations
 
 import ssl
 import threading
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import requests.adapters
-from exchangelib import BASIC, IMPERSONATION, NTLM, Account, Build, Configuration, Credentials, EWSTimeZone, FailFast, Version
+from exchangelib import (
+    BASIC,
+    IMPERSONATION,
+    NTLM,
+    Account,
+    Build,
+    Configuration,
+    Credentials,
+    EWSTimeZone,
+    FailFast,
+    Version,
+)
 from exchangelib import errors as ews_errors
 from exchangelib.folders.base import BaseFolder
 from exchangelib.items import CalendarItem as EwsCalendarItem
 from exchangelib.protocol import BaseProtocol
-from exchangelib.util import TNS
 from exchangelib.services import GetStreamingEvents
+from exchangelib.util import TNS
 
 from shared.config import ExchangeSettings
-from shared.contracts import CalendarItem, Interval
+from shared.domain.contracts import CalendarItem, Interval
+from shared.domain.mailbox_reads import SyncChange
+from shared.domain.source_faults import SourceFault
 
 VIEW_CAP = 1000  # Exchange's EWSFindCountLimit: the most items one CalendarView answers
 MIN_VIEW_SLICE = timedelta(hours=1)
@@ -93,7 +105,7 @@ BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _CalendarItemWithIns
 class _CaBundleAdapter(requests.adapters.HTTPAdapter):
     """Verifies against the configured CA bundle, or the system store; REQUESTS_CA_BUNDLE has no say.
 
-    exchangelib builds its sessions itself, so the bundle is a class attribute set by ``Exchange``:
+    exchangelib builds its sessions itself, so the bundle is a class attribute set by ``EwsConnection``:
     one Exchange configuration per process (the producers each have one).
     """
 
@@ -119,25 +131,15 @@ class _StreamingEvents(GetStreamingEvents):
 
 
 # --- failures -----------------------------------------------------------------------------------
-FaultKind = Literal["throttled", "invalid_sync_state", "subscription_lost", "mailbox_unavailable", "stream_broken", "transient"]
-
-
-@dataclass(frozen=True)
-class EwsFault:
-    kind: FaultKind
-    detail: str
-    back_off: float | None = None  # seconds Exchange asked us to wait
-
-
-def classify(error: BaseException) -> EwsFault:
+def classify(error: BaseException) -> SourceFault:
     """What an exception from exchangelib (or requests under it) means for one mailbox."""
     name = type(error).__name__
     if isinstance(error, ews_errors.ErrorServerBusy):
-        return EwsFault("throttled", name, getattr(error, "back_off", None))
+        return SourceFault("throttled", name, getattr(error, "back_off", None))
     if isinstance(error, ews_errors.ErrorInvalidSyncStateData) or name in {"ErrorInvalidSyncStateData", "ErrorSyncFolderNotFound"}:
-        return EwsFault("invalid_sync_state", name)
+        return SourceFault("invalid_sync_state", name)
     if isinstance(error, (ews_errors.ErrorSubscriptionNotFound, ews_errors.ErrorExpiredSubscription, ews_errors.ErrorInvalidSubscription)):
-        return EwsFault("subscription_lost", name)
+        return SourceFault("subscription_lost", name)
     if isinstance(
         error,
         (
@@ -149,10 +151,10 @@ def classify(error: BaseException) -> EwsFault:
             ews_errors.ErrorAccessDenied,
         ),
     ):
-        return EwsFault("mailbox_unavailable", name)
+        return SourceFault("mailbox_unavailable", name)
     if isinstance(error, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)) or name in {"ErrorTimeoutExpired"}:
-        return EwsFault("stream_broken", name)
-    return EwsFault("transient", f"{name}: {str(error)[:200]}")
+        return SourceFault("stream_broken", name)
+    return SourceFault("transient", f"{name}: {str(error)[:200]}")
 
 
 # --- mapping --------------------------------------------------------------------------------------
@@ -195,14 +197,7 @@ def to_calendar_item(item: Any) -> CalendarItem:
 
 
 # --- the connection ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SyncChange:
-    change: Literal["upsert", "delete"]
-    item_id: str
-    item: CalendarItem | None
-
-
-class Exchange:
+class EwsConnection:
     """One service account's EWS access, shared by all threads of a producer."""
 
     def __init__(self, settings: ExchangeSettings, zone: str, pool_size: int) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from shared.ews import EwsFault
+from shared.domain.source_faults import SourceFault
+from shared.domain.timing import exponential_backoff
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Schedule:
         interval = self.timing.safety_interval if state.subscribed else self.timing.unsubscribed_interval
         state.next_safety = now + interval
 
-    def failed(self, address: str, now: datetime, fault: EwsFault) -> timedelta:
+    def failed(self, address: str, now: datetime, fault: SourceFault) -> timedelta:
         """Record a failed read; return how long this mailbox now waits."""
         state = self.mailboxes.get(address)
         if state is None:
@@ -108,11 +109,11 @@ class Schedule:
         return wait
 
 
-def backoff(fault: EwsFault, failures: int, timing: Timing) -> timedelta:
-    """Throttling waits as long as Exchange asks; an unavailable mailbox slowly; other faults quickly."""
+def backoff(fault: SourceFault, failures: int, timing: Timing) -> timedelta:
+    """Throttling waits as long as the source asks; an unavailable mailbox slowly; other faults quickly."""
     if fault.kind == "throttled":
-        return timedelta(seconds=fault.back_off) if fault.back_off else min(timing.transient_base * 2 ** min(failures, 10), timing.backoff_max)
+        return timedelta(seconds=fault.back_off) if fault.back_off else exponential_backoff(failures + 1, timing.transient_base, timing.backoff_max)
     if fault.kind == "invalid_sync_state":
         return timedelta(0)
     base = timing.unavailable_base if fault.kind == "mailbox_unavailable" else timing.transient_base
-    return min(base * 2 ** min(failures - 1, 16), timing.backoff_max)
+    return exponential_backoff(failures, base, timing.backoff_max)

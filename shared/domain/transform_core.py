@@ -3,8 +3,8 @@
 Pure: no I/O, no clock (``now`` is a parameter), no logging. Live changes, snapshot parts and snapshot
 completion all go through the same ``_Decider.decide`` so the paths cannot disagree.
 
-``known`` is what the transformer last decided for one mailbox (origin id -> ``Known``), persisted by
-``shared.store``. Besides one entry per event key it holds two kinds of **bookkeeping entries**, which are
+``known`` is what the transformer last decided for one mailbox (origin id -> ``DesiredRecord``), persisted by
+``shared.adapters.store``. Besides one entry per event key it holds two kinds of **bookkeeping entries**, which are
 never emitted and never reach Planner (``is_event_key`` tells them apart):
 
 - ``~plannersync/item/<hash of item id>`` (newest upsert of a series master) and
@@ -26,8 +26,8 @@ replaying a dead-lettered message), so prune absent rows and records only by age
 
 Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
 
-- A key whose ``Known.version`` is at least the incoming version is left alone. Otherwise the new desired
-  interval is compared with ``Known.interval``: different -> emit and remember; equal -> remember only
+- A key whose ``DesiredRecord.version`` is at least the incoming version is left alone. Otherwise the new desired
+  interval is compared with ``DesiredRecord.interval``: different -> emit and remember; equal -> remember only
   (a version bump). A key never known and not busy emits nothing, but **is remembered as absent** at its
   version: otherwise an older "busy" message for it that arrives late would create it (the brief said
   "no remember" here; order-independence needs this tombstone). Such rows cost one per item seen; see
@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Mapping
 
-from shared.busy_rules import (
+from shared.domain.busy_rules import (
     BusyPolicy,
     ItemRejected,
     busy_interval,
@@ -69,7 +69,15 @@ from shared.busy_rules import (
     overlaps,
     sync_window,
 )
-from shared.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval, stable_id, version_of
+from shared.domain.contracts import (
+    BusyTimeState,
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+    stable_id,
+    version_of,
+)
 
 BOOKKEEPING_PREFIX = "~plannersync/"
 ITEM_RECORD_PREFIX = BOOKKEEPING_PREFIX + "item/"
@@ -79,7 +87,7 @@ Cause = Literal["change", "snapshot"]
 
 
 @dataclass(frozen=True)
-class Known:
+class DesiredRecord:
     """What the transformer last decided for one event key (or a bookkeeping entry, see the module doc)."""
 
     origin_id: str
@@ -93,7 +101,7 @@ class Known:
 @dataclass(frozen=True)
 class Decision:
     emit: list[BusyTimeState] = field(default_factory=list)        # only what changes what Planner should hold
-    remember: list[Known] = field(default_factory=list)            # every key whose Known changes
+    remember: list[DesiredRecord] = field(default_factory=list)            # every key whose DesiredRecord changes
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (item_id, content-free reason)
 
 
@@ -117,22 +125,22 @@ def _series_prefix(uid: str) -> str:
 class _Decider:
     """Accumulates one message's decisions over ``known`` (later decisions see earlier ones)."""
 
-    def __init__(self, mailbox: str, correlation_id: str, cause: Cause, version: int, known: Mapping[str, Known]) -> None:
+    def __init__(self, mailbox: str, correlation_id: str, cause: Cause, version: int, known: Mapping[str, DesiredRecord]) -> None:
         self.mailbox, self.correlation_id, self.cause, self.version = mailbox, correlation_id, cause, version
         self.known = known
-        self.changed: dict[str, Known] = {}
+        self.changed: dict[str, DesiredRecord] = {}
         self.emitted: dict[str, BusyTimeState] = {}
         self.rejected: list[tuple[str, str]] = []
         self.marker = known.get(SNAPSHOT_MARKER)
 
-    def current(self, key: str) -> Known | None:
+    def current(self, key: str) -> DesiredRecord | None:
         return self.changed.get(key) or self.known.get(key)
 
-    def event_keys(self) -> list[Known]:
+    def event_keys(self) -> list[DesiredRecord]:
         merged = {**self.known, **self.changed}
         return [k for key, k in merged.items() if is_event_key(key)]
 
-    def remember(self, known: Known) -> None:
+    def remember(self, known: DesiredRecord) -> None:
         self.changed[known.origin_id] = known
 
     def decide(
@@ -159,7 +167,7 @@ class _Decider:
         ):
             desired, version = None, marker.version     # the newer complete snapshot did not see it
         self.remember(
-            Known(
+            DesiredRecord(
                 origin_id=key,
                 uid=uid if uid is not None else (previous.uid if previous else None),
                 source_item_id=source_item_id if source_item_id is not None else (previous.source_item_id if previous else None),
@@ -186,7 +194,7 @@ class _Decider:
         )
 
 
-def _desired(interval: Interval | None, previous: Known | None, now: datetime, window: Interval) -> Interval | None:
+def _desired(interval: Interval | None, previous: DesiredRecord | None, now: datetime, window: Interval) -> Interval | None:
     """The window rules (see the module doc) applied to an item's busy interval."""
     if interval is None:
         return None
@@ -206,12 +214,12 @@ def _inherit(occurrence: CalendarItem, master: CalendarItem) -> CalendarItem:
     return occurrence.model_copy(update=missing) if missing else occurrence
 
 
-def _newer_record(known: Mapping[str, Known], item_id: str, version: int) -> bool:
+def _newer_record(known: Mapping[str, DesiredRecord], item_id: str, version: int) -> bool:
     records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
     return any(record is not None and record.version >= version for record in records)
 
 
-def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, Known]) -> Decision:
+def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, DesiredRecord]) -> Decision:
     """A late upsert of an item deleted before we knew its UID: apply that delete to the UID's keys now.
 
     Keys of that UID older than the delete (for example occurrences first seen by a snapshot, which carry
@@ -225,11 +233,11 @@ def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, Known]) -> De
     for k in decider.event_keys():
         if k.interval is not None and k.version < tomb.version and (k.uid == uid or k.origin_id.startswith(_series_prefix(uid))):
             decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
-    decider.remember(Known(tomb.origin_id, uid, tomb.source_item_id, tomb.version, None))
+    decider.remember(DesiredRecord(tomb.origin_id, uid, tomb.source_item_id, tomb.version, None))
     return decider.result()
 
 
-def derive_change(change: CalendarChange, known: Mapping[str, Known], policy: BusyPolicy, now: datetime) -> Decision:
+def derive_change(change: CalendarChange, known: Mapping[str, DesiredRecord], policy: BusyPolicy, now: datetime) -> Decision:
     """The desired states one calendar change implies, given what was last decided for its mailbox."""
     version = version_of(change.observed_at)
     if _newer_record(known, change.item_id, version):
@@ -263,7 +271,7 @@ def _delete(change: CalendarChange, decider: _Decider) -> None:
         if k.interval is not None and (k.source_item_id == change.item_id or k.uid in uids):
             decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
     uid = record.uid if record is not None and record.uid else (min(uids) if uids else None)
-    decider.remember(Known(deleted_record_key(change.item_id), uid, change.item_id, decider.version, None))
+    decider.remember(DesiredRecord(deleted_record_key(change.item_id), uid, change.item_id, decider.version, None))
 
 
 def _upsert_master(change: CalendarChange, master: CalendarItem, decider: _Decider, policy: BusyPolicy, now: datetime, window: Interval) -> None:
@@ -298,10 +306,10 @@ def _upsert_master(change: CalendarChange, master: CalendarItem, decider: _Decid
             continue
         if overlaps(k.interval, scope) or (not series_busy and k.interval.end > now):
             decider.decide(k.origin_id, None, uid=uid, source_item_id=master.item_id)
-    decider.remember(Known(item_record_key(master.item_id), uid, master.item_id, decider.version, None))
+    decider.remember(DesiredRecord(item_record_key(master.item_id), uid, master.item_id, decider.version, None))
 
 
-def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, Known], policy: BusyPolicy, now: datetime) -> Decision:
+def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, DesiredRecord], policy: BusyPolicy, now: datetime) -> Decision:
     """The desired states one snapshot part implies. Never makes an unseen key absent: that is ``complete_snapshot``."""
     version = version_of(part.observed_at)
     decider = _Decider(part.mailbox, part.correlation_id, "snapshot", version, known)
@@ -324,7 +332,7 @@ def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, Known], pol
         if _newer_record(known, item.item_id, version) or newest_by_uid.get(item.uid or "", -1) >= version:
             # A newer change of this item or series decided already; the snapshot still saw the event.
             if previous is not None and previous.version < version and previous.seen_in_snapshot != part.snapshot_id:
-                decider.remember(Known(key, previous.uid, previous.source_item_id, previous.version, previous.interval, part.snapshot_id))
+                decider.remember(DesiredRecord(key, previous.uid, previous.source_item_id, previous.version, previous.interval, part.snapshot_id))
             continue
         source = item.item_id if item.item_type == "single" else None
         decider.decide(key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=source, seen_in_snapshot=part.snapshot_id)
@@ -336,7 +344,7 @@ def complete_snapshot(
     snapshot_id: str,
     observed_at: datetime,
     window: Interval,
-    known: Mapping[str, Known],
+    known: Mapping[str, DesiredRecord],
     correlation_id: str,
 ) -> Decision:
     """Once every part has been derived: present events in the window the snapshot did not see become absent."""
@@ -348,5 +356,5 @@ def complete_snapshot(
             decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
     marker = known.get(SNAPSHOT_MARKER)
     if marker is None or marker.version < version:
-        decider.remember(Known(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))
+        decider.remember(DesiredRecord(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))
     return decider.result()

@@ -34,7 +34,10 @@ from sqlalchemy import (
     update,
 )
 
-from shared.contracts import Interval
+from shared.domain.contracts import Interval
+from shared.domain.delivery_plan import DeliveredRecord
+from shared.domain.mailbox_reads import SyncPosition
+from shared.domain.transform_core import DesiredRecord
 
 SCHEMA_VERSION = 1
 metadata = MetaData()
@@ -219,30 +222,6 @@ class MailboxRow:
     last_error_at: datetime | None
 
 
-@dataclass(frozen=True)
-class DesiredRow:
-    origin_id: str
-    uid: str | None
-    source_item_id: str | None
-    version: int
-    interval: Interval | None
-    seen_in_snapshot: str | None
-
-
-@dataclass(frozen=True)
-class DeliveredRow:
-    mailbox: str
-    origin_id: str
-    version: int
-    present: bool
-    interval: Interval | None
-    planner_event_id: str | None
-    planner_resource_id: str | None
-    planner_originated: bool
-    last_code: int | None
-    last_message: str | None
-
-
 def _interval(start: datetime | None, end: datetime | None) -> Interval | None:
     return Interval(start=start, end=end) if start is not None and end is not None else None
 
@@ -312,39 +291,50 @@ class Store:
             conn.execute(update(mailboxes).where(mailboxes.c.address == address.lower()).values(**values))
 
     # --- exchange sync state -----------------------------------------------------------------
-    def sync_state(self, mailbox: str) -> dict[str, Any] | None:
+    def sync_position(self, mailbox: str) -> SyncPosition | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).mappings().first()
-            return dict(row) if row else None
+            row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).first()
+        return SyncPosition(row.sync_state, row.last_sync_at, row.last_full_sync_at) if row else None
 
-    def save_sync_state(self, mailbox: str, **values: Any) -> None:
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
+        """After a read whose messages are all published: the state to continue from, and when it was read."""
+        values: dict[str, Any] = {"sync_state": sync_state, "last_sync_at": read_at}
+        if full:
+            values["last_full_sync_at"] = read_at
+        self._upsert_sync(mailbox, values)
+
+    def record_full_read(self, mailbox: str, read_at: datetime) -> None:
+        """A whole window was read and published (a snapshot); the incremental state is left as it is."""
+        self._upsert_sync(mailbox, {"last_full_sync_at": read_at})
+
+    def _upsert_sync(self, mailbox: str, values: dict[str, Any]) -> None:
         mailbox = mailbox.lower()
-        values["updated_at"] = now_utc()
+        values = {**values, "updated_at": now_utc()}
         with self.engine.begin() as conn:
             found = conn.execute(update(exchange_sync).where(exchange_sync.c.mailbox == mailbox).values(**values)).rowcount
             if not found:
                 conn.execute(insert(exchange_sync).values(mailbox=mailbox, **values))
 
     # --- transformer: desired states -----------------------------------------------------------
-    def desired(self, mailbox: str) -> dict[str, DesiredRow]:
+    def desired(self, mailbox: str) -> dict[str, DesiredRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox.lower()))
             return {
-                r.origin_id: DesiredRow(r.origin_id, r.uid, r.source_item_id, r.version, _interval(r.start_at, r.end_at), r.seen_in_snapshot)
+                r.origin_id: DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _interval(r.start_at, r.end_at), r.seen_in_snapshot)
                 for r in rows
             }
 
     def save_desired(
         self,
         mailbox: str,
-        rows: Iterable[DesiredRow],
+        rows: Iterable[DesiredRecord],
         correlation_id: str | None = None,
         snapshot_part: tuple[str, int, int | None] | None = None,
     ) -> None:
         """Upsert rows, never lowering a key's version, and record a snapshot part, in one transaction."""
         mailbox = mailbox.lower()
         now = now_utc()
-        latest: dict[str, DesiredRow] = {}
+        latest: dict[str, DesiredRecord] = {}
         for row in rows:  # the newest row per key wins inside one call, too
             if row.origin_id not in latest or latest[row.origin_id].version <= row.version:
                 latest[row.origin_id] = row
@@ -422,10 +412,10 @@ class Store:
         return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered}
 
     # --- publisher: what Planner holds ----------------------------------------------------------
-    def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRow]:
+    def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRecord]:
         mailbox = mailbox.lower()
         query = select(delivered_events).where(delivered_events.c.mailbox == mailbox)
-        result: dict[str, DeliveredRow] = {}
+        result: dict[str, DeliveredRecord] = {}
         if origin_ids is not None and not origin_ids:
             return result
         chunks: list[Sequence[str] | None] = [None] if origin_ids is None else [origin_ids[i : i + 500] for i in range(0, len(origin_ids), 500)]
@@ -433,7 +423,7 @@ class Store:
             for chunk in chunks:
                 q = query if chunk is None else query.where(delivered_events.c.origin_id.in_(list(chunk)))
                 for r in conn.execute(q):
-                    result[r.origin_id] = DeliveredRow(
+                    result[r.origin_id] = DeliveredRecord(
                         r.mailbox, r.origin_id, r.version, r.present, _interval(r.start_at, r.end_at),
                         r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
                     )

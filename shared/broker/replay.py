@@ -15,17 +15,16 @@ from typing import Any
 
 import pika
 
+from shared.broker.connection import open_connection
+from shared.broker.publishing import REASON, RETRY_COUNT, copy_properties
+from shared.broker.topology import from_settings
 from shared.config import Settings
-from shared.consumer import REASON, RETRY_COUNT, copy_properties
-from shared.topology import from_settings
 
 MAX_REPLAYS = 3
 
 
 def _open(settings: Settings) -> tuple[pika.BlockingConnection, Any]:
-    params = pika.URLParameters(settings.broker.amqp_url())
-    params.heartbeat = settings.broker.heartbeat
-    connection = pika.BlockingConnection(params)
+    connection = open_connection(settings.broker, "replay")
     channel = connection.channel()
     channel.confirm_delivery()
     return connection, channel

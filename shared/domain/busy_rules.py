@@ -10,7 +10,7 @@ Decisions taken here (the spec was silent or left them to us):
   is not sent; anything overlapping the window (including an appointment created for later today, and
   one already under way) is sent with its **full** times, never clipped, so Planner sees the real
   appointment. What happens to a *known* event that leaves the window is decided in
-  ``shared.transform_core``.
+  ``shared.domain.transform_core``.
 - **DST fall-back hour.** ``origin_id`` formats the original start on the local wall clock
   (``yyyyMMdd-HHmmss``, Europe/Copenhagen), exactly like the reference client, so existing Planner events
   keep their keys when a municipality switches over. On 25 Oct 2026 02:30 happens twice; both instants
@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from shared.config import BusySettings
-from shared.contracts import CalendarItem, Interval
+from shared.domain.contracts import CalendarItem, Interval
 
 UTC = timezone.utc
 ORIGIN_TIME_FORMAT = "%Y%m%d-%H%M%S"   # the reference client's yyyyMMdd-HHmmss
@@ -119,21 +118,13 @@ class ItemRejected(ValueError):
 
 @dataclass(frozen=True)
 class BusyPolicy:
+    """The busy rules' parameters; built from the settings by the shell (``BusySettings.policy()``)."""
+
     busy_statuses: frozenset[str]
     window_months: int
     zone: ZoneInfo
     planner_organizers: frozenset[str]          # lower-cased
     planner_uid_patterns: tuple[re.Pattern[str], ...]
-
-    @classmethod
-    def from_settings(cls, busy: BusySettings) -> BusyPolicy:
-        return cls(
-            busy_statuses=frozenset(busy.busy_statuses),
-            window_months=busy.window_months,
-            zone=ZoneInfo(busy.time_zone),
-            planner_organizers=frozenset(address.strip().lower() for address in busy.planner_organizers),
-            planner_uid_patterns=tuple(re.compile(pattern) for pattern in busy.planner_uid_patterns),
-        )
 
 
 def _add_months(moment: datetime, months: int) -> datetime:

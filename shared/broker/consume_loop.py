@@ -4,7 +4,7 @@ For each batch of deliveries it: decodes each message (undecodable → dead-lett
 hands the decoded batch to the worker's handler **in a worker thread** (so pika's I/O thread
 keeps heartbeats going during a slow SOAP call), and then, back on the I/O thread, applies each
 result in a fixed order: publish the outputs and wait for their confirms, run the record step,
-ack. A failure result goes through ``shared.retry.decide``: a copy to the next retry tier or to
+ack. A failure result goes through ``shared.domain.retry.decide``: a copy to the next retry tier or to
 the dead-letter queue (confirmed) and then the ack. A crash anywhere means a redelivery that
 repeats harmless work, never a lost message.
 
@@ -21,47 +21,35 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from shared import retry
+from shared.broker.connection import open_connection
+from shared.broker.publishing import (
+    FIRST_FAILURE,
+    REASON,
+    RETRY_COUNT,
+    Message,
+    Outgoing,
+    copy_properties,
+    publish_confirmed,
+)
+from shared.broker.topology import Stage, Topology
 from shared.config import BrokerSettings
+from shared.domain import retry
+from shared.domain.contracts import (
+    decode,
+    encode,
+)
 from shared.health import write_health
-from shared.contracts import BusyTimeState, CalendarChange, CalendarSnapshot, decode, encode
 from shared.logs import correlation, get_logger
-from shared.topology import Stage, Topology
 
 log = get_logger(__name__)
 
-RETRY_COUNT = "x-retry-count"
-FIRST_FAILURE = "x-first-failure-at"
-REASON = "x-plannersync-reason"
-Message = CalendarChange | CalendarSnapshot | BusyTimeState
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish: persistent, confirmed, mandatory."""
-
-    exchange: str
-    routing_key: str
-    message: Message
-
-    def properties(self) -> BasicProperties:
-        message_id = self.message.message_id() if isinstance(self.message, BusyTimeState) else self.message.correlation_id
-        return BasicProperties(
-            delivery_mode=2,
-            content_type="application/json",
-            message_id=message_id,
-            correlation_id=self.message.correlation_id,
-            type=self.message.type,
-            timestamp=int(time.time()),
-            headers={"x-schema-version": self.message.schema_version},
-        )
 
 
 @dataclass(frozen=True)
@@ -172,15 +160,8 @@ class Consumer:
         self._executor.shutdown(wait=True)
         log.info("worker_stopped", stage=self.stage.name)
 
-    def _connect(self) -> pika.BlockingConnection:
-        params = pika.URLParameters(self.broker.amqp_url())
-        params.heartbeat = self.broker.heartbeat
-        params.blocked_connection_timeout = self.broker.blocked_connection_timeout.total_seconds()
-        params.client_properties = {"connection_name": f"{self.stage.prefix}.{self.stage.name}"}
-        return pika.BlockingConnection(params)
-
     def _session(self) -> None:
-        connection = self._connect()
+        connection = open_connection(self.broker, self.stage.name)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -278,7 +259,7 @@ class Consumer:
                 if isinstance(result, Done):
                     try:
                         for out in result.publish:
-                            _publish(channel, out.exchange, out.routing_key, encode(out.message), out.properties())
+                            publish_confirmed(channel, out.exchange, out.routing_key, encode(out.message), out.properties())
                         if result.record is not None:
                             result.record()
                     except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
@@ -303,14 +284,14 @@ class Consumer:
         if isinstance(outcome, retry.RetryLater):
             headers[RETRY_COUNT] = attempt + 1
             target = self.stage.retry_queue(outcome.delay)
-            _publish(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
+            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
             self.health.retried += 1
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
         else:
             headers[RETRY_COUNT] = attempt
             headers["x-dead-lettered-at"] = now
             target = self.stage.dead_letter_queue()
-            _publish(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
+            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
             self.health.dead_lettered += 1
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
         channel.basic_ack(delivery.tag)
@@ -332,54 +313,3 @@ def retry_count(properties: BasicProperties) -> int:
         return max(0, int(value))
     except (TypeError, ValueError):
         return 0
-
-
-def copy_properties(original: BasicProperties, headers: dict[str, Any]) -> BasicProperties:
-    """A persistent copy of a message's properties with new headers (retry, dead-letter, replay)."""
-    return BasicProperties(
-        delivery_mode=2,
-        content_type=original.content_type,
-        message_id=original.message_id,
-        correlation_id=original.correlation_id,
-        type=original.type,
-        timestamp=original.timestamp,
-        headers=headers,
-    )
-
-
-def _publish(channel: BlockingChannel, exchange: str, routing_key: str, body: bytes, properties: BasicProperties) -> None:
-    """Publish persistent + mandatory on a confirm channel; raises if unroutable or nacked."""
-    channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=properties, mandatory=True)
-
-
-class Publisher:
-    """A confirming publisher for producers and tools (not for consumers, which use their own channel)."""
-
-    def __init__(self, broker: BrokerSettings, topology: Topology) -> None:
-        self.broker = broker
-        self.topology = topology
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-
-    def _ensure(self) -> BlockingChannel:
-        if self._channel is None or not self._channel.is_open:
-            params = pika.URLParameters(self.broker.amqp_url())
-            params.heartbeat = self.broker.heartbeat
-            params.blocked_connection_timeout = self.broker.blocked_connection_timeout.total_seconds()
-            self._connection = pika.BlockingConnection(params)
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-            self.topology.declare(self._channel)
-        return self._channel
-
-    def publish(self, outgoing: Outgoing) -> None:
-        channel = self._ensure()
-        _publish(channel, outgoing.exchange, outgoing.routing_key, encode(outgoing.message), outgoing.properties())
-
-    def publish_raw(self, exchange: str, routing_key: str, body: bytes, properties: BasicProperties | None = None) -> None:
-        _publish(self._ensure(), exchange, routing_key, body, properties or BasicProperties(delivery_mode=2))
-
-    def close(self) -> None:
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
-        self._connection = self._channel = None

@@ -20,7 +20,14 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +36,7 @@ ItemType = Literal["single", "occurrence", "exception", "master"]
 Sensitivity = Literal["Normal", "Personal", "Private", "Confidential"]
 Mailbox = Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
 OriginId = Annotated[str, Field(min_length=1, max_length=512)]
+Source = Literal["ews", "graph", "ical", "demo"]
 
 
 class UnknownSchemaVersion(ValueError):
@@ -93,7 +101,7 @@ class CalendarChange(_Model):
     type: Literal["calendar_change"] = "calendar_change"
     schema_version: Literal[1] = 1
     correlation_id: str = Field(min_length=1, max_length=64)
-    source: Literal["ews", "graph", "ical", "demo"] = "ews"
+    source: Source = "ews"
     mailbox: Mailbox
     observed_at: AwareDatetime
     change: Literal["upsert", "delete"]
@@ -124,7 +132,7 @@ class CalendarSnapshot(_Model):
     type: Literal["calendar_snapshot"] = "calendar_snapshot"
     schema_version: Literal[1] = 1
     correlation_id: str = Field(min_length=1, max_length=64)
-    source: Literal["ews", "graph", "ical", "demo"] = "ews"
+    source: Source = "ews"
     snapshot_id: str = Field(min_length=1, max_length=64)
     mailbox: Mailbox
     observed_at: AwareDatetime

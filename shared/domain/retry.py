@@ -1,7 +1,7 @@
 """What a failure means: retry later, or dead-letter with a reason. Pure; no I/O, no clock.
 
 Handlers raise ``Permanent`` or ``Transient`` (or let a validation error through) and never
-sleep, loop or settle a message themselves. ``shared/consumer.py`` carries out the outcome.
+sleep, loop or settle a message themselves. ``shared/broker/consume_loop.py`` carries out the outcome.
 """
 
 from __future__ import annotations
@@ -12,7 +12,11 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from shared.contracts import MalformedMessage, UnknownSchemaVersion, describe_validation
+from shared.domain.contracts import (
+    MalformedMessage,
+    UnknownSchemaVersion,
+    describe_validation,
+)
 
 
 class Permanent(Exception):

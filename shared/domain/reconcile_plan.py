@@ -49,10 +49,9 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from pydantic import ValidationError
 
-from services.publisher.delivery_plan import NoChange, Send, plan
-from shared.contracts import BusyTimeState, Interval
-from shared.store import DeliveredRow, DesiredRow
-from shared.transform_core import is_event_key
+from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.delivery_plan import DeliveredRecord, NoChange, Send, plan
+from shared.domain.transform_core import DesiredRecord, is_event_key
 
 Status = Literal["reconciled", "stopped", "failed", "skipped"]
 
@@ -153,14 +152,14 @@ def _held_interval(event: HeldEvent) -> Interval | None:
 
 
 def _corrected(
-    known: DeliveredRow | None,
+    known: DeliveredRecord | None,
     held: HeldEvent | None,
     held_interval: Interval | None,
-    wanted: DesiredRow | None,
+    wanted: DesiredRecord | None,
     mailbox: str,
     origin_id: str,
     window: Interval,
-) -> DeliveredRow | None:
+) -> DeliveredRecord | None:
     """The delivered row as GetEvents showed it (``known`` itself when nothing needs correcting)."""
     wanted_busy = wanted.interval if wanted is not None else None
     if held is None:
@@ -172,7 +171,7 @@ def _corrected(
     matches_desired = wanted is not None and wanted_busy is not None and wanted_busy == held_interval
     if known is None:
         version = wanted.version if matches_desired and wanted is not None else 0
-        return DeliveredRow(mailbox, origin_id, version, True, held_interval, held.planner_event_id, held.planner_resource_id, False, None, None)
+        return DeliveredRecord(mailbox, origin_id, version, True, held_interval, held.planner_event_id, held.planner_resource_id, False, None, None)
     version = max(known.version, wanted.version) if matches_desired and wanted is not None else known.version
     return replace(
         known,
@@ -184,7 +183,7 @@ def _corrected(
     )
 
 
-def _differs(before: DeliveredRow | None, after: DeliveredRow | None) -> bool:
+def _differs(before: DeliveredRecord | None, after: DeliveredRecord | None) -> bool:
     if after is None:
         return False
     if before is None:
@@ -197,8 +196,8 @@ def _differs(before: DeliveredRow | None, after: DeliveredRow | None) -> bool:
 def plan_reconciliation(
     mailbox: str,
     planner_events: Sequence[HeldEvent],
-    desired: Mapping[str, DesiredRow],
-    delivered: Mapping[str, DeliveredRow],
+    desired: Mapping[str, DesiredRecord],
+    delivered: Mapping[str, DeliveredRecord],
     max_delete_share: float,
     force: bool,
     now_version: int,

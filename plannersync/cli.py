@@ -94,7 +94,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 # --- db -----------------------------------------------------------------------------------
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.store import make_engine, upgrade
+    from shared.adapters.store import make_engine, upgrade
 
     version = upgrade(make_engine(settings.database_url()))
     print(f"database schema at version {version}")
@@ -105,7 +105,7 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     settings = _settings()
     from datetime import datetime, timedelta, timezone
 
-    from shared.store import open_store
+    from shared.adapters.store import open_store
 
     retention = timedelta(days=args.days) if args.days is not None else settings.database.retention
     counts = open_store(settings.database_url(), settings.database.auto_upgrade).prune(datetime.now(timezone.utc) - retention)
@@ -114,7 +114,7 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_db_ddl(args: argparse.Namespace) -> int:
-    from shared.store import ddl
+    from shared.adapters.store import ddl
 
     print(";\n\n".join(ddl(args.dialect)) + ";")
     return 0
@@ -123,7 +123,7 @@ def cmd_db_ddl(args: argparse.Namespace) -> int:
 # --- topology -------------------------------------------------------------------------------
 def cmd_topology_export(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.topology import from_settings
+    from shared.broker.topology import from_settings
 
     password = Path(args.password_file).read_text().strip() if args.password_file else None
     document = from_settings(settings.broker, settings.retry).definitions(args.user if password is not None else None, password)
@@ -137,7 +137,7 @@ def cmd_topology_export(args: argparse.Namespace) -> int:
 
 
 def _ensure_policies(settings: Settings, force: bool, quiet: bool = False) -> list[str]:
-    from shared.topology import ensure_policies, from_settings
+    from shared.broker.topology import ensure_policies, from_settings
 
     try:
         written = ensure_policies(
@@ -159,12 +159,11 @@ def _ensure_policies(settings: Settings, force: bool, quiet: bool = False) -> li
 
 def cmd_topology_apply(args: argparse.Namespace) -> int:
     settings = _settings()
-    import pika
-
-    from shared.topology import from_settings
+    from shared.broker.connection import open_connection
+    from shared.broker.topology import from_settings
 
     topology = from_settings(settings.broker, settings.retry)
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.amqp_url()))
+    connection = open_connection(settings.broker, "topology-apply")
     try:
         topology.declare(connection.channel())
     finally:
@@ -176,7 +175,7 @@ def cmd_topology_apply(args: argparse.Namespace) -> int:
 
 # --- contracts --------------------------------------------------------------------------------
 def cmd_contracts_export(args: argparse.Namespace) -> int:
-    from shared.contracts import json_schemas
+    from shared.domain.contracts import json_schemas
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +188,7 @@ def cmd_contracts_export(args: argparse.Namespace) -> int:
 # --- mailboxes --------------------------------------------------------------------------------
 def cmd_mailboxes(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.store import Store, upgrade
+    from shared.adapters.store import Store, upgrade
 
     store = Store.connect(settings.database_url())
     upgrade(store.engine)
@@ -217,7 +216,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from shared.demo import run_demo
+    from plannersync.demo import run_demo
 
     return run_demo(seconds=args.seconds)
 
@@ -226,16 +225,16 @@ def cmd_resync(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logs(settings, "resync")
     from services.snapshot_producer.worker import run_snapshots
-    from shared.ews import Exchange
-    from shared.store import open_store
-    from shared.topology import from_settings
+    from shared.adapters.ews import EwsConnection
+    from shared.adapters.store import open_store
+    from shared.broker.topology import from_settings
 
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     mailboxes = [row.address for row in store.list_mailboxes(enabled_only=True)] if args.all else [m.lower() for m in args.mailbox]
     if not mailboxes:
         print("no mailboxes to resync (enrol some with `plannersync mailboxes add`)", file=sys.stderr)
         return 1
-    exchange = Exchange(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
+    exchange = EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
     results = run_snapshots(settings, mailboxes, exchange, store, from_settings(settings.broker, settings.retry))
     for result in results:
         print(f"{result.mailbox}\t" + (f"{result.items} items published" if result.error is None else f"FAILED: {result.error}"))
@@ -254,8 +253,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.status import collect_status
-    from shared.store import open_store
+    from plannersync.status import collect_status
+    from shared.adapters.store import open_store
 
     status = collect_status(settings, open_store(settings.database_url(), settings.database.auto_upgrade))
     if args.json:
@@ -298,7 +297,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.replay import list_dead_letters, replay
+    from shared.broker.replay import list_dead_letters, replay
 
     if args.action == "list":
         for row in list_dead_letters(settings, args.stage, limit=args.limit):

@@ -3,7 +3,7 @@
 ``PlannerClient.from_settings(planner, retry)`` builds a client from our own contract copy (no WSDL is fetched),
 with mutual TLS (PKCS#12 or a PEM pair), the configured CA bundle pinned against ``REQUESTS_CA_BUNDLE``, hardened
 XML parsing and a response size cap. Every call carries the two headers Planner requires. Failures become
-``shared.retry.Transient`` or ``Permanent``; Transient ones get a few quick in-process tries (tenacity) first.
+``shared.domain.retry.Transient`` or ``Permanent``; Transient ones get a few quick in-process tries (tenacity) first.
 
 Receipts are returned as Planner sent them, never matched by position: the caller matches on OriginSystemIdentifier.
 Only ids, codes and counts are logged.
@@ -37,9 +37,9 @@ from cryptography.hazmat.primitives.serialization import (
 from lxml import etree
 from requests.adapters import HTTPAdapter
 
+from shared.adapters.planner_contract import WSDL_PATH, Namespaces
 from shared.config import PlannerSettings, RetrySettings
-from shared.planner_contract import WSDL_PATH, Namespaces
-from shared.retry import Permanent, Transient
+from shared.domain.retry import Permanent, Transient
 
 log = structlog.get_logger()
 

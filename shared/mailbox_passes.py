@@ -1,0 +1,94 @@
+"""One pass over one mailbox, for any calendar source: gather through a reader, decide (pure), publish, record.
+
+- ``sync_mailbox``: what changed since the stored sync state becomes ``CalendarChange`` messages. Every message
+  is published (confirmed) *before* the new sync state is saved, so a crash in between repeats the read instead
+  of losing it.
+- ``snapshot_mailbox``: the whole window is read before the first part is published, so a read that fails half
+  way publishes nothing, and a publish that fails half way never sends the final part; an incomplete snapshot
+  never makes the transformer delete anything.
+
+The reader is an adapter (EWS today) seen through the small protocols below; nothing here imports one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Protocol
+
+from shared.domain.contracts import (
+    CalendarChange,
+    CalendarItem,
+    CalendarSnapshot,
+    Interval,
+    Source,
+)
+from shared.domain.mailbox_reads import (
+    SyncChange,
+    SyncPosition,
+    changes_from_sync,
+    series_occurrences,
+    snapshot_parts,
+)
+
+
+class ViewReader(Protocol):
+    def view(self, mailbox: str, window: Interval) -> list[CalendarItem]: ...
+
+
+class SyncReader(ViewReader, Protocol):
+    def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]: ...
+
+
+class SyncPositions(Protocol):
+    def sync_position(self, mailbox: str) -> SyncPosition | None: ...
+
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class PassResult:
+    published: int
+    full_resync: bool
+
+
+def sync_mailbox(
+    mailbox: str,
+    reader: SyncReader,
+    positions: SyncPositions,
+    publish: Callable[[CalendarChange], None],
+    window: Interval,
+    observed_at: datetime,
+    new_id: Callable[[], str],
+    full: bool = False,
+    source: Source = "ews",
+) -> PassResult:
+    """Read and publish one mailbox's changes. ``full`` (or no stored state) reads everything again."""
+    stored = None if full else positions.sync_position(mailbox)
+    saved = stored.sync_state if stored is not None else None
+    changes, new_state = reader.sync(mailbox, saved)
+    occurrences: dict[str, list[CalendarItem]] = {}
+    if any(c.item is not None and c.item.item_type == "master" for c in changes):
+        occurrences = series_occurrences(reader.view(mailbox, window))
+    messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, source)
+    for message in messages:
+        publish(message)
+    positions.save_sync_position(mailbox, new_state, observed_at, full=saved is None)
+    return PassResult(len(messages), saved is None)
+
+
+def snapshot_mailbox(
+    mailbox: str,
+    reader: ViewReader,
+    publish: Callable[[CalendarSnapshot], None],
+    window: Interval,
+    observed_at: datetime,
+    part_size: int,
+    snapshot_id: str,
+    source: Source = "ews",
+) -> int:
+    """Read the whole window, then publish its parts; return the number of items."""
+    items = reader.view(mailbox, window)
+    for part in snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, source):
+        publish(part)
+    return len(items)
