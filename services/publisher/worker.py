@@ -26,11 +26,14 @@ from shared.broker.consume_loop import (
 )
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.contracts import BusyTimeState
 from shared.domain.delivery_plan import (
+    DeliveredChange,
     DeliveredRecord,
+    Holding,
     NoChange,
     Operation,
+    ReceiptFacts,
     Send,
     follow_up,
     newest_per_key,
@@ -131,7 +134,7 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
         if isinstance(action, NoChange):
             with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
                 if remember_version(state, known.get(state.origin_id), action):
-                    deps.store.save_delivered(mailbox, state.origin_id, version=state.version, correlation_id=state.correlation_id)
+                    deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, version=state.version)], state.correlation_id)
                 log.info("busy_time_unchanged", reason=action.reason, version=state.version)
             results[index] = Done()
         else:
@@ -184,28 +187,18 @@ def _call(
                 results[p.index] = Transient(f"no receipt for the event in the {operation} answer")
                 continue
             action = receipt_action(receipt.code, operation, deps.settings.planner.receipt_actions)
-            common = {
-                "version": state.version,
-                "last_code": receipt.code,
-                "last_message": (receipt.message or "")[:1000] or None,
-                "conflict_notification_sent": receipt.conflict_notification_sent,
-                "receipt_at": receipt.received_at,
-                "service_request_ref": outcome.reference,
-                "correlation_id": state.correlation_id,
-            }
-            if receipt.planner_event_id:
-                common["planner_event_id"] = receipt.planner_event_id
-            if receipt.planner_resource_id:
-                common["planner_resource_id"] = receipt.planner_resource_id
+            facts = ReceiptFacts(receipt.code, receipt.message, receipt.conflict_notification_sent, receipt.received_at, outcome.reference)
+            ids = {"planner_event_id": receipt.planner_event_id or None, "planner_resource_id": receipt.planner_resource_id or None}
             log.info("planner_receipt", operation=operation, code=receipt.code, action=action, reference=outcome.reference)
             if action == "ok":
                 present = operation != "delete"
-                interval: Interval | None = p.send.interval if present else None
-                deps.store.save_delivered(mailbox, state.origin_id, present=present, interval=interval, **common)
+                holding = Holding(present, p.send.interval if present else None)
+                deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, state.version, holding, receipt=facts, **ids)], state.correlation_id)
                 log.info("busy_time_delivered", operation=operation, version=state.version)
                 results[p.index] = Done()
             elif action == "planner_originated":
-                deps.store.save_delivered(mailbox, state.origin_id, present=False, planner_originated=True, interval=None, **common)
+                change = DeliveredChange(state.origin_id, state.version, Holding.absent(), planner_originated=True, receipt=facts, **ids)
+                deps.store.record_delivered(mailbox, [change], state.correlation_id)
                 log.info("busy_time_planner_originated", version=state.version)
                 results[p.index] = Done()
             elif (next_op := follow_up(action)) is not None and next_op not in p.attempts:
@@ -213,7 +206,7 @@ def _call(
             elif action == "retry":
                 results[p.index] = Transient(receipt.message or "Planner asked to retry", code=receipt.code)
             else:
-                deps.store.save_delivered(mailbox, state.origin_id, **{k: v for k, v in common.items() if k != "version"})
+                deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, receipt=facts, **ids)], state.correlation_id)
                 results[p.index] = Permanent(receipt.message or f"Planner receipt code {receipt.code}", code=receipt.code)
     return again
 

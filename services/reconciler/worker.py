@@ -5,7 +5,7 @@ then the mailbox's desired and delivered rows, read *after* Planner so anything 
 delivers in between shows up in the store), decide (``reconcile_plan.plan_reconciliation``, pure),
 apply (write the delivered-row corrections, then publish the reconcile states to the busy exchange,
 confirmed). Planner is changed only by the ordinary publisher, so receipts, retries, dead-lettering
-and Planner-echo handling are the same as for live changes.
+and the handling of Planner-originated events are the same as for live changes.
 
 A GetEvents failure skips that chunk's mailboxes (reported ``failed``); it is never read as
 "Planner is empty". One mailbox failing never stops the others. Logs carry ids and counts only.
@@ -162,8 +162,8 @@ def _reconcile_mailbox(
                 window=window,
                 correlation_id=run_id,
             )
-            for fix in result.corrections:  # first: they are true whatever happens to the publishing
-                store.save_delivered(mailbox, fix.origin_id, correlation_id=run_id, **fix.values())
+            # first: they are true whatever happens to the publishing
+            store.record_delivered(mailbox, [fix.change() for fix in result.corrections], run_id)
             for state in result.states:
                 publisher.publish(Outgoing(topology.busy_exchange, topology.busy_key(mailbox), state))
         except Exception as exc:  # noqa: BLE001 - one mailbox failing (store, broker) never stops the others
@@ -178,7 +178,7 @@ def _log_report(report: MailboxReport) -> None:
 
 
 COLUMNS = ("in_planner", "desired", "up_to_date", "created", "updated", "deleted", "adopted", "planner_originated_skipped", "in_flight", "corrected")
-HEADINGS = ("planner", "desired", "ok", "create", "update", "delete", "adopt", "echo", "inflight", "fixed")
+HEADINGS = ("held", "desired", "ok", "create", "update", "delete", "adopt", "planner", "inflight", "fixed")
 
 
 def render_table(reports: Sequence[MailboxReport]) -> str:

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 
 from shared.domain.contracts import Interval
-from shared.domain.delivery_plan import DeliveredRecord
+from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
 from shared.domain.mailbox_reads import SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
@@ -429,19 +429,21 @@ class Store:
                     )
         return result
 
-    def save_delivered(self, mailbox: str, origin_id: str, **values: Any) -> None:
+    def record_delivered(self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None) -> None:
+        """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0."""
         mailbox = mailbox.lower()
-        values["updated_at"] = now_utc()
-        interval = values.pop("interval", "keep")
-        if interval != "keep":
-            values["start_at"] = interval.start if interval else None
-            values["end_at"] = interval.end if interval else None
-        key = and_(delivered_events.c.mailbox == mailbox, delivered_events.c.origin_id == origin_id)
+        now = now_utc()
         with self.engine.begin() as conn:
-            if not conn.execute(update(delivered_events).where(key).values(**values)).rowcount:
-                values.setdefault("present", False)
-                values.setdefault("version", 0)
-                conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=origin_id, **values))
+            for change in changes:
+                values = _delivered_values(change)
+                values["updated_at"] = now
+                if correlation_id is not None:
+                    values["correlation_id"] = correlation_id
+                key = and_(delivered_events.c.mailbox == mailbox, delivered_events.c.origin_id == change.origin_id)
+                if not conn.execute(update(delivered_events).where(key).values(**values)).rowcount:
+                    values.setdefault("present", False)
+                    values.setdefault("version", 0)
+                    conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=change.origin_id, **values))
 
     def count_delivered(self, mailbox: str | None = None, present: bool | None = None) -> int:
         query = select(func.count()).select_from(delivered_events)
@@ -451,6 +453,32 @@ class Store:
             query = query.where(delivered_events.c.present.is_(present))
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+
+def _delivered_values(change: DeliveredChange) -> dict[str, Any]:
+    """The columns a change writes; the others keep their values."""
+    values: dict[str, Any] = {}
+    if change.version is not None:
+        values["version"] = change.version
+    if change.holding is not None:
+        interval = change.holding.interval
+        values.update(present=change.holding.present, start_at=interval.start if interval else None, end_at=interval.end if interval else None)
+    if change.planner_originated is not None:
+        values["planner_originated"] = change.planner_originated
+    if change.planner_event_id is not None:
+        values["planner_event_id"] = change.planner_event_id
+    if change.planner_resource_id is not None:
+        values["planner_resource_id"] = change.planner_resource_id
+    if change.receipt is not None:
+        receipt = change.receipt
+        values.update(
+            last_code=receipt.code,
+            last_message=(receipt.message or "")[:1000] or None,
+            conflict_notification_sent=receipt.conflict_notification_sent,
+            receipt_at=receipt.received_at,
+            service_request_ref=receipt.reference,
+        )
+    return values
 
 
 def ddl(dialect_name: str) -> list[str]:

@@ -24,7 +24,7 @@ Decisions taken here (the spec was silent or left them to us):
   00:00 of the first date to 00:00 of the day after the last date in the configured zone. An end not
   after the start (exchangelib's spring-DST trap) is treated as a one-day item. A missing zone id on an
   all-day item falls back to the configured zone; an id we cannot map is rejected.
-- **Planner echo.** Organizer addresses compare case-insensitively; UID patterns are matched with
+- **Planner-originated items.** Organizer addresses compare case-insensitively; UID patterns are matched with
   ``re.search`` (anchor them if you need to).
 - **Missing status.** A cancelled item or one in a deleted-items folder is not busy whatever else it
   carries; a live item with no free/busy status, no UID, or impossible times is rejected
@@ -177,7 +177,7 @@ def origin_id(item: CalendarItem, zone: ZoneInfo) -> str:
     return f"{item.uid}${item.original_start.astimezone(zone).strftime(ORIGIN_TIME_FORMAT)}"
 
 
-def is_planner_echo(item: CalendarItem, policy: BusyPolicy) -> bool:
+def is_planner_originated(item: CalendarItem, policy: BusyPolicy) -> bool:
     """True for an item Planner itself put in the calendar (its invitation), recognised by organizer or UID."""
     if item.organizer and item.organizer.strip().lower() in policy.planner_organizers:
         return True
@@ -193,8 +193,8 @@ def not_busy_reason(item: CalendarItem, policy: BusyPolicy) -> str | None:
         return "cancelled"
     if item.in_deleted_items:
         return "in deleted items"
-    if is_planner_echo(item, policy):
-        return "planner echo"
+    if is_planner_originated(item, policy):
+        return "planner originated"
     if item.free_busy is None:
         raise ItemRejected(f"{item.item_type} has no free/busy status")
     if item.free_busy not in policy.busy_statuses:
@@ -222,7 +222,7 @@ def all_day_interval(item: CalendarItem, policy: BusyPolicy) -> Interval:
 def busy_interval(item: CalendarItem, policy: BusyPolicy) -> Interval | None:
     """The busy interval an item puts in Planner, or None when it is not busy.
 
-    Not busy: status outside the policy, cancelled, in a deleted-items folder, Planner echo, zero length.
+    Not busy: status outside the policy, cancelled, in a deleted-items folder, Planner-originated, zero length.
     Raises ItemRejected (content-free reason) for an item that cannot be judged.
     """
     if not_busy_reason(item, policy) is not None:

@@ -8,6 +8,7 @@ overwrite newer ones, so duplicates, replays and reordering are harmless.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Mapping, Sequence
 
 from shared.domain.contracts import BusyTimeState, Interval
@@ -45,6 +46,42 @@ class NoChange:
 
 
 Action = Send | NoChange
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Whether Planner holds an event and, when it does, at which times."""
+
+    present: bool
+    interval: Interval | None
+
+    @classmethod
+    def absent(cls) -> Holding:
+        return cls(False, None)
+
+
+@dataclass(frozen=True)
+class ReceiptFacts:
+    """What Planner's receipt for one event said, kept for support and the status page."""
+
+    code: int
+    message: str | None
+    conflict_notification_sent: bool
+    received_at: datetime | None
+    reference: str | None
+
+
+@dataclass(frozen=True)
+class DeliveredChange:
+    """One write to the delivered record of an event key. A field left ``None`` keeps what the store holds."""
+
+    origin_id: str
+    version: int | None = None
+    holding: Holding | None = None
+    planner_originated: bool | None = None
+    planner_event_id: str | None = None
+    planner_resource_id: str | None = None
+    receipt: ReceiptFacts | None = None
 
 
 def plan(desired: BusyTimeState, known: DeliveredRecord | None) -> Action:

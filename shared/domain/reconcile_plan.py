@@ -50,7 +50,14 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 from pydantic import ValidationError
 
 from shared.domain.contracts import BusyTimeState, Interval
-from shared.domain.delivery_plan import DeliveredRecord, NoChange, Send, plan
+from shared.domain.delivery_plan import (
+    DeliveredChange,
+    DeliveredRecord,
+    Holding,
+    NoChange,
+    Send,
+    plan,
+)
 from shared.domain.transform_core import DesiredRecord, is_event_key
 
 Status = Literal["reconciled", "stopped", "failed", "skipped"]
@@ -84,14 +91,15 @@ class DeliveredCorrection:
     planner_event_id: str | None
     planner_resource_id: str | None
 
-    def values(self) -> dict[str, Any]:
-        """Keyword arguments for ``Store.save_delivered``; ids Planner did not give are kept as they are."""
-        values: dict[str, Any] = {"present": self.present, "interval": self.interval, "version": self.version}
-        if self.planner_event_id:
-            values["planner_event_id"] = self.planner_event_id
-        if self.planner_resource_id:
-            values["planner_resource_id"] = self.planner_resource_id
-        return values
+    def change(self) -> DeliveredChange:
+        """The typed store write; ids Planner did not give are kept as they are."""
+        return DeliveredChange(
+            self.origin_id,
+            version=self.version,
+            holding=Holding(self.present, self.interval),
+            planner_event_id=self.planner_event_id or None,
+            planner_resource_id=self.planner_resource_id or None,
+        )
 
 
 @dataclass(frozen=True)

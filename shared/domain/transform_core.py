@@ -42,7 +42,7 @@ Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
 - **Series**: a master is never emitted; its listed occurrences and exceptions become keys (missing UID,
   organizer, status and zone are inherited from the master). Present keys of the series (``uid$...``) that
   overlap ``change.window`` and are not listed become absent; a master that is cancelled, deleted, free or
-  a Planner echo makes all its current and future occurrences absent. The master's own key (its UID) is
+  Planner-originated makes all its current and future occurrences absent. The master's own key (its UID) is
   absent, which deletes the event of a single that was turned into a series.
 - **Delete**: every present key whose ``source_item_id`` is the deleted item id, or whose uid is the uid
   recorded for that item id, becomes absent. (Occurrences first seen by a snapshot carry no master item

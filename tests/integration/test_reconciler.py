@@ -23,6 +23,7 @@ from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
 from shared.domain.contracts import BusyTimeState, Interval
+from shared.domain.delivery_plan import DeliveredChange, Holding
 from shared.domain.transform_core import DesiredRecord
 from simulators.planner.server import RunningPlannerSim, start_server
 from tests.conftest import _nested, queue_depth, wait_for
@@ -125,10 +126,10 @@ def reconcile(settings: Settings, store: Store, publisher: CountingPublisher, ma
 def test_drift_is_healed_through_the_publisher(settings, store, planner_sim, planner, publisher, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     seed_desired(store, mailbox, {"same": (5, slot(9)), "missing": (6, slot(11)), "moved": (7, slot(13)), "gone": (8, None)})
     seed_planner(planner, mailbox, {"same": slot(9), "moved": slot(15), "gone": slot(17), "stranger": slot(10, day=1)})
-    store.save_delivered(mailbox, "same", version=5, present=True, interval=slot(9))
-    store.save_delivered(mailbox, "missing", version=6, present=True, interval=slot(11))  # the store believes it; Planner lost it
-    store.save_delivered(mailbox, "moved", version=7, present=True, interval=slot(13))
-    store.save_delivered(mailbox, "gone", version=4, present=True, interval=slot(17))
+    store.record_delivered(mailbox, [DeliveredChange("same", version=5, holding=Holding(True, slot(9)))])
+    store.record_delivered(mailbox, [DeliveredChange("missing", version=6, holding=Holding(True, slot(11)))])  # the store believes it; Planner lost it
+    store.record_delivered(mailbox, [DeliveredChange("moved", version=7, holding=Holding(True, slot(13)))])
+    store.record_delivered(mailbox, [DeliveredChange("gone", version=4, holding=Holding(True, slot(17)))])
 
     report = reconcile(settings, store, publisher, mailbox)
 
@@ -211,7 +212,7 @@ def test_a_get_events_failure_skips_the_chunk_and_is_never_read_as_an_empty_plan
     other = f"bo.{uuid.uuid4().hex[:8]}@kommune.dk"
     store.add_mailbox(other)
     seed_desired(store, mailbox, {"a": (5, slot(9))})
-    store.save_delivered(mailbox, "a", version=5, present=True, interval=slot(9))
+    store.record_delivered(mailbox, [DeliveredChange("a", version=5, holding=Holding(True, slot(9)))])
     seed_planner(planner, mailbox, {"a": slot(9)})
     planner_sim.state.add_faults([{"type": "http_status", "status": 503, "operations": ["GetEvents"]}], datetime.now(timezone.utc))
 

@@ -9,6 +9,7 @@ import pytest
 
 from shared.adapters.store import Store, ddl, make_engine, upgrade
 from shared.domain.contracts import Interval
+from shared.domain.delivery_plan import DeliveredChange, Holding, ReceiptFacts
 from shared.domain.mailbox_reads import SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
@@ -71,8 +72,8 @@ def test_a_snapshot_is_complete_only_when_every_part_is_recorded(store: Store) -
 
 
 def test_delivered_state_keeps_planner_ids_and_receipts(store: Store) -> None:
-    store.save_delivered("A@k.dk", "uid-1", version=3, present=True, interval=SPAN, planner_event_id="6f1c2d3e-0000-4000-8000-000000000001", last_code=0)
-    store.save_delivered("a@k.dk", "uid-1", last_code=15, last_message="try later")
+    store.record_delivered("A@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN), planner_event_id="6f1c2d3e-0000-4000-8000-000000000001", receipt=ReceiptFacts(0, None, False, None, None))])
+    store.record_delivered("a@k.dk", [DeliveredChange("uid-1", receipt=ReceiptFacts(15, "try later", False, None, None))])
     row = store.delivered("a@k.dk")["uid-1"]
     assert (row.version, row.present, row.interval, row.last_code, row.planner_event_id) == (3, True, SPAN, 15, "6f1c2d3e-0000-4000-8000-000000000001")
     assert store.delivered("a@k.dk", []) == {}
@@ -110,9 +111,9 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
         DesiredRecord("busy-future-old", "u", None, 1, future, None),
         DesiredRecord("absent-new", "u", None, 1, None, None),
     ], snapshot_part=("old-snapshot", 1, 1))
-    store.save_delivered("a@k.dk", "gone-old", version=1, present=False, interval=None)
-    store.save_delivered("a@k.dk", "echo-old", version=1, present=False, interval=None, planner_originated=True)
-    store.save_delivered("a@k.dk", "held-future-old", version=1, present=True, interval=future)
+    store.record_delivered("a@k.dk", [DeliveredChange("gone-old", version=1, holding=Holding(False, None))])
+    store.record_delivered("a@k.dk", [DeliveredChange("echo-old", version=1, holding=Holding(False, None), planner_originated=True)])
+    store.record_delivered("a@k.dk", [DeliveredChange("held-future-old", version=1, holding=Holding(True, future))])
     with store.engine.begin() as conn:  # age everything but the "-new" rows
         conn.execute(sql_update(desired_states).where(desired_states.c.origin_id != "absent-new").values(updated_at=long_ago))
         conn.execute(sql_update(delivered_events).values(updated_at=long_ago))

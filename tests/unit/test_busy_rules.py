@@ -13,7 +13,7 @@ from shared.domain.busy_rules import (
     ItemRejected,
     busy_interval,
     in_window,
-    is_planner_echo,
+    is_planner_originated,
     origin_id,
     sync_window,
 )
@@ -222,10 +222,10 @@ def test_items_without_identity_are_rejected(given: CalendarItem, reason: str) -
         origin_id(given, CPH)
 
 
-def test_planner_echo_compares_organizers_case_insensitively() -> None:
-    assert is_planner_echo(item(organizer="PLANNER@star.DK"), POLICY)
-    assert not is_planner_echo(item(organizer="colleague@kommune.dk"), POLICY)
-    assert not is_planner_echo(item(organizer=None, uid="not-planner"), POLICY)
+def test_planner_originated_items_compare_organizers_case_insensitively() -> None:
+    assert is_planner_originated(item(organizer="PLANNER@star.DK"), POLICY)
+    assert not is_planner_originated(item(organizer="colleague@kommune.dk"), POLICY)
+    assert not is_planner_originated(item(organizer=None, uid="not-planner"), POLICY)
 
 
 def test_the_busy_statuses_come_from_configuration() -> None:

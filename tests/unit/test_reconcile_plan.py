@@ -14,7 +14,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from shared.domain.contracts import Interval
-from shared.domain.delivery_plan import DeliveredRecord, Send, plan
+from shared.domain.delivery_plan import (
+    DeliveredChange,
+    DeliveredRecord,
+    Holding,
+    Send,
+    plan,
+)
 from shared.domain.reconcile_plan import (
     DeliveredCorrection,
     MailboxReconciliation,
@@ -285,7 +291,7 @@ def test_an_adopted_event_with_the_desired_times_is_recorded_at_the_desired_vers
     case = Case("", [held("a", NINE, guid="g-a")], [want("a", 5, NINE)], [])
     (correction,) = run(case).corrections
     assert correction == DeliveredCorrection("a", True, NINE, 5, "g-a", "res-anne")
-    assert correction.values() == {"present": True, "interval": NINE, "version": 5, "planner_event_id": "g-a", "planner_resource_id": "res-anne"}
+    assert correction.change() == DeliveredChange("a", version=5, holding=Holding(True, NINE), planner_event_id="g-a", planner_resource_id="res-anne")
 
 
 def test_a_planner_event_without_a_positive_length_is_ignored_and_counted() -> None:
@@ -322,6 +328,6 @@ def test_the_report_table_has_one_line_per_mailbox_with_status_counts_and_reason
 
     stopped = run(CASES[11]).report
     lines = render_table([run(CASES[1]).report, stopped]).splitlines()
-    assert lines[0].split()[:3] == ["mailbox", "status", "planner"]
+    assert lines[0].split()[:3] == ["mailbox", "status", "held"]
     assert lines[1].split()[:8] == [MAILBOX, "reconciled", "2", "1", "1", "0", "0", "1"]
     assert lines[2].startswith(MAILBOX) and "stopped" in lines[2] and lines[2].endswith("run with force to apply")
