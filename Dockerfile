@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY simulators ./simulators
+COPY plannersync ./plannersync
 RUN pip install '.[postgres,mssql]'
 USER plannersync
 WORKDIR /var/lib/plannersync

@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.transformer.worker import build  # noqa: E402
-from shared.broker.consume_loop import Publisher  # noqa: E402
-from shared.broker.publishing import Outgoing
+from shared.broker.publishing import Outgoing, Publisher  # noqa: E402
 from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from shared.config import load_settings  # noqa: E402
 from shared.domain.contracts import CalendarItem, Interval  # noqa: E402
@@ -68,9 +67,9 @@ def main() -> int:
     print(f"transformer on snapshots: {args.mailboxes} mailboxes x {args.items} items, SQLite store")
     try:
         for label in ("first night (everything new)", "next night (nothing changed)"):
-            base, started = transformer.health.handled, time.monotonic()
+            base, started = transformer.counters.handled, time.monotonic()
             parts = publish_round()
-            while transformer.health.handled < base + parts and time.monotonic() - started < 1200:
+            while transformer.counters.handled < base + parts and time.monotonic() - started < 1200:
                 time.sleep(0.05)
             took = time.monotonic() - started
             print(f"  {label}: {total} items in {parts} parts in {took:.1f} s = {total / took:.0f} items/s")

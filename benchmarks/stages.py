@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import pika  # noqa: E402
 
-from shared.broker.consume_loop import Publisher  # noqa: E402
-from shared.broker.publishing import Outgoing
+from shared.broker.publishing import Outgoing, Publisher  # noqa: E402
 from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
 from shared.config import load_settings  # noqa: E402
 from shared.domain.contracts import CalendarChange, CalendarItem  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> int:
         thread = threading.Thread(target=transformer.run, daemon=True)
         thread.start()
         queue = topology.stage("transformer").work_queue()
-        while (_depth(queue) > 0 or transformer.health.handled < args.messages) and time.monotonic() - t0 < 600:
+        while (_depth(queue) > 0 or transformer.counters.handled < args.messages) and time.monotonic() - t0 < 600:
             time.sleep(0.05)
         transform_s = time.monotonic() - t0
         transformer.stop()

@@ -11,12 +11,11 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from plannersync.workers import CONSUMING_STAGES, WORKERS, build_worker
 from shared.config import ConfigError, Settings, load_settings, masked
 
-WORKERS = ("transformer", "publisher", "change-producer", "snapshot-producer", "reconciler")
-STAGES = ("transformer", "publisher")
 EXIT_CONFIG = 2
 
 
@@ -40,11 +39,11 @@ def _configure_logs(settings: Settings, service: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logs(settings, args.worker)
-    builder = _worker_builder(args.worker)
-    worker = builder(settings)
+    from shared.health import HealthReporter
     from shared.logs import get_logger
 
     log = get_logger("plannersync.run")
+    worker = build_worker(args.worker, settings)
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("stop_requested", signal=signal.Signals(signum).name)
@@ -54,33 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     if args.ensure_topology:
         _ensure_policies(settings, force=False, quiet=True)
+    reporter = HealthReporter(worker, args.worker, settings.status.health_dir)
+    reporter.start()
     log.info("worker_starting", worker=args.worker, broker=f"{settings.broker.host}:{settings.broker.port}", prefix=settings.broker.prefix)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        reporter.stop()
     return 0
-
-
-def _worker_builder(name: str) -> Callable[[Settings], Any]:
-    if name == "transformer":
-        from services.transformer.worker import build
-
-        return build
-    if name == "publisher":
-        from services.publisher.worker import build
-
-        return build
-    if name == "change-producer":
-        from services.change_producer.worker import build
-
-        return build
-    if name == "snapshot-producer":
-        from services.snapshot_producer.worker import build
-
-        return build
-    if name == "reconciler":
-        from services.reconciler.worker import build
-
-        return build
-    raise SystemExit(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
 
 
 # --- config -------------------------------------------------------------------------------
@@ -290,8 +270,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.health import is_healthy, read_health
 
-    healthy, why = is_healthy(read_health(settings.status.health_dir).get(args.stage), settings.status.stale_after.total_seconds())
-    print(f"{args.stage}: {'healthy' if healthy else 'unhealthy'} ({why})")
+    healthy, why = is_healthy(read_health(settings.status.health_dir).get(args.worker), settings.status.stale_after.total_seconds())
+    print(f"{args.worker}: {'healthy' if healthy else 'unhealthy'} ({why})")
     return 0 if healthy else 1
 
 
@@ -313,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one worker in the foreground until SIGTERM/SIGINT")
-    run.add_argument("worker", choices=WORKERS)
+    run.add_argument("worker", choices=list(WORKERS))
     run.add_argument("--no-ensure-topology", dest="ensure_topology", action="store_false", help="do not create missing broker policies at start")
     run.set_defaults(func=cmd_run)
 
@@ -377,12 +357,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     health = sub.add_parser("health", help="exit 0 when a worker's health file is fresh (for container healthchecks)")
-    health.add_argument("stage", choices=("transformer", "publisher", "change_producer"))
+    health.add_argument("worker", choices=list(WORKERS))
     health.set_defaults(func=cmd_health)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered messages")
     dlq.add_argument("action", choices=("list", "replay"))
-    dlq.add_argument("stage", choices=STAGES)
+    dlq.add_argument("stage", choices=CONSUMING_STAGES)
     dlq.add_argument("--limit", type=int, default=100)
     dlq.add_argument("--message-id", help="replay only this message")
     dlq.add_argument("--dry-run", action="store_true")

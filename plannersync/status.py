@@ -6,17 +6,14 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from shared.adapters.store import Store, exchange_sync
+from shared.adapters.store import Store
 from shared.broker.topology import from_settings
 from shared.config import Settings
 from shared.health import is_healthy, read_health
 
 
 def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
-    from sqlalchemy import select
-
-    with store.engine.connect() as conn:
-        synced = {r.mailbox: r for r in conn.execute(select(exchange_sync))}
+    synced = store.sync_positions()
     mailboxes = []
     for row in store.list_mailboxes():
         sync = synced.get(row.address)
@@ -33,9 +30,9 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
             }
         )
     workers = {}
-    for stage, data in read_health(settings.status.health_dir).items():
+    for name, data in read_health(settings.status.health_dir).items():
         healthy, why = is_healthy(data, settings.status.stale_after.total_seconds(), time.time())
-        workers[stage] = {**{k: v for k, v in data.items() if k != "updated_ts"}, "healthy": healthy, "why": why}
+        workers[name] = {**{k: v for k, v in data.items() if k not in ("updated_ts", "beat_ts")}, "healthy": healthy, "why": why}
     return {"mailboxes": mailboxes, "queues": _queues(settings), "workers": workers, "planner_certificate": _certificate(settings)}
 
 

@@ -14,7 +14,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -299,12 +299,19 @@ class Settings(BaseSettings):
 
     def database_url(self) -> str:
         """The database URL with the password from its secret inserted, if one is given."""
-        url = self.database.url
-        if self.database.password is None:
-            return url
-        from sqlalchemy.engine import make_url
+        return with_password(self.database.url, self.database.password.get_secret_value() if self.database.password else None)
 
-        return make_url(url).set(password=self.database.password.get_secret_value()).render_as_string(hide_password=False)
+
+def with_password(url: str, password: str | None) -> str:
+    """``dialect://user@host/db`` with ``password`` put in (percent-encoded) after the user; the URL itself when none."""
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    if not host:
+        return url  # no host (sqlite): nothing to authenticate
+    user = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 class ConfigError(Exception):

@@ -49,4 +49,5 @@ def correlation(correlation_id: str | None, **ids: str) -> Iterator[None]:
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

@@ -1,15 +1,15 @@
-"""Shared fixtures: the real RabbitMQ and PostgreSQL on 127.0.0.1, isolated per test by random names.
+"""Shared fixtures and hooks only: the real RabbitMQ and PostgreSQL on 127.0.0.1, isolated per test by random names.
 
-A missing broker fails the run; it does not skip it.
+A missing broker fails the run; it does not skip it. Helpers and constants that test modules import live in
+tests/support/ (waiting, broker, database, settings, processes, producers), never here.
 """
 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pika
 import pytest
@@ -21,12 +21,10 @@ from shared.broker.topology import (
     ensure_policies,
     from_settings,
 )
-from shared.config import Settings, load_settings
-
-BROKER_HOST = "127.0.0.1"
-MANAGEMENT = "http://127.0.0.1:15672"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-FAST_LADDER = "300ms,600ms,1s"
+from shared.config import Settings
+from tests.support.broker import BROKER_HOST, MANAGEMENT
+from tests.support.database import PG_ADMIN, pg_database_url
+from tests.support.settings import FAST_LADDER, settings_from_env
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,18 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll until ``condition()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -92,17 +78,7 @@ def worker_env(prefix: str, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def settings(worker_env: dict[str, str]) -> Settings:
-    return load_settings(environ=worker_env, **_nested(worker_env))
-
-
-def _nested(env: dict[str, str]) -> dict[str, Any]:
-    """Turn PLANNERSYNC_A__B=v into {"a": {"b": v}} so tests can build Settings without os.environ."""
-    out: dict[str, Any] = {}
-    for name, value in env.items():
-        if name.startswith("PLANNERSYNC_"):
-            top, _, key = name[len("PLANNERSYNC_") :].lower().partition("__")
-            out.setdefault(top, {})[key] = value
-    return out
+    return settings_from_env(worker_env)
 
 
 @pytest.fixture
@@ -115,32 +91,6 @@ def topology(broker: str, settings: Settings) -> Iterator[Topology]:
     ensure_policies(topo, MANAGEMENT, "guest", "guest")
     yield topo
     delete_everything(topo, MANAGEMENT, "guest", "guest")
-
-
-def queue_depth(topology: Topology, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
-    try:
-        return connection.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        connection.close()
-
-
-def drain(queue: str, timeout: float = 10.0, count: int = 1) -> list[tuple[Any, bytes]]:
-    """Take ``count`` messages off a queue (acked), waiting up to ``timeout``."""
-    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
-    got: list[tuple[Any, bytes]] = []
-    try:
-        channel = connection.channel()
-        deadline = time.monotonic() + timeout
-        while len(got) < count and time.monotonic() < deadline:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                connection.sleep(0.05)
-                continue
-            got.append((properties, body))
-    finally:
-        connection.close()
-    return got
 
 
 @pytest.fixture(scope="session")
@@ -159,5 +109,5 @@ def pg_admin() -> Iterator[Any]:
 def pg_url(pg_admin: Any) -> Iterator[str]:
     name = f"ps_{uuid.uuid4().hex[:10]}"
     pg_admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    yield pg_database_url(name)
     pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

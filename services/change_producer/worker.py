@@ -10,6 +10,9 @@ Threads:
 Failures are per mailbox (``schedule.failed``): throttling waits as long as Exchange asks, an
 unavailable mailbox (impersonation denied, not found, being moved) is retried slowly with its status
 recorded, an invalid sync state makes a full re-read plus a snapshot (so deletions are found too).
+
+``health()`` reports the scheduler's last pass (``beat_at``) and counts: mailboxes followed, subscribed,
+failing, reads done.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from shared.adapters.ews import EwsConnection, classify
@@ -29,11 +32,16 @@ from shared.config import Settings
 from shared.domain.busy_rules import sync_window
 from shared.domain.contracts import CalendarChange, CalendarSnapshot
 from shared.domain.read_schedule import Schedule, Timing
-from shared.health import write_health
+from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
 from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
+from shared.workers import Health
 
 log = get_logger(__name__)
+
+STREAM_RETRY_BASE = timedelta(seconds=1)   # a broken stream group reconnects after 1 s, 2 s, 4 s, ...
+STREAM_RETRY_MAX = timedelta(seconds=30)
+FAILING_STATUSES = ("failing", "throttled", "retrying")
 
 
 def _now() -> datetime:
@@ -45,6 +53,8 @@ def _new_id() -> str:
 
 
 class ChangeProducer:
+    """Follows the enrolled mailboxes' notifications and reads what changed; a ``shared.workers.Worker``."""
+
     def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
         self.settings = settings
         self.store = store
@@ -59,16 +69,32 @@ class ChangeProducer:
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=ex.sync_workers, thread_name_prefix="ews-sync")
         self.local = threading.local()
-        self.reads = 0
+        self.reads = 0                   # successful mailbox reads since start (under ``lock``)
+        self.beat_at = time.time()       # the scheduler loop's last pass
 
     # --- control ---------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Ask ``run`` to return; reads under way finish first."""
         self.stopping.set()
         self.wake.set()
 
+    def health(self) -> Health:
+        """Running, with the mailboxes followed, subscribed and failing, and the reads done; safe from any thread."""
+        with self.lock:
+            states = list(self.schedule.mailboxes.values())
+            reads = self.reads
+        facts = {
+            "mailboxes": len(states),
+            "subscribed": sum(1 for state in states if state.subscribed),
+            "failing": sum(1 for state in states if state.status in FAILING_STATUSES),
+            "reads": reads,
+        }
+        return Health("running", self.beat_at, facts=facts)
+
     def run(self) -> None:
+        """Start the notification threads and schedule mailbox reads until ``stop``."""
         ex = self.settings.exchange
-        notifier: list[threading.Thread] = []
+        notifier: list[threading.Thread]
         if ex.subscription == "streaming":
             notifier = [threading.Thread(target=self._stream_group, args=(i,), name=f"ews-stream-{i}", daemon=True) for i in range(ex.streaming_connections)]
         else:
@@ -78,6 +104,7 @@ class ChangeProducer:
         for thread in notifier:
             thread.start()
         while not self.stopping.is_set():
+            self.beat_at = time.time()
             if time.monotonic() >= next_reload:
                 self._reload_mailboxes()
                 next_reload = time.monotonic() + ex.mailbox_reload_interval.total_seconds()
@@ -88,26 +115,10 @@ class ChangeProducer:
                     self.schedule.started(address)
             for address in due:
                 self.pool.submit(self._read, address)
-            self._write_health()
             self.wake.wait(0.5)
             self.wake.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
         log.info("worker_stopped", stage="change_producer")
-
-    def _write_health(self) -> None:
-        if time.monotonic() - getattr(self, "_health_at", 0.0) < 2.0:
-            return
-        self._health_at = time.monotonic()
-        with self.lock:
-            states = [state.status for state in self.schedule.mailboxes.values()]
-            subscribed = sum(1 for state in self.schedule.mailboxes.values() if state.subscribed)
-        try:
-            write_health(
-                self.settings.status.health_dir, "change_producer", "running",
-                mailboxes=len(states), subscribed=subscribed, failing=sum(1 for s in states if s in ("failing", "throttled", "retrying")), reads=self.reads,
-            )
-        except OSError as exc:
-            log.warning("health_not_written", error=str(exc)[:200])
 
     # --- membership ----------------------------------------------------------------------------------
     def _reload_mailboxes(self) -> None:
@@ -181,7 +192,7 @@ class ChangeProducer:
                 previous = self.schedule.mailboxes.get(address)
                 was = previous.status if previous else None
                 self.schedule.succeeded(address, self.clock())
-            self.reads += 1
+                self.reads += 1
             if result.published:
                 log.info("mailbox_changes_published", changes=result.published, full=result.full_resync)
             if was != "active":
@@ -202,7 +213,7 @@ class ChangeProducer:
     def _stream_group(self, index: int) -> None:
         ex = self.settings.exchange
         subscriptions: dict[str, str] = {}  # subscription id -> mailbox
-        delay = 1.0
+        failures = 0                        # stream failures in a row
         while not self.stopping.is_set():
             members = self._group(index)
             for sub_id, address in list(subscriptions.items()):
@@ -225,12 +236,12 @@ class ChangeProducer:
             anchor = next(iter(subscriptions.values()))
             try:
                 for sub_id in self.exchange.stream(anchor, list(subscriptions), ex.stream_minutes, ex.stream_silence_timeout.total_seconds()):
-                    address = subscriptions.get(sub_id)
-                    if address is not None:
-                        self._mark_dirty([address])
+                    notified = subscriptions.get(sub_id)
+                    if notified is not None:
+                        self._mark_dirty([notified])
                     if self.stopping.is_set() or set(self._group(index)) != set(subscriptions.values()):
                         break
-                delay = 1.0
+                failures = 0
             except Exception as exc:  # noqa: BLE001
                 fault = classify(exc)
                 log.warning("stream_interrupted", group=index, kind=fault.kind, detail=fault.detail)
@@ -239,9 +250,9 @@ class ChangeProducer:
                         for address in subscriptions.values():
                             self.schedule.set_subscribed(address, False)
                     subscriptions.clear()  # resubscribe the group; a dead mailbox fails alone on subscribe
-                wait = fault.back_off if fault.kind == "throttled" and fault.back_off else delay
-                self.stopping.wait(wait)
-                delay = min(delay * 2, 30.0)
+                failures += 1
+                delay = exponential_backoff(failures, STREAM_RETRY_BASE, STREAM_RETRY_MAX).total_seconds()
+                self.stopping.wait(fault.back_off if fault.kind == "throttled" and fault.back_off else delay)
 
     def _unsubscribe(self, address: str, sub_id: str) -> None:
         try:

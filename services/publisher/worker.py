@@ -28,18 +28,20 @@ from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from shared.domain.contracts import BusyTimeState
 from shared.domain.delivery_plan import (
+    Delivered,
     DeliveredChange,
     DeliveredRecord,
-    Holding,
+    EventReceipt,
+    FollowUp,
     NoChange,
     Operation,
-    ReceiptFacts,
+    PlannerOriginated,
+    Postpone,
     Send,
-    follow_up,
     newest_per_key,
     plan,
-    receipt_action,
     remember_version,
+    settle,
 )
 from shared.domain.retry import Permanent, Transient
 from shared.logs import correlation, get_logger
@@ -147,7 +149,7 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
             group = [p for p in pending if p.send.operation == operation]
             size = deps.settings.planner.batch_size
             for start in range(0, len(group), size):
-                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, results))  # type: ignore[arg-type]
+                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, results))
         pending = next_round
     for p in pending:
         results[p.index] = Transient(f"Planner kept answering {p.attempts} for this event")
@@ -177,38 +179,45 @@ def _call(
         return []
     deps.guard.success()
     receipts = {r.origin_id: r for r in outcome.receipts}
+    table = deps.settings.planner.receipt_actions
     again: list[_Pending] = []
     for p in group:
         state = p.state
-        p.attempts.append(operation)
         with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
             receipt = receipts.get(state.origin_id)
-            if receipt is None:
-                results[p.index] = Transient(f"no receipt for the event in the {operation} answer")
-                continue
-            action = receipt_action(receipt.code, operation, deps.settings.planner.receipt_actions)
-            facts = ReceiptFacts(receipt.code, receipt.message, receipt.conflict_notification_sent, receipt.received_at, outcome.reference)
-            ids = {"planner_event_id": receipt.planner_event_id or None, "planner_resource_id": receipt.planner_resource_id or None}
-            log.info("planner_receipt", operation=operation, code=receipt.code, action=action, reference=outcome.reference)
-            if action == "ok":
-                present = operation != "delete"
-                holding = Holding(present, p.send.interval if present else None)
-                deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, state.version, holding, receipt=facts, **ids)], state.correlation_id)
+            answer = settle(p.send, state.version, p.attempts, None if receipt is None else _event_receipt(receipt, outcome.reference), table)
+            p.attempts.append(operation)
+            if receipt is not None:
+                log.info("planner_receipt", operation=operation, code=receipt.code, action=answer.action, reference=outcome.reference)
+            if answer.record is not None:
+                deps.store.record_delivered(mailbox, [answer.record], state.correlation_id)
+            settled = answer.outcome
+            if isinstance(settled, Delivered):
                 log.info("busy_time_delivered", operation=operation, version=state.version)
                 results[p.index] = Done()
-            elif action == "planner_originated":
-                change = DeliveredChange(state.origin_id, state.version, Holding.absent(), planner_originated=True, receipt=facts, **ids)
-                deps.store.record_delivered(mailbox, [change], state.correlation_id)
+            elif isinstance(settled, PlannerOriginated):
                 log.info("busy_time_planner_originated", version=state.version)
                 results[p.index] = Done()
-            elif (next_op := follow_up(action)) is not None and next_op not in p.attempts:
-                again.append(_Pending(p.index, state, Send(next_op, p.send.origin_id, p.send.interval), p.attempts))
-            elif action == "retry":
-                results[p.index] = Transient(receipt.message or "Planner asked to retry", code=receipt.code)
+            elif isinstance(settled, FollowUp):
+                again.append(_Pending(p.index, state, settled.send, p.attempts))
+            elif isinstance(settled, Postpone):
+                results[p.index] = Transient(settled.reason, code=settled.code)
             else:
-                deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, receipt=facts, **ids)], state.correlation_id)
-                results[p.index] = Permanent(receipt.message or f"Planner receipt code {receipt.code}", code=receipt.code)
+                results[p.index] = Permanent(settled.reason, code=settled.code)
     return again
+
+
+def _event_receipt(receipt: Any, reference: str | None) -> EventReceipt:
+    """The client's receipt as the plain values ``settle`` reads."""
+    return EventReceipt(
+        code=receipt.code,
+        message=receipt.message,
+        planner_event_id=receipt.planner_event_id,
+        planner_resource_id=receipt.planner_resource_id,
+        received_at=receipt.received_at,
+        conflict_notification_sent=receipt.conflict_notification_sent,
+        reference=reference,
+    )
 
 
 CERTIFICATE_WARNING_DAYS = 30
@@ -243,6 +252,6 @@ def build(settings: Settings) -> Consumer:
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
     # A large batch lets a burst group per mailbox (one call of up to batch_size events each).
     options = ConsumerOptions(prefetch=settings.planner.max_batch_messages, batch_size=settings.planner.max_batch_messages, linger=settings.planner.linger)
-    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, settings.status.health_dir)
+    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
     guard.consumer = consumer
     return consumer

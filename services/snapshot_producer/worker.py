@@ -3,16 +3,20 @@
 ``run_snapshots`` reads a bounded number of mailboxes in parallel; a mailbox that fails is
 recorded and the others go on. ``SnapshotProducer.run`` waits for the configured local time
 (02:00 Europe/Copenhagen by default) each day; ``plannersync resync`` runs it at once.
+
+``SnapshotProducer.health()`` says "waiting" (with the next run) or "snapshotting", and what the last run
+did. Its loop beats at least every ``WAIT_SLICE`` seconds, while waiting and while a run is under way.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from shared.adapters.ews import EwsConnection, classify
 from shared.adapters.store import Store, open_store
@@ -24,26 +28,48 @@ from shared.domain.contracts import CalendarSnapshot
 from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
 from shared.mailbox_passes import snapshot_mailbox
+from shared.workers import Health
 
 log = get_logger(__name__)
+
+WAIT_SLICE = 1.0   # seconds: the longest the worker loop goes without a beat
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)
 class SnapshotResult:
+    """One mailbox's snapshot: the items published, or the content-free reason it failed."""
+
     mailbox: str
     items: int | None
     error: str | None
 
 
-def run_snapshots(settings: Settings, mailboxes: list[str], exchange: EwsConnection, store: Store, topology: Topology, clock: Callable[[], datetime] | None = None) -> list[SnapshotResult]:
-    clock = clock or (lambda: datetime.now(timezone.utc))
+def run_snapshots(
+    settings: Settings,
+    mailboxes: list[str],
+    exchange: EwsConnection,
+    store: Store,
+    topology: Topology,
+    clock: Callable[[], datetime] = _now,
+    beat: Callable[[], None] | None = None,
+) -> list[SnapshotResult]:
+    """Snapshot every mailbox, ``snapshot_parallelism`` at a time; results in the order of ``mailboxes``.
+
+    ``beat`` is called at least every ``WAIT_SLICE`` seconds while the reads are under way.
+    """
     policy = settings.busy.policy()
     local = threading.local()
+    publishers: list[Publisher] = []   # one per pool thread, closed when the run ends
 
     def publish(part: CalendarSnapshot) -> None:
         publisher = getattr(local, "publisher", None)
         if publisher is None:
             publisher = local.publisher = Publisher(settings.broker, topology)
+            publishers.append(publisher)
         publisher.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(part.mailbox), part))
 
     def one(mailbox: str) -> SnapshotResult:
@@ -63,33 +89,100 @@ def run_snapshots(settings: Settings, mailboxes: list[str], exchange: EwsConnect
             log.info("snapshot_published", items=count)
             return SnapshotResult(mailbox, count, None)
 
-    with ThreadPoolExecutor(max_workers=settings.exchange.snapshot_parallelism, thread_name_prefix="snapshot") as pool:
-        results = list(pool.map(one, mailboxes))
-    return results
+    try:
+        with ThreadPoolExecutor(max_workers=settings.exchange.snapshot_parallelism, thread_name_prefix="snapshot") as pool:
+            futures = [pool.submit(one, mailbox) for mailbox in mailboxes]
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=WAIT_SLICE)
+                if beat is not None:
+                    beat()
+    finally:
+        for publisher in publishers:
+            try:
+                publisher.close()
+            except Exception:  # noqa: BLE001 - a broken connection is gone anyway
+                pass
+    return [future.result() for future in futures]
+
+
+@dataclass(frozen=True)
+class _Status:
+    """What ``health()`` reports, replaced as a whole so a reader never sees half an update."""
+
+    state: str = "waiting"               # "waiting" or "snapshotting"
+    next_run_at: datetime | None = None
+    last_run_at: datetime | None = None
+    last_run_mailboxes: int = 0
+    last_run_failed: int = 0
+    runs: int = 0
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 class SnapshotProducer:
-    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology) -> None:
-        self.settings, self.store, self.exchange, self.topology = settings, store, exchange, topology
+    """Snapshots every enrolled mailbox at the configured local time each day; a ``shared.workers.Worker``."""
+
+    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
+        self.settings, self.store, self.exchange, self.topology, self.clock = settings, store, exchange, topology, clock
         self.stopping = threading.Event()
+        self.beat_at = time.time()       # the worker loop's last pass
+        self.status = _Status()
 
     def stop(self) -> None:
+        """Ask ``run`` to return; a run under way finishes its mailboxes first."""
         self.stopping.set()
 
+    def health(self) -> Health:
+        """Waiting (with the next run) or snapshotting, and what the last run did; safe from any thread."""
+        status = self.status
+        facts: dict[str, Any] = {
+            "next_run_at": _iso(status.next_run_at),
+            "last_run_at": _iso(status.last_run_at),
+            "last_run_mailboxes": status.last_run_mailboxes,
+            "last_run_failed": status.last_run_failed,
+            "runs": status.runs,
+        }
+        return Health(status.state, self.beat_at, facts=facts)
+
     def run(self) -> None:
+        """Wait for the next scheduled time, snapshot every enrolled mailbox, repeat until ``stop``."""
         while not self.stopping.is_set():
-            now = datetime.now(timezone.utc)
-            due = next_run(now, self.settings.exchange.snapshot_time, self.settings.busy.time_zone)
+            due = next_run(self.clock(), self.settings.exchange.snapshot_time, self.settings.busy.time_zone)
+            self.status = replace(self.status, state="waiting", next_run_at=due)
             log.info("snapshot_scheduled", at=due.isoformat())
-            if self.stopping.wait((due - now).total_seconds()):
+            if self._wait_until(due):
                 break
+            started = self.clock()
+            self.status = replace(self.status, state="snapshotting", next_run_at=None)
+            self._beat()
             mailboxes = [row.address for row in self.store.list_mailboxes(enabled_only=True)]
-            results = run_snapshots(self.settings, mailboxes, self.exchange, self.store, self.topology)
-            log.info("snapshots_done", mailboxes=len(results), failed=sum(1 for r in results if r.error))
+            results = run_snapshots(self.settings, mailboxes, self.exchange, self.store, self.topology, self.clock, self._beat)
+            failed = sum(1 for r in results if r.error)
+            self.status = replace(
+                self.status, last_run_at=started, last_run_mailboxes=len(results), last_run_failed=failed, runs=self.status.runs + 1
+            )
+            log.info("snapshots_done", mailboxes=len(results), failed=failed)
         log.info("worker_stopped", stage="snapshot_producer")
+
+    def _beat(self) -> None:
+        self.beat_at = time.time()
+
+    def _wait_until(self, due: datetime) -> bool:
+        """Wait until ``due`` in slices of at most ``WAIT_SLICE`` seconds, beating each time; True when stopped first."""
+        while True:
+            self._beat()
+            remaining = (due - self.clock()).total_seconds()
+            if remaining <= 0:
+                return False
+            if self.stopping.wait(min(remaining, WAIT_SLICE)):
+                return True
 
 
 def build(settings: Settings) -> SnapshotProducer:
+    """Wire the snapshot producer. Nothing connects to Exchange until a run."""
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     exchange = EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
     return SnapshotProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))

@@ -1,14 +1,15 @@
 """The transformer: calendar changes and snapshots in, busy-time desired states out.
 
-Gather (what was last decided for the mailbox), decide (``shared.domain.transform_core``, pure), apply
-(publish the states that change something, then remember every decision, then ack: done by
-``shared.broker.consume_loop``). Snapshot parts are remembered in the same transaction as their keys, so a
-snapshot counts as complete only when every part's effects are stored.
+Gather (what was last decided for the mailbox, which parts of a snapshot are recorded), decide
+(``shared.domain.transform_core``, pure: ``finish_snapshot_part`` says whether a part completes its
+snapshot), apply (publish the states that change something, then remember every decision, then ack: done
+by ``shared.broker.consume_loop``). Snapshot parts are remembered in the same transaction as their keys, so
+a snapshot counts as complete only when every part's effects are stored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
@@ -23,9 +24,9 @@ from shared.domain.retry import Permanent
 from shared.domain.transform_core import (
     Decision,
     DesiredRecord,
-    complete_snapshot,
     derive_change,
     derive_snapshot_part,
+    finish_snapshot_part,
 )
 from shared.logs import correlation, get_logger
 
@@ -34,6 +35,8 @@ log = get_logger(__name__)
 
 @dataclass
 class TransformerDeps:
+    """What the transformer's handler needs: the store, where to publish, the busy policy and the clock."""
+
     store: Store
     topology: Topology
     policy: BusyPolicy
@@ -43,12 +46,12 @@ class TransformerDeps:
 def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
     """Transform a batch; each message's decision sees the decisions of earlier messages in the batch."""
     overlay: dict[str, dict[str, DesiredRecord]] = {}
-    parts_seen: dict[str, set[int]] = {}
+    progress: dict[str, tuple[set[int], int | None]] = {}  # snapshot id -> parts recorded or handled in this batch, total
     results: list[Result] = []
     now = deps.clock()
     for inbound in batch:
         message = inbound.message
-        with correlation(message.correlation_id, mailbox=getattr(message, "mailbox", None)):
+        with correlation(message.correlation_id, mailbox=getattr(message, "mailbox", "")):
             if not isinstance(message, (CalendarChange, CalendarSnapshot)):
                 results.append(Permanent(f"transformer takes calendar messages, not {message.type}"))
                 continue
@@ -63,9 +66,15 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
                     results.append(Permanent(f"item rejected: {decision.rejected[0][1]}"))
                     continue
             else:
+                if message.snapshot_id not in progress:   # nothing of this batch is stored before it is settled
+                    progress[message.snapshot_id] = deps.store.snapshot_progress(message.snapshot_id)
+                parts, total = progress[message.snapshot_id]
                 decision = derive_snapshot_part(message, known, deps.policy, now)
+                decision = finish_snapshot_part(message, decision, known, parts, total)
+                progress[message.snapshot_id] = (parts | {message.part}, total if total is not None else message.total_parts)
                 snapshot_part = (message.snapshot_id, message.part, message.total_parts)
-                decision = _maybe_complete(message, decision, known, deps, parts_seen)
+                if decision.completed_snapshot is not None:
+                    log.info("snapshot_complete", snapshot_id=message.snapshot_id, part=message.part, emitted=len(decision.emit))
             for item_id, reason in decision.rejected:
                 log.warning("item_rejected", item_id=item_id[-24:], reason=reason)
             for state in decision.remember:
@@ -73,25 +82,6 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
             results.append(_apply(mailbox, message.correlation_id, decision, snapshot_part, deps))
             log.info("calendar_transformed", kind=message.type, emitted=len(decision.emit), remembered=len(decision.remember), rejected=len(decision.rejected))
     return results
-
-
-def _maybe_complete(
-    part: CalendarSnapshot, decision: Decision, known: dict[str, DesiredRecord], deps: TransformerDeps, parts_seen: dict[str, set[int]]
-) -> Decision:
-    recorded, total = deps.store.snapshot_progress(part.snapshot_id)
-    seen = parts_seen.setdefault(part.snapshot_id, set()) | recorded | {part.part}
-    parts_seen[part.snapshot_id] = seen
-    total = part.total_parts or total
-    if total is None or not seen >= set(range(1, total + 1)):
-        return decision
-    after_part = dict(known)
-    for state in decision.remember:
-        after_part[state.origin_id] = state
-    closing = complete_snapshot(part.mailbox, part.snapshot_id, part.observed_at, part.window, after_part, part.correlation_id)
-    log.info("snapshot_complete", snapshot_id=part.snapshot_id, parts=total, absent=len(closing.emit))
-    merged_remember = {k.origin_id: k for k in decision.remember}
-    merged_remember.update({k.origin_id: k for k in closing.remember})
-    return replace(decision, emit=[*decision.emit, *closing.emit], remember=list(merged_remember.values()))
 
 
 def _apply(mailbox: str, correlation_id: str, decision: Decision, snapshot_part: tuple[str, int, int | None] | None, deps: TransformerDeps) -> Done:
@@ -110,4 +100,4 @@ def build(settings: Settings) -> Consumer:
     topology = from_settings(settings.broker, settings.retry)
     deps = TransformerDeps(store, topology, settings.busy.policy())
     options = ConsumerOptions(prefetch=200, batch_size=100)
-    return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options, settings.status.health_dir)
+    return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options)

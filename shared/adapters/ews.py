@@ -3,7 +3,7 @@
 Reads only what deciding busy time needs (ids, UID, type, times, zones, status, flags, organizer)
 with ``only_fields``: subjects, bodies, locations and attendees are never requested.
 
-Traps handled here (see ../shared/reference/exchangelib-notes.md):
+Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 - exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
   start on the spring DST Sunday; we also keep the instants Exchange sent (``_CalendarItemWithInstants``)
   and let ``shared.domain.busy_rules`` derive the dates in the item's own zone.
@@ -182,7 +182,7 @@ def to_calendar_item(item: Any) -> CalendarItem:
         item_id=item.id,
         change_key=getattr(item, "changekey", None),
         uid=getattr(item, "uid", None) or None,
-        item_type=_TYPES.get(getattr(item, "type", None) or "Single", "single"),  # type: ignore[arg-type]
+        item_type=_TYPES.get(getattr(item, "type", None) or "Single", "single"),
         start=getattr(item, "raw_start", None) or _aware_utc(getattr(item, "start", None)),
         end=getattr(item, "raw_end", None) or _aware_utc(getattr(item, "end", None)),
         original_start=_aware_utc(getattr(item, "original_start", None)),
@@ -263,7 +263,7 @@ class EwsConnection:
 
     # --- notifications ------------------------------------------------------------------------------
     def subscribe_streaming(self, mailbox: str) -> str:
-        return self.account(mailbox).calendar.subscribe_to_streaming()
+        return str(self.account(mailbox).calendar.subscribe_to_streaming())
 
     def subscribe_pull(self, mailbox: str, timeout_minutes: int = 30) -> tuple[str, str]:
         subscription_id, watermark = self.account(mailbox).calendar.subscribe_to_pull(timeout=timeout_minutes)

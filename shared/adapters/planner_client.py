@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 
 import requests
-import structlog
 import tenacity
 import zeep
 import zeep.exceptions
@@ -40,8 +39,9 @@ from requests.adapters import HTTPAdapter
 from shared.adapters.planner_contract import WSDL_PATH, Namespaces
 from shared.config import PlannerSettings, RetrySettings
 from shared.domain.retry import Permanent, Transient
+from shared.logs import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 Operation = Literal["CreateEvents", "UpdateEvents", "DeleteEvents", "GetEvents", "GetResources"]
 TRANSIENT_FAULT_CODES = frozenset({15, 16})
@@ -282,7 +282,7 @@ class PinnedSession(requests.Session):
     environment are still honoured.
     """
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def,override]
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[no-untyped-def]
         merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
         merged["verify"] = self.verify
         merged["cert"] = self.cert
@@ -408,7 +408,7 @@ class CappedTransport(zeep.Transport):
     def load(self, url: str) -> bytes:
         if urlparse(url).scheme not in ("", "file"):
             raise Permanent(f"refusing to fetch {url}: the contract is loaded from plannersync's own copy")
-        return super().load(url)
+        return bytes(super().load(url))
 
 
 # --------------------------------------------------------------------------------------------- client

@@ -296,6 +296,12 @@ class Store:
             row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).first()
         return SyncPosition(row.sync_state, row.last_sync_at, row.last_full_sync_at) if row else None
 
+    def sync_positions(self) -> dict[str, SyncPosition]:
+        """Every mailbox's sync position, by address (one query, for the status page)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(exchange_sync)).all()
+        return {r.mailbox: SyncPosition(r.sync_state, r.last_sync_at, r.last_full_sync_at) for r in rows}
+
     def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
         """After a read whose messages are all published: the state to continue from, and when it was read."""
         values: dict[str, Any] = {"sync_state": sync_state, "last_sync_at": read_at}

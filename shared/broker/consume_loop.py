@@ -20,8 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import pika
 import pika.exceptions
@@ -45,10 +44,12 @@ from shared.domain.contracts import (
     decode,
     encode,
 )
-from shared.health import write_health
+from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
+from shared.workers import Health
 
 log = get_logger(__name__)
+RECONNECT_BASE = timedelta(milliseconds=500)
 
 
 
@@ -96,8 +97,11 @@ class ConsumerOptions:
 
 
 @dataclass
-class _Health:
+class Counters:
+    """What the loop has done since it started; read by ``health()`` and by tests."""
+
     started_at: float = field(default_factory=time.time)
+    beat_at: float = field(default_factory=time.time)
     connected: bool = False
     handled: int = 0
     retried: int = 0
@@ -116,16 +120,13 @@ class Consumer:
         stage: Stage,
         handler: Handler,
         options: ConsumerOptions | None = None,
-        health_dir: Path | None = None,
     ) -> None:
         self.broker = broker
         self.topology = topology
         self.stage = stage
         self.handler = handler
         self.options = options or ConsumerOptions()
-        self.health = _Health()
-        self.health_dir = health_dir
-        self._health_written = 0.0
+        self.counters = Counters()
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{stage.name}-handler")
         self._buffer: list[_Delivery] = []
@@ -137,26 +138,28 @@ class Consumer:
 
     def pause_until(self, moment: float, reason: str) -> None:
         """Take no new batches until ``moment`` (time.time()); used when Planner is clearly down."""
-        if moment > self.health.paused_until:
-            self.health.paused_until = moment
-            self.health.pause_reason = reason
+        if moment > self.counters.paused_until:
+            self.counters.paused_until = moment
+            self.counters.pause_reason = reason
             log.warning("consumer_paused", stage=self.stage.name, seconds=round(moment - time.time(), 1), reason=reason)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        delay = 0.5
+        failures = 0
         while not self._stop.is_set():
             try:
                 self._session()
-                delay = 0.5
             except (pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
-                self.health.connected = False
-                self._write_health(force=True)
+                failures = 1 if self.counters.connected else failures + 1  # a session that got going starts the count again
+                self.counters.connected = False
                 self._abandon_in_flight()
-                wait = min(delay, self.broker.reconnect_max_delay.total_seconds()) * random.uniform(0.8, 1.2)
+                cap = self.broker.reconnect_max_delay
+                wait = exponential_backoff(failures, RECONNECT_BASE, cap).total_seconds() * random.uniform(0.8, 1.2)
                 log.warning("broker_connection_lost", stage=self.stage.name, error=type(exc).__name__, detail=str(exc)[:200], retry_in=round(wait, 2))
-                self._stop.wait(wait)
-                delay = min(delay * 2, self.broker.reconnect_max_delay.total_seconds())
+                deadline = time.monotonic() + wait
+                while not self._stop.is_set() and time.monotonic() < deadline:  # keep beating while waiting
+                    self.counters.beat_at = time.time()
+                    self._stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         self._executor.shutdown(wait=True)
         log.info("worker_stopped", stage=self.stage.name)
 
@@ -168,11 +171,11 @@ class Consumer:
             self.topology.declare(channel)
             channel.basic_qos(prefetch_count=self.options.prefetch)
             consumer_tag = channel.basic_consume(self.stage.work_queue(), self._on_message)
-            self.health.connected = True
+            self.counters.connected = True
             log.info("worker_consuming", stage=self.stage.name, queue=self.stage.work_queue(), prefetch=self.options.prefetch)
             while True:
                 connection.process_data_events(time_limit=self.options.idle_poll)
-                self._write_health()
+                self.counters.beat_at = time.time()
                 if self._in_flight is not None and self._in_flight[2].done():
                     self._settle(channel)
                 if self._stop.is_set():
@@ -193,31 +196,27 @@ class Consumer:
             except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
                 pass
 
-    def _write_health(self, force: bool = False) -> None:
-        if self.health_dir is None or (not force and time.monotonic() - self._health_written < 2.0):
-            return
-        self._health_written = time.monotonic()
-        paused = time.time() < self.health.paused_until
-        state = "disconnected" if not self.health.connected else ("paused" if paused else "consuming")
-        try:
-            write_health(
-                self.health_dir,
-                self.stage.name,
-                state,
-                paused_until=datetime.fromtimestamp(self.health.paused_until, timezone.utc).isoformat() if paused else None,
-                pause_reason=self.health.pause_reason if paused else None,
-                handled=self.health.handled,
-                retried=self.health.retried,
-                dead_lettered=self.health.dead_lettered,
-            )
-        except OSError as exc:
-            log.warning("health_not_written", error=str(exc)[:200])
+    def health(self) -> Health:
+        """Consuming, paused (Planner down) or disconnected, with the loop's counters; safe from any thread."""
+        counters = self.counters
+        paused = time.time() < counters.paused_until
+        state = "disconnected" if not counters.connected else ("paused" if paused else "consuming")
+        facts: dict[str, Any] = {
+            "queue": self.stage.work_queue(),
+            "handled": counters.handled,
+            "retried": counters.retried,
+            "dead_lettered": counters.dead_lettered,
+        }
+        if paused:
+            facts["paused_until"] = datetime.fromtimestamp(counters.paused_until, timezone.utc).isoformat()
+            facts["pause_reason"] = counters.pause_reason
+        return Health(state, counters.beat_at, ok=counters.connected, facts=facts)
 
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self._buffer.append(_Delivery(method.delivery_tag, bool(method.redelivered), properties, body, time.monotonic()))
 
     def _ready(self) -> bool:
-        if not self._buffer or time.time() < self.health.paused_until:
+        if not self._buffer or time.time() < self.counters.paused_until:
             return False
         if len(self._buffer) >= self.options.batch_size:
             return True
@@ -269,7 +268,7 @@ class Consumer:
                         self._fail(channel, delivery, exc)
                         continue
                     channel.basic_ack(delivery.tag)
-                    self.health.handled += 1
+                    self.counters.handled += 1
                 else:
                     self._fail(channel, delivery, result)
 
@@ -285,14 +284,14 @@ class Consumer:
             headers[RETRY_COUNT] = attempt + 1
             target = self.stage.retry_queue(outcome.delay)
             publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
-            self.health.retried += 1
+            self.counters.retried += 1
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
         else:
             headers[RETRY_COUNT] = attempt
             headers["x-dead-lettered-at"] = now
             target = self.stage.dead_letter_queue()
             publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
-            self.health.dead_lettered += 1
+            self.counters.dead_lettered += 1
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
         channel.basic_ack(delivery.tag)
 

@@ -276,7 +276,7 @@ def ensure_policies(topology: Topology, management_url: str, user: str, password
                     continue
                 if existing.status_code != 404:
                     existing.raise_for_status()
-            body = {"pattern": policy.pattern, "definition": policy.definition, "priority": policy.priority, "apply-to": policy.apply_to}
+            body: dict[str, Any] = {"pattern": policy.pattern, "definition": policy.definition, "priority": policy.priority, "apply-to": policy.apply_to}
             response = session.put(url, json=body, timeout=timeout)
             response.raise_for_status()
             written.append(policy.name)

@@ -1,8 +1,8 @@
 """What counts as busy time, for which key, and when: the one policy every path uses.
 
-Pure: no I/O, no clock (``now`` is always a parameter), no logging. DOMAIN decisions 2 to 5 and 7.
+Pure: no I/O, no clock (``now`` is always a parameter), no logging. Decisions 2 to 5 and 7 (docs/decisions.md).
 
-Decisions taken here (the spec was silent or left them to us):
+Decisions taken here (decisions 23 and 32 to 35 in docs/decisions.md give their reasons):
 
 - **Window edges.** ``sync_window(now)`` is ``[now, now + N calendar months)``, the months counted on the
   wall clock of the configured zone. ``in_window`` is a half-open overlap test: an item whose end is at or
@@ -22,7 +22,7 @@ Decisions taken here (the spec was silent or left them to us):
   (Windows or IANA id), each snapped to the *nearest* local midnight, so an exchangelib/host-zone slip of
   up to 12 hours (the DST hour, a host in America/New_York) cannot move the day. The busy interval runs from
   00:00 of the first date to 00:00 of the day after the last date in the configured zone. An end not
-  after the start (exchangelib's spring-DST trap) is treated as a one-day item. A missing zone id on an
+  after the start (exchangelib's spring-DST trap, decision 23) is treated as a one-day item. A missing zone id on an
   all-day item falls back to the configured zone; an id we cannot map is rejected.
 - **Planner-originated items.** Organizer addresses compare case-insensitively; UID patterns are matched with
   ``re.search`` (anchor them if you need to).
@@ -154,6 +154,7 @@ def in_window(interval: Interval, window: Interval) -> bool:
 
 
 def overlaps(interval: Interval | None, window: Interval) -> bool:
+    """``in_window`` for an interval that may be absent (None never overlaps)."""
     return interval is not None and in_window(interval, window)
 
 
@@ -167,7 +168,7 @@ def zone_of(zone_id: str) -> ZoneInfo:
 
 
 def origin_id(item: CalendarItem, zone: ZoneInfo) -> str:
-    """Planner's OriginSystemIdentifier for an item (the reference client's format, DOMAIN decision 4)."""
+    """Planner's OriginSystemIdentifier for an item (the reference client's format, decision 4 in docs/decisions.md)."""
     if not item.uid:
         raise ItemRejected(f"item {item.item_type} has no UID")
     if item.item_type in ("single", "master"):
@@ -181,7 +182,10 @@ def is_planner_originated(item: CalendarItem, policy: BusyPolicy) -> bool:
     """True for an item Planner itself put in the calendar (its invitation), recognised by organizer or UID."""
     if item.organizer and item.organizer.strip().lower() in policy.planner_organizers:
         return True
-    return bool(item.uid) and any(pattern.search(item.uid) for pattern in policy.planner_uid_patterns)
+    uid = item.uid
+    if not uid:
+        return False
+    return any(pattern.search(uid) for pattern in policy.planner_uid_patterns)
 
 
 def not_busy_reason(item: CalendarItem, policy: BusyPolicy) -> str | None:

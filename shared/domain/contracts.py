@@ -9,7 +9,7 @@ Three messages travel the pipeline, each JSON with a ``type`` and a ``schema_ver
   a busy interval, or absent, with a version that orders states of the same key.
 
 By design none of them has a field for subject, body, location, attendees or categories
-(DOMAIN decision 1); ``extra="forbid"`` makes a producer that tries to add one fail loudly.
+(decision 1 in docs/decisions.md); ``extra="forbid"`` makes a producer that tries to add one fail loudly.
 The JSON Schemas in ``docs/contracts/`` are generated from these models (``plannersync contracts export``).
 """
 
@@ -207,7 +207,7 @@ def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
         raise UnknownSchemaVersion(f"unknown message type {kind!r}")
     if version not in KNOWN_VERSIONS[kind]:
         raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}")
-    return ALL_MODELS[kind].model_validate(raw)  # type: ignore[return-value]
+    return ALL_MODELS[kind].model_validate(raw)
 
 
 def describe_validation(error: ValidationError) -> str:

@@ -1,6 +1,6 @@
 """Pure decisions of the Planner publisher: what to send for a desired state, what a receipt means.
 
-Desired state, not commands (DOMAIN decision 6): whether a state becomes Create, Update, Delete
+Desired state, not commands (decision 6 in docs/decisions.md): whether a state becomes Create, Update, Delete
 or nothing is decided here, against what Planner is known to hold. Older versions never
 overwrite newer ones, so duplicates, replays and reordering are harmless.
 """
@@ -134,8 +134,100 @@ def receipt_action(code: int, operation: Operation, table: Mapping[str, str]) ->
 
 
 def follow_up(action: ReceiptAction) -> Operation | None:
+    """The operation a receipt action asks to send instead, if any."""
     if action == "update_instead":
         return "update"
     if action == "create_instead":
         return "create"
     return None
+
+
+@dataclass(frozen=True)
+class EventReceipt:
+    """Planner's receipt for one event of a call, as plain values (the worker converts the client's)."""
+
+    code: int
+    message: str | None = None
+    planner_event_id: str | None = None
+    planner_resource_id: str | None = None
+    received_at: datetime | None = None
+    conflict_notification_sent: bool = False
+    reference: str | None = None  # ServiceRequestLogReferenceIdentifier of the call
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Planner holds what was sent (or, after a delete, no longer holds it)."""
+
+
+@dataclass(frozen=True)
+class PlannerOriginated:
+    """The event belongs to Planner: remembered, never sent again."""
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """Send again with another operation (create <-> update), at most once each."""
+
+    send: Send
+
+
+@dataclass(frozen=True)
+class Postpone:
+    """Retry the message later (a transient failure)."""
+
+    reason: str
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Dead-letter the message (a permanent failure)."""
+
+    reason: str
+    code: int | None = None
+
+
+Settled = Delivered | PlannerOriginated | FollowUp | Postpone | Reject
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What one receipt means: the action it maps to, the store write (if any) and the message's outcome."""
+
+    action: ReceiptAction | None  # None when Planner sent no receipt for the event
+    record: DeliveredChange | None
+    outcome: Settled
+
+
+def settle(send: Send, version: int, tried: Sequence[Operation], receipt: EventReceipt | None, table: Mapping[str, str]) -> Settlement:
+    """What Planner's receipt for ``send`` (of the state at ``version``) means.
+
+    ``tried`` are the operations already sent for this event before ``send``; a follow-up never
+    repeats one of them or ``send`` itself. Planner ids it leaves empty keep what the store holds.
+    A missing receipt is never taken as success.
+    """
+    operation = send.operation
+    if receipt is None:
+        return Settlement(None, None, Postpone(f"no receipt for the event in the {operation} answer"))
+    action = receipt_action(receipt.code, operation, table)
+    facts = ReceiptFacts(receipt.code, receipt.message, receipt.conflict_notification_sent, receipt.received_at, receipt.reference)
+    event_id, resource_id = receipt.planner_event_id or None, receipt.planner_resource_id or None
+    if action == "ok":
+        holding = Holding(True, send.interval) if operation != "delete" else Holding.absent()
+        change = DeliveredChange(send.origin_id, version, holding, planner_event_id=event_id, planner_resource_id=resource_id, receipt=facts)
+        return Settlement(action, change, Delivered())
+    if action == "planner_originated":
+        change = DeliveredChange(
+            send.origin_id, version, Holding.absent(), planner_originated=True, planner_event_id=event_id, planner_resource_id=resource_id, receipt=facts
+        )
+        return Settlement(action, change, PlannerOriginated())
+    next_operation = follow_up(action)
+    if next_operation is not None and next_operation != operation and next_operation not in tried:
+        return Settlement(action, None, FollowUp(Send(next_operation, send.origin_id, send.interval)))
+    if action == "retry":
+        return Settlement(action, None, Postpone(receipt.message or "Planner asked to retry", receipt.code))
+    # dead_letter, or a follow-up already tried: the receipt is kept for support; the version is not,
+    # since Planner did not take the state.
+    change = DeliveredChange(send.origin_id, planner_event_id=event_id, planner_resource_id=resource_id, receipt=facts)
+    return Settlement(action, change, Reject(receipt.message or f"Planner receipt code {receipt.code}", receipt.code))

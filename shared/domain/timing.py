@@ -26,4 +26,4 @@ def exponential_backoff(failures: int, base: timedelta, cap: timedelta) -> timed
     """How long to wait after the ``failures``-th failure in a row: ``base``, then doubling, never above ``cap``."""
     if failures < 1:
         return timedelta(0)
-    return min(base * 2 ** min(failures - 1, 30), cap)
+    return min(base * (1 << min(failures - 1, 30)), cap)

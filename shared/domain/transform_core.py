@@ -24,13 +24,13 @@ Retention: absent rows and bookkeeping records are tombstones. Pruning one is sa
 older than it can still arrive (the retry ladder's total, plus however long an operator may wait before
 replaying a dead-lettered message), so prune absent rows and records only by age, with that margin.
 
-Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
+Rules (decisions 2, 3, 6 and 30 to 32 in docs/decisions.md; the version is ``version_of(observed_at)``):
 
 - A key whose ``DesiredRecord.version`` is at least the incoming version is left alone. Otherwise the new desired
   interval is compared with ``DesiredRecord.interval``: different -> emit and remember; equal -> remember only
   (a version bump). A key never known and not busy emits nothing, but **is remembered as absent** at its
-  version: otherwise an older "busy" message for it that arrives late would create it (the brief said
-  "no remember" here; order-independence needs this tombstone). Such rows cost one per item seen; see
+  version: otherwise an older "busy" message for it that arrives late would create it (decision 31 in
+  docs/decisions.md: order-independence needs this tombstone). Such rows cost one per item seen; see
   the retention note below.
 - **Window** (``busy_rules.sync_window(now)``): an item overlapping the window is sent with its full times.
   An item starting at or after the window end is not sent, and a *known* event that moved there becomes
@@ -49,7 +49,10 @@ Rules (DOMAIN decisions 2, 3, 6; the version is ``version_of(observed_at)``):
   id; if the master was never seen by a change either, its delete removes them at the next snapshot.)
 - **Snapshots**: every item seen records ``seen_in_snapshot``. ``complete_snapshot`` makes absent every
   present event key overlapping the snapshot window that the snapshot did not see and whose version is
-  older than the snapshot. ``derive_snapshot_part`` alone never makes anything absent.
+  older than the snapshot. ``derive_snapshot_part`` alone never makes anything absent. A snapshot is
+  complete once every part 1..total has arrived, in any order, the total known from the final part
+  (``snapshot_complete``); ``finish_snapshot_part`` adds the completion to the part that makes it whole.
+  A duplicate part of a complete snapshot completes it again, which finds nothing new to remove.
 - An item that cannot be judged (``ItemRejected``) is reported in ``rejected`` with a content-free reason;
   the other items of the message are still processed. A rejected single produces nothing else.
 """
@@ -58,7 +61,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Mapping
+from typing import Collection, Literal, Mapping
 
 from shared.domain.busy_rules import (
     BusyPolicy,
@@ -100,9 +103,12 @@ class DesiredRecord:
 
 @dataclass(frozen=True)
 class Decision:
+    """What one message implies: states to publish, records to store, items that could not be judged."""
+
     emit: list[BusyTimeState] = field(default_factory=list)        # only what changes what Planner should hold
-    remember: list[DesiredRecord] = field(default_factory=list)            # every key whose DesiredRecord changes
+    remember: list[DesiredRecord] = field(default_factory=list)    # every key whose DesiredRecord changes
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (item_id, content-free reason)
+    completed_snapshot: str | None = None                          # the snapshot id this decision completes
 
 
 def is_event_key(key: str) -> bool:
@@ -111,10 +117,12 @@ def is_event_key(key: str) -> bool:
 
 
 def item_record_key(item_id: str) -> str:
+    """The bookkeeping key of an item id's newest series-master upsert."""
     return ITEM_RECORD_PREFIX + stable_id("item", item_id)
 
 
 def deleted_record_key(item_id: str) -> str:
+    """The bookkeeping key of an item id's newest delete."""
     return DELETED_RECORD_PREFIX + stable_id("item", item_id)
 
 
@@ -358,3 +366,49 @@ def complete_snapshot(
     if marker is None or marker.version < version:
         decider.remember(DesiredRecord(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))
     return decider.result()
+
+
+def snapshot_complete(part: CalendarSnapshot, recorded_parts: Collection[int], recorded_total: int | None) -> bool:
+    """Whether ``part`` together with the parts recorded before it makes every part 1..total present.
+
+    The total is the final part's ``total_parts``: this part's, or ``recorded_total`` when the final part was
+    recorded earlier. Until the final part has arrived the snapshot is never complete.
+    """
+    total = part.total_parts if part.total_parts is not None else recorded_total
+    if total is None:
+        return False
+    return {*recorded_parts, part.part}.issuperset(range(1, total + 1))
+
+
+def merge_decisions(first: Decision, then: Decision) -> Decision:
+    """One decision doing ``first`` and then ``then``: for a key both emit or remember, ``then`` wins."""
+    emit = {state.origin_id: state for state in first.emit}
+    emit.update({state.origin_id: state for state in then.emit})
+    remember = {record.origin_id: record for record in first.remember}
+    remember.update({record.origin_id: record for record in then.remember})
+    return Decision(
+        emit=[emit[key] for key in sorted(emit)],
+        remember=[remember[key] for key in sorted(remember)],
+        rejected=[*first.rejected, *then.rejected],
+        completed_snapshot=then.completed_snapshot or first.completed_snapshot,
+    )
+
+
+def finish_snapshot_part(
+    part: CalendarSnapshot,
+    decision: Decision,
+    known: Mapping[str, DesiredRecord],
+    recorded_parts: Collection[int],
+    recorded_total: int | None,
+) -> Decision:
+    """``decision`` (``derive_snapshot_part`` of ``part`` over ``known``), completed when ``part`` makes the snapshot whole.
+
+    ``recorded_parts`` and ``recorded_total`` are what is known of the snapshot's other parts (stored, or handled
+    earlier in the same batch). When ``snapshot_complete`` holds, ``complete_snapshot`` runs over ``known`` with
+    the part's decision applied and is merged into it; ``completed_snapshot`` then names the snapshot.
+    """
+    if not snapshot_complete(part, recorded_parts, recorded_total):
+        return decision
+    after_part = {**known, **{record.origin_id: record for record in decision.remember}}
+    closing = complete_snapshot(part.mailbox, part.snapshot_id, part.observed_at, part.window, after_part, part.correlation_id)
+    return merge_decisions(decision, Decision(closing.emit, closing.remember, closing.rejected, part.snapshot_id))

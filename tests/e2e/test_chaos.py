@@ -21,9 +21,10 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.planner.server import RunningPlannerSim
-from tests.conftest import queue_depth, wait_for
-from tests.e2e.conftest import WorkerProcess
-from tests.integration.test_change_producer import CPH
+from tests.support.broker import queue_depth
+from tests.support.processes import WorkerProcess
+from tests.support.producers import CPH
+from tests.support.waiting import wait_for
 
 MAILBOXES = ["ann@jobcenter.dk", "bo@jobcenter.dk", "cai@jobcenter.dk"]
 
@@ -63,7 +64,7 @@ def _run_chaos(
     kills = {edits // 5: "publisher", 2 * edits // 5: "change-producer", 3 * edits // 5: "transformer"}
     with requests.Session() as http:
         for n in range(edits):
-            time.sleep(rng.uniform(0.02, 0.15))  # pacing the load, so kills land while work is in flight
+            time.sleep(rng.uniform(0.02, 0.15))  # pacing the load on purpose (not a wait for anything), so kills land while work is in flight
             if n in kills:
                 victim = kills[n]
                 workers[victim].kill()

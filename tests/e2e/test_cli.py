@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from plannersync.cli import parser
-from tests.e2e.conftest import PLANNERSYNC
+from tests.support.broker import drain
+from tests.support.processes import PLANNERSYNC
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,6 @@ def test_resync_publishes_a_snapshot_of_an_enrolled_mailbox(worker_env: dict[str
     import requests
 
     from simulators.exchange.server import start_server
-    from tests.conftest import drain
 
     sim = start_server(users={"svc": "pw"}, mailboxes=["anne@jobcenter.dk"])
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.e2e.conftest import PLANNERSYNC
+from tests.support.processes import PLANNERSYNC
 
 
 def test_the_demo_runs_green(broker: str) -> None:  # the fixture fails loudly without RabbitMQ

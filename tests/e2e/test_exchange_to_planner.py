@@ -21,9 +21,10 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.planner.server import RunningPlannerSim
-from tests.conftest import BROKER_HOST, wait_for
-from tests.e2e.conftest import WorkerProcess
-from tests.integration.test_change_producer import CPH
+from tests.support.broker import BROKER_HOST
+from tests.support.processes import PLANNERSYNC, WorkerProcess
+from tests.support.producers import CPH
+from tests.support.waiting import wait_for
 
 MAILBOX = "anne@jobcenter.dk"
 CANARY = f"CANARY{uuid.uuid4().hex[:8]}"
@@ -143,8 +144,6 @@ def test_a_caseworkers_calendar_reaches_planner_right_across_dst_from_a_new_york
     import json
     import subprocess
 
-    from tests.e2e.conftest import PLANNERSYNC
-
     status_env = {k: v for k, v in env.items() if k != "TZ"}
     status = json.loads(wait_for(lambda: _status(PLANNERSYNC, status_env), 30, what="all three workers healthy"))
     row = next(m for m in status["mailboxes"] if m["mailbox"] == MAILBOX)
@@ -179,5 +178,5 @@ def _status(exe: str, env: dict[str, str]) -> str | None:
     done = subprocess.run([exe, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     workers = json.loads(done.stdout)["workers"]
-    wanted = {"transformer", "publisher", "change_producer"}
+    wanted = {"transformer", "publisher", "change-producer"}
     return done.stdout if wanted <= set(workers) and all(workers[w]["healthy"] for w in wanted) else None

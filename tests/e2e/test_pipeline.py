@@ -14,8 +14,9 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import CalendarChange, CalendarItem, encode
 from simulators.planner.server import RunningPlannerSim
-from tests.conftest import drain, queue_depth, wait_for
-from tests.e2e.conftest import WorkerProcess
+from tests.support.broker import drain, queue_depth
+from tests.support.processes import WorkerProcess
+from tests.support.waiting import wait_for
 
 MAILBOX = "sagsbehandler@jobcenter.dk"
 

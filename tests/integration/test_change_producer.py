@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
-from zoneinfo import ZoneInfo
 
-import pika
 import pytest
 import requests
 
 from services.change_producer.worker import build
 from shared.adapters.store import Store
 from shared.broker.topology import Topology
-from shared.config import Settings, load_settings
-from shared.domain.contracts import CalendarChange, decode
+from shared.config import Settings
 from simulators.exchange.server import RunningExchangeSim, start_server
-from tests.conftest import BROKER_HOST, wait_for
+from tests.support.producers import CPH, Collector, producer_settings
+from tests.support.waiting import wait_for
 
-CPH = ZoneInfo("Europe/Copenhagen")
 ANNE, BO = "anne@jobcenter.dk", "bo@jobcenter.dk"
 
 
@@ -39,24 +37,6 @@ def ews() -> Iterator[RunningExchangeSim]:
     exchangelib.protocol.close_connections()
 
 
-def producer_settings(settings: Settings, sim: RunningExchangeSim, **exchange: Any) -> Settings:
-    values = {
-        "endpoint": sim.url,
-        "username": "svc",
-        "password": "pw",
-        "stream_minutes": 1,
-        "stream_silence_timeout": "3s",
-        "unsubscribed_poll_interval": "1s",
-        "safety_sync_interval": "10m",
-        "mailbox_reload_interval": "300ms",
-        "transient_retry": "200ms",
-        "unavailable_retry": "300ms",
-        "failure_backoff_max": "1s",
-        **exchange,
-    }
-    return load_settings(environ={}, **{**settings.model_dump(mode="python", exclude={"exchange"}), "exchange": values})
-
-
 class Running:
     def __init__(self, settings: Settings) -> None:
         self.producer = build(settings)
@@ -69,30 +49,6 @@ class Running:
     def __exit__(self, *exc: object) -> None:
         self.producer.stop()
         self.thread.join(20)
-
-
-class Collector:
-    """Reads CalendarChange/CalendarSnapshot messages off the transformer's work queue."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.queue = topology.stage("transformer").work_queue()
-        self.connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
-        self.channel = self.connection.channel()
-        self.messages: list[Any] = []
-
-    def poll(self) -> list[Any]:
-        while True:
-            method, _props, body = self.channel.basic_get(self.queue, auto_ack=True)
-            if method is None:
-                return self.messages
-            self.messages.append(decode(body))
-
-    def changes_for(self, uid: str) -> list[CalendarChange]:
-        self.poll()
-        return [m for m in self.messages if isinstance(m, CalendarChange) and m.item is not None and m.item.uid == uid]
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 @pytest.fixture
@@ -144,6 +100,16 @@ def test_a_new_appointment_reaches_the_broker_within_seconds(settings: Settings,
     assert enrolled.sync_position(ANNE).sync_state  # type: ignore[union-attr]
 
 
+def test_health_says_running_and_counts_the_reads_after_the_first_sync(settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store) -> None:
+    with Running(producer_settings(settings, ews)) as running:
+        wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first sync of both mailboxes")
+        health = wait_for(lambda: (h := running.producer.health()).facts["reads"] >= 2 and h, 10, what="both reads counted")
+        assert health.state == "running" and health.ok
+        assert health.facts["mailboxes"] == 2 and health.facts["failing"] == 0
+        wait_for(lambda: running.producer.health().beat_at > time.time() - 2, 5, what="a recent beat")
+        wait_for(lambda: running.producer.health().facts["subscribed"] == 2, 20, what="both mailboxes subscribed")
+
+
 def test_a_change_made_while_the_producer_was_stopped_is_found_without_a_snapshot(
     settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector
 ) -> None:
@@ -177,7 +143,7 @@ def test_a_change_made_while_the_stream_is_down_arrives_after_the_reconnect(
         wait_for(lambda: collector.changes_for(item["uid"]), 30, what=f"the change after {spec['kind']}")
         after = add_item(ews, BO, start=_future(4, 10), end=_future(4, 11))
         wait_for(lambda: collector.changes_for(after["uid"]), 30, what="later changes still flowing")
-    assert running.producer.reads > 0
+    assert running.producer.health().facts["reads"] > 0
 
 
 @pytest.mark.parametrize(

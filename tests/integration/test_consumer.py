@@ -18,7 +18,8 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
 from shared.domain.retry import Permanent, Transient
-from tests.conftest import MANAGEMENT, drain, queue_depth, wait_for
+from tests.support.broker import MANAGEMENT, drain, queue_depth
+from tests.support.waiting import wait_for
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
 
@@ -62,7 +63,7 @@ def running(settings: Settings, topology: Topology) -> Iterator[tuple[Consumer, 
     consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, ConsumerOptions(prefetch=10, batch_size=5))
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
-    wait_for(lambda: consumer.health.connected, 15, what="consumer connected")
+    wait_for(lambda: consumer.counters.connected, 15, what="consumer connected")
     publisher = Publisher(settings.broker, topology)
     yield consumer, recorder, publisher
     recorder.block.set()
@@ -118,7 +119,7 @@ def test_a_transient_failure_climbs_the_retry_ladder_then_succeeds(running, topo
     send(publisher, topology, message)
     wait_for(lambda: message.correlation_id in recorder.recorded, 20, what="success after two retries")
     assert recorder.seen.count(message.correlation_id) == 3
-    assert consumer.health.retried == 2 and consumer.health.dead_lettered == 0
+    assert consumer.counters.retried == 2 and consumer.counters.dead_lettered == 0
 
 
 def test_after_the_retry_budget_a_message_is_dead_lettered_with_reason_attempts_and_first_failure(running, topology: Topology) -> None:  # type: ignore[no-untyped-def]
@@ -159,7 +160,7 @@ def test_the_consumer_reconnects_when_the_broker_drops_its_connection(running, t
     wait_for(mine, 20, interval=0.5, what="the consumer's connection in the management API")
     for name in mine():
         requests.delete(f"{MANAGEMENT}/api/connections/{requests.utils.quote(name, safe='')}", auth=("guest", "guest"), timeout=5)
-    wait_for(lambda: not consumer.health.connected, 10, what="connection loss noticed")
+    wait_for(lambda: not consumer.counters.connected, 10, what="connection loss noticed")
     message = change(8)
     send(publisher, topology, message)
     wait_for(lambda: message.correlation_id in recorder.recorded, 30, what="message handled after reconnect")
@@ -176,8 +177,12 @@ def test_stop_returns_unhandled_messages_to_the_queue(settings: Settings, topolo
         send(publisher, topology, change(10 + n))
     publisher.close()
     wait_for(lambda: consumer._in_flight is not None, 15, what="a batch in flight")
+    stop_asked = time.time()
     consumer.stop()
-    time.sleep(0.3)
+    # the loop beats once per turn (counters.beat_at) and checks for a stop right after; a beat after the first
+    # beat past the stop means it saw the stop, kept the in-flight batch and went round again instead of returning
+    seen_stop = wait_for(lambda: consumer.counters.beat_at > stop_asked and consumer.counters.beat_at, 10, interval=0.01, what="a loop turn after the stop")
+    wait_for(lambda: consumer.counters.beat_at > seen_stop or not thread.is_alive(), 10, interval=0.01, what="another loop turn or the loop's end")
     assert thread.is_alive(), "must finish the in-flight batch first"
     recorder.block.set()
     thread.join(15)

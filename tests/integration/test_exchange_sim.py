@@ -36,6 +36,7 @@ from lxml import etree
 
 from simulators.exchange.server import RunningExchangeSim, start_server
 from simulators.exchange.soap import MNS, TNS
+from tests.support.waiting import wait_for
 
 ALICE, BOB = "alice@kommune.example", "bob@kommune.example"
 CPH = EWSTimeZone("Europe/Copenhagen")
@@ -81,16 +82,6 @@ def weekly_monday_nine(sim: RunningExchangeSim, mailbox: str = ALICE) -> dict[st
     return add(sim, mailbox, subject="Teammøde", start="2026-10-19T09:00", end="2026-10-19T10:00",
                timezone="Europe/Copenhagen", recurrence={"pattern": "weekly", "days_of_week": ["Monday"],
                                                          "until": "2027-04-30"})
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met before the deadline")
 
 
 # ---- CalendarView, GetItem, FindItem with restriction ------------------------------------------------------------
@@ -174,7 +165,7 @@ def test_all_day_items_come_out_on_their_dates_when_the_client_runs_in_new_york(
     rows = result["rows"]
     assert rows[0] == ["2026-10-21", "2026-10-21", True]
     # The spring DST Sunday: the simulator sends local midnights 23:00Z..22:00Z; the start is right. exchangelib
-    # subtracts 24 h from the exclusive end in UTC and so reports end 2027-03-27 (the trap DOMAIN.md describes).
+    # subtracts 24 h from the exclusive end in UTC and so reports end 2027-03-27 (the trap of decision 23 in docs/decisions.md).
     assert rows[1][0] == "2027-03-28" and rows[1][2] is True
 
 
@@ -311,7 +302,7 @@ def test_faults_only_hit_their_mailbox_and_operation_and_expire_after_their_peri
     assert list(alice.sync_items()) == []
     with pytest.raises(errors.ErrorServerBusy):
         list(alice.view(start=local(2026, 12, 1), end=local(2026, 12, 2)))
-    wait_for(lambda: control(sim, "GET", "/faults") == [])
+    wait_for(lambda: control(sim, "GET", "/faults") == [], 10, interval=0.05, what="the 0.5 s fault to expire")
 
 
 def test_an_invalid_sync_state_raises_the_named_error_both_injected_and_real(sim):

@@ -1,4 +1,4 @@
-"""Issue 3's publisher on the real broker against the Planner simulator over HTTPS with a client certificate.
+"""The publisher on the real broker against the Planner simulator over HTTPS with a client certificate.
 
 The publisher runs as in production (``services.publisher.worker.build(settings)`` → ``Consumer``) in a
 background thread, with the throwaway CA as its Planner CA bundle and the OCES-like PKCS#12 (passphrase in a
@@ -37,9 +37,10 @@ from shared.config import DatabaseSettings, PlannerSettings, RetrySettings, Sett
 from shared.domain.contracts import BusyTimeState, CalendarChange, Interval, version_of
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
-from tests.conftest import MANAGEMENT, drain, queue_depth, wait_for
+from tests.support.broker import MANAGEMENT, drain, queue_depth
 from tests.support.planner_control import SimControl
 from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -153,7 +154,7 @@ class PublisherRun:
         thread = threading.Thread(target=consumer.run, name="publisher-under-test", daemon=True)
         thread.start()
         self.consumer, self._thread = consumer, thread
-        wait_for(lambda: consumer.health.connected, 15, what="publisher consuming")
+        wait_for(lambda: consumer.counters.connected, 15, what="publisher consuming")
         return consumer
 
     def stop(self) -> None:
@@ -179,7 +180,7 @@ class PublisherRun:
     def settled(self) -> int:
         """Messages this worker finished with: acked as done, or dead-lettered (retries come back, so do not count)."""
         assert self.consumer is not None
-        return self.consumer.health.handled + self.consumer.health.dead_lettered
+        return self.consumer.counters.handled + self.consumer.counters.dead_lettered
 
     def step(self, *states: BusyTimeState, timeout: float = 20) -> None:
         """Publish states and wait until the worker has finished with every one of them."""
@@ -284,8 +285,8 @@ def test_receipts_15_and_16_climb_the_broker_ladder_then_deliver(publisher_run, 
     assert [code for _, code, _ in control.calls_for(retried_twice.origin_id)] == [15, 15, 0]
     assert [code for _, code, _ in control.calls_for(retried_once.origin_id)] == [16, 0]
     assert [code for _, code, _ in control.calls_for(fine.origin_id)] == [0]
-    assert run.consumer is not None and run.consumer.health.retried == 3  # through the tier queues, not in-process
-    assert run.consumer.health.dead_lettered == 0 and run.dead_letter_depth() == 0
+    assert run.consumer is not None and run.consumer.counters.retried == 3  # through the tier queues, not in-process
+    assert run.consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0
 
 
 def test_a_permanent_code_dead_letters_only_that_event_while_the_rest_of_the_batch_is_delivered(publisher_run, control: SimControl) -> None:
@@ -309,7 +310,7 @@ def test_a_permanent_code_dead_letters_only_that_event_while_the_rest_of_the_bat
     assert properties.headers["x-original-queue"] == run.stage.work_queue()
     datetime.fromisoformat(properties.headers["x-first-failure-at"])
     assert run.dead_letter_depth() == 0
-    assert run.consumer is not None and run.consumer.health.retried == 0
+    assert run.consumer is not None and run.consumer.counters.retried == 0
 
 
 def test_a_foreign_message_in_a_batch_is_dead_lettered_and_hides_no_busy_time(publisher_run, control: SimControl) -> None:
@@ -355,18 +356,18 @@ def test_a_planner_outage_pauses_the_publisher_and_every_busy_time_arrives_after
         control.fault(type="outage", seconds=OUTAGE_SECONDS)
         started = time.monotonic()
         run.send(*during[:5])
-        wait_for(lambda: consumer.health.paused_until > 0, 20, what="the publisher pausing for the outage")
+        wait_for(lambda: consumer.counters.paused_until > 0, 20, what="the publisher pausing for the outage")
         run.send(*during[5:])
         wait_for(lambda: control.held() == expected, 60, interval=0.2, what="every busy time in Planner after the outage")
         drained = time.monotonic() - started
         wait_for(lambda: run.settled() == len(before) + len(during), 20, what="every message acked")
 
     record_property("outage_drain_seconds", round(drained, 1))
-    print(f"scaled {OUTAGE_SECONDS}s outage: Planner complete {drained:.1f}s after it began; retried {consumer.health.retried} times")
-    assert consumer.health.pause_reason.startswith("planner_down")
+    print(f"scaled {OUTAGE_SECONDS}s outage: Planner complete {drained:.1f}s after it began; retried {consumer.counters.retried} times")
+    assert consumer.counters.pause_reason.startswith("planner_down")
     assert any(entry["event"] == "consumer_paused" for entry in logs)
     assert any(call["outcome"] == "outage_503" for call in control.calls())
-    assert consumer.health.dead_lettered == 0 and run.dead_letter_depth() == 0
+    assert consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0
 
 
 # --------------------------------------------------------------------------------------------- 3. duplicates, replays, reordering
@@ -434,8 +435,8 @@ def test_http_500_503_and_connection_resets_are_retried_and_delivered(publisher_
     assert control.held() == holds(*states)
     outcomes = [call["outcome"] for call in control.calls()]
     assert {"http_500", "http_503", "reset"} <= set(outcomes), outcomes
-    assert run.consumer is not None and run.consumer.health.retried >= 1
-    assert run.consumer.health.dead_lettered == 0 and run.dead_letter_depth() == 0
+    assert run.consumer is not None and run.consumer.counters.retried >= 1
+    assert run.consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0
 
 
 def test_a_response_that_is_not_xml_is_retried_and_delivered_once_planner_answers_properly(publisher_run, control: SimControl) -> None:
@@ -444,12 +445,12 @@ def test_a_response_that_is_not_xml_is_retried_and_delivered_once_planner_answer
     state = busy(CARL, uid(), 9)
     consumer = run.start()
     run.send(state)
-    wait_for(lambda: consumer.health.retried >= 2, 20, what="the message going round the retry ladder")
-    assert consumer.health.dead_lettered == 0 and run.dead_letter_depth() == 0
+    wait_for(lambda: consumer.counters.retried >= 2, 20, what="the message going round the retry ladder")
+    assert consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0
     assert control.held() == {}
     assert {call["outcome"] for call in control.calls()} == {"garbage_not_xml"}
 
     control.clear_faults()
     wait_for(lambda: control.held() == holds(state), 20, what="the busy time once the garbage stops")
     wait_for(lambda: run.settled() == 1, 10, what="the message acked")
-    assert consumer.health.dead_lettered == 0 and run.dead_letter_depth() == 0
+    assert consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0

@@ -1,7 +1,9 @@
 """The nightly reconciliation end to end: real broker, real publisher (in a thread), the Planner simulator.
 
 Each test seeds the store (desired and delivered rows) and Planner (through its SOAP API), runs
-``run_reconciliation`` once, and waits with a deadline for Planner to reach the expected events.
+``reconcile`` once over a ``ReconcilerDeps`` built from the fixtures (``run_reconciliation``, the command
+line's way, builds its own), and waits with a deadline for Planner to reach the expected events.
+The ``Reconciler`` tests drive the daily schedule with a clock the test moves and read ``health()``.
 Calls are counted at the simulator, so "Planner unchanged" means no Create/Update/Delete call at all.
 """
 
@@ -15,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from services.publisher.worker import build as build_publisher
-from services.reconciler.worker import run_reconciliation
+from services.reconciler.worker import Reconciler, ReconcilerDeps, reconcile, run_reconciliation
 from shared.adapters.planner_client import PlannerClient, PlannerEvent
 from shared.adapters.store import Store, open_store
 from shared.broker.consume_loop import Consumer
@@ -24,9 +26,13 @@ from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
 from shared.domain.contracts import BusyTimeState, Interval
 from shared.domain.delivery_plan import DeliveredChange, Holding
+from shared.domain.reconcile_plan import MailboxReport
+from shared.domain.timing import next_run
 from shared.domain.transform_core import DesiredRecord
 from simulators.planner.server import RunningPlannerSim, start_server
-from tests.conftest import _nested, queue_depth, wait_for
+from tests.support.broker import queue_depth
+from tests.support.settings import nested_settings as _nested
+from tests.support.waiting import wait_for
 
 WRITES = {"CreateEvents", "UpdateEvents", "DeleteEvents"}
 START = (datetime.now(timezone.utc) + timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
@@ -60,7 +66,7 @@ def publisher_worker(settings: Settings, topology: Topology) -> Iterator[Consume
     consumer = build_publisher(settings)
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
-    wait_for(lambda: consumer.health.connected, 15, what="publisher connected")
+    wait_for(lambda: consumer.counters.connected, 15, what="publisher connected")
     yield consumer
     consumer.stop()
     thread.join(15)
@@ -118,12 +124,17 @@ def writes(sim: RunningPlannerSim) -> list[str]:
     return [call.operation for call in sim.state.calls() if call.operation in WRITES]
 
 
-def reconcile(settings: Settings, store: Store, publisher: CountingPublisher, mailbox: str, force: bool = False):  # type: ignore[no-untyped-def]
-    (report,) = run_reconciliation(settings, [mailbox], force=force, store=store, publisher=publisher)
+@pytest.fixture
+def deps(settings: Settings, store: Store, planner: PlannerClient, publisher: CountingPublisher) -> ReconcilerDeps:
+    return ReconcilerDeps.from_settings(settings, store=store, planner=planner, publisher=publisher)
+
+
+def reconcile_one(deps: ReconcilerDeps, mailbox: str, force: bool = False) -> MailboxReport:
+    (report,) = reconcile(deps, [mailbox], force=force)
     return report
 
 
-def test_drift_is_healed_through_the_publisher(settings, store, planner_sim, planner, publisher, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
+def test_drift_is_healed_through_the_publisher(settings, store, planner_sim, planner, publisher, deps, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     seed_desired(store, mailbox, {"same": (5, slot(9)), "missing": (6, slot(11)), "moved": (7, slot(13)), "gone": (8, None)})
     seed_planner(planner, mailbox, {"same": slot(9), "moved": slot(15), "gone": slot(17), "stranger": slot(10, day=1)})
     store.record_delivered(mailbox, [DeliveredChange("same", version=5, holding=Holding(True, slot(9)))])
@@ -131,7 +142,7 @@ def test_drift_is_healed_through_the_publisher(settings, store, planner_sim, pla
     store.record_delivered(mailbox, [DeliveredChange("moved", version=7, holding=Holding(True, slot(13)))])
     store.record_delivered(mailbox, [DeliveredChange("gone", version=4, holding=Holding(True, slot(17)))])
 
-    report = reconcile(settings, store, publisher, mailbox)
+    report = reconcile_one(deps, mailbox)
 
     assert (report.status, report.in_planner, report.created, report.updated, report.deleted, report.up_to_date) == ("reconciled", 4, 1, 1, 2, 1)
     assert {s.origin_id for s in publisher.states} == {"missing", "moved", "gone", "stranger"}
@@ -149,12 +160,12 @@ def test_drift_is_healed_through_the_publisher(settings, store, planner_sim, pla
 
     # a second run finds nothing to do
     publisher.states.clear()
-    again = reconcile(settings, store, publisher, mailbox)
+    again = reconcile_one(deps, mailbox)
     assert (again.up_to_date, again.created, again.updated, again.deleted, again.corrected) == (3, 0, 0, 0, 0)
     assert publisher.states == []
 
 
-def test_a_lost_state_store_leaves_planner_unchanged(settings, store, planner_sim, planner, publisher, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
+def test_a_lost_state_store_leaves_planner_unchanged(settings, store, planner_sim, planner, publisher, deps, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     calendar = {"uid-1": slot(9), "uid-2": slot(11, length=2), "series$20260601-080000": slot(8, day=3), "allday": slot(0, day=5, length=24)}
     seed_desired(store, mailbox, {key: (100 + n, interval) for n, (key, interval) in enumerate(calendar.items())})
     seed_planner(planner, mailbox, calendar)  # what the earlier installation (or the reference client) created
@@ -162,7 +173,7 @@ def test_a_lost_state_store_leaves_planner_unchanged(settings, store, planner_si
     writes_before = len(writes(planner_sim))
     assert store.delivered(mailbox) == {}  # the delivered rows are lost
 
-    report = reconcile(settings, store, publisher, mailbox)
+    report = reconcile_one(deps, mailbox)
 
     assert (report.adopted, report.created, report.updated, report.deleted) == (4, 0, 0, 0)
     assert publisher.states == []
@@ -176,13 +187,13 @@ def test_a_lost_state_store_leaves_planner_unchanged(settings, store, planner_si
     }
 
 
-def test_an_adopted_event_with_other_times_is_updated_not_recreated(settings, store, planner_sim, planner, publisher, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
+def test_an_adopted_event_with_other_times_is_updated_not_recreated(settings, store, planner_sim, planner, publisher, deps, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     seed_desired(store, mailbox, {"uid-1": (10, slot(9)), "uid-2": (11, slot(12))})
     seed_planner(planner, mailbox, {"uid-1": slot(9), "uid-2": slot(14)})
     guid = {e.origin_id: e.calendar_event_identifier for e in planner_sim.state.events(mailbox)}["uid-2"]
     writes_before = len(writes(planner_sim))
 
-    report = reconcile(settings, store, publisher, mailbox)
+    report = reconcile_one(deps, mailbox)
 
     assert (report.adopted, report.updated, report.created, report.deleted) == (2, 1, 0, 0)
     wait_for(lambda: held(planner_sim, mailbox) == {"uid-1": slot(9), "uid-2": slot(12)}, 20, what="uid-2 moved")
@@ -190,25 +201,25 @@ def test_an_adopted_event_with_other_times_is_updated_not_recreated(settings, st
     assert {e.origin_id: e.calendar_event_identifier for e in planner_sim.state.events(mailbox)}["uid-2"] == guid
 
 
-def test_the_mass_delete_guard_stops_the_mailbox_until_forced(settings, store, planner_sim, planner, publisher, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
+def test_the_mass_delete_guard_stops_the_mailbox_until_forced(settings, store, planner_sim, planner, publisher, deps, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     seed_desired(store, mailbox, {"keep": (5, slot(9))})
     seed_planner(planner, mailbox, {"keep": slot(9), "x": slot(11), "y": slot(13)})
     before = held(planner_sim, mailbox)
     writes_before = len(writes(planner_sim))
 
-    stopped = reconcile(settings, store, publisher, mailbox)
+    stopped = reconcile_one(deps, mailbox)
 
     assert stopped.status == "stopped" and stopped.deleted == 2 and "force" in (stopped.reason or "")
     assert publisher.states == [] and store.delivered(mailbox) == {}
     assert held(planner_sim, mailbox) == before and len(writes(planner_sim)) == writes_before
 
-    forced = reconcile(settings, store, publisher, mailbox, force=True)
+    forced = reconcile_one(deps, mailbox, force=True)
 
     assert forced.status == "reconciled" and (forced.deleted, forced.adopted) == (2, 1)
     wait_for(lambda: held(planner_sim, mailbox) == {"keep": slot(9)}, 20, what="x and y deleted")
 
 
-def test_a_get_events_failure_skips_the_chunk_and_is_never_read_as_an_empty_planner(settings, store, planner_sim, planner, publisher, mailbox) -> None:  # type: ignore[no-untyped-def]
+def test_a_get_events_failure_skips_the_chunk_and_is_never_read_as_an_empty_planner(settings, store, planner_sim, planner, publisher, deps, mailbox) -> None:  # type: ignore[no-untyped-def]
     other = f"bo.{uuid.uuid4().hex[:8]}@kommune.dk"
     store.add_mailbox(other)
     seed_desired(store, mailbox, {"a": (5, slot(9))})
@@ -216,22 +227,20 @@ def test_a_get_events_failure_skips_the_chunk_and_is_never_read_as_an_empty_plan
     seed_planner(planner, mailbox, {"a": slot(9)})
     planner_sim.state.add_faults([{"type": "http_status", "status": 503, "operations": ["GetEvents"]}], datetime.now(timezone.utc))
 
-    reports = run_reconciliation(settings, [mailbox, other], store=store, publisher=publisher)
+    reports = reconcile(deps, [mailbox, other])
 
     assert [(r.mailbox, r.status) for r in reports] == [(mailbox, "failed"), (other, "failed")]
     assert all("GetEvents" in (r.reason or "") for r in reports)
     assert publisher.states == [] and store.delivered(mailbox)["a"].present
 
 
-def test_a_mailbox_that_is_not_enrolled_is_reported_and_left_alone(settings, store, planner_sim, publisher, mailbox) -> None:  # type: ignore[no-untyped-def]
-    reports = run_reconciliation(settings, ["nobody@kommune.dk", mailbox.upper()], store=store, publisher=publisher)
+def test_a_mailbox_that_is_not_enrolled_is_reported_and_left_alone(settings, store, planner_sim, topology, mailbox) -> None:  # type: ignore[no-untyped-def]
+    reports = run_reconciliation(settings, ["nobody@kommune.dk", mailbox.upper()])  # the command line's way: its own store and clients
     assert [(r.mailbox, r.status) for r in reports] == [("nobody@kommune.dk", "skipped"), (mailbox, "reconciled")]
 
 
 def test_the_scheduler_runs_at_the_configured_wall_clock_time_and_stops_on_request(settings, planner_sim, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
     import time as _time
-
-    from services.reconciler.worker import Reconciler
 
     # a clock that reaches 05:30 Copenhagen (03:30 UTC in summer) one second from now, then runs on
     base = datetime(2026, 7, 1, 3, 29, 59, tzinfo=timezone.utc)
@@ -240,7 +249,7 @@ def test_the_scheduler_runs_at_the_configured_wall_clock_time_and_stops_on_reque
     thread = threading.Thread(target=reconciler.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: reconciler.runs >= 1, 20, what="the scheduled run")
+        wait_for(lambda: reconciler.health().facts["runs"] >= 1, 20, what="the scheduled run")
         assert [c.operation for c in planner_sim.state.calls()] == ["GetEvents"]  # one run, then a day's wait
     finally:
         stop_asked = _time.monotonic()
@@ -248,3 +257,45 @@ def test_the_scheduler_runs_at_the_configured_wall_clock_time_and_stops_on_reque
         thread.join(10)
     assert not thread.is_alive(), "the scheduler did not stop"
     assert _time.monotonic() - stop_asked < 5
+
+
+class MovableClock:
+    """A clock that stands still until the test moves it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_the_reconcilers_health_says_waiting_until_the_run_is_due_then_reports_the_run(settings, store, planner_sim, publisher_worker, mailbox) -> None:  # type: ignore[no-untyped-def]
+    seed_desired(store, mailbox, {"missing": (5, slot(9))})
+    due = next_run(datetime.now(timezone.utc), settings.reconcile.time, settings.busy.time_zone)
+    clock = MovableClock(due - timedelta(hours=1))
+    reconciler = Reconciler(settings, clock=clock)
+    thread = threading.Thread(target=reconciler.run, daemon=True)
+    thread.start()
+    try:
+        waiting = wait_for(lambda: (h := reconciler.health()).facts["next_run_at"] is not None and h, 10, what="the schedule")
+        assert (waiting.state, waiting.ok, waiting.facts["next_run_at"], waiting.facts["runs"], waiting.facts["last_run_at"]) == (
+            "waiting", True, due.isoformat(), 0, None
+        )
+        wait_for(lambda: reconciler.health().beat_at > waiting.beat_at, 10, what="the waiting loop to beat again")
+        assert "GetEvents" not in [c.operation for c in planner_sim.state.calls()], "nothing runs before it is due"
+
+        clock.now = due
+        done = wait_for(lambda: (h := reconciler.health()).facts["runs"] == 1 and h.state == "waiting" and h, 20, what="the run")
+    finally:
+        reconciler.stop()
+        thread.join(10)
+    assert not thread.is_alive(), "the reconciler did not stop"
+    assert done.facts == {
+        "next_run_at": next_run(due, settings.reconcile.time, settings.busy.time_zone).isoformat(),
+        "last_run_at": due.isoformat(),
+        "last_run_mailboxes": 1,
+        "last_run_failed": 0,
+        "last_run_stopped": 0,
+        "runs": 1,
+    }
+    wait_for(lambda: held(planner_sim, mailbox) == {"missing": slot(9)}, 20, what="the run's create to reach Planner")

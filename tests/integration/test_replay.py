@@ -8,7 +8,7 @@ from pika.spec import BasicProperties
 from shared.broker.replay import list_dead_letters, replay
 from shared.broker.topology import Topology
 from shared.config import Settings
-from tests.conftest import BROKER_HOST, drain, queue_depth
+from tests.support.broker import BROKER_HOST, drain, queue_depth
 
 
 def _dead_letter(topology: Topology, message_id: str, replays: int = 0) -> None:

@@ -1,6 +1,6 @@
 """The transformer's scenario table again, end to end: broker → transformer → publisher → Planner simulator.
 
-Every scenario of ``tests/unit/test_transform_core.py`` gets its own mailbox; all are published in
+Every scenario of ``tests/unit/domain/test_transform_core.py`` gets its own mailbox; all are published in
 order and run through the real workers (transformer clock fixed at the table's "now"). What the
 Planner simulator finally holds per mailbox must equal the scenario's final state.
 """
@@ -21,8 +21,8 @@ from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
 from shared.domain.contracts import CalendarChange, CalendarSnapshot, Interval
 from simulators.planner.server import RunningPlannerSim, start_server
-from tests.conftest import wait_for
-from tests.unit.test_transform_core import NOW, POLICY, SCENARIOS, Complete
+from tests.support.waiting import wait_for
+from tests.unit.domain.test_transform_core import NOW, POLICY, SCENARIOS
 
 RUNNABLE = [(n, s) for n, s in enumerate(SCENARIOS) if not any(isinstance(step, tuple) for step in s.steps)]
 
@@ -38,9 +38,7 @@ def _mailbox(n: int) -> str:
     return f"scenario{n:02d}@kommune.dk"
 
 
-def _rewrite(step: Any, n: int) -> CalendarChange | CalendarSnapshot | None:
-    if isinstance(step, Complete):
-        return None  # the transformer completes a snapshot by itself when its final part has arrived
+def _rewrite(step: Any, n: int) -> CalendarChange | CalendarSnapshot:
     update: dict[str, Any] = {"mailbox": _mailbox(n)}
     if isinstance(step, CalendarSnapshot):
         update["snapshot_id"] = f"{n}-{step.snapshot_id}"
@@ -64,8 +62,6 @@ def test_every_scenario_ends_with_the_expected_busy_times_in_planner(settings: S
     for n, scenario in RUNNABLE:
         for step in scenario.steps:
             message = _rewrite(step, n)
-            if message is None:
-                continue
             key = topology.change_key(message.mailbox) if isinstance(message, CalendarChange) else topology.snapshot_key(message.mailbox)
             producer.publish(Outgoing(topology.calendar_exchange, key, message))
             sent += 1
@@ -78,7 +74,7 @@ def test_every_scenario_ends_with_the_expected_busy_times_in_planner(settings: S
         return all(held(n) == scenario.final for n, scenario in RUNNABLE)
 
     try:
-        wait_for(lambda: transformer.health.handled >= sent, 60, what=f"the transformer to handle {sent} messages")
+        wait_for(lambda: transformer.counters.handled >= sent, 60, what=f"the transformer to handle {sent} messages")
         wait_for(all_match, 60, interval=0.2, what="Planner to hold every scenario's final state")
     finally:
         for worker in (transformer, publisher):
@@ -87,4 +83,4 @@ def test_every_scenario_ends_with_the_expected_busy_times_in_planner(settings: S
             thread.join(20)
     mismatches = {scenario.name: (held(n), scenario.final) for n, scenario in RUNNABLE if held(n) != scenario.final}
     assert mismatches == {}
-    assert transformer.health.dead_lettered == 0 and publisher.health.dead_lettered == 0
+    assert transformer.counters.dead_lettered == 0 and publisher.counters.dead_lettered == 0

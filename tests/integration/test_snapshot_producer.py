@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import threading
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 import pytest
 import requests
 
-from services.snapshot_producer.worker import run_snapshots
+from services.snapshot_producer.worker import SnapshotProducer, build, run_snapshots
 from shared.adapters.ews import EwsConnection
 from shared.adapters.store import Store, upgrade
 from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import CalendarSnapshot
+from shared.domain.timing import next_run
 from simulators.exchange.server import RunningExchangeSim, start_server
-from tests.integration.test_change_producer import CPH, Collector, producer_settings
+from tests.support.producers import CPH, Collector, producer_settings
+from tests.support.waiting import wait_for
 
 BIG, SMALL = "big@jobcenter.dk", "small@jobcenter.dk"
 
@@ -92,3 +95,50 @@ def test_an_interrupted_snapshot_is_not_published_and_the_others_are(settings: S
     assert parts_for(collector, BIG) == []  # nothing at all, so certainly no final part
     assert len(parts_for(collector, SMALL)) == 1
     assert store.list_mailboxes()[0].status == "snapshot_failed"
+
+
+def test_health_says_waiting_with_the_next_run_and_beats_while_it_waits(settings: Settings, topology: Topology, ews: RunningExchangeSim) -> None:
+    config = producer_settings(settings, ews)
+    producer = build(config)
+    thread = threading.Thread(target=producer.run, daemon=True)
+    thread.start()
+    try:
+        health = wait_for(lambda: (h := producer.health()).facts["next_run_at"] and h, 10, what="the next run scheduled")
+        assert health.state == "waiting" and health.ok
+        assert health.facts["next_run_at"] == next_run(datetime.now(timezone.utc), config.exchange.snapshot_time, config.busy.time_zone).isoformat()
+        assert (health.facts["runs"], health.facts["last_run_at"]) == (0, None)
+        wait_for(lambda: producer.health().beat_at > health.beat_at, 5, what="a beat while waiting")
+    finally:
+        producer.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_health_reports_the_run_it_did_and_waits_for_the_next(settings: Settings, topology: Topology, ews: RunningExchangeSim, collector: Collector) -> None:
+    config = producer_settings(settings, ews)
+    store = Store.connect(config.database_url())
+    upgrade(store.engine)
+    store.add_mailbox(SMALL)
+    real = datetime.now(timezone.utc)
+    due = next_run(real, config.exchange.snapshot_time, config.busy.time_zone)
+    offset = due - timedelta(seconds=3) - real          # the producer's clock shows three seconds before the run
+
+    def clock() -> datetime:
+        return datetime.now(timezone.utc) + offset
+
+    producer = SnapshotProducer(config, store, EwsConnection(config.exchange, config.busy.time_zone, 4), topology, clock)
+    thread = threading.Thread(target=producer.run, daemon=True)
+    thread.start()
+    try:
+        waiting = wait_for(lambda: (h := producer.health()).facts["next_run_at"] and h, 10, what="the run scheduled")
+        assert waiting.state == "waiting" and waiting.facts["next_run_at"] == due.isoformat()
+        done = wait_for(lambda: (h := producer.health()).facts["runs"] == 1 and h.state == "waiting" and h, 30, what="the run done")
+        assert done.facts["last_run_mailboxes"] == 1 and done.facts["last_run_failed"] == 0
+        assert datetime.fromisoformat(done.facts["last_run_at"]) >= due
+        assert datetime.fromisoformat(done.facts["next_run_at"]) > due
+        parts = wait_for(lambda: parts_for(collector, SMALL), 10, what="the snapshot on the broker")
+        assert len(parts) == 1 and parts[0].final
+    finally:
+        producer.stop()
+        thread.join(10)
+    assert not thread.is_alive()

@@ -10,8 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from services.transformer.worker import build
-from shared.broker.consume_loop import Consumer
+from services.transformer.worker import TransformerDeps, build, handle
+from shared.adapters.store import open_store
+from shared.broker.consume_loop import Consumer, Done, Inbound
 from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology
 from shared.config import Settings
@@ -22,7 +23,8 @@ from shared.domain.contracts import (
     CalendarSnapshot,
     Interval,
 )
-from tests.conftest import drain, wait_for
+from tests.support.broker import drain
+from tests.support.waiting import wait_for
 
 MAILBOX = "anne@jobcenter.dk"
 NOW = datetime.now(timezone.utc)
@@ -96,6 +98,26 @@ def test_a_snapshot_deletes_what_it_no_longer_holds_only_once_every_part_has_arr
     (absent,) = states(topology, 1)
     assert absent.origin_id == "gone" and absent.interval is None and absent.cause == "snapshot"
     producer.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(MAILBOX), part1))  # a duplicate part
-    wait_for(lambda: transformer.health.handled >= 5, 10, what="the duplicate handled")
+    wait_for(lambda: transformer.counters.handled >= 5, 10, what="the duplicate handled")
     assert drain(topology.stage("publisher").work_queue(), timeout=1) == []
     producer.close()
+
+
+def test_parts_of_one_snapshot_in_one_batch_complete_it_even_with_the_final_part_first(settings: Settings, topology: Topology) -> None:
+    """Nothing of a batch is stored before the batch is settled, so the batch's own parts and total count too."""
+    deps = TransformerDeps(open_store(settings.database_url(), True), topology, settings.busy.policy())
+    mailbox = f"batch-{uuid.uuid4().hex[:8]}@jobcenter.dk"
+    earlier = datetime.now(timezone.utc) - timedelta(minutes=5)
+    (known,) = handle([Inbound(change(item("batch-gone"), earlier).model_copy(update={"mailbox": mailbox}), 1, False, 0)], deps)
+    assert isinstance(known, Done) and known.record is not None
+    known.record()
+
+    window = Interval(start=NOW, end=NOW + timedelta(days=90))
+    observed, sid = datetime.now(timezone.utc), uuid.uuid4().hex
+    final = CalendarSnapshot(
+        correlation_id="b2", snapshot_id=sid, mailbox=mailbox, observed_at=observed, window=window, part=2, final=True, total_parts=2, items=[item("batch-new")]
+    )
+    first = CalendarSnapshot(correlation_id="b1", snapshot_id=sid, mailbox=mailbox, observed_at=observed, window=window, part=1, items=[])
+    results = handle([Inbound(final, 2, False, 0), Inbound(first, 3, False, 0)], deps)
+    emitted = [[(o.message.origin_id, o.message.interval is not None) for o in r.publish] for r in results if isinstance(r, Done)]  # type: ignore[union-attr]
+    assert emitted == [[("batch-new", True)], [("batch-gone", False)]]

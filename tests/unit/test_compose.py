@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from plannersync.cli import parser
-from shared.config import load_settings, unknown_variables
+from shared.config import unknown_variables
+from tests.support.settings import settings_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -37,11 +38,7 @@ def test_the_env_file_names_only_real_settings_and_validates(tmp_path: Path) -> 
     secret.write_text("x")
     env["PLANNERSYNC_BROKER__PASSWORD_FILE"] = str(secret)
     env["PLANNERSYNC_EXCHANGE__PASSWORD_FILE"] = str(secret)
-    nested: dict[str, dict[str, str]] = {}
-    for name, value in env.items():
-        top, _, key = name[len("PLANNERSYNC_") :].lower().partition("__")
-        nested.setdefault(top, {})[key] = value
-    settings = load_settings(environ=env, **nested)
+    settings = settings_from_env(env)
     assert settings.broker.host == "rabbitmq" and settings.broker.password.get_secret_value() == "x"
 
 
@@ -55,15 +52,15 @@ def test_rabbitmq_mounts_the_files_the_repo_ships() -> None:
     assert "load_definitions" not in conf.replace("# do NOT use load_definitions", "")  # the 3.10 boot trap
 
 
-def test_every_worker_runs_and_the_long_running_ones_have_healthchecks() -> None:
-    from plannersync.cli import WORKERS
+def test_every_worker_runs_as_its_own_service_with_a_healthcheck_for_that_worker() -> None:
+    from plannersync.workers import WORKERS
 
     commands = {tuple(spec.get("command", [])) for spec in COMPOSE["services"].values()}
     for worker in WORKERS:
         assert ("run", worker) in commands, worker
-    for name in ("transformer", "publisher", "change-producer"):
-        check = COMPOSE["services"][name]["healthcheck"]["test"]
-        assert parser().parse_args(check[2:]).func.__name__ == "cmd_health"
+        check = COMPOSE["services"][worker]["healthcheck"]["test"]
+        args = parser().parse_args(check[2:])
+        assert args.func.__name__ == "cmd_health" and args.worker == worker
 
 
 def test_workers_wait_for_the_schema_and_the_broker() -> None:
@@ -71,3 +68,13 @@ def test_workers_wait_for_the_schema_and_the_broker() -> None:
         depends = COMPOSE["services"][name]["depends_on"]
         assert depends["db-upgrade"]["condition"] == "service_completed_successfully"
         assert depends["rabbitmq"]["condition"] == "service_healthy"
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for pattern in packages:
+        name = pattern.rstrip("*")
+        assert f"COPY {name} ./{name}" in dockerfile, f"the Dockerfile does not copy {name}/ although pyproject.toml installs it"

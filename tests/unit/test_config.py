@@ -89,3 +89,17 @@ def test_config_check_prints_the_effective_configuration_with_secrets_masked() -
     assert done.returncode == 0, done.stderr
     assert "hunter2" not in done.stdout
     assert '"prefix": "plannersync"' in done.stdout
+
+
+def test_a_database_password_from_its_secret_is_put_into_the_url_percent_encoded() -> None:
+    from sqlalchemy.engine import make_url
+
+    from shared.config import with_password
+
+    url = with_password("mssql+pymssql://svc_plannersync@sql01.kommune.dk:1433/plannersync?charset=utf8", "p@ss:w/rd%")
+    parsed = make_url(url)
+    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.database) == ("svc_plannersync", "p@ss:w/rd%", "sql01.kommune.dk", 1433, "plannersync")
+    assert parsed.query == {"charset": "utf8"}
+    assert with_password("sqlite:///var/lib/plannersync/state.db", "x") == "sqlite:///var/lib/plannersync/state.db"
+    assert with_password("postgresql+psycopg://u:old@h/db", "new") == "postgresql+psycopg://u:new@h/db"
+    assert with_password("postgresql+psycopg://u@h/db", None) == "postgresql+psycopg://u@h/db"

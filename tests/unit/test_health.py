@@ -1,4 +1,4 @@
-"""Health files: what a worker reports, and when it counts as healthy."""
+"""Health: what each worker reports, how the runner writes it, and when it counts as healthy."""
 
 from __future__ import annotations
 
@@ -9,26 +9,65 @@ from pathlib import Path
 from shared.broker.consume_loop import Consumer
 from shared.broker.topology import Topology
 from shared.config import load_settings
-from shared.health import is_healthy, read_health, write_health
+from shared.health import HealthReporter, is_healthy, read_health, write_health
+from shared.workers import Health
+from tests.support.waiting import wait_for
+
+
+def consumer() -> Consumer:
+    topology = Topology("ps", (timedelta(seconds=1),))
+    return Consumer(load_settings(environ={}).broker, topology, topology.stage("publisher"), lambda batch: [])
 
 
 def test_a_paused_publisher_says_so_and_why(tmp_path: Path) -> None:
-    settings = load_settings(environ={})
-    topology = Topology("ps", (timedelta(seconds=1),))
-    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: [], health_dir=tmp_path)
-    consumer.health.connected = True
-    consumer.pause_until(time.time() + 60, "planner_down: HTTP 503")
-    consumer._write_health(force=True)
+    publisher = consumer()
+    publisher.counters.connected = True
+    publisher.pause_until(time.time() + 60, "planner_down: HTTP 503")
+    write_health(tmp_path, "publisher", publisher.health())
     data = read_health(tmp_path)["publisher"]
     assert data["state"] == "paused" and "HTTP 503" in data["pause_reason"] and data["paused_until"]
     assert is_healthy(data, 30) == (True, "paused")
 
 
-def test_a_disconnected_or_stale_worker_is_unhealthy(tmp_path: Path) -> None:
-    write_health(tmp_path, "transformer", "disconnected")
-    assert is_healthy(read_health(tmp_path)["transformer"], 30)[0] is False
-    write_health(tmp_path, "transformer", "consuming")
+def test_a_consumer_without_a_broker_is_running_but_not_ok() -> None:
+    health = consumer().health()
+    assert health.state == "disconnected" and not health.ok
+
+
+def test_a_disconnected_stale_or_stuck_worker_is_unhealthy(tmp_path: Path) -> None:
+    now = time.time()
+    write_health(tmp_path, "transformer", Health("disconnected", now, ok=False))
+    assert is_healthy(read_health(tmp_path)["transformer"], 30) == (False, "state disconnected")
+    write_health(tmp_path, "transformer", Health("consuming", now), now=now)
     data = read_health(tmp_path)["transformer"]
-    assert is_healthy(data, 30)[0] is True
-    assert is_healthy(data, 30, now=time.time() + 31) == (False, "health file is 31 s old")
+    assert is_healthy(data, 30, now=now) == (True, "consuming")
+    assert is_healthy(data, 30, now=now + 31) == (False, "health file is 31 s old")
+    write_health(tmp_path, "transformer", Health("consuming", now - 40), now=now)  # the file is fresh, the loop is not
+    assert is_healthy(read_health(tmp_path)["transformer"], 30, now=now) == (False, "loop has not run for 40 s")
     assert is_healthy(None, 30) == (False, "no health file")
+
+
+class Beating:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def health(self) -> Health:
+        self.calls += 1
+        return Health("waiting", time.time(), facts={"next_run_at": "2026-12-02T04:30:00+00:00", "calls": self.calls})
+
+
+def test_the_reporter_writes_any_workers_health_repeatedly_until_stopped(tmp_path: Path) -> None:
+    worker = Beating()
+    reporter = HealthReporter(worker, "reconciler", tmp_path, every=0.05)
+    reporter.start()
+    try:
+        wait_for(lambda: read_health(tmp_path).get("reconciler", {}).get("calls", 0) >= 3, 5, what="three writes")
+    finally:
+        reporter.stop()
+    data = read_health(tmp_path)["reconciler"]
+    assert data["worker"] == "reconciler" and data["next_run_at"].startswith("2026-12-02") and is_healthy(data, 30)[0]
+    assert not reporter.running  # stopped: its thread has ended, so nothing more is written

@@ -15,7 +15,7 @@ from __future__ import annotations
 from copy import deepcopy
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 from lxml import etree
 
@@ -91,7 +91,7 @@ class _MemoryResolver(etree.Resolver):
         super().__init__()
         self._documents = documents
 
-    def resolve(self, system_url: str, public_id: str, context: object):  # type: ignore[override]
+    def resolve(self, system_url: str, public_id: str, context: object) -> Any:
         document = self._documents.get(system_url)
         if document is None:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from shared.config import PlannerSettings, RetrySettings
 from simulators.planner import soap
 from simulators.planner.state import ReceiptOutcome, SimEvent, SimResource
 
-REFERENCE_WSDL = Path(__file__).resolve().parents[3].parent / "shared/reference/PlannerExternalCalendarService.wsdl"
+# STAR's published contract, kept verbatim in the repository (see tests/fixtures/reference/README.md)
+REFERENCE_WSDL = Path(__file__).resolve().parents[2] / "fixtures" / "reference" / "PlannerExternalCalendarService.wsdl"
+REFERENCE_SHA256 = "fa94b87edea77b2ba65716b7b4d8d7cd2643d8fd4757d8ac6f6f3219d783a168"
 XSD = "http://www.w3.org/2001/XMLSchema"
 WSDL = "http://schemas.xmlsoap.org/wsdl/"
 SOAP_BINDING = "http://schemas.xmlsoap.org/wsdl/soap/"
@@ -37,10 +40,15 @@ GUID_A = "0f8fad5b-d9cb-469f-a165-70867728950e"
 GUID_B = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
 
 
-def reference_schema() -> etree.XMLSchema:
+def reference_wsdl() -> Path:
+    """The published contract's path; its absence fails the test (these tests never skip)."""
     if not REFERENCE_WSDL.is_file():
-        pytest.skip("the team's reference folder (../shared/reference) is not beside the repository")
-    return schema_from_wsdl(REFERENCE_WSDL, add_missing_imports=True)
+        pytest.fail(f"the reference contract {REFERENCE_WSDL} is missing; restore it verbatim from git (tests/fixtures/reference/README.md)")
+    return REFERENCE_WSDL
+
+
+def reference_schema() -> etree.XMLSchema:
+    return schema_from_wsdl(reference_wsdl(), add_missing_imports=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +93,14 @@ def test_our_contract_compiles_as_a_strict_lxml_schema_without_repairs() -> None
     assert isinstance(schema_from_wsdl(WSDL_PATH, add_missing_imports=False), etree.XMLSchema)
 
 
+def test_the_reference_copy_is_the_published_file_unchanged() -> None:
+    digest = hashlib.sha256(reference_wsdl().read_bytes()).hexdigest()
+    assert digest == REFERENCE_SHA256, f"{REFERENCE_WSDL} was edited; it must stay byte for byte as STAR published it"
+
+
 def test_the_published_contract_needs_the_imports_we_added() -> None:
-    if not REFERENCE_WSDL.is_file():
-        pytest.skip("reference folder absent")
     with pytest.raises(etree.XMLSchemaParseError, match="microsoft.com/wsdl/types|CodeListBase|xkom|RequestMetadata"):
-        schema_from_wsdl(REFERENCE_WSDL)
+        schema_from_wsdl(reference_wsdl())
 
 
 def test_every_request_the_client_produces_fits_our_schema(client: PlannerClient) -> None:
@@ -132,8 +143,7 @@ def test_the_simulators_responses_fit_both_schemas() -> None:
     documents = [soap.receipts_response(op, receipts, GUID_B, now) for op in ("CreateEvents", "UpdateEvents", "DeleteEvents")]
     documents += [soap.get_events_response([event], GUID_B), soap.get_events_response([], GUID_B)]
     documents += [soap.get_resources_response([resource], GUID_B), soap.fault("Server", "boom", 15)]
-    schemas = [contract_schema()] + ([reference_schema()] if REFERENCE_WSDL.is_file() else [])
-    for schema in schemas:
+    for schema in (contract_schema(), reference_schema()):
         for document in documents:
             assert validate_envelope(document, expect="response", schema=schema) is not None
 
@@ -209,15 +219,11 @@ def _tree(path: Path) -> etree._Element:
 
 
 def test_our_contract_is_wire_identical_to_the_published_one() -> None:
-    if not REFERENCE_WSDL.is_file():
-        pytest.skip("reference folder absent")
-    assert _canonical(_tree(WSDL_PATH)) == _canonical(_tree(REFERENCE_WSDL))
+    assert _canonical(_tree(WSDL_PATH)) == _canonical(_tree(reference_wsdl()))
 
 
 def test_namespaces_soap_actions_and_headers_match_the_published_contract() -> None:
-    if not REFERENCE_WSDL.is_file():
-        pytest.skip("reference folder absent")
-    ours, theirs = _tree(WSDL_PATH), _tree(REFERENCE_WSDL)
+    ours, theirs = _tree(WSDL_PATH), _tree(reference_wsdl())
 
     def summary(root: etree._Element) -> dict[str, Any]:
         return {
@@ -238,9 +244,6 @@ def test_namespaces_soap_actions_and_headers_match_the_published_contract() -> N
 
 
 def test_the_only_additions_are_imports_in_the_calendar_schema() -> None:
-    if not REFERENCE_WSDL.is_file():
-        pytest.skip("reference folder absent")
-
     def imports(root: etree._Element) -> set[tuple[str, str]]:
         return {
             (schema.get("targetNamespace"), element.get("namespace"))
@@ -248,6 +251,6 @@ def test_the_only_additions_are_imports_in_the_calendar_schema() -> None:
             for element in schema.findall(f"{{{XSD}}}import")
         }
 
-    added = imports(_tree(WSDL_PATH)) - imports(_tree(REFERENCE_WSDL))
+    added = imports(_tree(WSDL_PATH)) - imports(_tree(reference_wsdl()))
     assert {schema for schema, _ in added} == {"http://service.bm.dk/PlannerExternalCalendarService/2015/03/27/"}
     assert len(added) == 4

@@ -1,4 +1,4 @@
-"""Pure parts of the producers: the mailbox schedule, turning a sync into messages, snapshot parts, the nightly time."""
+"""The producers' pure rules: the mailbox read schedule and its backoff, a sync read as messages, snapshot parts, the nightly time."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import pytest
 from shared.domain.contracts import CalendarItem, Interval
 from shared.domain.mailbox_reads import (
     SyncChange,
-    SyncPosition,
     changes_from_sync,
     snapshot_parts,
 )
 from shared.domain.read_schedule import Schedule, Timing, backoff
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import next_run
-from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
 
@@ -112,73 +110,11 @@ def test_a_sync_becomes_changes_and_a_master_carries_its_occurrences() -> None:
     assert [m.correlation_id for m in messages] == ["id-1", "id-2", "id-3"]  # ids come from the caller
 
 
-class FakeExchange:
-    def __init__(self, changes: list[SyncChange], view: list[CalendarItem], fail_view: bool = False) -> None:
-        self.changes, self.items, self.fail_view = changes, view, fail_view
-        self.views = 0
-        self.states: list[str | None] = []
-
-    def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
-        self.states.append(sync_state)
-        return self.changes, "state-2"
-
-    def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
-        self.views += 1
-        if self.fail_view:
-            raise ConnectionError("cut")
-        return self.items
-
-
-class FakeStore:
-    def __init__(self, state: str | None) -> None:
-        self.state = state
-        self.full: list[bool] = []
-
-    def sync_position(self, mailbox: str) -> SyncPosition | None:
-        return SyncPosition(self.state, None, None)
-
-    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
-        self.state = sync_state
-        self.full.append(full)
-
-
-def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
-    store = FakeStore("state-1")
-    exchange = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
-    published: list[object] = []
-
-    def publish(message: object) -> None:
-        assert store.state == "state-1"  # not yet advanced
-        published.append(message)
-
-    result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T, new_id_from(ids()))
-    assert exchange.states == ["state-1"] and len(published) == 1 and store.state == "state-2"
-    assert exchange.views == 0 and not result.full_resync
-
-
-def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
-    store = FakeStore("state-1")
-
-    def publish(message: object) -> None:
-        raise ConnectionError("broker gone")
-
-    with pytest.raises(ConnectionError):
-        sync_mailbox("a@k.dk", FakeExchange([SyncChange("upsert", "id0", item(0))], []), store, publish, WINDOW, T, new_id_from(ids()))
-    assert store.state == "state-1"
-
-
 def test_snapshot_parts_are_numbered_and_only_the_last_is_final() -> None:
     parts = snapshot_parts("a@k.dk", [item(n) for n in range(7)], WINDOW, T, part_size=3, snapshot_id="s1")
     assert [(p.part, p.final, p.total_parts, len(p.items)) for p in parts] == [(1, False, None, 3), (2, False, None, 3), (3, True, 3, 1)]
     empty = snapshot_parts("a@k.dk", [], WINDOW, T, part_size=3, snapshot_id="s2")
     assert len(empty) == 1 and empty[0].final and empty[0].items == []
-
-
-def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
-    published: list[object] = []
-    with pytest.raises(ConnectionError):
-        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100, "s1")
-    assert published == []
 
 
 @pytest.mark.parametrize(

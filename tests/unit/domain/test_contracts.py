@@ -24,7 +24,7 @@ from shared.domain.contracts import (
     version_of,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)
 CONTENT_FIELDS = {"subject", "body", "location", "attendees", "categories", "required_attendees", "optional_attendees"}
 

@@ -3,9 +3,10 @@
 Hypothesis builds a mailbox history (singles created, moved, freed, cancelled and deleted; a weekly series
 whose occurrences move, vanish and come back; the series cancelled or deleted; nightly snapshots in one or
 two parts). Every mutation produces the change message a producer would send, with increasing
-observed_at. The messages are then delivered once in order, and again shuffled with duplicates (a
-snapshot is completed only once all its parts arrived, as the transformer worker does). Both deliveries
-must leave the same desired state, and that state must be what the calendar finally holds.
+observed_at. The messages are then delivered once in order, and again shuffled with duplicates. Each
+snapshot part goes through ``finish_snapshot_part`` with the parts recorded so far, as the transformer
+worker does, so a snapshot completes on whichever of its parts arrives last. Both deliveries must leave the
+same desired state, and that state must be what the calendar finally holds.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from shared.domain.contracts import (
 )
 from shared.domain.transform_core import (
     DesiredRecord,
-    complete_snapshot,
     derive_change,
     derive_snapshot_part,
+    finish_snapshot_part,
     is_event_key,
 )
 
@@ -46,14 +47,7 @@ ORIGINALS = [datetime(2026, 3, 23, 9, tzinfo=CPH) + timedelta(weeks=n) for n in 
 STATUSES = ["Busy", "Tentative", "Free", "WorkingElsewhere"]
 
 
-@dataclass(frozen=True)
-class Complete:
-    snapshot_id: str
-    parts: int
-    last: CalendarSnapshot
-
-
-Message = Union[CalendarChange, CalendarSnapshot, Complete]
+Message = Union[CalendarChange, CalendarSnapshot]
 
 
 @dataclass
@@ -85,7 +79,7 @@ mutation = st.one_of(
 
 
 def build_history(mutations: list[Any]) -> tuple[list[Message], Calendar]:
-    calendar, messages = Calendar(), []
+    calendar, messages = Calendar(), list[Message]()
     clock = iter(NOW - timedelta(hours=2) + timedelta(seconds=n) for n in range(10_000))
     for number, (kind, *args) in enumerate(mutations):
         at = next(clock)
@@ -132,46 +126,24 @@ def build_history(mutations: list[Any]) -> tuple[list[Message], Calendar]:
                 )
                 for p, chunk in enumerate(chunks, start=1)
             ]
-            messages += [*snapshot, Complete(snapshot_id, parts, snapshot[-1])]
+            messages += snapshot
     return messages, calendar
 
 
 def deliver(messages: list[Message]) -> dict[str, Interval]:
     known: dict[str, DesiredRecord] = {}
+    recorded: dict[str, tuple[set[int], int | None]] = {}   # snapshot id -> parts recorded, total (the store's snapshot_progress)
     for message in messages:
         if isinstance(message, CalendarChange):
             decision = derive_change(message, known, POLICY, NOW)
-        elif isinstance(message, CalendarSnapshot):
-            decision = derive_snapshot_part(message, known, POLICY, NOW)
         else:
-            s = message.last
-            decision = complete_snapshot(s.mailbox, s.snapshot_id, s.observed_at, s.window, known, s.correlation_id)
+            parts, total = recorded.get(message.snapshot_id, (set(), None))
+            decision = finish_snapshot_part(message, derive_snapshot_part(message, known, POLICY, NOW), known, parts, total)
+            recorded[message.snapshot_id] = (parts | {message.part}, total if total is not None else message.total_parts)
         for k in decision.remember:
             if k.origin_id not in known or known[k.origin_id].version <= k.version:
                 known[k.origin_id] = k
     return {key: k.interval for key, k in known.items() if is_event_key(key) and k.interval is not None}
-
-
-def shuffled_with_duplicates(messages: list[Message], order: list[int]) -> list[Message]:
-    """Deliver in ``order``; a snapshot completes only after its parts (re-completing later is allowed)."""
-    out: list[Message] = []
-    seen_parts: dict[str, set[int]] = {}
-    waiting: list[Complete] = []
-    for index in order:
-        message = messages[index]
-        if isinstance(message, Complete):
-            if len(seen_parts.get(message.snapshot_id, set())) == message.parts:
-                out.append(message)
-            else:
-                waiting.append(message)
-            continue
-        out.append(message)
-        if isinstance(message, CalendarSnapshot):
-            seen_parts.setdefault(message.snapshot_id, set()).add(message.part)
-            for complete in [c for c in waiting if len(seen_parts.get(c.snapshot_id, set())) == c.parts]:
-                waiting.remove(complete)
-                out.append(complete)
-    return out
 
 
 def truth(calendar: Calendar) -> dict[str, Interval]:
@@ -202,4 +174,4 @@ def test_any_interleaving_duplication_and_reordering_gives_the_same_desired_stat
     messages, calendar, order = history
     in_order = deliver(messages)
     assert in_order == truth(calendar)
-    assert deliver(shuffled_with_duplicates(messages, order)) == in_order
+    assert deliver([messages[index] for index in order]) == in_order

@@ -1,8 +1,8 @@
 """The transformer's decisions, scenario by scenario, through a tiny in-memory store.
 
-Each scenario is a sequence of messages fed to derive_change / derive_snapshot_part / complete_snapshot;
-the store applies ``remember`` and the test checks what each step emitted and what Planner should hold at
-the end. Where we deliberately differ from the reference client (reference-client.md §3.4, §9) the row
+Each scenario is a sequence of messages fed to derive_change / derive_snapshot_part, each snapshot part then
+through finish_snapshot_part with the parts recorded so far (as the transformer worker does); the store
+applies ``remember`` and the test checks what each step emitted and what Planner should hold at the end. Where we deliberately differ from the reference client (decisions 2 and 3 in docs/decisions.md) the row
 says so.
 """
 
@@ -29,10 +29,12 @@ from shared.domain.contracts import (
 from shared.domain.transform_core import (
     Decision,
     DesiredRecord,
-    complete_snapshot,
     derive_change,
     derive_snapshot_part,
+    finish_snapshot_part,
     is_event_key,
+    merge_decisions,
+    snapshot_complete,
 )
 
 UTC = timezone.utc
@@ -105,35 +107,30 @@ def delete(item_id: str) -> CalendarChange:
     return CalendarChange(correlation_id=f"c{next(_clock)}", mailbox=MAILBOX, observed_at=observed(), change="delete", item_id=item_id)
 
 
-@dataclass(frozen=True)
-class Complete:
-    """Complete a snapshot whose parts were given earlier (the lead calls this when all parts arrived)."""
-
-    snapshot: CalendarSnapshot
-
-
-def snapshot(*parts: list[CalendarItem], snapshot_id: str = "snap-1", window: Interval | None = None) -> list[Union[CalendarSnapshot, Complete]]:
+def snapshot(*parts: list[CalendarItem], snapshot_id: str = "snap-1", window: Interval | None = None) -> list[CalendarSnapshot]:
+    """The parts of one snapshot read at one moment; the last is the final part carrying the total."""
     at = observed()
-    messages: list[Union[CalendarSnapshot, Complete]] = []
+    messages: list[CalendarSnapshot] = []
     for number, items in enumerate(parts, start=1):
         final = number == len(parts)
         messages.append(CalendarSnapshot(
             correlation_id=f"s{next(_clock)}", snapshot_id=snapshot_id, mailbox=MAILBOX, observed_at=at,
             window=window or WINDOW, part=number, final=final, total_parts=len(parts) if final else None, items=items,
         ))
-    return [*messages, Complete(messages[-1])]
+    return messages
 
 
-Step = Union[CalendarChange, CalendarSnapshot, Complete]
+Step = Union[CalendarChange, CalendarSnapshot]
 
 
 @dataclass
 class MemoryStore:
-    """Applies decisions like the lead's store (never lowering a key's version) and plays Planner."""
+    """Applies decisions like the state store (never lowering a key's version) and plays Planner."""
 
     policy: BusyPolicy = POLICY
     known: dict[str, DesiredRecord] = field(default_factory=dict)
     planner: dict[str, BusyTimeState] = field(default_factory=dict)
+    parts: dict[str, tuple[set[int], int | None]] = field(default_factory=dict)   # snapshot id -> parts recorded, total
 
     def apply(self, decision: Decision) -> Decision:
         for k in decision.remember:
@@ -148,10 +145,10 @@ class MemoryStore:
     def feed(self, step: Step, now: datetime = NOW) -> Decision:
         if isinstance(step, CalendarChange):
             return self.apply(derive_change(step, self.known, self.policy, now))
-        if isinstance(step, CalendarSnapshot):
-            return self.apply(derive_snapshot_part(step, self.known, self.policy, now))
-        s = step.snapshot
-        return self.apply(complete_snapshot(s.mailbox, s.snapshot_id, s.observed_at, s.window, self.known, s.correlation_id))
+        recorded, total = self.parts.get(step.snapshot_id, (set(), None))
+        decision = finish_snapshot_part(step, derive_snapshot_part(step, self.known, self.policy, now), self.known, recorded, total)
+        self.parts[step.snapshot_id] = (recorded | {step.part}, total if total is not None else step.total_parts)
+        return self.apply(decision)
 
     def desired(self) -> dict[str, Interval]:
         return {key: k.interval for key, k in self.known.items() if is_event_key(key) and k.interval is not None}
@@ -238,18 +235,18 @@ SCENARIOS = [
     Scenario("a Planner UID is not echoed", [upsert(item("STAR-PLANNER-42"))], [{}], {}),
     Scenario(
         "an unchanged snapshot emits nothing",
-        flat(upsert(item()), snapshot([item()])), [{A: T}, {}, {}], {A: T},
+        flat(upsert(item()), snapshot([item()])), [{A: T}, {}], {A: T},
     ),
     Scenario(
         "a snapshot missing a known appointment deletes it only when complete",
         flat(upsert(item()), upsert(item("uid-b")), snapshot([item("uid-b")], [])),
-        [{A: T}, {"uid-b": T}, {}, {}, {A: None}], {"uid-b": T},
+        [{A: T}, {"uid-b": T}, {}, {A: None}], {"uid-b": T},
     ),
     Scenario(
         "a snapshot creates what the changes missed",
-        flat(snapshot([item()])), [{A: T}, {}], {A: T},
+        flat(snapshot([item()])), [{A: T}], {A: T},
     ),
-    # reference-client.md §9, TestEventProcessor / DoesAppointmentQualifyForUpdate_*
+    # the reference client's own acceptance tests (its TestEventProcessor / DoesAppointmentQualifyForUpdate_*), as scenarios
     Scenario("reference ProcessNotifications_Create: a future busy item is created", [upsert(item())], [{A: T}], {A: T}),
     Scenario("reference ProcessNotifications_Update: a changed end is an update", [upsert(item()), upsert(item(end=cph(2026, 3, 17, 10, 15)))], [{A: T}, {A: T_PLUS_15}], {A: T_PLUS_15}),
     Scenario("reference ProcessNotifications_Cancelled: cancelled is deleted", [upsert(item()), upsert(item(cancelled=True))], [{A: T}, {A: None}], {}),
@@ -328,9 +325,8 @@ def test_reference_delete_appointments_not_in_view_outside_date_scope() -> None:
     later = NOW + timedelta(hours=3)       # "ends-soon" is over by now
     window = span(later, cph(2026, 6, 1))
     steps = snapshot([item("in-view-moved", start=cph(2026, 3, 17, 11), end=cph(2026, 3, 17, 12))], window=window)
-    decisions = [store.feed(step, later) for step in steps]
-    assert emitted(decisions[0]) == {"in-view-moved": span(utc(2026, 3, 17, 10), utc(2026, 3, 17, 11))}
-    assert emitted(decisions[1]) == {"in-window-missing": None}
+    (decision,) = [store.feed(step, later) for step in steps]
+    assert emitted(decision) == {"in-view-moved": span(utc(2026, 3, 17, 10), utc(2026, 3, 17, 11)), "in-window-missing": None}
     assert set(store.desired()) == {"in-view-moved", "ends-soon", "beyond"}
 
 
@@ -386,15 +382,13 @@ def test_the_emitted_state_carries_mailbox_version_correlation_and_cause() -> No
     change = upsert(item())
     (state,) = derive_change(change, {}, POLICY, NOW).emit
     assert state == BusyTimeState(correlation_id=change.correlation_id, mailbox=MAILBOX, origin_id=A, version=version_of(change.observed_at), interval=T, cause="change")
-    (part, _) = snapshot([item("uid-s")])
-    assert isinstance(part, CalendarSnapshot)
+    (part,) = snapshot([item("uid-s")])
     (state,) = derive_snapshot_part(part, {}, POLICY, NOW).emit
     assert (state.cause, state.correlation_id, state.version) == ("snapshot", part.correlation_id, version_of(part.observed_at))
 
 
 def test_emits_are_sorted_by_origin_id() -> None:
-    (part, _) = snapshot([item("uid-c"), item("uid-a"), item("uid-b")])
-    assert isinstance(part, CalendarSnapshot)
+    (part,) = snapshot([item("uid-c"), item("uid-a"), item("uid-b")])
     assert [s.origin_id for s in derive_snapshot_part(part, {}, POLICY, NOW).emit] == ["uid-a", "uid-b", "uid-c"]
 
 
@@ -404,8 +398,7 @@ def test_a_rejected_single_yields_only_the_rejection() -> None:
 
 
 def test_a_rejected_item_does_not_stop_the_rest_of_a_snapshot_part() -> None:
-    (part, _) = snapshot([item("uid-bad", free_busy=None), item()])
-    assert isinstance(part, CalendarSnapshot)
+    (part,) = snapshot([item("uid-bad", free_busy=None), item()])
     decision = derive_snapshot_part(part, {}, POLICY, NOW)
     assert decision.rejected == [("item-uid-bad", "single has no free/busy status")]
     assert emitted(decision) == {A: T}
@@ -554,3 +547,102 @@ def test_a_late_upsert_teaches_an_earlier_series_delete_its_uid() -> None:
     assert {s.origin_id: s.interval for s in decision.emit} == {f"{S}$20260318-090000": None, f"{S}$20260325-090000": None}
     assert {s.version for s in decision.emit} == {version_of(gone.observed_at)}
     assert store.desired() == {}
+
+
+# --- snapshot completion: every part 1..total, in any order, the total from the final part ------------
+
+
+def _part(number: int, total: int | None = None) -> CalendarSnapshot:
+    """Part ``number`` of a snapshot; ``total`` given makes it the final part."""
+    return CalendarSnapshot(
+        correlation_id=f"s{number}", snapshot_id="snap-c", mailbox=MAILBOX, observed_at=NOW, window=WINDOW,
+        part=number, final=total is not None, total_parts=total, items=[],
+    )
+
+
+@pytest.mark.parametrize(
+    ("part", "recorded", "recorded_total", "complete"),
+    [
+        (_part(1, 1), set(), None, True),                   # a one-part snapshot
+        (_part(3, 3), {1, 2}, None, True),                  # parts in order: the final one completes
+        (_part(2), {1}, None, False),                       # in order, not there yet
+        (_part(2), {1, 3}, 3, True),                        # out of order: the missing middle part completes
+        (_part(1), {1, 2}, 2, True),                        # a duplicate of a complete snapshot's part completes again
+        (_part(1), {1}, None, False),                       # a duplicate before the final part
+        (_part(3, 3), set(), None, False),                  # the final part first
+        (_part(3, 3), {3}, 3, False),                       # the final part again, still alone
+        (_part(1), {2, 3}, 3, True),                        # the total known only from the store
+        (_part(2), {3}, 3, False),                          # the total from the store, part 1 missing
+        (_part(3, 3), {1}, None, False),                    # a part missing
+        (_part(1), set(), None, False),                     # no total known at all
+    ],
+    ids=[
+        "single", "in-order", "in-order-incomplete", "out-of-order", "duplicate-after-complete", "duplicate-before-final",
+        "final-first", "final-duplicate", "total-from-store", "total-from-store-part-missing", "part-missing", "no-total",
+    ],
+)
+def test_snapshot_complete(part: CalendarSnapshot, recorded: set[int], recorded_total: int | None, complete: bool) -> None:
+    assert snapshot_complete(part, recorded, recorded_total) is complete
+
+
+def test_a_part_that_does_not_complete_its_snapshot_keeps_its_own_decision() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    (part, _) = snapshot([item("uid-b")], [])
+    own = derive_snapshot_part(part, store.known, POLICY, NOW)
+    assert finish_snapshot_part(part, own, store.known, set(), None) is own
+    assert own.completed_snapshot is None
+
+
+def test_the_completing_part_carries_its_own_states_and_the_completion_in_one_decision() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    store.feed(upsert(item("uid-gone")))
+    first, final = snapshot([item()], [item("uid-new")], snapshot_id="snap-one")
+    store.feed(first)
+    decision = store.feed(final)
+    assert decision.completed_snapshot == "snap-one"
+    assert emitted(decision) == {"uid-gone": None, "uid-new": T}
+    assert [s.origin_id for s in decision.emit] == ["uid-gone", "uid-new"]          # sorted, like every decision
+    assert store.desired() == {A: T, "uid-new": T}
+
+
+@pytest.mark.parametrize("order", [(1, 2, 3), (3, 1, 2), (2, 3, 1), (3, 2, 1)], ids=lambda o: "-".join(map(str, o)))
+def test_a_snapshot_completes_on_whichever_part_arrives_last(order: tuple[int, ...]) -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    parts = snapshot([item("uid-b")], [item("uid-c")], [])
+    completed = [store.feed(parts[number - 1]).completed_snapshot for number in order]
+    assert completed == [None, None, "snap-1"]
+    assert store.desired() == {"uid-b": T, "uid-c": T}
+
+
+def test_duplicate_parts_do_not_complete_a_snapshot_early_and_a_late_duplicate_removes_nothing_more() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    one, two, three = snapshot([item("uid-b")], [item("uid-c")], [])
+    for step in (three, one, three, one):
+        assert store.feed(step).completed_snapshot is None
+    assert store.desired() == {A: T, "uid-b": T}
+    assert emitted(store.feed(two)) == {A: None, "uid-c": T}
+    again = store.feed(one)
+    assert again.completed_snapshot == "snap-1" and again.emit == []
+    assert store.desired() == {"uid-b": T, "uid-c": T}
+
+
+def test_a_snapshot_with_a_part_missing_removes_nothing() -> None:
+    store = MemoryStore()
+    store.feed(upsert(item()))
+    one, _, three = snapshot([item("uid-b")], [item("uid-c")], [])
+    assert [store.feed(step).completed_snapshot for step in (one, three)] == [None, None]
+    assert store.desired() == {A: T, "uid-b": T}
+
+
+def test_merge_decisions_lets_the_later_decision_win_per_key() -> None:
+    first = derive_change(upsert(item()), {}, POLICY, NOW)
+    later = derive_change(upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11))), {}, POLICY, NOW)
+    other = derive_change(upsert(item("uid-b")), {}, POLICY, NOW)
+    merged = merge_decisions(merge_decisions(first, other), Decision(later.emit, later.remember, [("x", "why")], "snap-x"))
+    assert emitted(merged) == {A: T_LATER, "uid-b": T}
+    assert {k.origin_id: k.interval for k in merged.remember} == {A: T_LATER, "uid-b": T}
+    assert (merged.rejected, merged.completed_snapshot) == ([("x", "why")], "snap-x")

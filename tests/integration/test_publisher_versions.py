@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.publisher.worker import OutageGuard, PublisherDeps, handle
+from shared.adapters.planner_client import PlannerEvent
 from shared.adapters.store import Store, upgrade
 from shared.broker.consume_loop import Done, Inbound
 from shared.config import load_settings
@@ -20,7 +21,7 @@ from shared.domain.delivery_plan import (
     remember_version,
 )
 from shared.domain.retry import Permanent
-from tests.unit.test_publisher_handle import Event, FakePlanner, Pauser
+from tests.support.planner_model import Pauser, PlannerModel
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
 NINE_TO_TEN = Interval(start=T, end=T + timedelta(hours=1))
@@ -41,11 +42,16 @@ def inbound(message: BusyTimeState | CalendarChange) -> Inbound:
 
 
 @pytest.fixture
-def deps(tmp_path: Path) -> PublisherDeps:
+def planner() -> PlannerModel:
+    return PlannerModel(clock=lambda: T)
+
+
+@pytest.fixture
+def deps(tmp_path: Path, planner: PlannerModel) -> PublisherDeps:
     store = Store.connect(f"sqlite:///{tmp_path / 'state.db'}")
     upgrade(store.engine)
     store.add_mailbox(MAILBOX)
-    return PublisherDeps(load_settings(), store, FakePlanner(), OutageGuard(3, 60.0, Pauser()), Event)
+    return PublisherDeps(load_settings(), store, planner, OutageGuard(3, 60.0, Pauser()), PlannerEvent)
 
 
 def test_an_absent_state_for_a_key_planner_never_had_is_remembered() -> None:
@@ -65,21 +71,21 @@ def test_a_duplicate_or_older_state_is_not_remembered() -> None:
         assert not remember_version(state, known, plan(state, known))
 
 
-def test_an_older_busy_state_after_an_unsent_absent_one_makes_no_call(deps: PublisherDeps) -> None:
+def test_an_older_busy_state_after_an_unsent_absent_one_makes_no_call(deps: PublisherDeps, planner: PlannerModel) -> None:
     assert handle([inbound(desired(3, None))], deps) == [Done()]
     assert handle([inbound(desired(2, NINE_TO_TEN))], deps) == [Done()]
-    assert deps.client.calls == []
+    assert planner.calls == []
 
 
-def test_an_older_state_cannot_move_an_event_past_a_newer_one_with_the_same_times(deps: PublisherDeps) -> None:
+def test_an_older_state_cannot_move_an_event_past_a_newer_one_with_the_same_times(deps: PublisherDeps, planner: PlannerModel) -> None:
     handle([inbound(desired(1, NINE_TO_TEN))], deps)
     handle([inbound(desired(3, NINE_TO_TEN))], deps)
     handle([inbound(desired(2, ONE_TO_TWO))], deps)
-    assert deps.client.calls == [("create", ["uid-1"])]
+    assert planner.calls == [("create", ["uid-1"])]
 
 
-def test_a_foreign_message_in_the_batch_does_not_hide_the_state_after_it(deps: PublisherDeps) -> None:
+def test_a_foreign_message_in_the_batch_does_not_hide_the_state_after_it(deps: PublisherDeps, planner: PlannerModel) -> None:
     stray = CalendarChange(correlation_id="stray", mailbox=MAILBOX, observed_at=T, change="delete", item_id="AAMk-1")
     results = handle([inbound(stray), inbound(desired(1, NINE_TO_TEN))], deps)
     assert isinstance(results[0], Permanent) and results[1] == Done()
-    assert deps.client.calls == [("create", ["uid-1"])]
+    assert planner.calls == [("create", ["uid-1"])]

@@ -1,0 +1,88 @@
+"""The producers' passes over one mailbox (shared/mailbox_passes.py) against a reader and a position store in memory:
+the order of publish and record that makes a failed pass repeat instead of losing anything."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+import pytest
+
+from shared.domain.contracts import CalendarItem, Interval
+from shared.domain.mailbox_reads import SyncChange, SyncPosition
+from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
+
+T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+WINDOW = Interval(start=T, end=T + timedelta(days=90))
+
+
+def new_ids() -> Callable[[], str]:
+    counter = itertools.count(1)
+    return lambda: f"id-{next(counter)}"
+
+
+def item(n: int) -> CalendarItem:
+    return CalendarItem(item_id=f"id{n}", uid=f"uid{n}", item_type="single", start=T, end=T + timedelta(hours=1), free_busy="Busy")
+
+
+class FakeExchange:
+    def __init__(self, changes: list[SyncChange], view: list[CalendarItem], fail_view: bool = False) -> None:
+        self.changes, self.items, self.fail_view = changes, view, fail_view
+        self.views = 0
+        self.states: list[str | None] = []
+
+    def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
+        self.states.append(sync_state)
+        return self.changes, "state-2"
+
+    def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        self.views += 1
+        if self.fail_view:
+            raise ConnectionError("cut")
+        return self.items
+
+
+class FakeStore:
+    def __init__(self, state: str | None) -> None:
+        self.state = state
+        self.full: list[bool] = []
+
+    def sync_position(self, mailbox: str) -> SyncPosition | None:
+        return SyncPosition(self.state, None, None)
+
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
+        self.state = sync_state
+        self.full.append(full)
+
+
+def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
+    store = FakeStore("state-1")
+    exchange = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
+    published: list[object] = []
+
+    def publish(message: object) -> None:
+        assert store.state == "state-1"  # not yet advanced
+        published.append(message)
+
+    result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T, new_ids())
+    assert exchange.states == ["state-1"] and len(published) == 1 and store.state == "state-2"
+    assert exchange.views == 0 and not result.full_resync
+
+
+def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
+    store = FakeStore("state-1")
+
+    def publish(message: object) -> None:
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        sync_mailbox("a@k.dk", FakeExchange([SyncChange("upsert", "id0", item(0))], []), store, publish, WINDOW, T, new_ids())
+    assert store.state == "state-1"
+
+
+def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
+    published: list[object] = []
+    with pytest.raises(ConnectionError):
+        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100, "s1")
+    assert published == []
