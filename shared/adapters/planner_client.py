@@ -43,7 +43,7 @@ from shared.logs import get_logger
 
 log = get_logger(__name__)
 
-Operation = Literal["CreateEvents", "UpdateEvents", "DeleteEvents", "GetEvents", "GetResources"]
+SoapOperation = Literal["CreateEvents", "UpdateEvents", "DeleteEvents", "GetEvents", "GetResources"]
 TRANSIENT_FAULT_CODES = frozenset({15, 16})
 ORGANISATION_TYPE_JOBCENTER = 8
 REQUEST_USER_TYPE_SYSTEM = 3
@@ -500,13 +500,13 @@ class PlannerClient:
             ),
         ]
 
-    def request_envelope(self, operation: Operation, payload: dict[str, Any]) -> etree._Element:
+    def request_envelope(self, operation: SoapOperation, payload: dict[str, Any]) -> etree._Element:
         """The SOAP envelope a call would send (for contract tests); nothing is sent."""
         return self._zeep.create_message(self._service, operation, _soapheaders=self.headers(operation), **payload)
 
     # ----------------------------------------------------------------------------------- calling
 
-    def _receipts(self, operation: Operation, events: list[PlannerEvent]) -> CallResult:
+    def _receipts(self, operation: SoapOperation, events: list[PlannerEvent]) -> CallResult:
         payload = events_payload(events, self._zone)
         response = self._call(operation, payload, count=len(events))
         receipts = [parse_receipt(item, self._zone) for item in (response.CalendarEventReceipt or [])]
@@ -520,7 +520,7 @@ class PlannerClient:
         )
         return CallResult(receipts=receipts, reference=reference)
 
-    def _call(self, operation: Operation, payload: dict[str, Any], count: int) -> Any:
+    def _call(self, operation: SoapOperation, payload: dict[str, Any], count: int) -> Any:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._retry.quick_attempts),
             wait=tenacity.wait_exponential(multiplier=0.25, max=self._retry.quick_max_wait.total_seconds()),
@@ -529,7 +529,7 @@ class PlannerClient:
         )
         return retrying(self._attempt, operation, payload, count)
 
-    def _attempt(self, operation: Operation, payload: dict[str, Any], count: int) -> Any:
+    def _attempt(self, operation: SoapOperation, payload: dict[str, Any], count: int) -> Any:
         started = time.monotonic()
         try:
             method = getattr(self._service, operation)

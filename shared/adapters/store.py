@@ -27,7 +27,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     insert,
     or_,
     select,
@@ -451,14 +450,6 @@ class Store:
                     values.setdefault("version", 0)
                     conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=change.origin_id, **values))
 
-    def count_delivered(self, mailbox: str | None = None, present: bool | None = None) -> int:
-        query = select(func.count()).select_from(delivered_events)
-        if mailbox is not None:
-            query = query.where(delivered_events.c.mailbox == mailbox.lower())
-        if present is not None:
-            query = query.where(delivered_events.c.present.is_(present))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar() or 0)
 
 
 def _delivered_values(change: DeliveredChange) -> dict[str, Any]:

@@ -92,9 +92,6 @@ class Publisher:
         channel = self._ensure()
         publish_confirmed(channel, outgoing.exchange, outgoing.routing_key, encode(outgoing.message), outgoing.properties())
 
-    def publish_raw(self, exchange: str, routing_key: str, body: bytes, properties: BasicProperties | None = None) -> None:
-        publish_confirmed(self._ensure(), exchange, routing_key, body, properties or BasicProperties(delivery_mode=2))
-
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.close()

@@ -14,7 +14,7 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import CalendarChange, CalendarItem, encode
 from simulators.planner.server import RunningPlannerSim
-from tests.support.broker import drain, queue_depth
+from tests.support.broker import drain, publish_raw, queue_depth
 from tests.support.processes import WorkerProcess
 from tests.support.waiting import wait_for
 
@@ -67,8 +67,8 @@ def test_a_calendar_change_reaches_planner_through_both_worker_processes(
     # bad input on the same running workers: dead-lettered with the reason, and consuming goes on
     raw = json.loads(encode(busy_change(start)))
     raw["schema_version"] = 42
-    publisher.publish_raw(topology.calendar_exchange, topology.change_key(MAILBOX), json.dumps(raw).encode())
-    publisher.publish_raw(topology.calendar_exchange, topology.change_key(MAILBOX), b"\x00garbage")
+    publish_raw(topology.calendar_exchange, topology.change_key(MAILBOX), json.dumps(raw).encode())
+    publish_raw(topology.calendar_exchange, topology.change_key(MAILBOX), b"\x00garbage")
     second = busy_change(tomorrow_at(13))
     publisher.publish(Outgoing(topology.calendar_exchange, topology.change_key(MAILBOX), second))
     dead = drain(topology.stage("transformer").dead_letter_queue(), timeout=30, count=2)

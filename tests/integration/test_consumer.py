@@ -18,7 +18,7 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
 from shared.domain.retry import Permanent, Transient
-from tests.support.broker import MANAGEMENT, drain, queue_depth
+from tests.support.broker import MANAGEMENT, drain, publish_raw, queue_depth
 from tests.support.waiting import wait_for
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
@@ -93,11 +93,11 @@ def test_malformed_and_unknown_version_messages_are_dead_lettered_and_consuming_
     stage = topology.stage("transformer")
     raw = json.loads(encode(change(2)))
     raw["schema_version"] = 7
-    publisher.publish_raw(topology.calendar_exchange, "change.x", b"{this is not json")
-    publisher.publish_raw(topology.calendar_exchange, "change.x", json.dumps(raw).encode())
+    publish_raw(topology.calendar_exchange, "change.x", b"{this is not json")
+    publish_raw(topology.calendar_exchange, "change.x", json.dumps(raw).encode())
     invalid = json.loads(encode(change(3)))
     invalid["item"]["end"] = "yesterday"
-    publisher.publish_raw(topology.calendar_exchange, "change.x", json.dumps(invalid).encode())
+    publish_raw(topology.calendar_exchange, "change.x", json.dumps(invalid).encode())
     good = change(4)
     send(publisher, topology, good)
     dead = drain(stage.dead_letter_queue(), timeout=15, count=3)

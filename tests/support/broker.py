@@ -38,3 +38,14 @@ def drain(queue: str, timeout: float = 10.0, count: int = 1) -> list[tuple[Any, 
     finally:
         connection.close()
     return got
+
+
+def publish_raw(exchange: str, routing_key: str, body: bytes) -> None:
+    """Publish bytes as they are (malformed on purpose, say), persistent and confirmed, as a foreign producer would."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    finally:
+        connection.close()
