@@ -36,6 +36,7 @@ from exchangelib import (
 )
 from exchangelib import errors as ews_errors
 from exchangelib.folders.base import BaseFolder
+from exchangelib.folders.collections import FolderCollection, SyncCompleted
 from exchangelib.items import CalendarItem as EwsCalendarItem
 from exchangelib.protocol import BaseProtocol
 from exchangelib.services import GetStreamingEvents
@@ -233,15 +234,25 @@ class EwsConnection:
 
     # --- reads ------------------------------------------------------------------------------------
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
-        """Everything that changed in the calendar since ``sync_state`` (None: everything), and the new state."""
+        """Everything that changed in the calendar since exactly ``sync_state`` (None: everything), and the new state.
+
+        Goes through a one-off FolderCollection and takes the new state from its SyncCompleted: the cached
+        calendar folder's ``sync_items`` would swap a None for the state its last completed read left on the
+        folder object, so a retried first read or a full re-read would quietly continue from there
+        (decision 25 in docs/decisions.md). Nothing here reads or writes that cached state.
+        """
         calendar = self.account(mailbox).calendar
+        collection = FolderCollection(account=calendar.account, folders=[calendar])
         changes = []
-        for change_type, item in calendar.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
-            if change_type in ("create", "update"):
-                changes.append(SyncChange("upsert", item.id, to_calendar_item(item)))
-            elif change_type == "delete":
-                changes.append(SyncChange("delete", item.id, None))
-        return changes, calendar.item_sync_state
+        try:
+            for change_type, item in collection.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
+                if change_type in ("create", "update"):
+                    changes.append(SyncChange("upsert", item.id, to_calendar_item(item)))
+                elif change_type == "delete":
+                    changes.append(SyncChange("delete", item.id, None))
+        except SyncCompleted as completed:
+            return changes, str(completed.sync_state)
+        raise RuntimeError("SyncFolderItems ended without a sync state")  # exchangelib always raises SyncCompleted
 
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
         """Every occurrence and single item overlapping ``window``, paging around Exchange's view cap."""

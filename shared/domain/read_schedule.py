@@ -110,10 +110,12 @@ class Schedule:
 
 
 def backoff(fault: SourceFault, failures: int, timing: Timing) -> timedelta:
-    """Throttling waits as long as the source asks; an unavailable mailbox slowly; other faults quickly."""
+    """Throttling waits as long as the source asks; an unavailable mailbox slowly; other faults quickly.
+
+    An invalid sync state is answered at once by a full re-read (the producer does that within the same pass);
+    when that re-read fails too, the mailbox backs off like any transient fault instead of looping.
+    """
     if fault.kind == "throttled":
         return timedelta(seconds=fault.back_off) if fault.back_off else exponential_backoff(failures + 1, timing.transient_base, timing.backoff_max)
-    if fault.kind == "invalid_sync_state":
-        return timedelta(0)
     base = timing.unavailable_base if fault.kind == "mailbox_unavailable" else timing.transient_base
     return exponential_backoff(failures, base, timing.backoff_max)

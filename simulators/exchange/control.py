@@ -67,6 +67,14 @@ def put_mailbox(state: SimState, params: dict[str, str], body: Any, query: dict[
     return 200, {"address": box.address, "items": len(box.items)}
 
 
+@route("POST", "/mailboxes/(?P<mb>[^/]+)/invalidate-sync-states")
+def invalidate_sync_states(state: SimState, params: dict[str, str], body: Any, query: dict[str, list[str]]) -> Reply:
+    """As after a mailbox move or restore: every SyncFolderItems state handed out so far is rejected."""
+    with state.store.lock:
+        epoch = state.store.invalidate_sync_states(params["mb"])
+    return 200, {"address": params["mb"].lower(), "sync_epoch": epoch}
+
+
 @route("GET", "/mailboxes/(?P<mb>[^/]+)/items")
 def list_items(state: SimState, params: dict[str, str], body: Any, query: dict[str, list[str]]) -> Reply:
     with state.store.lock:

@@ -7,7 +7,7 @@ import binascii
 import json
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from lxml import etree
@@ -54,7 +54,7 @@ class SoapRequest:
             return self.impersonated
         email = self.payload.find(f".//{t('DistinguishedFolderId')}/{t('Mailbox')}/{t('EmailAddress')}")
         if email is not None and email.text:
-            return email.text.strip().lower()
+            return cast(str, email.text).strip().lower()  # lxml is untyped; an element's text is str or None
         for elem in self.payload.iter(t("FolderId"), t("ItemId")):
             try:
                 if elem.tag == t("FolderId"):

@@ -200,12 +200,13 @@ def sync_folder_items(req: Element, ctx: Context) -> Element:
     if not 1 <= limit <= MAX_SYNC_CHANGES:
         return fail("ErrorInvalidArgument", "MaxChangesReturned must be between 1 and 512.")
     try:
-        known = sync_state.decode(state, ctx.mailbox, name)
+        epoch = ctx.store.require(ctx.mailbox).sync_epoch
+        known = sync_state.decode(state, ctx.mailbox, name, epoch)
     except sync_state.InvalidSyncState:
         return fail("ErrorInvalidSyncStateData", "Synchronization state data is corrupt or otherwise invalid.")
     changes, after, last = sync_state.changes(known, _items(ctx, name), limit)
     msg = message(msgs, "SyncFolderItems")
-    sub(msg, m("SyncState"), sync_state.encode(ctx.mailbox, name, after))
+    sub(msg, m("SyncState"), sync_state.encode(ctx.mailbox, name, after, epoch))
     sub(msg, m("IncludesLastItemInRange"), xs_bool(last))
     container = sub(msg, m("Changes"))
     for change in changes:

@@ -71,11 +71,11 @@ def _candidate_dates(rec: Recurrence) -> Iterator[date]:
         year, month = start.year, (rec.month or start.month) if yearly else start.month
         while True:
             if rec.pattern.startswith("absolute"):
-                day: date | None = _clamped(year, month, rec.day_of_month or start.day)
+                candidate: date | None = _clamped(year, month, rec.day_of_month or start.day)
             else:
-                day = _nth_weekday(year, month, _weekdays(rec.days_of_week), rec.week_index or "First")
-            if day is not None and day >= start:
-                yield day
+                candidate = _nth_weekday(year, month, _weekdays(rec.days_of_week), rec.week_index or "First")
+            if candidate is not None and candidate >= start:
+                yield candidate
             year, month = _add_months(year, month, step)
     else:
         raise ValueError(f"unknown recurrence pattern {rec.pattern!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from .model import Item
 from .soap import Element, t
@@ -39,7 +39,8 @@ class UnsupportedRestriction(ValueError):
 
 
 def _local(elem: Element) -> str:
-    return elem.tag.rsplit("}", 1)[-1]
+    tag = cast(str, elem.tag)  # lxml is untyped; restriction nodes are elements, whose tag is a str
+    return tag.rsplit("}", 1)[-1]
 
 
 def _field(elem: Element) -> tuple[str, Callable[[Item], Any]]:

@@ -30,6 +30,7 @@ class NotFound(LookupError):
 class Mailbox:
     address: str
     items: dict[int, Item] = field(default_factory=dict)
+    sync_epoch: int = 0  # bumped by invalidate_sync_states: every state handed out before is rejected
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,12 @@ class Store:
             if not canonical:
                 raise SpecError("empty mailbox address")
             return self.mailboxes.setdefault(canonical, Mailbox(canonical))
+
+    def invalidate_sync_states(self, address: str) -> int:
+        """As after a mailbox move or restore: every sync state handed out so far is rejected from now on."""
+        box = self.require(address)
+        box.sync_epoch += 1
+        return box.sync_epoch
 
     def mailbox(self, address: str) -> Mailbox | None:
         return self.mailboxes.get(address.strip().lower())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from io import BufferedIOBase
 
 import structlog
 
@@ -26,7 +26,7 @@ log = structlog.get_logger()
 class ChunkWriter:
     """HTTP/1.1 chunked transfer encoding on a handler's output stream."""
 
-    def __init__(self, out: BinaryIO, connection: socket.socket) -> None:
+    def __init__(self, out: BufferedIOBase, connection: socket.socket) -> None:
         self.out = out
         self.connection = connection
 

@@ -27,18 +27,20 @@ class SyncChange:
     item: Item | None  # None for Delete
 
 
-def encode(mailbox: str, folder: str, known: dict[int, int]) -> str:
-    raw = json.dumps({"v": 1, "mb": mailbox, "f": folder, "k": known}, separators=(",", ":")).encode()
+def encode(mailbox: str, folder: str, known: dict[int, int], epoch: int = 0) -> str:
+    raw = json.dumps({"v": 1, "mb": mailbox, "f": folder, "e": epoch, "k": known}, separators=(",", ":")).encode()
     return base64.b64encode(zlib.compress(raw, 6)).decode()
 
 
-def decode(state: str | None, mailbox: str, folder: str) -> dict[int, int]:
+def decode(state: str | None, mailbox: str, folder: str, epoch: int = 0) -> dict[int, int]:
     if not state:
         return {}
     try:
         data = json.loads(zlib.decompress(base64.b64decode(state.encode(), validate=True)))
         if data.get("v") != 1 or data.get("mb") != mailbox or data.get("f") != folder:
             raise InvalidSyncState("state belongs to another mailbox or folder")
+        if data.get("e", 0) != epoch:
+            raise InvalidSyncState("state was handed out before the mailbox's sync states were invalidated")
         return {int(k): int(v) for k, v in data["k"].items()}
     except (binascii.Error, zlib.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidSyncState(str(exc)) from exc

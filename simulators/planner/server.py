@@ -74,7 +74,7 @@ class _Server(ThreadingHTTPServer):
         """TLS handshakes happen here, in the connection's own thread, so a slow client blocks nobody."""
         request.settimeout(SOCKET_TIMEOUT)
         if self.ssl_context is None:
-            self.RequestHandlerClass(request, client_address, self)
+            super().finish_request(request, client_address)
             return
         try:
             wrapped = self.ssl_context.wrap_socket(request, server_side=True)
@@ -82,7 +82,7 @@ class _Server(ThreadingHTTPServer):
             log.info("planner_sim_tls_refused", reason=type(exc).__name__, detail=getattr(exc, "reason", None))
             return
         try:
-            self.RequestHandlerClass(wrapped, client_address, self)
+            super().finish_request(wrapped, client_address)
         finally:
             wrapped.close()
 
@@ -183,7 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif (method, path) == ("GET", "/resources"):
                 self._json(200, {"resources": [_resource_json(resource) for resource in state.resources()]})
             elif (method, path) == ("GET", "/events"):
-                email = (query.get("email") or [None])[0]
+                emails = query.get("email")
+                email = emails[0] if emails else None
                 self._json(200, {"events": [event.to_json() for event in state.events(email)]})
             elif (method, path) == ("GET", "/calls"):
                 self._json(200, {"calls": [call.to_json() for call in state.calls()]})
@@ -349,6 +350,8 @@ class RunningPlannerSim:
 def load_resources(path: Path) -> list[SimResource]:
     data = json.loads(path.read_text(encoding="utf-8"))
     items = data.get("resources") if isinstance(data, dict) else data
+    if items is None:
+        raise TypeError(f"{path}: no resources (send a list of resources or {{\"resources\": [...]}})")
     return [SimResource.from_json(item) for item in items]
 
 
@@ -365,8 +368,9 @@ def start_server(
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="planner-sim", daemon=True)
     thread.start()
     scheme = "https" if tls else "http"
-    bound_host, bound_port = server.server_address[:2]
-    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    address, bound_port = server.server_address[:2]
+    bound_host = address if isinstance(address, str) else address.decode()  # an AF_INET(6) socket reports a str
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     base = f"{scheme}://{shown}:{bound_port}"
     log.info("planner_sim_started", url=base + SERVICE_PATH, tls=bool(tls), client_certificate_required=bool(tls and tls.client_ca))
     return RunningPlannerSim(base + SERVICE_PATH, base + CONTROL_PREFIX, state, server, thread)

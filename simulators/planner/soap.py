@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import cast
 from zoneinfo import ZoneInfo
 
 from lxml import etree
@@ -38,7 +39,8 @@ def _child_text(element: etree._Element, name: str) -> str | None:
 
 
 def operation_of(body: etree._Element) -> str:
-    return etree.QName(body).localname.removesuffix("Request").removesuffix("Response")
+    localname = cast(str, etree.QName(body).localname)  # lxml is untyped; QName.localname is a str
+    return localname.removesuffix("Request").removesuffix("Response")
 
 
 def events_of(body: etree._Element) -> list[EventInput]:
@@ -78,7 +80,8 @@ def get_resources_query(body: etree._Element) -> list[str]:
 
 
 def envelope(payload: etree._Element) -> bytes:
-    return etree.tostring(_SOAP.Envelope(_SOAP.Body(payload)), xml_declaration=True, encoding="utf-8")
+    # lxml is untyped; with an encoding tostring returns bytes
+    return cast(bytes, etree.tostring(_SOAP.Envelope(_SOAP.Body(payload)), xml_declaration=True, encoding="utf-8"))
 
 
 def receipts_response(operation: str, receipts: list[ReceiptOutcome], reference: str, now: datetime) -> bytes:

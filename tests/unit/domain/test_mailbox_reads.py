@@ -83,7 +83,8 @@ def test_a_failing_mailbox_backs_off_alone() -> None:
         (SourceFault("transient", "x"), 1, timedelta(seconds=2)),
         (SourceFault("transient", "x"), 3, timedelta(seconds=8)),
         (SourceFault("mailbox_unavailable", "x"), 10, timedelta(hours=1)),
-        (SourceFault("invalid_sync_state", "x"), 1, timedelta(0)),
+        (SourceFault("invalid_sync_state", "x"), 1, timedelta(seconds=2)),  # the full re-read failed too: back off
+        (SourceFault("invalid_sync_state", "x"), 3, timedelta(seconds=8)),
     ],
 )
 def test_backoff_follows_the_fault(fault: SourceFault, failures: int, expected: timedelta) -> None:

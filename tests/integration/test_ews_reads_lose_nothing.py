@@ -1,0 +1,113 @@
+"""The EWS reader loses nothing when a read fails: a broker cut mid-read, sync states invalidated by a mailbox move.
+
+A failed first read: a mailbox is enrolled, its first SyncFolderItems read returns everything, and the connection to
+RabbitMQ drops while the changes are being published. The retry must read the mailbox again from nothing, not
+continue from a sync state exchangelib cached on its folder object during the failed pass (decision 25 in
+docs/decisions.md). The cut is made by a TCP proxy between the producer and the broker, after a fixed number of
+bytes, so it lands in the middle of the burst without any timing.
+
+Invalidated sync states: after a mailbox move or restore Exchange refuses every sync state it handed out,
+including the one exchangelib keeps on its cached folder object. The full re-read must then send no state at
+all, find the changes, and publish a snapshot (so deletions are found too), instead of sending the refused
+state again in a loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import Iterator
+
+import pytest
+import requests
+
+from services.change_producer.worker import build
+from shared.adapters.store import Store, upgrade
+from shared.broker.topology import Topology
+from shared.config import Settings, load_settings
+from simulators.exchange.server import RunningExchangeSim, start_server
+from tests.support.producers import CPH, Collector, producer_settings
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_for
+
+ANNE = "anne@jobcenter.dk"
+APPOINTMENTS = 300
+
+
+@pytest.fixture
+def ews() -> Iterator[RunningExchangeSim]:
+    import exchangelib.protocol
+
+    sim = start_server(users={"svc": "pw"}, minute_seconds=2.0, keepalive_seconds=0.5, mailboxes=[ANNE])
+    yield sim
+    sim.stop()
+    exchangelib.protocol.close_connections()
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    p = TcpProxy(5672)
+    yield p
+    p.close()
+
+
+def test_a_broker_cut_during_the_first_read_loses_no_appointment(settings: Settings, topology: Topology, ews: RunningExchangeSim, proxy: TcpProxy) -> None:
+    day = (datetime.now(CPH) + timedelta(days=1)).date()
+    specs = [
+        {"uid": f"first-read-{n}", "start": f"{day + timedelta(days=n // 8)}T{8 + n % 8:02d}:00", "end": f"{day + timedelta(days=n // 8)}T{8 + n % 8:02d}:30",
+         "status": "Busy", "timezone": "Romance Standard Time"}
+        for n in range(APPOINTMENTS)
+    ]
+    requests.post(f"{ews.control_url}/mailboxes/{ANNE}/items", json={"items": specs}, timeout=30).raise_for_status()
+    store = Store.connect(settings.database_url())
+    upgrade(store.engine)
+    store.add_mailbox(ANNE)
+    through_proxy = load_settings(environ={}, **{**producer_settings(settings, ews).model_dump(mode="python"), "broker": {**settings.broker.model_dump(mode="python"), "port": proxy.port}})
+    proxy.cut_after(60_000)  # the handshake, the topology and some tens of the first read's changes get through
+    collector = Collector(topology)
+    producer = build(through_proxy)
+    thread = threading.Thread(target=producer.run, daemon=True)
+    thread.start()
+
+    def seen() -> set[str]:
+        return {m.item.uid for m in collector.poll() if m.type == "calendar_change" and m.item is not None}
+
+    try:
+        wait_for(lambda: proxy.cuts >= 1, 30, what="the proxy to cut the producer's connection mid-burst")
+        wait_for(lambda: len(seen()) >= APPOINTMENTS, 60, interval=0.2, what=f"all {APPOINTMENTS} appointments on the broker")
+        published = seen()
+    finally:
+        producer.stop()
+        thread.join(20)
+        collector.close()
+    assert published == {spec["uid"] for spec in specs}
+    assert store.sync_position(ANNE) is not None  # the retried read finished and recorded its state
+
+
+def test_sync_states_invalidated_by_a_mailbox_move_lead_to_a_real_full_read_and_a_snapshot(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim
+) -> None:
+    store = Store.connect(settings.database_url())
+    upgrade(store.engine)
+    store.add_mailbox(ANNE)
+    day = (datetime.now(CPH) + timedelta(days=2)).date()
+    collector = Collector(topology)
+    producer = build(producer_settings(settings, ews))
+    thread = threading.Thread(target=producer.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: store.sync_position(ANNE), 20, what="the first read")
+        requests.delete(f"{ews.control_url}/calls", timeout=10).raise_for_status()
+        requests.post(f"{ews.control_url}/mailboxes/{ANNE}/invalidate-sync-states", timeout=10).raise_for_status()
+        spec = {"uid": "after-the-move", "start": f"{day}T09:00", "end": f"{day}T10:00", "status": "Busy", "timezone": "Romance Standard Time"}
+        requests.post(f"{ews.control_url}/mailboxes/{ANNE}/items", json=spec, timeout=10).raise_for_status()
+        wait_for(lambda: [m for m in collector.poll() if m.type == "calendar_change" and m.item is not None and m.item.uid == "after-the-move"], 20,
+                 what="the appointment made after the move, found by the full re-read")
+        wait_for(lambda: [m for m in collector.poll() if m.type == "calendar_snapshot" and m.final], 20, what="the snapshot after the full re-read")
+        calls = requests.get(f"{ews.control_url}/calls", params={"operation": "SyncFolderItems", "mailbox": ANNE}, timeout=10).json()
+    finally:
+        producer.stop()
+        thread.join(20)
+        collector.close()
+    refused = [c for c in calls if "InvalidSyncState" in str(c.get("outcome"))]
+    assert 1 <= len(refused) <= 2, f"the refused state was sent {len(refused)} times"
