@@ -2,6 +2,10 @@
 
 Configuration comes from the environment (see ``shared/config.py``) and is validated before
 anything connects: a bad value prints the variable and what is wrong, and exits with status 2.
+A broker, management API or database that cannot be reached or refuses us is one line naming
+where it was looked for and which setting to check, and exit status 3; never a traceback
+(decision 44 in docs/decisions.md). Workers (``run``) log the same as a JSON line, the
+traceback as a field.
 """
 
 from __future__ import annotations
@@ -14,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from plannersync.workers import CONSUMING_STAGES, WORKERS, build_worker
-from shared.config import ConfigError, Settings, load_settings, masked
+from shared.config import ConfigError, Settings, load_settings, mask_url, masked, sqlite_path
 
-EXIT_CONFIG = 2
+EXIT_FAILED = 1  # the command ran but did not succeed (an unknown message id, a failed resync)
+EXIT_CONFIG = 2  # a setting is wrong; nothing was contacted
+EXIT_UNAVAILABLE = 3  # the broker, the management API or the database cannot be reached or refuses us
+
+
+class Unavailable(Exception):
+    """Something the command needs cannot be used; ``str()`` is the one line the operator sees."""
 
 
 def _settings() -> Settings:
@@ -40,35 +50,103 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logs(settings, args.worker)
     from shared.health import HealthReporter
-    from shared.logs import get_logger
+    from shared.logs import get_logger, install_crash_reporting, log_fatal
 
+    install_crash_reporting()  # a fatal signal or a crashing thread leaves its cause on stderr (decision 57)
     log = get_logger("plannersync.run")
-    worker = build_worker(args.worker, settings)
-
-    def _stop(signum: int, _frame: Any) -> None:
-        log.info("stop_requested", signal=signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    if args.ensure_topology:
-        _ensure_policies(settings, force=False, quiet=True)
-    reporter = HealthReporter(worker, args.worker, settings.status.health_dir)
-    reporter.start()
-    log.info("worker_starting", worker=args.worker, broker=f"{settings.broker.host}:{settings.broker.port}", prefix=settings.broker.prefix)
     try:
-        worker.run()
-    finally:
-        reporter.stop()
+        _prepare_state(settings)
+        worker = build_worker(args.worker, settings)
+
+        def _stop(signum: int, _frame: Any) -> None:
+            log.info("stop_requested", signal=signal.Signals(signum).name)
+            worker.stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        if args.ensure_topology:
+            _ensure_policies(settings, force=False, quiet=True)
+        reporter = HealthReporter(worker, args.worker, settings.status.health_dir)
+        reporter.start()
+        log.info("worker_starting", worker=args.worker, broker=settings.broker.where(), prefix=settings.broker.prefix, state_dir=str(settings.state_dir))
+        try:
+            worker.run()
+        finally:
+            reporter.stop()
+    except Exception as exc:  # noqa: BLE001 - a worker's failure is one JSON line (worker_crashed), the traceback a field
+        message = operator_message(exc, settings)
+        log_fatal(exc, worker=args.worker, **({"problem": message} if message else {}))
+        return EXIT_UNAVAILABLE if message else EXIT_FAILED
     return 0
 
 
 # --- config -------------------------------------------------------------------------------
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Everything that can be checked without connecting: the values, and the certificate and CA files they name."""
+    from shared.config import check_files
+
     settings = _settings()
     print(json.dumps(masked(settings), indent=2, default=str))
+    errors, warnings = check_files(settings)
+    for warning in warnings:
+        print(f"plannersync: warning: {warning}", file=sys.stderr)
+    if errors:
+        print("plannersync: invalid configuration:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_CONFIG
     print("configuration OK", file=sys.stderr)
     return 0
+
+
+# --- where state lives ------------------------------------------------------------------------
+def _prepare_state(settings: Settings) -> None:
+    """Create the state directory when something lives in it; check a SQLite file can be written (decision 45)."""
+    uses_state_dir = [p for p in (sqlite_path(settings.database.url), settings.status.health_dir) if p is not None and settings.state_dir in p.parents]
+    if uses_state_dir:
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Unavailable(f"cannot create the state directory {settings.state_dir}: {exc.strerror} (PLANNERSYNC_STATE_DIR)") from None
+    path = sqlite_path(settings.database.url)
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise Unavailable(f"the database directory {path.parent} does not exist (PLANNERSYNC_DATABASE__URL={settings.database.url})")
+    import tempfile
+
+    try:
+        if path.exists():
+            with path.open("r+b"):
+                pass
+        with tempfile.TemporaryFile(dir=path.parent):  # SQLite also writes its journal files next to the database
+            pass
+    except OSError as exc:
+        raise Unavailable(f"the database {path} is not writable: {exc.strerror} (PLANNERSYNC_DATABASE__URL, PLANNERSYNC_STATE_DIR)") from None
+
+
+def _open_store(settings: Settings, auto_upgrade: bool | None = None) -> Any:
+    from shared.adapters.store import open_store
+
+    _prepare_state(settings)
+    return open_store(settings.database_url(), settings.database.auto_upgrade if auto_upgrade is None else auto_upgrade)
+
+
+def operator_message(exc: BaseException, settings: Settings | None = None) -> str | None:
+    """The one line an operator needs for an exception that means "cannot reach or use X", else None (a bug: traceback)."""
+    if isinstance(exc, Unavailable):
+        return str(exc)
+    from shared.broker.connection import explain_broker_error
+
+    explained = explain_broker_error(exc)
+    if explained is not None:
+        return explained
+    module = type(exc).__module__ or ""
+    if module.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg", "psycopg2", "pymssql") and settings is not None:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        where = mask_url(settings.database.url)
+        return f"cannot use the database {where}: {detail[0] if detail else type(exc).__name__} (PLANNERSYNC_DATABASE__URL)"
+    return None
 
 
 # --- db -----------------------------------------------------------------------------------
@@ -76,8 +154,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.adapters.store import make_engine, upgrade
 
+    _prepare_state(settings)
     version = upgrade(make_engine(settings.database_url()))
-    print(f"database schema at version {version}")
+    print(f"database schema at version {version} ({mask_url(settings.database.url)})")
     return 0
 
 
@@ -85,10 +164,8 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     settings = _settings()
     from datetime import datetime, timedelta, timezone
 
-    from shared.adapters.store import open_store
-
     retention = timedelta(days=args.days) if args.days is not None else settings.database.retention
-    counts = open_store(settings.database_url(), settings.database.auto_upgrade).prune(datetime.now(timezone.utc) - retention)
+    counts = _open_store(settings).prune(datetime.now(timezone.utc) - retention)
     print(f"pruned rows older than {retention}: " + ", ".join(f"{table} {n}" for table, n in counts.items()))
     return 0
 
@@ -105,8 +182,12 @@ def cmd_topology_export(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.broker.topology import from_settings
 
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
-    document = from_settings(settings.broker, settings.retry).definitions(args.user if password is not None else None, password)
+    try:
+        password = Path(args.password_file).read_text(encoding="utf-8").strip() if args.password_file else None
+    except OSError as exc:
+        raise Unavailable(f"cannot read the password file {args.password_file}: {exc.strerror}") from None
+    user = args.user or settings.broker.user
+    document = from_settings(settings.broker, settings.retry).definitions(user if password is not None else None, password)
     text = json.dumps(document, indent=2, sort_keys=True) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
@@ -116,7 +197,7 @@ def cmd_topology_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_policies(settings: Settings, force: bool, quiet: bool = False) -> list[str]:
+def _ensure_policies(settings: Settings, force: bool, quiet: bool = False, overwrite: tuple[str, ...] = ()) -> list[str]:
     from shared.broker.topology import ensure_policies, from_settings
 
     try:
@@ -126,30 +207,59 @@ def _ensure_policies(settings: Settings, force: bool, quiet: bool = False) -> li
             settings.broker.user,
             settings.broker.password.get_secret_value(),
             force=force,
+            verify=settings.broker.management_verify(),
+            overwrite=overwrite,
         )
     except Exception as exc:  # noqa: BLE001 - reported, not fatal for workers
         if not quiet:
-            raise
+            raise Unavailable(management_problem(exc, settings)) from None
         from shared.logs import get_logger
 
-        get_logger("plannersync.topology").warning("broker_policies_unverified", error=type(exc).__name__, detail=str(exc)[:200])
+        get_logger("plannersync.topology").warning("broker_policies_unverified", error=type(exc).__name__, detail=management_problem(exc, settings))
         return []
     return written
+
+
+def management_problem(exc: BaseException, settings: Settings) -> str:
+    """One line for a failed call to the RabbitMQ management API, naming its URL."""
+    import requests
+
+    url = mask_url(settings.broker.management_url)
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        code = exc.response.status_code
+        if code == 401:
+            return f"the RabbitMQ management API at {url} refused user {settings.broker.user!r}: wrong user or password (PLANNERSYNC_BROKER__USER, PLANNERSYNC_BROKER__PASSWORD)"
+        if code == 403:
+            return f"the RabbitMQ management API at {url} does not let user {settings.broker.user!r} do this (it needs the policymaker tag)"
+        return f"the RabbitMQ management API at {url} answered HTTP {code} (PLANNERSYNC_BROKER__MANAGEMENT_URL)"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return f"TLS with the RabbitMQ management API at {url} failed (PLANNERSYNC_BROKER__CA_BUNDLE, PLANNERSYNC_BROKER__MANAGEMENT_URL)"
+    if isinstance(exc, requests.RequestException):
+        why = "timed out" if isinstance(exc, requests.Timeout) else "connection refused or host unknown"
+        return f"cannot reach the RabbitMQ management API at {url}: {why} (PLANNERSYNC_BROKER__MANAGEMENT_URL)"
+    return f"the RabbitMQ management API at {url} failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def cmd_topology_apply(args: argparse.Namespace) -> int:
     settings = _settings()
     from shared.broker.connection import open_connection
-    from shared.broker.topology import from_settings
+    from shared.broker.topology import from_settings, migrate_dead_letter_queues
 
     topology = from_settings(settings.broker, settings.retry)
     connection = open_connection(settings.broker, "topology-apply")
     try:
-        topology.declare(connection.channel())
+        legacy = topology.declare(connection.channel())
+        migrated = migrate_dead_letter_queues(connection, topology) if legacy else {}
     finally:
-        connection.close()
-    written = _ensure_policies(settings, force=args.force)
-    print(f"declared {len(topology.queues())} queues; policies written: {len(written)} ({'forced' if args.force else 'missing ones only'})")
+        if connection.is_open:
+            connection.close()
+    for queue, count in migrated.items():
+        print(f"{queue}: now a classic queue (looking at dead letters is free); {count} dead letter(s) kept")
+    written = _ensure_policies(settings, force=args.force, overwrite=tuple(migrated))
+    print(
+        f"declared {len(topology.queues())} queues on {settings.broker.where()}; "
+        f"policies written: {len(written)} ({'forced' if args.force else 'missing ones only'})"
+    )
     return 0
 
 
@@ -168,10 +278,7 @@ def cmd_contracts_export(args: argparse.Namespace) -> int:
 # --- mailboxes --------------------------------------------------------------------------------
 def cmd_mailboxes(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.adapters.store import Store, upgrade
-
-    store = Store.connect(settings.database_url())
-    upgrade(store.engine)
+    store = _open_store(settings, auto_upgrade=True)
     if args.action == "add":
         for address in args.addresses:
             print(f"{address}: {'enrolled' if store.add_mailbox(address) else 'already enrolled'}")
@@ -198,7 +305,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from plannersync.demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    return run_demo(seconds=args.seconds, operator=_settings())
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
@@ -206,10 +313,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
     _configure_logs(settings, "resync")
     from services.snapshot_producer.worker import run_snapshots
     from shared.adapters.ews import EwsConnection
-    from shared.adapters.store import open_store
     from shared.broker.topology import from_settings
 
-    store = open_store(settings.database_url(), settings.database.auto_upgrade)
+    store = _open_store(settings)
     mailboxes = [row.address for row in store.list_mailboxes(enabled_only=True)] if args.all else [m.lower() for m in args.mailbox]
     if not mailboxes:
         print("no mailboxes to resync (enrol some with `plannersync mailboxes add`)", file=sys.stderr)
@@ -234,12 +340,13 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
     from plannersync.status import collect_status
-    from shared.adapters.store import open_store
 
-    status = collect_status(settings, open_store(settings.database_url(), settings.database.auto_upgrade))
+    status = collect_status(settings, _open_store(settings))
+    degraded = isinstance(status["queues"], str)  # shown, and the exit status says it (decision 44)
     if args.json:
         print(json.dumps(status, indent=2, default=str))
-        return 0
+        return EXIT_UNAVAILABLE if degraded else 0
+    print(f"State: {status['state']['database']}  health files {status['state']['health_dir']}")
     certificate = status["planner_certificate"]
     if certificate:
         shown = certificate.get("error") or f"expires {certificate['expires_at']} ({certificate['days_left']} days)"
@@ -263,6 +370,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"last sync {m['last_sync_at'] or '-'}  last delivery {m['last_delivery_at'] or '-'}"
             + (f"  last error {m['last_error_at']}: {m['last_error']}" if m["last_error"] else "")
         )
+    if degraded:
+        print(f"plannersync: {status['queues']}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return 0
 
 
@@ -276,16 +386,92 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    """list / show / replay / purge a stage's dead letters (decisions 42 and 43 in docs/decisions.md)."""
     settings = _settings()
-    from shared.broker.replay import list_dead_letters, replay
+    from shared.broker.replay import Parked, UnknownMessage
 
+    try:
+        return _dlq(settings, args)
+    except (UnknownMessage, Parked) as exc:
+        print(f"plannersync: {exc.args[0]}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.broker.replay import list_dead_letters, replay, show_dead_letter
+
+    limit = None if args.all else args.limit
     if args.action == "list":
-        for row in list_dead_letters(settings, args.stage, limit=args.limit):
-            print(json.dumps(row, default=str))
+        page = list_dead_letters(settings, args.stage, limit=limit, offset=args.offset, message_id=args.message_id, parked_only=args.parked)
+        _print_letters([letter.as_dict() for letter in page.letters], args.json)
+        what = "parked dead letters" if args.parked else "dead letters"
+        shown = f"{page.offset + 1}-{page.offset + len(page.letters)}" if page.letters else "none"
+        more = f"; {page.left} more: --offset {page.offset + len(page.letters)} or --all" if page.left else ""
+        print(f"{page.queue}: showing {shown} of {page.total} {what}{more}", file=sys.stderr)
         return 0
-    moved = replay(settings, args.stage, limit=args.limit, message_id=args.message_id, dry_run=args.dry_run)
-    print(f"{'would replay' if args.dry_run else 'replayed'} {moved} message(s) from the {args.stage} dead-letter queue")
+    if args.action == "show":
+        if not args.message_id:
+            print("plannersync: dlq show needs --message-id ID", file=sys.stderr)
+            return EXIT_CONFIG
+        print(json.dumps(show_dead_letter(settings, args.stage, args.message_id), indent=2, default=str))
+        return 0
+    if args.action == "purge":
+        return _dlq_purge(settings, args)
+    result = replay(settings, args.stage, limit=limit, message_id=args.message_id, dry_run=args.dry_run)
+    _print_letters([letter.as_dict() for letter in result.replayed], args.json)
+    verb = "would replay" if args.dry_run else "replayed"
+    summary = f"{result.queue}: {verb} {len(result.replayed)} of {result.total} to {result.queue.removesuffix('.dlq')}.in; {result.left} left in the queue"
+    if limit is not None and len(result.replayed) >= limit and result.left > len(result.parked):
+        summary += f" (limit {limit}: run again or use --all)"
+    if result.parked:
+        summary += (
+            f"; {len(result.parked)} parked (replayed 3 times already, not replayed): "
+            f"`plannersync dlq list {args.stage} --parked`, `plannersync dlq purge {args.stage} --parked --yes`"
+        )
+    print(summary, file=sys.stderr)
     return 0
+
+
+def _dlq_purge(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.broker.replay import list_dead_letters, purge
+
+    if not args.yes:
+        page = list_dead_letters(settings, args.stage, limit=None, message_id=args.message_id, parked_only=args.parked)
+        what = f"message id {args.message_id!r}" if args.message_id else ("the parked dead letters" if args.parked else "every dead letter")
+        print(f"plannersync: purging removes {page.total} message(s) of {page.queue} for good ({what}); nothing removed: add --yes to confirm", file=sys.stderr)
+        return EXIT_FAILED
+    removed = purge(settings, args.stage, message_id=args.message_id, parked_only=args.parked)
+    print(f"purged {removed} message(s) from the {args.stage} dead-letter queue")
+    return 0
+
+
+LETTER_COLUMNS = (
+    ("message_id", "message id"),
+    ("mailbox", "mailbox"),
+    ("origin_id", "origin id"),
+    ("original_queue", "original queue"),
+    ("attempts", "attempts"),
+    ("first_failure_at", "first failure"),
+    ("replays", "replays"),
+    ("reason", "reason"),
+)
+
+
+def _print_letters(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """A table with headers (nothing cut: an origin id is what one looks up), or one JSON object per line."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return
+    if not rows:
+        return
+    cells = [[title for _key, title in LETTER_COLUMNS]]
+    for row in rows:
+        shown = {**row, "replays": f"{row['replays']} (parked)" if row.get("parked") else row["replays"]}
+        cells.append(["-" if shown.get(key) is None else str(shown[key]) for key, _title in LETTER_COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(LETTER_COLUMNS) - 1)]
+    for line in cells:
+        print("  ".join([text.ljust(width) for text, width in zip(line, widths)] + [line[-1]]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -313,8 +499,8 @@ def parser() -> argparse.ArgumentParser:
     topo = sub.add_parser("topology", help="the broker topology").add_subparsers(dest="action", required=True)
     export = topo.add_parser("export", help="write the RabbitMQ definitions file (for compose)")
     export.add_argument("--output", "-o", default="-", help="file to write, or - for stdout")
-    export.add_argument("--user", default="plannersync", help="broker user to include (with --password-file)")
-    export.add_argument("--password-file", help="include the user with this password's hash")
+    export.add_argument("--user", help="broker user to include (with --password-file); default PLANNERSYNC_BROKER__USER")
+    export.add_argument("--password-file", help="include the user (policymaker, its prefix only) with this password's salted hash")
     export.set_defaults(func=cmd_topology_export)
     apply = topo.add_parser("apply", help="declare queues and create missing policies on a running broker")
     apply.add_argument("--force", action="store_true", help="overwrite policies an operator changed")
@@ -335,7 +521,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
     sim.set_defaults(func=cmd_sim)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline against the local broker and the simulators")
+    demo = sub.add_parser("demo", help="run the whole pipeline against the configured broker (PLANNERSYNC_BROKER__*) and the simulators; removes what it creates")
     demo.add_argument("--seconds", type=float, default=60.0, help="give up waiting after this long")
     demo.set_defaults(func=cmd_demo)
 
@@ -360,19 +546,44 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("worker", choices=list(WORKERS))
     health.set_defaults(func=cmd_health)
 
-    dlq = sub.add_parser("dlq", help="inspect and replay dead-lettered messages")
-    dlq.add_argument("action", choices=("list", "replay"))
-    dlq.add_argument("stage", choices=CONSUMING_STAGES)
-    dlq.add_argument("--limit", type=int, default=100)
-    dlq.add_argument("--message-id", help="replay only this message")
-    dlq.add_argument("--dry-run", action="store_true")
+    dlq = sub.add_parser(
+        "dlq",
+        help="look at, replay and purge dead-lettered messages (looking is free; runbooks/replay.md)",
+        description="list: show dead letters (all stay); show: one message whole; replay: back to the stage's work queue; "
+        "purge: remove for good (needs --yes).",
+    )
+    dlq.add_argument("action", choices=("list", "show", "replay", "purge"), help="what to do")
+    dlq.add_argument("stage", choices=CONSUMING_STAGES, help="whose dead-letter queue")
+    dlq.add_argument("--limit", type=int, default=100, help="at most this many (list, replay); default 100")
+    dlq.add_argument("--offset", type=int, default=0, help="list from this position (0 = the oldest)")
+    dlq.add_argument("--all", action="store_true", help="no limit (list, replay)")
+    dlq.add_argument("--message-id", help="only the message with this id (an unknown id is an error)")
+    dlq.add_argument("--parked", action="store_true", help="only messages parked after 3 replays (list, purge)")
+    dlq.add_argument("--dry-run", action="store_true", help="replay: list what would be replayed, move nothing")
+    dlq.add_argument("--yes", action="store_true", help="purge: confirm removing the messages for good")
+    dlq.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     dlq.set_defaults(func=cmd_dlq)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        message = operator_message(exc, _loaded_settings())
+        if message is None:
+            raise
+        print(f"plannersync: {message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _loaded_settings() -> Settings | None:
+    """The settings, to name the database in a message; None when they do not load (then that was the problem)."""
+    try:
+        return load_settings()
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from shared.adapters.store import Store
 from shared.broker.topology import from_settings
-from shared.config import Settings
+from shared.config import Settings, mask_url
 from shared.health import is_healthy, read_health
 
 
@@ -33,7 +33,8 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
     for name, data in read_health(settings.status.health_dir).items():
         healthy, why = is_healthy(data, settings.status.stale_after.total_seconds(), time.time())
         workers[name] = {**{k: v for k, v in data.items() if k not in ("updated_ts", "beat_ts")}, "healthy": healthy, "why": why}
-    return {"mailboxes": mailboxes, "queues": _queues(settings), "workers": workers, "planner_certificate": _certificate(settings)}
+    state = {"state_dir": str(settings.state_dir), "database": mask_url(settings.database.url), "health_dir": str(settings.status.health_dir)}
+    return {"state": state, "mailboxes": mailboxes, "queues": _queues(settings), "workers": workers, "planner_certificate": _certificate(settings)}
 
 
 def _certificate(settings: Settings) -> dict[str, Any] | None:
@@ -56,10 +57,15 @@ def _queues(settings: Settings) -> list[dict[str, Any]] | str:
     topology = from_settings(settings.broker, settings.retry)
     url = f"{settings.broker.management_url.rstrip('/')}/api/queues/{quote(settings.broker.vhost, safe='')}"
     try:
-        response = requests.get(url, auth=(settings.broker.user, settings.broker.password.get_secret_value()), timeout=5)
+        response = requests.get(url, auth=(settings.broker.user, settings.broker.password.get_secret_value()), timeout=5, verify=settings.broker.management_verify())
         response.raise_for_status()
+    except requests.HTTPError as exc:
+        where = mask_url(settings.broker.management_url)
+        if exc.response is not None and exc.response.status_code == 401:
+            return f"the RabbitMQ management API at {where} refused user {settings.broker.user!r}: wrong user or password (PLANNERSYNC_BROKER__USER, PLANNERSYNC_BROKER__PASSWORD)"
+        return f"the RabbitMQ management API at {where} answered HTTP {exc.response.status_code if exc.response is not None else '?'}"
     except requests.RequestException as exc:
-        return f"management API not reachable: {type(exc).__name__}"
+        return f"cannot reach the RabbitMQ management API at {mask_url(settings.broker.management_url)} ({type(exc).__name__}; PLANNERSYNC_BROKER__MANAGEMENT_URL)"
     ours = set(topology.queues())
     return [
         {"queue": q["name"], "ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0)}

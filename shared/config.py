@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from contextvars import ContextVar
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -26,7 +27,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from shared.domain.busy_rules import BusyPolicy
 from shared.domain.delivery_plan import ReceiptAction
@@ -100,18 +108,44 @@ class BrokerSettings(_SecretFiles):
     reconnect_max_delay: Duration = timedelta(seconds=30)
     max_queue_length: int = Field(1_000_000, ge=1000)
     delivery_limit: int = Field(10, ge=1, description="crash-loop guard on work queues")
+    tls: bool = Field(False, description="AMQP over TLS (amqps); the port defaults to 5671 then")
+    ca_bundle: Path | None = Field(None, description="CA bundle for the broker's certificate (AMQP and an https management URL); system store when unset")
+    client_cert: Path | None = Field(None, description="PEM client certificate, when the broker asks for one (with client_key)")
+    client_key: Path | None = Field(None, description="PEM private key of client_cert (unencrypted)")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> BrokerSettings:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError(f"{'client_key' if self.client_key is None else 'client_cert'}: client_cert and client_key go together")
+        for name in ("ca_bundle", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        if (self.ca_bundle or self.client_cert) and not self.tls:
+            raise ValueError("tls: ca_bundle and client_cert are used only with tls=true")
+        if self.tls and "port" not in self.model_fields_set:
+            self.port = 5671
+        return self
 
     def amqp_url(self) -> str:
         vhost = quote(self.vhost, safe="")
         user = quote(self.user, safe="")
         password = quote(self.password.get_secret_value(), safe="")
-        return f"amqp://{user}:{password}@{self.host}:{self.port}/{vhost}"
+        return f"{'amqps' if self.tls else 'amqp'}://{user}:{password}@{self.host}:{self.port}/{vhost}"
+
+    def where(self) -> str:
+        """``host:port`` (and the virtual host when it is not ``/``), for messages to the operator."""
+        return f"{'amqps' if self.tls else 'amqp'}://{self.host}:{self.port}" + ("" if self.vhost == "/" else f"/{self.vhost}")
+
+    def management_verify(self) -> bool | str:
+        """What requests verifies an https management URL against: the configured bundle, else the system store."""
+        return str(self.ca_bundle) if self.ca_bundle is not None else True
 
 
 class DatabaseSettings(_SecretFiles):
     url: str = Field(
-        "sqlite:///plannersync.db",
-        description="SQLAlchemy URL: sqlite:///path, postgresql+psycopg://user@host/db, mssql+pymssql://user@host/db",
+        "sqlite:///plannersync.db",  # replaced by <state_dir>/state.db unless set (Settings._derive_paths)
+        description="SQLAlchemy URL: sqlite:////abs/path, postgresql+psycopg://user@host/db, mssql+pymssql://user@host/db; default sqlite <state_dir>/state.db",
     )
     password: SecretStr | None = Field(None, description="inserted into the URL, so it need not be written there")
     auto_upgrade: bool = Field(True, description="workers create/migrate the schema at start; set false where DDL rights are separate")
@@ -226,15 +260,17 @@ class PlannerSettings(_SecretFiles):
 
     @model_validator(mode="after")
     def _cert_pairs(self) -> PlannerSettings:
+        # "<field>: ..." lets load_settings name the exact variable (PLANNERSYNC_PLANNER__<FIELD>)
         if (self.client_cert_pem is None) != (self.client_key_pem is None):
-            raise ValueError("client_cert_pem and client_key_pem go together")
+            raise ValueError(f"{'client_key_pem' if self.client_key_pem is None else 'client_cert_pem'}: client_cert_pem and client_key_pem go together")
         if self.client_cert_p12 and self.client_cert_pem:
-            raise ValueError("give either client_cert_p12 or client_cert_pem/client_key_pem, not both")
-        for path in (self.client_cert_p12, self.client_cert_pem, self.client_key_pem, self.ca_bundle):
+            raise ValueError("client_cert_p12: give either client_cert_p12 or client_cert_pem/client_key_pem, not both")
+        for name in ("client_cert_p12", "client_cert_pem", "client_key_pem", "ca_bundle"):
+            path = getattr(self, name)
             if path is not None and not path.is_file():
-                raise ValueError(f"file not found: {path}")
+                raise ValueError(f"{name}: file not found: {path}")
         if "*" not in self.receipt_actions:
-            raise ValueError("receipt_actions needs a '*' entry for codes it does not name")
+            raise ValueError("receipt_actions: needs a '*' entry for codes it does not name")
         return self
 
 
@@ -270,7 +306,7 @@ class ReconcileSettings(BaseModel):
 
 
 class StatusSettings(BaseModel):
-    health_dir: Path = Field(Path("var/health"), description="each worker writes <stage>.json here every few seconds")
+    health_dir: Path = Field(Path("var/health"), description="each worker writes <stage>.json here every few seconds; default <state_dir>/health")
     stale_after: Duration = Field(timedelta(seconds=30), description="a health file older than this means the worker is not running")
 
 
@@ -279,12 +315,51 @@ class LogSettings(BaseModel):
     format: Literal["json", "console"] = "json"
 
 
+SYSTEM_STATE_DIR = Path("/var/lib/plannersync")
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("plannersync_environ", default=None)
+
+
+def _environ() -> Mapping[str, str]:
+    """The environment being loaded: the mapping given to ``load_settings``, else the process's own."""
+    given = _ENVIRON.get()
+    return os.environ if given is None else given
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None, system: Path = SYSTEM_STATE_DIR) -> Path:
+    """Where state lives when ``PLANNERSYNC_STATE_DIR`` is not set (decision 45 in docs/decisions.md).
+
+    ``/var/lib/plannersync`` when it exists and this user may write there (the image, a packaged install);
+    otherwise the user's own ``$XDG_STATE_HOME/plannersync`` (``~/.local/state/plannersync``). Never the
+    working directory, so every command finds the same store and health files wherever it is run.
+    """
+    environ = _environ() if environ is None else environ
+    if system.is_dir() and os.access(system, os.W_OK | os.X_OK):
+        return system
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "plannersync"
+
+
+class _GivenEnvironment(EnvSettingsSource):
+    """Environment variables from the mapping ``load_settings`` was given (else ``os.environ``)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        given = _ENVIRON.get()
+        if given is None:
+            return super()._load_env_vars()
+        return {name if self.case_sensitive else name.lower(): value for name, value in given.items()}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+    )
+
+    state_dir: Path = Field(
+        default_factory=lambda: default_state_dir(),
+        description="where the default SQLite store (state.db) and the health files (health/) live; absolute",
     )
 
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
@@ -296,10 +371,55 @@ class Settings(BaseSettings):
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    graph: GraphSettings = Field(default_factory=lambda: GraphSettings())  # defined at the end of this module
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _GivenEnvironment(settings_cls), dotenv_settings, file_secret_settings
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        """Defaults under ``state_dir``; every path absolute, so no setting depends on the working directory."""
+        if not self.state_dir.is_absolute():
+            raise ValueError(f"state_dir: must be an absolute path (got {str(self.state_dir)!r})")
+        if "url" not in self.database.model_fields_set:
+            self.database.url = f"sqlite:///{self.state_dir / 'state.db'}"
+        if "health_dir" not in self.status.model_fields_set:
+            self.status.health_dir = self.state_dir / "health"
+        if not self.status.health_dir.is_absolute():
+            raise ValueError(f"status.health_dir: must be an absolute path (got {str(self.status.health_dir)!r})")
+        path = sqlite_path(self.database.url)
+        if path is not None and not path.is_absolute():
+            raise ValueError(f"database.url: a SQLite file must be an absolute path, sqlite:////dir/file.db (got {self.database.url!r})")
+        return self
 
     def database_url(self) -> str:
         """The database URL with the password from its secret inserted, if one is given."""
         return with_password(self.database.url, self.database.password.get_secret_value() if self.database.password else None)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for other databases and for ``:memory:``)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].partition("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:***@host/…``: the password inside a URL hidden (database and management URLs)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -354,22 +474,181 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     unknown = unknown_variables(os.environ if environ is None else environ)
     if unknown:
         raise ConfigError(unknown)
+    token = _ENVIRON.set(environ)  # given a mapping, read it and not os.environ (compose test, demo, tests)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = error.get("loc", ())
+            loc = tuple(error.get("loc", ()))
+            message = str(error["msg"])
+            named = _NAMED_FIELD.match(message)
+            if named:  # a model-level check that names its field: point at that field's variable
+                loc, message = loc + tuple(named.group(1).split(".")), named.group(2)
             name = env_name(loc) if loc else ENV_PREFIX + "*"
             value = error.get("input")
-            shown = "" if isinstance(value, dict) or "password" in name.lower() or "passphrase" in name.lower() else f" (got {value!r})"
-            problems.append(f"{name}: {error['msg']}{shown}")
+            shown = "" if named or isinstance(value, dict) or any(word in name.lower() for word in ("password", "passphrase", "secret")) else f" (got {value!r})"
+            problems.append(f"{name}: {message}{shown}")
         raise ConfigError(problems) from None
     except SettingsError as exc:
         cause = exc.__cause__
         raise ConfigError([f"{exc}: {cause}" if cause else str(exc)]) from None
+    finally:
+        _ENVIRON.reset(token)
+
+
+_NAMED_FIELD = re.compile(r"^Value error, ([a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*): (.*)$", re.DOTALL)
 
 
 def masked(settings: Settings) -> dict[str, Any]:
-    """The effective configuration as plain data, secrets shown as '***'."""
-    return settings.model_dump(mode="json")
+    """The effective configuration as plain data: secrets shown as '**********', passwords inside URLs as '***'."""
+    data = settings.model_dump(mode="json")
+    data["database"]["url"] = mask_url(settings.database.url)
+    data["broker"]["management_url"] = mask_url(settings.broker.management_url)
+    return data
+
+
+CERTIFICATE_WARNING_DAYS = 30
+
+
+def check_files(settings: Settings, now: datetime | None = None) -> tuple[list[str], list[str]]:
+    """What ``config check`` can find out about the configured certificates without connecting: (errors, warnings).
+
+    The client certificate opens with its passphrase, its key matches it, it is valid now (a warning
+    within 30 days of expiry), and every CA bundle parses. Each message starts with the exact variable
+    (decision 44 in docs/decisions.md).
+    """
+    now = now or datetime.now(timezone.utc)
+    errors: list[str] = []
+    warnings: list[str] = []
+    planner = f"{ENV_PREFIX}PLANNER__"
+    broker = f"{ENV_PREFIX}BROKER__"
+    p = settings.planner
+    if p.client_cert_p12 is not None:
+        passphrase = p.client_cert_passphrase.get_secret_value() if p.client_cert_passphrase else None
+        _check_p12(f"{planner}CLIENT_CERT_P12", p.client_cert_p12, passphrase, f"{planner}CLIENT_CERT_PASSPHRASE(_FILE)", now, errors, warnings)
+    elif p.client_cert_pem is not None and p.client_key_pem is not None:
+        _check_pem_pair(f"{planner}CLIENT_CERT_PEM", p.client_cert_pem, f"{planner}CLIENT_KEY_PEM", p.client_key_pem, now, errors, warnings)
+    b = settings.broker
+    if b.client_cert is not None and b.client_key is not None:
+        _check_pem_pair(f"{broker}CLIENT_CERT", b.client_cert, f"{broker}CLIENT_KEY", b.client_key, now, errors, warnings)
+    for variable, bundle in ((f"{planner}CA_BUNDLE", p.ca_bundle), (f"{broker}CA_BUNDLE", b.ca_bundle), (f"{ENV_PREFIX}EXCHANGE__CA_BUNDLE", settings.exchange.ca_bundle)):
+        if bundle is not None:
+            _check_ca_bundle(variable, bundle, now, errors, warnings)
+    return errors, warnings
+
+
+def _check_validity(variable: str, certificate: Any, now: datetime, errors: list[str], warnings: list[str]) -> None:
+    subject = certificate.subject.rfc4514_string()
+    if certificate.not_valid_after_utc <= now:
+        errors.append(f"{variable}: the certificate ({subject}) expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    elif certificate.not_valid_before_utc > now:
+        errors.append(f"{variable}: the certificate ({subject}) is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    else:
+        days = (certificate.not_valid_after_utc - now).days
+        if days < CERTIFICATE_WARNING_DAYS:
+            warnings.append(f"{variable}: the certificate ({subject}) expires in {days} days, on {certificate.not_valid_after_utc:%Y-%m-%d} (renew it)")
+
+
+def _same_key(key: Any, certificate: Any) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(key.public_key().public_bytes(*spki) == certificate.public_key().public_bytes(*spki))
+
+
+def _check_p12(variable: str, path: Path, passphrase: str | None, passphrase_variable: str, now: datetime, errors: list[str], warnings: list[str]) -> None:
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    try:
+        key, certificate, _chain = pkcs12.load_key_and_certificates(path.read_bytes(), passphrase.encode("utf-8") if passphrase is not None else None)
+    except OSError as exc:
+        errors.append(f"{variable}: cannot read {path}: {exc.strerror}")
+        return
+    except (ValueError, TypeError):
+        errors.append(f"{variable}: {path} does not open with the passphrase in {passphrase_variable} (wrong passphrase, or not a PKCS#12 file)")
+        return
+    if certificate is None or key is None:
+        errors.append(f"{variable}: {path} holds no {'certificate' if certificate is None else 'private key'}")
+        return
+    if not _same_key(key, certificate):
+        errors.append(f"{variable}: the private key in {path} does not belong to its certificate")
+    _check_validity(variable, certificate, now, errors, warnings)
+
+
+def _check_pem_pair(cert_variable: str, cert_path: Path, key_variable: str, key_path: Path, now: datetime, errors: list[str], warnings: list[str]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except OSError as exc:
+        errors.append(f"{cert_variable}: cannot read {cert_path}: {exc.strerror}")
+        return
+    except ValueError:
+        errors.append(f"{cert_variable}: {cert_path} is not a PEM certificate")
+        return
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as exc:
+        errors.append(f"{key_variable}: cannot read {key_path}: {exc.strerror}")
+    except TypeError:
+        errors.append(f"{key_variable}: {key_path} is encrypted; give the key unencrypted (readable only by the service) or use a PKCS#12 file")
+    except ValueError:
+        errors.append(f"{key_variable}: {key_path} is not a PEM private key")
+    else:
+        if not _same_key(key, certificate):
+            errors.append(f"{key_variable}: {key_path} is not the private key of the certificate in {cert_variable}")
+    _check_validity(cert_variable, certificate, now, errors, warnings)
+
+
+def _check_ca_bundle(variable: str, path: Path, now: datetime, errors: list[str], warnings: list[str]) -> None:
+    import ssl
+
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        errors.append(f"{variable}: OpenSSL cannot load {path}: {exc.reason or exc}")
+        return
+    except OSError as exc:
+        errors.append(f"{variable}: cannot read {path}: {exc.strerror or exc}")
+        return
+    except ValueError:
+        errors.append(f"{variable}: {path} is not a bundle of PEM certificates")
+        return
+    if all(c.not_valid_after_utc <= now for c in certificates):
+        errors.append(f"{variable}: every certificate in {path} has expired")
+    elif any(c.not_valid_after_utc <= now for c in certificates):
+        warnings.append(f"{variable}: {path} holds expired certificates besides valid ones")
+
+
+class GraphSettings(_SecretFiles):
+    """Microsoft Graph (Exchange Online): app-only access with a certificate (a client secret as fallback)."""
+
+    tenant_id: str = Field("", description="Entra ID tenant (GUID or domain)")
+    client_id: str = Field("", description="the app registration's application (client) id")
+    client_certificate: Path | None = Field(None, description="PEM file with the app's certificate and its (RSA) private key")
+    client_certificate_passphrase: SecretStr | None = Field(None, description="passphrase of the private key in client_certificate")
+    client_secret: SecretStr | None = Field(None, description="fallback when no certificate is configured")
+    authority_url: str = Field("https://login.microsoftonline.com", pattern=r"^https://", description="token authority; the tenant is appended")
+    graph_url: str = Field("https://graph.microsoft.com/v1.0", pattern=r"^https?://", description="Graph base URL including the version")
+    ca_bundle: Path | None = Field(None, description="CA bundle for Graph and the authority; system store when unset")
+    timeout: Duration = Field(timedelta(seconds=30), description="hard total deadline of one request (connect, headers and body)")
+    max_response_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024, description="a bigger response is refused")
+    max_page_size: int = Field(100, ge=1, le=1000, description="Prefer: odata.maxpagesize for calendarView and its delta")
+    delta_interval: Duration = Field(timedelta(seconds=30), description="how often each Graph mailbox's delta is polled")
+    max_concurrent_per_mailbox: int = Field(4, ge=1, le=4, description="Graph allows 4 concurrent requests per mailbox")
+    batch_size: int = Field(20, ge=1, le=20, description="requests per $batch (Graph's limit is 20)")
+
+    @model_validator(mode="after")
+    def _files(self) -> GraphSettings:
+        for path in (self.client_certificate, self.ca_bundle):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file not found: {path}")
+        return self
+
+
+Settings.model_rebuild()  # Settings.graph names GraphSettings, defined after it

@@ -24,6 +24,7 @@ from shared.domain.contracts import (
     Source,
 )
 from shared.domain.mailbox_reads import (
+    Backend,
     SyncChange,
     SyncPosition,
     changes_from_sync,
@@ -43,7 +44,7 @@ class SyncReader(ViewReader, Protocol):
 class SyncPositions(Protocol):
     def sync_position(self, mailbox: str) -> SyncPosition | None: ...
 
-    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None: ...
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,20 @@ def sync_mailbox(
     observed_at: datetime,
     new_id: Callable[[], str],
     full: bool = False,
-    source: Source = "ews",
+    backend: Backend = "ews",
 ) -> PassResult:
     """Read and publish one mailbox's changes. ``full`` (or no stored state) reads everything again."""
     stored = None if full else positions.sync_position(mailbox)
-    saved = stored.sync_state if stored is not None else None
+    # a state another reader wrote (the mailbox moved between backends) cannot be continued: read it all
+    saved = stored.sync_state if stored is not None and stored.backend == backend else None
     changes, new_state = reader.sync(mailbox, saved)
     occurrences: dict[str, list[CalendarItem]] = {}
     if any(c.item is not None and c.item.item_type == "master" for c in changes):
         occurrences = series_occurrences(reader.view(mailbox, window))
-    messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, source)
+    messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, backend)
     for message in messages:
         publish(message)
-    positions.save_sync_position(mailbox, new_state, observed_at, full=saved is None)
+    positions.save_sync_position(mailbox, new_state, observed_at, full=saved is None, backend=backend)
     return PassResult(len(messages), saved is None)
 
 

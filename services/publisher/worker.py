@@ -3,6 +3,11 @@
 Gather (what Planner is known to hold), decide (``delivery_plan``), apply (one call per mailbox
 and operation, receipts matched by OriginSystemIdentifier, never by position). Only the failed
 events of a batch are retried or dead-lettered; the others are done.
+
+An event that cannot be sent at all (a content error) is dead-lettered alone and the call goes ahead with the
+others; content errors never count towards the outage guard (decision 52 in docs/decisions.md). Health shows TLS
+failures towards Planner that have lasted minutes (decision 53) and a Planner call that outlived its deadline
+(decision 51).
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Protocol, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from shared.adapters.store import Store, open_store
 from shared.broker.consume_loop import (
@@ -43,10 +48,51 @@ from shared.domain.delivery_plan import (
     remember_version,
     settle,
 )
-from shared.domain.retry import Permanent, Transient
+from shared.domain.retry import ContentError, Permanent, Transient
 from shared.logs import correlation, get_logger
 
 log = get_logger(__name__)
+HANDLER_DEADLINE = timedelta(minutes=15)  # a batch running longer shows as handler_overdue in health (decision 51)
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class Pool(Protocol):
+    """Runs a function over items in parallel (``ThreadPoolExecutor`` fits; the worker uses ``DaemonPool``)."""
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], /) -> Iterator[Any]: ...
+
+
+class DaemonPool:
+    """Runs calls on daemon threads, at most ``size`` at once.
+
+    ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so one call stuck for ever would hold a
+    stopped worker open past its grace period; a daemon thread cannot (decision 51 in docs/decisions.md).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._name = name
+
+    def map(self, fn: Callable[[_T], _R], items: Iterable[_T], /) -> Iterator[_R]:
+        futures: list[Future[_R]] = []
+        for item in items:
+            self._slots.acquire()
+            future: Future[_R] = Future()
+
+            def run(item: _T = item, future: Future[_R] = future) -> None:
+                try:
+                    future.set_result(fn(item))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+                    future.set_exception(exc)
+                finally:
+                    self._slots.release()
+
+            threading.Thread(target=run, name=f"{self._name}-{len(futures)}", daemon=True).start()
+            futures.append(future)
+        return (future.result() for future in futures)
 
 
 class PlannerCalls(Protocol):
@@ -88,7 +134,7 @@ class PublisherDeps:
     client: PlannerCalls
     guard: OutageGuard
     event_factory: Any = None  # PlannerEvent constructor, injected so this module need not import zeep
-    pool: ThreadPoolExecutor | None = None  # mailboxes delivered in parallel (one call per mailbox at a time)
+    pool: Pool | None = None  # mailboxes delivered in parallel (one call per mailbox at a time)
 
 
 @dataclass
@@ -165,6 +211,8 @@ def _call(
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
     try:
         outcome = call(events)
+    except ContentError as exc:  # about what some events carry, not about Planner: the guard does not hear of it
+        return _content_error(mailbox, operation, group, known, deps, results, exc)
     except Transient as exc:
         deps.guard.failure(exc.reason)
         for p in group:
@@ -207,6 +255,28 @@ def _call(
     return again
 
 
+def _content_error(
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, results: dict[int, Result], exc: ContentError
+) -> list[_Pending]:
+    """Dead-letter only the events at fault and call again with the others; split the call when it does not say which."""
+    bad = [p for p in group if p.send.origin_id in exc.problems]
+    if not bad and len(group) > 1:
+        half = len(group) // 2
+        return [*_call(mailbox, operation, group[:half], known, deps, results), *_call(mailbox, operation, group[half:], known, deps, results)]
+    for p in bad or group:
+        problem = exc.problems.get(p.send.origin_id)
+        reason = f"{operation_name(operation)}: {problem}" if problem else exc.reason
+        results[p.index] = Permanent(reason, code=exc.code)
+        with correlation(p.state.correlation_id, mailbox=mailbox, origin_id=p.state.origin_id):
+            log.error("busy_time_unsendable", operation=operation, reason=reason)
+    rest = [p for p in group if p not in bad] if bad else []
+    return _call(mailbox, operation, rest, known, deps, results) if rest else []
+
+
+def operation_name(operation: Operation) -> str:
+    return {"create": "CreateEvents", "update": "UpdateEvents", "delete": "DeleteEvents"}[operation]
+
+
 def _event_receipt(receipt: Any, reference: str | None) -> EventReceipt:
     """The client's receipt as the plain values ``settle`` reads."""
     return EventReceipt(
@@ -237,6 +307,7 @@ def warn_if_certificate_expires(expiry: datetime | None, now: datetime | None = 
 
 def build(settings: Settings) -> Consumer:
     """Wire the publisher: store, Planner client, consumer. Nothing connects at import."""
+    from shared.adapters.deadline import in_flight
     from shared.adapters.planner_client import (
         PlannerClient,
         PlannerEvent,
@@ -248,10 +319,38 @@ def build(settings: Settings) -> Consumer:
     warn_if_certificate_expires(client_certificate_expiry(settings.planner))
     topology: Topology = from_settings(settings.broker, settings.retry)
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
-    pool = ThreadPoolExecutor(max_workers=settings.planner.parallel_calls, thread_name_prefix="planner-call")
+    pool = DaemonPool(settings.planner.parallel_calls, "planner-call")
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
     # A large batch lets a burst group per mailbox (one call of up to batch_size events each).
-    options = ConsumerOptions(prefetch=settings.planner.max_batch_messages, batch_size=settings.planner.max_batch_messages, linger=settings.planner.linger)
-    consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
+    options = ConsumerOptions(
+        prefetch=settings.planner.max_batch_messages,
+        batch_size=settings.planner.max_batch_messages,
+        linger=settings.planner.linger,
+        handler_deadline=HANDLER_DEADLINE,
+    )
+    consumer = Consumer(
+        settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, publisher_health(client.tls_trouble, in_flight)
+    )
     guard.consumer = consumer
     return consumer
+
+
+def publisher_health(tls_trouble: Callable[[], Any], calls_in_flight: Callable[[], list[Any]]) -> Callable[[], tuple[str | None, dict[str, Any]]]:
+    """What the publisher adds to the consume loop's health: TLS failing for minutes, a Planner call past its deadline."""
+
+    def extra() -> tuple[str | None, dict[str, Any]]:
+        problem: str | None = None
+        facts: dict[str, Any] = {}
+        overdue = [call for call in calls_in_flight() if call.overdue]
+        if overdue:
+            problem = "planner_call_overdue"
+            facts["planner_call_overdue_s"] = round(overdue[0].running_s, 1)
+        trouble = tls_trouble()
+        if trouble is not None:
+            problem = "planner_tls_failing"
+            facts["planner_tls_error"] = trouble.cause
+            facts["planner_tls_failing_since"] = trouble.since.isoformat()
+            facts["planner_tls_failures"] = trouble.failures
+        return problem, facts
+
+    return extra

@@ -5,6 +5,12 @@ with mutual TLS (PKCS#12 or a PEM pair), the configured CA bundle pinned against
 XML parsing and a response size cap. Every call carries the two headers Planner requires. Failures become
 ``shared.domain.retry.Transient`` or ``Permanent``; Transient ones get a few quick in-process tries (tenacity) first.
 
+Every HTTP attempt has a hard total deadline (``shared.adapters.deadline``): a server that drips its answer is cut
+off, however slowly each byte comes (decision 51 in docs/decisions.md). An event whose values cannot be sent (a
+control character in an id) is a ``ContentError`` for that event alone, found before anything is sent, never a
+sign that Planner is down (decision 52). TLS failures that go on for minutes are raised to an error naming their
+cause, and ``tls_trouble()`` tells health about them (decision 53).
+
 Receipts are returned as Planner sent them, never matched by position: the caller matches on OriginSystemIdentifier.
 Only ids, codes and counts are logged.
 """
@@ -15,9 +21,10 @@ import os
 import re
 import ssl
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 from urllib.parse import urlparse
@@ -34,11 +41,11 @@ from cryptography.hazmat.primitives.serialization import (
     pkcs12,
 )
 from lxml import etree
-from requests.adapters import HTTPAdapter
 
+from shared.adapters.deadline import DeadlineAdapter, DeadlineExceeded, deadline
 from shared.adapters.planner_contract import WSDL_PATH, Namespaces
 from shared.config import PlannerSettings, RetrySettings
-from shared.domain.retry import Permanent, Transient
+from shared.domain.retry import ContentError, Permanent, Transient
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -50,6 +57,8 @@ REQUEST_USER_TYPE_SYSTEM = 3
 USER_FULL_NAME_MAX = 140
 RID_MAX = 64
 _READ_CHUNK = 64 * 1024
+DEADLINE_FACTOR = 2  # an attempt's total deadline is this many times PlannerSettings.timeout (the per-read timeout)
+TLS_ALERT_AFTER = timedelta(minutes=5)  # consecutive TLS failures this long become an error (decision 53)
 
 
 # --------------------------------------------------------------------------------------------- values
@@ -117,6 +126,34 @@ def from_wire(value: datetime | None, zone: ZoneInfo) -> datetime | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=zone)
     return value.astimezone(timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------- content
+
+
+def _xml_char(code: int) -> bool:
+    """XML 1.0's Char production: what an XML document may contain at all."""
+    return code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD or 0x10000 <= code <= 0x10FFFF
+
+
+def _text_problem(name: str, value: str) -> str | None:
+    for position, char in enumerate(value):
+        if not _xml_char(ord(char)):
+            kind = "a control character" if ord(char) < 0x20 or ord(char) == 0x7F else "a character XML cannot carry"
+            return f"{name} has {kind} (U+{ord(char):04X} at position {position}) and cannot be sent to Planner"
+    return None
+
+
+def event_problem(event: PlannerEvent) -> str | None:
+    """Why this event cannot be put in a request at all, or None. Content-free: names the field and the character."""
+    for name, value in (("OriginSystemIdentifier", event.origin_id), ("OriginEmailAddress", event.email)):
+        problem = _text_problem(name, value)
+        if problem is not None:
+            return problem
+    for name, moment in (("start", event.start), ("end", event.end)):
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            return f"{name} is a naive datetime; times must be aware"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- payloads
@@ -226,14 +263,21 @@ def fault_error_code(detail: etree._Element | None) -> int | None:
         return None
 
 
-def classify(error: BaseException, operation: str) -> Transient | Permanent:
-    """What a failed Planner call means. Messages carry codes and types, never response content."""
+def classify(error: BaseException, operation: str, client_certificate: bool = True) -> Transient | Permanent:
+    """What a failed Planner call means. Messages carry codes and types, never response content.
+
+    ``client_certificate`` says whether this client offers one; it tells a handshake refused for the lack of one
+    from other handshake failures.
+    """
     if isinstance(error, (Transient, Permanent)):
         return error
+    if isinstance(error, DeadlineExceeded):
+        return Transient(f"{operation}: timeout: {error}")
     if isinstance(error, requests.Timeout):
         return Transient(f"{operation}: timeout ({type(error).__name__})")
-    if isinstance(error, requests.exceptions.SSLError):
-        return Transient(f"{operation}: TLS failure: {_tls_reason(error)}")
+    cause = tls_cause(error, client_certificate)
+    if cause is not None:
+        return Transient(f"{operation}: TLS failure: {cause}")
     if isinstance(error, requests.ConnectionError):
         return Transient(f"{operation}: connection failed ({type(error).__name__})")
     if isinstance(error, ResponseTooLarge):
@@ -258,7 +302,7 @@ def classify(error: BaseException, operation: str) -> Transient | Permanent:
     if isinstance(error, (etree.XMLSyntaxError, zeep.exceptions.XMLParseError, zeep.exceptions.XMLSyntaxError)):
         return Transient(f"{operation}: unparsable response")
     if isinstance(error, zeep.exceptions.ValidationError):
-        return Permanent(f"{operation}: request does not fit the contract: {error.message}")
+        return ContentError(f"{operation}: request does not fit the contract: {error.message}")
     if isinstance(error, requests.RequestException):
         return Transient(f"{operation}: HTTP failure ({type(error).__name__})")
     return Transient(f"{operation}: unexpected {type(error).__name__}")
@@ -270,6 +314,106 @@ def _tls_reason(error: BaseException) -> str:
         return "certificate verify failed: the server certificate is not trusted by the configured CA bundle or system store"
     match = re.search(r"\[SSL: ([A-Z0-9_]+)\]", text) or re.search(r"(TLSV1_ALERT_[A-Z_]+|SSLEOFError|SSLZeroReturnError)", text)
     return match.group(1).lower() if match else type(error).__name__
+
+
+# OpenSSL's words in a failed handshake, and what they mean for an operator (checked in this order).
+_TLS_CAUSES: tuple[tuple[str, str], ...] = (
+    ("Hostname mismatch", "server certificate does not match the host name (certificate verify failed)"),
+    ("IP address mismatch", "server certificate does not match the address (certificate verify failed)"),
+    ("certificate has expired", "server certificate expired (certificate verify failed)"),
+    ("CERTIFICATE_VERIFY_FAILED", "server certificate not trusted: certificate verify failed against the configured CA bundle or system store"),
+    ("CERTIFICATE_REQUIRED", "no client certificate offered, and the server requires one"),
+    ("TLSV1_ALERT_UNKNOWN_CA", "client certificate not trusted by the server (unknown CA)"),
+    ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "client certificate expired, says the server"),
+    ("SSLV3_ALERT_CERTIFICATE_REVOKED", "client certificate revoked, says the server"),
+    ("SSLV3_ALERT_BAD_CERTIFICATE", "client certificate refused by the server (bad certificate)"),
+    ("SSLV3_ALERT_CERTIFICATE_UNKNOWN", "client certificate refused by the server (certificate unknown)"),
+    ("TLSV1_ALERT_ACCESS_DENIED", "client certificate refused by the server (access denied)"),
+    ("TLSV1_ALERT_PROTOCOL_VERSION", "no TLS version in common with the server"),
+    ("UNSUPPORTED_PROTOCOL", "no TLS version in common with the server"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS on this port"),
+)
+_HANDSHAKE_REFUSED = ("SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLEOFError", "EOF occurred in violation of protocol", "UNEXPECTED_EOF", "SSLZeroReturnError")
+
+
+def tls_cause(error: BaseException, client_certificate: bool = True) -> str | None:
+    """What went wrong in a TLS handshake with Planner, in an operator's words; None when ``error`` is not a TLS failure.
+
+    A server that requires a client certificate and gets none often just ends the handshake (an alert, or a bare
+    EOF); a client that has none configured then knows why.
+    """
+    text = str(error)
+    tls = isinstance(error, requests.exceptions.SSLError) or "SSL" in text or "TLSV1" in text
+    if not tls:
+        return None
+    for marker, cause in _TLS_CAUSES:
+        if marker in text:
+            return cause
+    refused = any(marker in text for marker in _HANDSHAKE_REFUSED)
+    if refused and not client_certificate:
+        return "no client certificate offered (none is configured), and the server ended the handshake"
+    if refused:
+        return f"the server ended the handshake ({_tls_reason(error)}); it may refuse the client certificate"
+    if isinstance(error, requests.exceptions.SSLError):
+        return _tls_reason(error)
+    return None
+
+
+@dataclass(frozen=True)
+class TlsTrouble:
+    """TLS towards Planner has failed for every call since ``since``: ``cause`` says why, in an operator's words."""
+
+    cause: str
+    since: datetime
+    failures: int
+
+
+class _TlsWatch:
+    """Counts how long TLS failures have lasted without a call getting through; past ``alert_after``, an error."""
+
+    def __init__(self, alert_after: timedelta, endpoint: str) -> None:
+        self.alert_after = alert_after
+        self.endpoint_host = urlparse(endpoint).hostname
+        self._lock = threading.Lock()
+        self._since: datetime | None = None
+        self._failures = 0
+        self._cause = ""
+        self._raised_at: datetime | None = None
+
+    def failed(self, cause: str, now: datetime) -> None:
+        with self._lock:
+            if self._since is None:
+                self._since = now
+            self._failures += 1
+            self._cause = cause
+            lasting = now - self._since
+            due = lasting >= self.alert_after and (self._raised_at is None or now - self._raised_at >= self.alert_after)
+            if due:
+                self._raised_at = now
+            since, failures = self._since, self._failures
+        if due:  # again every alert_after while it lasts, so it cannot scroll away
+            log.error(
+                "planner_tls_failing",
+                cause=cause,
+                since=since.isoformat(),
+                failing_for_s=round(lasting.total_seconds()),
+                failures=failures,
+                endpoint_host=self.endpoint_host,
+            )
+
+    def reached(self) -> None:
+        """A call got through the handshake (whatever Planner then answered)."""
+        with self._lock:
+            raised, since = self._raised_at is not None, self._since
+            self._since, self._failures, self._raised_at = None, 0, None
+        if raised and since is not None:
+            log.info("planner_tls_recovered", endpoint_host=self.endpoint_host, failing_since=since.isoformat())
+
+    def trouble(self) -> TlsTrouble | None:
+        with self._lock:
+            if self._raised_at is None or self._since is None:
+                return None
+            return TlsTrouble(self._cause, self._since, self._failures)
 
 
 # --------------------------------------------------------------------------------------------- transport
@@ -289,8 +433,11 @@ class PinnedSession(requests.Session):
         return merged
 
 
-class _ContextAdapter(HTTPAdapter):
-    """Uses one prepared SSLContext (trust anchors and client certificate) for every HTTPS connection."""
+class _ContextAdapter(DeadlineAdapter):
+    """Uses one prepared SSLContext (trust anchors and client certificate) for every HTTPS connection.
+
+    Its connections are under the deadline of the call in flight (``shared.adapters.deadline``).
+    """
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._context = context
@@ -371,38 +518,43 @@ def build_session(planner: PlannerSettings) -> requests.Session:
     session.verify = not planner.insecure_skip_verify
     session.cert = None
     session.mount("https://", _ContextAdapter(build_ssl_context(planner)))
+    session.mount("http://", DeadlineAdapter())  # plain HTTP (simulators, a TLS-terminating proxy): deadlines too
     if planner.insecure_skip_verify:
         log.warning("planner_tls_verification_disabled", endpoint_host=urlparse(planner.endpoint).hostname)
     return session
 
 
 class CappedTransport(zeep.Transport):
-    """Streams each response and stops reading at ``max_bytes``; loads nothing from the network but the calls."""
+    """Streams each response and stops reading at ``max_bytes``; loads nothing from the network but the calls.
 
-    def __init__(self, session: requests.Session, timeout: float, max_bytes: int) -> None:
+    Each post (connect, TLS handshake, request, headers and body) runs under one hard total deadline of
+    ``total_deadline`` seconds: past it, the connection is shut down and ``DeadlineExceeded`` raised. ``timeout`` is
+    the per-read timeout (decision 51 in docs/decisions.md).
+    """
+
+    def __init__(self, session: requests.Session, timeout: float, max_bytes: int, total_deadline: float | None = None) -> None:
         super().__init__(session=session, timeout=timeout, operation_timeout=timeout)
         self.max_bytes = max_bytes
+        self.total_deadline = total_deadline if total_deadline is not None else DEADLINE_FACTOR * timeout
 
     def post(self, address: str, message: bytes | str, headers: dict[str, str]) -> requests.Response:
-        deadline = time.monotonic() + 2 * float(self.operation_timeout or 60)
-        response = self.session.post(address, data=message, headers=headers, timeout=self.operation_timeout, stream=True)
-        try:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                raise ResponseTooLarge(f"response of {declared} bytes exceeds the cap of {self.max_bytes}")
-            response._content = b"".join(self._read(response, deadline))
-        finally:
-            response.close()
+        with deadline(self.total_deadline, "Planner call"):
+            response = self.session.post(address, data=message, headers=headers, timeout=self.operation_timeout, stream=True)
+            try:
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise ResponseTooLarge(f"response of {declared} bytes exceeds the cap of {self.max_bytes}")
+                response._content = b"".join(self._read(response))
+            finally:
+                response.close()
         return response
 
-    def _read(self, response: requests.Response, deadline: float) -> Iterator[bytes]:
+    def _read(self, response: requests.Response) -> Iterator[bytes]:
         total = 0
         for chunk in response.iter_content(_READ_CHUNK):
             total += len(chunk)
             if total > self.max_bytes:
                 raise ResponseTooLarge(f"response exceeds the cap of {self.max_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise requests.Timeout("response body took longer than the deadline")
             yield chunk
 
     def load(self, url: str) -> bytes:
@@ -425,12 +577,15 @@ class PlannerClient:
         *,
         session: requests.Session | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        tls_alert_after: timedelta | None = None,
     ) -> None:
         self._planner = planner
         self._retry = retry
         self._zone = ZoneInfo(zone)
         self._clock = clock
         self._session = session or build_session(planner)
+        self._client_certificate = planner.client_cert_p12 is not None or planner.client_cert_pem is not None
+        self._tls = _TlsWatch(tls_alert_after if tls_alert_after is not None else TLS_ALERT_AFTER, planner.endpoint)
         transport = CappedTransport(self._session, planner.timeout.total_seconds(), planner.max_response_bytes)
         settings = zeep.Settings(
             strict=True,
@@ -448,11 +603,17 @@ class PlannerClient:
         self._request_user = self._zeep.get_element(f"{{{Namespaces.REQUEST_USER_METADATA}}}RequestUserMetadataHeader")
 
     @classmethod
-    def from_settings(cls, planner: PlannerSettings, retry: RetrySettings, zone: str = "Europe/Copenhagen") -> PlannerClient:
-        return cls(planner, retry, zone)
+    def from_settings(
+        cls, planner: PlannerSettings, retry: RetrySettings, zone: str = "Europe/Copenhagen", tls_alert_after: timedelta | None = None
+    ) -> PlannerClient:
+        return cls(planner, retry, zone, tls_alert_after=tls_alert_after)
 
     def close(self) -> None:
         self._session.close()
+
+    def tls_trouble(self) -> TlsTrouble | None:
+        """TLS failures towards Planner that have lasted past the alert time (and were logged as an error), or None."""
+        return self._tls.trouble()
 
     # ----------------------------------------------------------------------------------- operations
 
@@ -507,6 +668,11 @@ class PlannerClient:
     # ----------------------------------------------------------------------------------- calling
 
     def _receipts(self, operation: SoapOperation, events: list[PlannerEvent]) -> CallResult:
+        problems = {event.origin_id: problem for event in events if (problem := event_problem(event)) is not None}
+        if problems:
+            first = next(iter(problems.values()))
+            log.warning("planner_events_unsendable", operation=operation, events=len(events), unsendable=len(problems), reason=first)
+            raise ContentError(f"{operation}: {first}", problems=problems)
         payload = events_payload(events, self._zone)
         response = self._call(operation, payload, count=len(events))
         receipts = [parse_receipt(item, self._zone) for item in (response.CalendarEventReceipt or [])]
@@ -521,6 +687,12 @@ class PlannerClient:
         return CallResult(receipts=receipts, reference=reference)
 
     def _call(self, operation: SoapOperation, payload: dict[str, Any], count: int) -> Any:
+        try:
+            self.request_envelope(operation, payload)  # a request that cannot be built is about its content, not Planner
+        except (ValueError, TypeError, zeep.exceptions.Error) as exc:
+            failure = ContentError(f"{operation}: the request cannot be built: {type(exc).__name__}: {str(exc)[:200]}")
+            log.warning("planner_request_unbuildable", operation=operation, items=count, reason=failure.reason)
+            raise failure from exc
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._retry.quick_attempts),
             wait=tenacity.wait_exponential(multiplier=0.25, max=self._retry.quick_max_wait.total_seconds()),
@@ -535,7 +707,12 @@ class PlannerClient:
             method = getattr(self._service, operation)
             response = method(_soapheaders=self.headers(operation), **payload)
         except Exception as exc:  # noqa: BLE001 - every failure is classified, nothing escapes unnamed
-            failure = classify(exc, operation)
+            failure = classify(exc, operation, self._client_certificate)
+            cause = tls_cause(exc, self._client_certificate)
+            if cause is not None:
+                self._tls.failed(cause, self._clock())
+            elif not isinstance(exc, (requests.ConnectionError, requests.Timeout, DeadlineExceeded)):
+                self._tls.reached()  # Planner answered (an HTTP error, a fault, garbage): the handshake worked
             log.warning(
                 "planner_call_failed",
                 operation=operation,
@@ -546,6 +723,7 @@ class PlannerClient:
                 seconds=round(time.monotonic() - started, 3),
             )
             raise failure from exc
+        self._tls.reached()
         if response is None:
             failure = Transient(f"{operation}: empty response")
             log.warning("planner_call_failed", operation=operation, items=count, transient=True, code=None, reason=failure.reason)

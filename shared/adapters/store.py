@@ -35,10 +35,10 @@ from sqlalchemy import (
 
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
-from shared.domain.mailbox_reads import SyncPosition
+from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox)
 metadata = MetaData()
 
 
@@ -83,6 +83,7 @@ mailboxes = Table(
     Column("address", String(MAILBOX), primary_key=True),
     Column("enabled", Boolean, nullable=False, default=True),
     Column("planner_resource_id", String(36)),
+    Column("backend", String(16)),  # "ews" or "graph"; NULL: the configured default (decision 49 in docs/decisions.md)
     Column("status", String(32), nullable=False, default="new"),
     Column("status_detail", String(500)),
     Column("status_changed_at", UtcDateTime),
@@ -98,6 +99,7 @@ exchange_sync = Table(
     "exchange_sync",
     metadata,
     Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("backend", String(16)),  # the reader that wrote sync_state; NULL in rows from schema 1: "ews"
     Column("sync_state", String(4000)),
     Column("subscription_id", String(512)),
     Column("watermark", String(512)),
@@ -197,6 +199,9 @@ def open_store(url: str, auto_upgrade: bool) -> Store:
 
 def upgrade(engine: Engine) -> int:
     """Create or migrate the schema; safe to run any number of times. Returns the schema version."""
+    current = schema_version(engine)
+    if current is not None and current < SCHEMA_VERSION:
+        _migrate(engine, current)
     metadata.create_all(engine, checkfirst=True)
     with engine.begin() as conn:
         current = conn.execute(select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
@@ -209,6 +214,18 @@ def upgrade(engine: Engine) -> int:
     return SCHEMA_VERSION
 
 
+def _migrate(engine: Engine, current: int) -> None:
+    """Bring an older schema up to this build's, one step at a time, with Alembic's dialect-aware operations."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    with engine.begin() as conn:
+        op = Operations(MigrationContext.configure(conn))
+        if current < 2:
+            op.add_column("mailboxes", Column("backend", String(16)))
+            op.add_column("exchange_sync", Column("backend", String(16)))
+
+
 @dataclass(frozen=True)
 class MailboxRow:
     address: str
@@ -219,6 +236,7 @@ class MailboxRow:
     last_delivery_at: datetime | None
     last_error: str | None
     last_error_at: datetime | None
+    backend: Backend | None = None  # None: the configured default
 
 
 def _interval(start: datetime | None, end: datetime | None) -> Interval | None:
@@ -236,18 +254,32 @@ class Store:
         return cls(make_engine(url))
 
     # --- mailboxes -----------------------------------------------------------------------
-    def add_mailbox(self, address: str) -> bool:
+    def add_mailbox(self, address: str, backend: Backend | None = None) -> bool:
+        """Enrol a mailbox (or enable it again); ``backend`` names its reader, None leaves it to the default."""
         address = address.lower()
         now = now_utc()
         with self.engine.begin() as conn:
-            row = conn.execute(select(mailboxes.c.enabled).where(mailboxes.c.address == address)).first()
+            row = conn.execute(select(mailboxes.c.enabled, mailboxes.c.backend).where(mailboxes.c.address == address)).first()
             if row is None:
-                conn.execute(insert(mailboxes).values(address=address, enabled=True, status="new", created_at=now, updated_at=now))
+                conn.execute(insert(mailboxes).values(address=address, backend=backend, enabled=True, status="new", created_at=now, updated_at=now))
                 return True
+            values: dict[str, Any] = {"updated_at": now}
+            if backend is not None and backend != row.backend:
+                values["backend"] = backend
             if not row.enabled:
-                conn.execute(update(mailboxes).where(mailboxes.c.address == address).values(enabled=True, status="new", updated_at=now))
-                return True
-            return False
+                values.update(enabled=True, status="new")
+            if len(values) > 1:
+                conn.execute(update(mailboxes).where(mailboxes.c.address == address).values(**values))
+            return not row.enabled
+
+    def set_backend(self, address: str, backend: Backend | None) -> bool:
+        """Serve a mailbox from another reader (None: the configured default). Its busy times in Planner stay as
+        they are: the new reader's first read is a full one, and unchanged events make no Planner call."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(mailboxes).where(mailboxes.c.address == address.lower()).values(backend=backend, updated_at=now_utc())
+            )
+            return bool(result.rowcount)
 
     def remove_mailbox(self, address: str) -> bool:
         """Disable (not delete): history stays for the status command and reconciliation."""
@@ -265,7 +297,9 @@ class Store:
             query = query.where(mailboxes.c.enabled.is_(True))
         with self.engine.connect() as conn:
             return [
-                MailboxRow(r.address, r.enabled, r.status, r.status_detail, r.planner_resource_id, r.last_delivery_at, r.last_error, r.last_error_at)
+                MailboxRow(
+                    r.address, r.enabled, r.status, r.status_detail, r.planner_resource_id, r.last_delivery_at, r.last_error, r.last_error_at, r.backend
+                )
                 for r in conn.execute(query)
             ]
 
@@ -293,17 +327,17 @@ class Store:
     def sync_position(self, mailbox: str) -> SyncPosition | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).first()
-        return SyncPosition(row.sync_state, row.last_sync_at, row.last_full_sync_at) if row else None
+        return SyncPosition(row.sync_state, row.last_sync_at, row.last_full_sync_at, row.backend or "ews") if row else None
 
     def sync_positions(self) -> dict[str, SyncPosition]:
         """Every mailbox's sync position, by address (one query, for the status page)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(exchange_sync)).all()
-        return {r.mailbox: SyncPosition(r.sync_state, r.last_sync_at, r.last_full_sync_at) for r in rows}
+        return {r.mailbox: SyncPosition(r.sync_state, r.last_sync_at, r.last_full_sync_at, r.backend or "ews") for r in rows}
 
-    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
-        """After a read whose messages are all published: the state to continue from, and when it was read."""
-        values: dict[str, Any] = {"sync_state": sync_state, "last_sync_at": read_at}
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None:
+        """After a read whose messages are all published: the state to continue from, which reader made it, and when."""
+        values: dict[str, Any] = {"sync_state": sync_state, "backend": backend, "last_sync_at": read_at}
         if full:
             values["last_full_sync_at"] = read_at
         self._upsert_sync(mailbox, values)

@@ -10,6 +10,13 @@ repeats harmless work, never a lost message.
 
 The loop reconnects with exponential backoff and jitter when the broker goes away, and on
 SIGTERM/SIGINT finishes the batch in flight, returns the rest unacked and exits.
+
+Failures are per message: a handler that raises instead of answering is run again on each message alone, so
+only the messages that fail by themselves get a failure, with their own reason (decision 50 in
+docs/decisions.md). A handler still running after ``stop_grace`` is abandoned on stop (its messages go back
+unacked), and one running longer than ``handler_deadline`` shows in ``health()`` (decision 51). A refused
+publish (a full queue) is waited out with backoff while the loop keeps beating, never taken for a lost
+connection (decision 56).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Protocol, Sequence
@@ -34,8 +41,10 @@ from shared.broker.publishing import (
     RETRY_COUNT,
     Message,
     Outgoing,
+    PublishRefused,
     copy_properties,
     publish_confirmed,
+    queue_of,
 )
 from shared.broker.topology import Stage, Topology
 from shared.config import BrokerSettings
@@ -44,13 +53,14 @@ from shared.domain.contracts import (
     decode,
     encode,
 )
+from shared.domain.retry import Transient
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
 from shared.workers import Health
 
 log = get_logger(__name__)
 RECONNECT_BASE = timedelta(milliseconds=500)
-
+ISOLATION_BUDGET = timedelta(seconds=60)  # probing a failed batch message by message stops after this (a slow store)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Inbound:
 
 
 Handler = Callable[[list[Inbound]], list[Result]]
+ExtraHealth = Callable[[], tuple[str | None, dict[str, Any]]]  # (a problem that makes the worker not ok, or None; facts)
 
 
 class Pausable(Protocol):
@@ -89,11 +100,22 @@ class _Delivery:
 
 
 @dataclass
+class _InFlight:
+    deliveries: list[_Delivery]
+    inbound: list[Inbound]
+    future: Future[list[Result]]
+    started: float  # time.monotonic()
+
+
+@dataclass
 class ConsumerOptions:
     prefetch: int = 100
     batch_size: int = 50
     linger: timedelta = timedelta(milliseconds=20)
     idle_poll: float = 0.05
+    handler_deadline: timedelta | None = None  # health shows a batch running longer than this (None: never)
+    stop_grace: timedelta = timedelta(seconds=60)  # on stop, a batch still running after this is left unacked
+    refused_patience: timedelta = timedelta(seconds=60)  # an output refused this long sends its message up the ladder
 
 
 @dataclass
@@ -120,20 +142,26 @@ class Consumer:
         stage: Stage,
         handler: Handler,
         options: ConsumerOptions | None = None,
+        extra_health: ExtraHealth | None = None,
     ) -> None:
         self.broker = broker
         self.topology = topology
         self.stage = stage
         self.handler = handler
         self.options = options or ConsumerOptions()
+        self.extra_health = extra_health
         self.counters = Counters()
         self._stop = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{stage.name}-handler")
+        self._stop_asked = 0.0
         self._buffer: list[_Delivery] = []
-        self._in_flight: tuple[list[_Delivery], list[Inbound], Future[list[Result]]] | None = None
+        self._in_flight: _InFlight | None = None
+        self._orphan: Future[list[Result]] | None = None  # a handler whose connection died; no new batch until it ends
+        self._connection: pika.BlockingConnection | None = None
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_asked = time.monotonic()
         self._stop.set()
 
     def pause_until(self, moment: float, reason: str) -> None:
@@ -160,11 +188,10 @@ class Consumer:
                 while not self._stop.is_set() and time.monotonic() < deadline:  # keep beating while waiting
                     self.counters.beat_at = time.time()
                     self._stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-        self._executor.shutdown(wait=True)
         log.info("worker_stopped", stage=self.stage.name)
 
     def _session(self) -> None:
-        connection = open_connection(self.broker, self.stage.name)
+        connection = self._connection = open_connection(self.broker, self.stage.name)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -176,19 +203,29 @@ class Consumer:
             while True:
                 connection.process_data_events(time_limit=self.options.idle_poll)
                 self.counters.beat_at = time.time()
-                if self._in_flight is not None and self._in_flight[2].done():
+                if self._in_flight is not None and self._in_flight.future.done():
                     self._settle(channel)
                 if self._stop.is_set():
-                    if self._in_flight is None:
-                        channel.basic_cancel(consumer_tag)
-                        returned = len(self._buffer)
-                        self._buffer.clear()  # unacked: the broker returns them when the channel closes
-                        log.info("worker_stopping", stage=self.stage.name, returned_unacked=returned)
-                        return
-                    continue
+                    if self._in_flight is not None and time.monotonic() - self._stop_asked < self.options.stop_grace.total_seconds():
+                        continue
+                    if self._in_flight is not None:
+                        in_flight, self._in_flight = self._in_flight, None
+                        log.error(
+                            "handler_abandoned",
+                            stage=self.stage.name,
+                            messages=len(in_flight.inbound),
+                            running_s=round(time.monotonic() - in_flight.started, 1),
+                            grace_s=self.options.stop_grace.total_seconds(),
+                        )  # its messages stay unacked: the broker redelivers them
+                    channel.basic_cancel(consumer_tag)
+                    returned = len(self._buffer)
+                    self._buffer.clear()  # unacked: the broker returns them when the channel closes
+                    log.info("worker_stopping", stage=self.stage.name, returned_unacked=returned)
+                    return
                 if self._in_flight is None and self._ready():
                     self._dispatch(channel)
         finally:
+            self._connection = None
             self._buffer.clear()
             try:
                 if connection.is_open:
@@ -197,10 +234,15 @@ class Consumer:
                 pass
 
     def health(self) -> Health:
-        """Consuming, paused (Planner down) or disconnected, with the loop's counters; safe from any thread."""
+        """Consuming, paused (Planner down), disconnected, or a handler past its deadline, with the loop's counters.
+
+        Safe from any thread. A worker-specific problem (``extra_health``, e.g. TLS towards Planner failing for
+        minutes) becomes the state and makes the worker not ok.
+        """
         counters = self.counters
         paused = time.time() < counters.paused_until
         state = "disconnected" if not counters.connected else ("paused" if paused else "consuming")
+        ok = counters.connected
         facts: dict[str, Any] = {
             "queue": self.stage.work_queue(),
             "handled": counters.handled,
@@ -210,7 +252,21 @@ class Consumer:
         if paused:
             facts["paused_until"] = datetime.fromtimestamp(counters.paused_until, timezone.utc).isoformat()
             facts["pause_reason"] = counters.pause_reason
-        return Health(state, counters.beat_at, ok=counters.connected, facts=facts)
+        in_flight = self._in_flight
+        if in_flight is not None:
+            running = time.monotonic() - in_flight.started
+            facts["handler_running_s"] = round(running, 1)
+            facts["handler_messages"] = len(in_flight.inbound)
+            deadline = self.options.handler_deadline
+            if deadline is not None and running > deadline.total_seconds():
+                facts["handler_deadline_s"] = deadline.total_seconds()
+                state, ok = "handler_overdue", False
+        if self.extra_health is not None:
+            problem, extra = self.extra_health()
+            facts.update(extra)
+            if problem is not None:
+                state, ok = problem, False
+        return Health(state, counters.beat_at, ok=ok, facts=facts)
 
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self._buffer.append(_Delivery(method.delivery_tag, bool(method.redelivered), properties, body, time.monotonic()))
@@ -218,6 +274,10 @@ class Consumer:
     def _ready(self) -> bool:
         if not self._buffer or time.time() < self.counters.paused_until:
             return False
+        if self._orphan is not None:
+            if not self._orphan.done():
+                return False  # one handler at a time, even one whose results can no longer be acked
+            self._orphan = None
         if len(self._buffer) >= self.options.batch_size:
             return True
         return time.monotonic() - self._buffer[0].received >= self.options.linger.total_seconds()
@@ -231,46 +291,123 @@ class Consumer:
             try:
                 message = decode(delivery.body)
             except Exception as exc:  # noqa: BLE001 - every decode failure is dead-lettered with its reason
-                self._fail(channel, delivery, exc)
+                try:
+                    self._fail(channel, delivery, exc)
+                except PublishRefused:  # stopping while the dead-letter queue is full: it stays unacked
+                    return
                 continue
             decoded.append(delivery)
             inbound.append(Inbound(message, delivery.tag, delivery.redelivered, attempt))
         if inbound:
-            self._in_flight = (decoded, inbound, self._executor.submit(self._call_handler, inbound))
+            self._in_flight = _InFlight(decoded, inbound, self._start_handler(inbound), time.monotonic())
+
+    def _start_handler(self, inbound: list[Inbound]) -> Future[list[Result]]:
+        """Run the handler on a daemon thread (one that is abandoned on stop cannot hold the process open)."""
+        future: Future[list[Result]] = Future()
+
+        def target() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._call_handler(inbound))
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which settles every message
+                future.set_exception(exc)
+
+        threading.Thread(target=target, name=f"{self.stage.name}-handler", daemon=True).start()
+        return future
 
     def _call_handler(self, inbound: list[Inbound]) -> list[Result]:
         try:
-            results = self.handler(inbound)
-        except Exception as exc:  # noqa: BLE001 - a crashing handler fails the whole batch, each message retried
-            log.exception("handler_failed", stage=self.stage.name, size=len(inbound))
-            return [exc] * len(inbound)
-        if len(results) != len(inbound):
-            error = RuntimeError(f"handler returned {len(results)} results for {len(inbound)} messages")
-            return [error] * len(inbound)
+            return self._checked(self.handler(inbound), len(inbound))
+        except Exception as exc:  # noqa: BLE001 - isolate: only the messages that fail alone fail
+            if len(inbound) == 1:
+                log.warning("handler_failed", stage=self.stage.name, size=1, error=type(exc).__name__, detail=str(exc)[:200])
+                return [exc]
+            log.warning("handler_failed", stage=self.stage.name, size=len(inbound), error=type(exc).__name__, detail=str(exc)[:200], isolating=True)
+            return self._isolate(inbound, exc)
+
+    def _isolate(self, inbound: list[Inbound], batch_error: Exception) -> list[Result]:
+        """Run the handler on each message alone to find those that fail by themselves, then on the rest together."""
+        failed: dict[int, Exception] = {}
+        give_up_at = time.monotonic() + ISOLATION_BUDGET.total_seconds()
+        for i, item in enumerate(inbound):
+            if time.monotonic() > give_up_at or self._stop.is_set():
+                # every probe so slow that the failure is surely not this batch's content: the rest fail as the batch did
+                log.warning("isolation_stopped", stage=self.stage.name, probed=i, size=len(inbound))
+                failed.update({j: batch_error for j in range(i, len(inbound))})
+                break
+            try:
+                self._checked(self.handler([item]), 1)
+            except Exception as exc:  # noqa: BLE001 - this message fails by itself: that is its own result
+                failed[i] = exc
+                with correlation(item.message.correlation_id, stage=self.stage.name):
+                    log.warning("poison_message_isolated", error=type(exc).__name__, detail=str(exc)[:200])
+        if not failed:  # fails only in company: nothing to single out, fail the batch as it failed
+            return [batch_error] * len(inbound)
+        rest = [i for i in range(len(inbound)) if i not in failed]
+        results: list[Result] = [failed[i] if i in failed else batch_error for i in range(len(inbound))]
+        if rest:
+            for i, result in zip(rest, self._call_handler([inbound[i] for i in rest])):
+                results[i] = result
+        return results
+
+    @staticmethod
+    def _checked(results: list[Result], expected: int) -> list[Result]:
+        if len(results) != expected:
+            raise RuntimeError(f"handler returned {len(results)} results for {expected} messages")
         return results
 
     def _settle(self, channel: BlockingChannel) -> None:
         assert self._in_flight is not None
-        deliveries, inbound, future = self._in_flight
-        self._in_flight = None
-        for delivery, item, result in zip(deliveries, inbound, future.result()):
+        in_flight, self._in_flight = self._in_flight, None
+        for delivery, item, result in zip(in_flight.deliveries, in_flight.inbound, in_flight.future.result()):
             with correlation(item.message.correlation_id, stage=self.stage.name):
-                if isinstance(result, Done):
-                    try:
-                        for out in result.publish:
-                            publish_confirmed(channel, out.exchange, out.routing_key, encode(out.message), out.properties())
-                        if result.record is not None:
-                            result.record()
-                    except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - e.g. the store is down: retry the message later
-                        log.warning("apply_failed", error=type(exc).__name__, detail=str(exc)[:200])
-                        self._fail(channel, delivery, exc)
-                        continue
-                    channel.basic_ack(delivery.tag)
-                    self.counters.handled += 1
-                else:
-                    self._fail(channel, delivery, result)
+                try:
+                    self._apply(channel, delivery, result)
+                except PublishRefused:  # stopping while a queue is full: this and the rest stay unacked
+                    log.info("settling_interrupted", stage=self.stage.name)
+                    return
+
+    def _apply(self, channel: BlockingChannel, delivery: _Delivery, result: Result) -> None:
+        if not isinstance(result, Done):
+            self._fail(channel, delivery, result)
+            return
+        try:
+            for out in result.publish:
+                queue = queue_of(self.topology, out.exchange, out.routing_key)
+                publish_confirmed(
+                    channel, out.exchange, out.routing_key, encode(out.message), out.properties(),
+                    queue=queue, patience=self.options.refused_patience, wait=self._wait,
+                )
+            if result.record is not None:
+                result.record()
+        except PublishRefused as exc:
+            if self._stop.is_set():
+                raise
+            self._fail(channel, delivery, Transient(f"publish refused: {exc}"))
+            return
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is down: retry the message later
+            log.warning("apply_failed", error=type(exc).__name__, detail=str(exc)[:200])
+            self._fail(channel, delivery, exc)
+            return
+        channel.basic_ack(delivery.tag)
+        self.counters.handled += 1
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait for a refused publish's next try, servicing the connection and beating; False once stop is asked."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            self.counters.beat_at = time.time()
+            if self._connection is not None:
+                self._connection.sleep(min(left, 0.5))
+            else:
+                time.sleep(min(left, 0.5))
+        return False
 
     def _fail(self, channel: BlockingChannel, delivery: _Delivery, error: BaseException) -> None:
         attempt = retry_count(delivery.properties)
@@ -283,26 +420,28 @@ class Consumer:
         if isinstance(outcome, retry.RetryLater):
             headers[RETRY_COUNT] = attempt + 1
             target = self.stage.retry_queue(outcome.delay)
-            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
+            # never given up while running: there is nowhere else to put the message (decision 56)
+            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.retried += 1
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
         else:
             headers[RETRY_COUNT] = attempt
             headers["x-dead-lettered-at"] = now
             target = self.stage.dead_letter_queue()
-            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers))
+            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.dead_lettered += 1
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
         channel.basic_ack(delivery.tag)
 
     def _abandon_in_flight(self) -> None:
-        """After a lost connection the broker redelivers everything; forget local state."""
+        """After a lost connection the broker redelivers everything; forget local state.
+
+        A handler still running is not waited for (it may be stuck): its results cannot be acked any more, and no
+        new batch starts until it has ended.
+        """
         self._buffer.clear()
         if self._in_flight is not None:
-            try:
-                self._in_flight[2].result()  # let the handler finish; its results cannot be acked any more
-            except Exception:  # noqa: BLE001
-                pass
+            self._orphan = self._in_flight.future
             self._in_flight = None
 
 

@@ -5,9 +5,11 @@ declares the queues when a worker starts (``declare``), creates the policies thr
 management API (``ensure_policies``) and writes the definitions file that ``compose.yaml``
 loads at boot (``definitions``).
 
-Queues are durable quorum queues declared with nothing but ``x-queue-type``; dead-lettering,
-TTLs, length limits and delivery limits live in policies, so operators can change them in
-the management UI without a code change (see runbooks/broker.md)::
+Work queues and retry tiers are durable quorum queues declared with nothing but ``x-queue-type``;
+dead-lettering, TTLs, length limits and delivery limits live in policies, so operators can change them
+in the management UI without a code change (decision 27 in docs/decisions.md; runbooks/broker.md).
+Dead-letter queues are durable classic queues: a classic queue has no delivery limit, so looking at a
+dead letter (``dlq list``, the UI's "Get messages") never costs it (decision 42 in docs/decisions.md)::
 
     producers -> <p>.calendar (topic, change.<mailbox> / snapshot.<mailbox>)
                    -> <p>.transformer.in -> transformer -> <p>.busy (topic, busy.<mailbox>)
@@ -24,11 +26,19 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 from urllib.parse import quote
 
+import pika
+import pika.exceptions
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 QUORUM = {"x-queue-type": "quorum"}
+CLASSIC = {"x-queue-type": "classic"}  # dead-letter queues (decision 42 in docs/decisions.md)
 RABBITMQ_VERSION = "3.10.8"
+USER_TAGS = ["policymaker"]  # create policies, read queues; not an administrator (decision 46 in docs/decisions.md)
 
 
 def delay_label(delay: timedelta) -> str:
@@ -137,6 +147,13 @@ class Topology:
             names.append(stage.dead_letter_queue())
         return names
 
+    def dead_letter_queues(self) -> list[str]:
+        return [stage.dead_letter_queue() for stage in self.stages.values()]
+
+    def queue_arguments(self, name: str) -> dict[str, Any]:
+        """What a queue is declared with: its type and nothing else."""
+        return dict(CLASSIC if name in self.dead_letter_queues() else QUORUM)
+
     def bindings(self) -> list[tuple[str, str, str]]:
         """(exchange, queue, routing key)."""
         result = []
@@ -177,17 +194,29 @@ class Topology:
                     )
                 )
             dlq = stage.dead_letter_queue()
-            result.append(Policy(dlq, _exact(dlq), {"delivery-limit": 1000, "max-length": self.max_length, "overflow": "reject-publish"}))
+            # a classic queue: no delivery limit, so peeking never drops a dead letter (decision 42)
+            result.append(Policy(dlq, _exact(dlq), {"max-length": self.max_length, "overflow": "reject-publish"}))
         return result
 
-    def declare(self, channel: DeclaringChannel) -> None:
-        """Declare everything idempotently over AMQP (policies need the management API)."""
+    def declare(self, channel: DeclaringChannel) -> list[str]:
+        """Declare everything idempotently over AMQP (policies need the management API).
+
+        Returns the dead-letter queues that exist as quorum queues from an older release: they are left
+        as they are (declaring them classic would close the channel), logged, and moved to classic queues
+        by ``migrate_dead_letter_queues`` (``plannersync topology apply``).
+        """
         for name, kind in self.exchanges():
             channel.exchange_declare(exchange=name, exchange_type=kind, durable=True)
+        legacy = []
         for name in self.queues():
-            channel.queue_declare(queue=name, durable=True, arguments=dict(QUORUM))
+            if name in self.dead_letter_queues() and not _declare_on_probe(channel, name, self.queue_arguments(name)):
+                legacy.append(name)
+                log.warning("dead_letter_queue_is_quorum", queue=name, fix="plannersync topology apply (moves its messages into a classic queue)")
+                continue
+            channel.queue_declare(queue=name, durable=True, arguments=self.queue_arguments(name))
         for exchange, queue, key in self.bindings():
             channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
+        return legacy
 
     def definitions(self, user: str | None = None, password: str | None = None) -> dict[str, Any]:
         """A RabbitMQ definitions document for boot-time import (compose.yaml)."""
@@ -201,7 +230,7 @@ class Topology:
                 for name, kind in self.exchanges()
             ],
             "queues": [
-                {"name": name, "vhost": self.vhost, "durable": True, "auto_delete": False, "arguments": dict(QUORUM)}
+                {"name": name, "vhost": self.vhost, "durable": True, "auto_delete": False, "arguments": self.queue_arguments(name)}
                 for name in self.queues()
             ],
             "bindings": [
@@ -218,9 +247,15 @@ class Topology:
             "policies": [policy.as_definition(self.vhost) for policy in self.policies()],
         }
         if user and password is not None:
-            doc["users"] = [{"name": user, "password_hash": rabbit_password_hash(user, password), "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ["administrator"]}]
-            doc["permissions"] = [{"user": user, "vhost": self.vhost, "configure": ".*", "write": ".*", "read": ".*"}]
+            doc["users"] = [{"name": user, "password_hash": rabbit_password_hash(user, password), "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": list(USER_TAGS)}]
+            doc["permissions"] = [{"user": user, "vhost": self.vhost, **self.permissions()}]
         return doc
+
+    def permissions(self) -> dict[str, str]:
+        """The broker user's rights: everything under the prefix, and publishing through the default exchange
+        (retries, dead letters and replays go to a queue by name; decision 46 in docs/decisions.md)."""
+        own = f"^{re.escape(self.prefix)}\\."
+        return {"configure": own, "write": f"^({re.escape(self.prefix)}\\..*|amq\\.default)$", "read": own}
 
 
 class DeclaringChannel(Protocol):
@@ -233,6 +268,85 @@ class DeclaringChannel(Protocol):
 
 def _exact(name: str) -> str:
     return f"^{re.escape(name)}$"
+
+
+def _declare_on_probe(channel: Any, queue: str, arguments: dict[str, Any]) -> bool:
+    """Declare ``queue`` on a channel of its own; False when it exists with another type (the broker closes that channel).
+
+    Only a real pika channel has a connection to open the probe on; anything else declares directly.
+    """
+    connection = getattr(channel, "connection", None)
+    if not isinstance(connection, pika.BlockingConnection):
+        return True
+    probe = connection.channel()
+    try:
+        probe.queue_declare(queue=queue, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:  # PRECONDITION_FAILED: inequivalent x-queue-type
+            return False
+        raise
+    if probe.is_open:
+        probe.close()
+    return True
+
+
+def migrate_dead_letter_queues(connection: pika.BlockingConnection, topology: Topology) -> dict[str, int]:
+    """Make every quorum dead-letter queue of an older release a classic one, keeping its messages; {queue: moved}.
+
+    The messages wait in ``<dlq>.migrating`` (classic, durable) while the queue is replaced, so a crash half way
+    loses nothing: run it again and it finishes. Run it with the workers stopped (runbooks/broker.md).
+    """
+    moved: dict[str, int] = {}
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for dlq in topology.dead_letter_queues():
+        holding = f"{dlq}.migrating"
+        if _declare_on_probe(channel, dlq, dict(CLASSIC)):
+            if _exists(connection, holding):
+                moved[dlq] = _move_all(channel, holding, dlq)
+                channel.queue_delete(holding, if_empty=True)
+            continue
+        channel.queue_declare(holding, durable=True, arguments=dict(CLASSIC))
+        count = _move_all(channel, dlq, holding)
+        if channel.queue_declare(dlq, passive=True).method.message_count:  # a worker dead-lettered meanwhile: try again later
+            raise RuntimeError(f"{dlq} received messages while being migrated; stop the workers and run it again")
+        channel.queue_delete(dlq)  # quorum queues do not support if-empty; checked just above
+        channel.close()  # a channel that talked to the quorum queue keeps its state: RabbitMQ 3.10 fails publishing to the new one
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.queue_declare(dlq, durable=True, arguments=dict(CLASSIC))
+        channel.queue_bind(queue=dlq, exchange=topology.dead_letter_exchange, routing_key=dlq.removesuffix(".dlq") + ".in")
+        _move_all(channel, holding, dlq)
+        channel.queue_delete(holding, if_empty=True)
+        moved[dlq] = count
+        log.info("dead_letter_queue_migrated", queue=dlq, messages=count)
+    channel.close()
+    return moved
+
+
+def _exists(connection: pika.BlockingConnection, queue: str) -> bool:
+    probe = connection.channel()
+    try:
+        probe.queue_declare(queue=queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    probe.close()
+    return True
+
+
+def _move_all(channel: Any, source: str, target: str) -> int:
+    """Copy every message of ``source`` to ``target`` (confirmed, persistent) and ack it; returns how many."""
+    count = 0
+    while True:
+        method, properties, body = channel.basic_get(source, auto_ack=False)
+        if method is None:
+            return count
+        headers = {k: v for k, v in (properties.headers or {}).items() if k != "x-delivery-count"}
+        properties.headers = headers
+        properties.delivery_mode = 2
+        channel.basic_publish("", target, body, properties, mandatory=True)
+        channel.basic_ack(method.delivery_tag)
+        count += 1
 
 
 def _rk_safe(mailbox: str) -> str:
@@ -256,11 +370,20 @@ def from_settings(broker: Any, retry: Any) -> Topology:
     )
 
 
-def ensure_policies(topology: Topology, management_url: str, user: str, password: str, force: bool = False, timeout: float = 10.0) -> list[str]:
-    """Create the topology's policies that are missing (all of them with ``force``); return their names.
+def ensure_policies(
+    topology: Topology,
+    management_url: str,
+    user: str,
+    password: str,
+    force: bool = False,
+    timeout: float = 10.0,
+    verify: bool | str = True,
+    overwrite: Collection[str] = (),
+) -> list[str]:
+    """Create the topology's policies that are missing (all of them with ``force``, and those named in ``overwrite``); return their names.
 
     Existing policies are left alone unless forced, so an operator's tuning in the UI survives
-    worker restarts.
+    worker restarts. ``verify`` is what an https management URL is verified against.
     """
     import requests
 
@@ -268,9 +391,10 @@ def ensure_policies(topology: Topology, management_url: str, user: str, password
     written = []
     with requests.Session() as session:
         session.auth = (user, password)
+        session.verify = verify
         for policy in topology.policies():
             url = f"{management_url.rstrip('/')}/api/policies/{vhost}/{quote(policy.name, safe='')}"
-            if not force:
+            if not force and policy.name not in overwrite:
                 existing = session.get(url, timeout=timeout)
                 if existing.status_code == 200:
                     continue
@@ -283,17 +407,20 @@ def ensure_policies(topology: Topology, management_url: str, user: str, password
     return written
 
 
-def delete_everything(topology: Topology, management_url: str, user: str, password: str, timeout: float = 10.0) -> None:
-    """Remove the topology's queues, exchanges and policies (tests and ``topology delete``)."""
+def delete_everything(topology: Topology, management_url: str, user: str, password: str, timeout: float = 10.0, verify: bool | str = True) -> list[str]:
+    """Remove the topology's queues, exchanges and policies (tests, the demo); returns what could not be removed."""
     import requests
 
     vhost = quote(topology.vhost, safe="")
     base = management_url.rstrip("/")
+    left = []
     with requests.Session() as session:
         session.auth = (user, password)
-        for policy in topology.policies():
-            session.delete(f"{base}/api/policies/{vhost}/{quote(policy.name, safe='')}", timeout=timeout)
-        for queue in topology.queues():
-            session.delete(f"{base}/api/queues/{vhost}/{quote(queue, safe='')}", timeout=timeout)
-        for exchange, _ in topology.exchanges():
-            session.delete(f"{base}/api/exchanges/{vhost}/{quote(exchange, safe='')}", timeout=timeout)
+        session.verify = verify
+        targets = [("policies", p.name) for p in topology.policies()] + [("queues", q) for q in topology.queues()]
+        targets += [("queues", f"{q}.migrating") for q in topology.dead_letter_queues()] + [("exchanges", e) for e, _ in topology.exchanges()]
+        for kind, name in targets:
+            response = session.delete(f"{base}/api/{kind}/{vhost}/{quote(name, safe='')}", timeout=timeout)
+            if response.status_code not in (204, 404):
+                left.append(f"{kind[:-1] if kind != 'policies' else 'policy'} {name} ({response.status_code})")
+    return left

@@ -11,6 +11,11 @@ Three messages travel the pipeline, each JSON with a ``type`` and a ``schema_ver
 By design none of them has a field for subject, body, location, attendees or categories
 (decision 1 in docs/decisions.md); ``extra="forbid"`` makes a producer that tries to add one fail loudly.
 The JSON Schemas in ``docs/contracts/`` are generated from these models (``plannersync contracts export``).
+
+``decode`` has limits and strict types (decision 55 in docs/decisions.md): a body above ``MAX_BODY_BYTES``, JSON
+nested deeper than ``MAX_DEPTH``, an integer outside 64 bits or NaN/Infinity is a ``MalformedMessage``; a
+``schema_version`` must be exactly the integer 1 (``true`` is not), and fields are validated strictly (no string
+to number, no number to boolean).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,6 +36,9 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = 1
+MAX_BODY_BYTES = 16 * 1024 * 1024  # RabbitMQ 4's default max message size; a snapshot part is far below it
+MAX_DEPTH = 32  # the deepest message (a snapshot's items' times) is 4 levels
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what every store column and every consumer can hold
 
 FreeBusy = Literal["Free", "Tentative", "Busy", "OOF", "NoData", "WorkingElsewhere"]
 ItemType = Literal["single", "occurrence", "exception", "master"]
@@ -37,6 +46,16 @@ Sensitivity = Literal["Normal", "Personal", "Private", "Confidential"]
 Mailbox = Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
 OriginId = Annotated[str, Field(min_length=1, max_length=512)]
 Source = Literal["ews", "graph", "ical", "demo"]
+
+
+def _exactly_an_int(value: Any) -> Any:
+    """``true`` equals 1 in Python; a schema version must really be the integer."""
+    if type(value) is not int:
+        raise ValueError(f"schema_version must be an integer, not {type(value).__name__}")
+    return value
+
+
+SchemaVersion1 = Annotated[Literal[1], BeforeValidator(_exactly_an_int)]
 
 
 class UnknownSchemaVersion(ValueError):
@@ -99,7 +118,7 @@ class CalendarChange(_Model):
     """
 
     type: Literal["calendar_change"] = "calendar_change"
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion1 = 1
     correlation_id: str = Field(min_length=1, max_length=64)
     source: Source = "ews"
     mailbox: Mailbox
@@ -130,7 +149,7 @@ class CalendarSnapshot(_Model):
     """
 
     type: Literal["calendar_snapshot"] = "calendar_snapshot"
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion1 = 1
     correlation_id: str = Field(min_length=1, max_length=64)
     source: Source = "ews"
     snapshot_id: str = Field(min_length=1, max_length=64)
@@ -155,7 +174,7 @@ class BusyTimeState(_Model):
     """What Planner should hold for one event key: ``interval`` busy, or ``None`` for absent."""
 
     type: Literal["busy_time_state"] = "busy_time_state"
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion1 = 1
     correlation_id: str = Field(min_length=1, max_length=64)
     mailbox: Mailbox
     origin_id: OriginId
@@ -194,20 +213,59 @@ def encode(message: CalendarChange | CalendarSnapshot | BusyTimeState) -> bytes:
     return message.model_dump_json().encode()
 
 
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > 19:
+        raise MalformedMessage(f"an integer of {digits} digits is outside 64 bits")
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise MalformedMessage(f"integer {text} is outside 64 bits")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise MalformedMessage(f"{text} is not a JSON number")
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (a scalar is 0); iterative, so any depth is safe."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
-    """Parse one message; raise UnknownSchemaVersion or pydantic's ValidationError with the reason."""
+    """Parse one message; raise MalformedMessage, UnknownSchemaVersion or pydantic's ValidationError with the reason."""
+    if len(body) > MAX_BODY_BYTES:
+        raise MalformedMessage(f"a body of {len(body)} bytes is larger than {MAX_BODY_BYTES} bytes")
     try:
-        raw: Any = json.loads(body)
+        raw: Any = json.loads(body, parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise MalformedMessage(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"not JSON: {exc}") from None
+    if _depth(raw) > MAX_DEPTH:
+        raise MalformedMessage(f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise MalformedMessage("not a JSON object")
     kind, version = raw.get("type"), raw.get("schema_version")
-    if kind not in KNOWN_VERSIONS:
-        raise UnknownSchemaVersion(f"unknown message type {kind!r}")
-    if version not in KNOWN_VERSIONS[kind]:
-        raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}")
-    return ALL_MODELS[kind].model_validate(raw)
+    if not isinstance(kind, str) or kind not in KNOWN_VERSIONS:
+        raise UnknownSchemaVersion(f"unknown message type {kind!r}"[:200])
+    if type(version) is not int or version not in KNOWN_VERSIONS[kind]:
+        raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}"[:200])
+    return ALL_MODELS[kind].model_validate_json(body, strict=True)
 
 
 def describe_validation(error: ValidationError) -> str:

@@ -19,6 +19,8 @@ from shared.domain.contracts import (
     Source,
 )
 
+Backend = Literal["ews", "graph"]  # the readers a mailbox can be served by (decision 49 in docs/decisions.md)
+
 
 @dataclass(frozen=True)
 class SyncChange:
@@ -36,6 +38,7 @@ class SyncPosition:
     sync_state: str | None
     last_sync_at: datetime | None
     last_full_sync_at: datetime | None
+    backend: Backend = "ews"  # the reader whose state ``sync_state`` is; another reader cannot continue from it
 
 
 def changes_from_sync(

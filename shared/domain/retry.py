@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -26,6 +26,19 @@ class Permanent(Exception):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class ContentError(Permanent):
+    """What a request carries cannot be sent at all (a control character in an id, a value outside the contract).
+
+    Permanent for the events it names in ``problems`` (origin id -> reason) and for no other; when ``problems`` is
+    empty, the request as a whole could not be built and the caller splits it to find the events at fault. It says
+    nothing about Planner being up or down (decision 52 in docs/decisions.md).
+    """
+
+    def __init__(self, reason: str, code: int | None = None, problems: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason, code)
+        self.problems: dict[str, str] = dict(problems or {})
 
 
 class Transient(Exception):

@@ -13,7 +13,11 @@ never emitted and never reach Planner (``is_event_key`` tells them apart):
   an older master upsert arriving after a newer one, cannot resurrect anything (a per-key version alone
   cannot do that for keys the late message would create). Snapshot items of the same item id or series
   UID are ignored the same way. A late upsert of an item deleted before its UID was known teaches the
-  delete its UID, and the delete is then applied to that UID's older keys.
+  delete its UID, and the delete is then applied to that UID's older keys; a late occurrence or exception
+  (a Graph instance removed before we saw it) teaches it only its own key, which becomes absent as of the
+  delete if older. The tombstone of a removed instance never carries a UID, so it blocks that instance id
+  alone and is never read as the series (not by ``_delete``, ``_learn_deleted_uid``, nor a snapshot's
+  per-UID check).
 - ``~plannersync/snapshot``: the newest *completed* snapshot (its id, version, and window as the interval).
   A message older than that snapshot may not make an event busy inside its window unless the snapshot
   saw that event: the snapshot is the newer observation that said it was not there.
@@ -24,9 +28,10 @@ Retention: absent rows and bookkeeping records are tombstones. Pruning one is sa
 older than it can still arrive (the retry ladder's total, plus however long an operator may wait before
 replaying a dead-lettered message), so prune absent rows and records only by age, with that margin.
 
-Rules (decisions 2, 3, 6 and 30 to 32 in docs/decisions.md; the version is ``version_of(observed_at)``):
+Rules (decisions 2, 3, 6, 30 to 32, 58 and 59 in docs/decisions.md; the version is ``version_of(observed_at)``):
 
-- A key whose ``DesiredRecord.version`` is at least the incoming version is left alone. Otherwise the new desired
+- A key whose ``DesiredRecord.version`` is at least the incoming version is left alone (one exception at equal
+  versions, see *Instances standing alone*). Otherwise the new desired
   interval is compared with ``DesiredRecord.interval``: different -> emit and remember; equal -> remember only
   (a version bump). A key never known and not busy emits nothing, but **is remembered as absent** at its
   version: otherwise an older "busy" message for it that arrives late would create it (decision 31 in
@@ -44,12 +49,27 @@ Rules (decisions 2, 3, 6 and 30 to 32 in docs/decisions.md; the version is ``ver
   overlap ``change.window`` and are not listed become absent; a master that is cancelled, deleted, free or
   Planner-originated makes all its current and future occurrences absent. The master's own key (its UID) is
   absent, which deletes the event of a single that was turned into a series.
+- **Instances standing alone** (Microsoft Graph, whose calendarView/delta reports no masters): an occurrence
+  or exception upsert not carried by a master settles its own key (``uid$...``) alone and records its own
+  item id (the instance id) as the key's ``source_item_id``, like a single; siblings are never touched. In
+  one read (equal version), the upsert of an instance id for a key that the removal of *another* id made
+  absent at that same version wins (``_taken_over``: a series deleted and invited again under its UID).
 - **Delete**: every present key whose ``source_item_id`` is the deleted item id, or whose uid is the uid
-  recorded for that item id, becomes absent. (Occurrences first seen by a snapshot carry no master item
-  id; if the master was never seen by a change either, its delete removes them at the next snapshot.)
-- **Snapshots**: every item seen records ``seen_in_snapshot``. ``complete_snapshot`` makes absent every
-  present event key overlapping the snapshot window that the snapshot did not see and whose version is
-  older than the snapshot. ``derive_snapshot_part`` alone never makes anything absent. A snapshot is
+  recorded for that item id, becomes absent; the tombstone records that uid. Except an **instance
+  delete**: a delete from a source in ``INSTANCE_DELETE_SOURCES`` (Graph) whose item id is the
+  ``source_item_id`` of one or more keys, all of them occurrence/exception keys (``origin_id != uid``), and
+  that has no master record or UID-bearing tombstone: exactly those keys become absent, nothing is expanded
+  to the series UID, and the tombstone records no UID. A delete naming no key and no recorded UID (an
+  instance or single never seen) only leaves a UID-less tombstone. EWS deletes keep expanding to the UID even when only occurrence
+  keys carry the id (a master whose own key and record were pruned), since EWS deletes name masters.
+  (Occurrences first seen by an EWS snapshot carry no master item id; if the master was never seen by a
+  change either, its delete removes them at the next snapshot.)
+- **Snapshots**: every item seen records ``seen_in_snapshot``. A single records its item id; an occurrence
+  or exception records its own item id only when the snapshot's ``source`` is in ``INSTANCE_DELETE_SOURCES``
+  (a Graph instance id, so that a later removal of an instance first seen by a snapshot finds its key); an
+  EWS snapshot leaves the key's item id as it was (the master's, which EWS deletes name).
+  ``complete_snapshot`` makes absent every present event key overlapping the snapshot window that the
+  snapshot did not see and whose version is older than the snapshot. ``derive_snapshot_part`` alone never makes anything absent. A snapshot is
   complete once every part 1..total has arrived, in any order, the total known from the final part
   (``snapshot_complete``); ``finish_snapshot_part`` adds the completion to the part that makes it whole.
   A duplicate part of a complete snapshot completes it again, which finds nothing new to remove.
@@ -78,6 +98,7 @@ from shared.domain.contracts import (
     CalendarItem,
     CalendarSnapshot,
     Interval,
+    Source,
     stable_id,
     version_of,
 )
@@ -87,6 +108,9 @@ ITEM_RECORD_PREFIX = BOOKKEEPING_PREFIX + "item/"
 DELETED_RECORD_PREFIX = BOOKKEEPING_PREFIX + "deleted/"
 SNAPSHOT_MARKER = BOOKKEEPING_PREFIX + "snapshot"
 Cause = Literal["change", "snapshot"]
+# Sources whose deletes name an occurrence's or exception's own id (Graph's calendarView/delta reports instances
+# only). EWS deletes name singles and series masters, never an occurrence id (decisions 24 and 59 in docs/decisions.md).
+INSTANCE_DELETE_SOURCES: frozenset[Source] = frozenset({"graph"})
 
 
 @dataclass(frozen=True)
@@ -95,7 +119,7 @@ class DesiredRecord:
 
     origin_id: str
     uid: str | None
-    source_item_id: str | None   # the single's or the series master's Exchange item id (for deletes by id)
+    source_item_id: str | None   # the item id whose delete removes this key: the single's, the series master's, or a Graph instance's
     version: int
     interval: Interval | None    # None = absent
     seen_in_snapshot: str | None = None
@@ -159,11 +183,15 @@ class _Decider:
         uid: str | None,
         source_item_id: str | None,
         seen_in_snapshot: str | None = None,
+        equal_version_wins: bool = False,
     ) -> None:
-        """Settle one event key on ``desired`` (already filtered by the window rules) at this message's version."""
+        """Settle one event key on ``desired`` (already filtered by the window rules) at this message's version.
+
+        ``equal_version_wins``: a decision of the same version is replaced too (see ``_taken_over``).
+        """
         previous = self.current(key)
         version = self.version
-        if previous is not None and previous.version >= version:
+        if previous is not None and (previous.version > version or (previous.version == version and not equal_version_wins)):
             return
         marker = self.marker
         if (
@@ -222,22 +250,55 @@ def _inherit(occurrence: CalendarItem, master: CalendarItem) -> CalendarItem:
     return occurrence.model_copy(update=missing) if missing else occurrence
 
 
+def _is_instance(item: CalendarItem) -> bool:
+    return item.item_type in ("occurrence", "exception")
+
+
+def _is_series_key(record: DesiredRecord) -> bool:
+    """An occurrence's or exception's key (``uid$...``), not a single's or a master's (the bare UID)."""
+    return record.origin_id != record.uid
+
+
+def _taken_over(previous: DesiredRecord | None, item_id: str, version: int, known: Mapping[str, DesiredRecord]) -> bool:
+    """Whether ``previous`` was made absent at ``version`` by the removal of another item id that held the key.
+
+    One read (one version) that removed instance id X and reports instance id Y for the same key (a series
+    deleted and invited again under its UID) saw the event alive under Y, whichever message comes first.
+    """
+    if previous is None or previous.version != version or previous.interval is not None:
+        return False
+    if previous.source_item_id is None or previous.source_item_id == item_id:
+        return False
+    tomb = known.get(deleted_record_key(previous.source_item_id))
+    return tomb is not None and tomb.version == version
+
+
 def _newer_record(known: Mapping[str, DesiredRecord], item_id: str, version: int) -> bool:
     records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
     return any(record is not None and record.version >= version for record in records)
 
 
-def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, DesiredRecord]) -> Decision:
+def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, DesiredRecord], policy: BusyPolicy) -> Decision:
     """A late upsert of an item deleted before we knew its UID: apply that delete to the UID's keys now.
 
     Keys of that UID older than the delete (for example occurrences first seen by a snapshot, which carry
-    no master item id) are absent as of the delete's version.
+    no master item id) are absent as of the delete's version. A late occurrence or exception (a Graph instance
+    removed before we saw it) teaches the delete only its own key: that key alone is absent as of the delete,
+    its siblings are untouched, and the delete keeps no UID.
     """
     tomb = known.get(deleted_record_key(change.item_id))
-    uid = change.item.uid if change.item is not None else None
-    if tomb is None or tomb.uid is not None or not uid:
+    item = change.item
+    uid = item.uid if item is not None else None
+    if tomb is None or tomb.uid is not None or item is None or not uid:
         return Decision()
     decider = _Decider(change.mailbox, change.correlation_id, "change", tomb.version, known)
+    if _is_instance(item):
+        try:
+            key = origin_id(item, policy.zone)
+        except ItemRejected:
+            return Decision()
+        decider.decide(key, None, uid=uid, source_item_id=item.item_id)    # no-op when the key is already as new
+        return decider.result()
     for k in decider.event_keys():
         if k.interval is not None and k.version < tomb.version and (k.uid == uid or k.origin_id.startswith(_series_prefix(uid))):
             decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
@@ -249,7 +310,7 @@ def derive_change(change: CalendarChange, known: Mapping[str, DesiredRecord], po
     """The desired states one calendar change implies, given what was last decided for its mailbox."""
     version = version_of(change.observed_at)
     if _newer_record(known, change.item_id, version):
-        return _learn_deleted_uid(change, known)
+        return _learn_deleted_uid(change, known, policy)
     decider = _Decider(change.mailbox, change.correlation_id, "change", version, known)
     window = sync_window(now, policy)
     if change.change == "delete":
@@ -265,14 +326,31 @@ def derive_change(change: CalendarChange, known: Mapping[str, DesiredRecord], po
         interval = busy_interval(item, policy)
     except ItemRejected as rejected:
         return Decision(rejected=[(item.item_id, rejected.reason)])
-    source = item.item_id if item.item_type == "single" else None
-    decider.decide(key, _desired(interval, decider.current(key), now, window), uid=item.uid, source_item_id=source)
+    # a single, or an occurrence/exception standing alone (a Graph instance): its own id is the one its delete names
+    previous = decider.current(key)
+    decider.decide(
+        key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=item.item_id,
+        equal_version_wins=_is_instance(item) and _taken_over(previous, item.item_id, version, known),
+    )
     return decider.result()
 
 
 def _delete(change: CalendarChange, decider: _Decider) -> None:
     record = decider.known.get(item_record_key(change.item_id)) or decider.known.get(deleted_record_key(change.item_id))
-    uids = {k.uid for k in decider.event_keys() if k.source_item_id == change.item_id and k.uid}
+    named = [k for k in decider.event_keys() if k.source_item_id == change.item_id]
+    if (
+        change.source in INSTANCE_DELETE_SOURCES
+        and named
+        and all(_is_series_key(k) for k in named)
+        and (record is None or not record.uid)
+    ):
+        # a removed instance: exactly its keys become absent, never the series; the tombstone names no UID
+        for k in named:
+            if k.interval is not None:
+                decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
+        decider.remember(DesiredRecord(deleted_record_key(change.item_id), None, change.item_id, decider.version, None))
+        return
+    uids = {k.uid for k in named if k.uid}
     if record is not None and record.uid:
         uids.add(record.uid)
     for k in decider.event_keys():
@@ -322,6 +400,7 @@ def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, DesiredReco
     version = version_of(part.observed_at)
     decider = _Decider(part.mailbox, part.correlation_id, "snapshot", version, known)
     window = sync_window(now, policy)
+    instance_ids = part.source in INSTANCE_DELETE_SOURCES    # an occurrence's own id is what removes it
     newest_by_uid: dict[str, int] = {}
     for key, record in known.items():
         if key.startswith((ITEM_RECORD_PREFIX, DELETED_RECORD_PREFIX)) and record.uid:
@@ -342,7 +421,7 @@ def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, DesiredReco
             if previous is not None and previous.version < version and previous.seen_in_snapshot != part.snapshot_id:
                 decider.remember(DesiredRecord(key, previous.uid, previous.source_item_id, previous.version, previous.interval, part.snapshot_id))
             continue
-        source = item.item_id if item.item_type == "single" else None
+        source = item.item_id if item.item_type == "single" or instance_ids else None
         decider.decide(key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=source, seen_in_snapshot=part.snapshot_id)
     return decider.result()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tests.support.broker import drain
 from tests.support.processes import PLANNERSYNC
 
 ROOT = Path(__file__).resolve().parents[2]
+THIS_CODE = {name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}  # a bare environment still runs this checkout
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -39,7 +41,7 @@ def test_every_subcommand_has_help(words: list[str]) -> None:
 def test_db_upgrade_is_idempotent_and_mailboxes_are_managed_by_hand(worker_env: dict[str, str]) -> None:
     for _ in range(2):
         done = run("db", "upgrade", env=worker_env)
-        assert done.returncode == 0 and "schema at version 1" in done.stdout, done.stderr
+        assert done.returncode == 0 and "database schema at version" in done.stdout, done.stderr
     assert "enrolled" in run("mailboxes", "add", "Anne@Jobcenter.dk", "bo@jobcenter.dk", env=worker_env).stdout
     assert "already enrolled" in run("mailboxes", "add", "anne@jobcenter.dk", env=worker_env).stdout
     assert "removed" in run("mailboxes", "remove", "bo@jobcenter.dk", env=worker_env).stdout
@@ -47,11 +49,13 @@ def test_db_upgrade_is_idempotent_and_mailboxes_are_managed_by_hand(worker_env: 
     assert [line.split("\t")[:2] for line in listed] == [["anne@jobcenter.dk", "enabled"], ["bo@jobcenter.dk", "disabled"]]
 
 
-def test_topology_export_writes_the_definitions_compose_loads(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin"}
+def test_topology_export_writes_the_definitions_compose_renders_at_boot(tmp_path: Path) -> None:
+    env = {**THIS_CODE, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PLANNERSYNC_BROKER__USER": "plannersync"}
     done = run("topology", "export", "--password-file", str(ROOT / "deploy" / "secrets" / "amqp_password.txt"), "-o", str(tmp_path / "d.json"), env=env)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "d.json").read_text()) == json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert [(u["name"], u["tags"]) for u in written["users"]] == [("plannersync", ["policymaker"])]
+    assert {q["name"]: q["arguments"]["x-queue-type"] for q in written["queues"]}["plannersync.publisher.dlq"] == "classic"
 
 
 def test_ddl_for_sql_server_is_printed_for_review() -> None:
@@ -82,3 +86,125 @@ def test_resync_publishes_a_snapshot_of_an_enrolled_mailbox(worker_env: dict[str
         assert failed.returncode == 1 and "FAILED" in failed.stdout
     finally:
         sim.stop()
+
+
+# --- common mistakes: one line, no traceback, exit 3 (decision 44) ---------------------------------------------
+
+
+MISTAKES = [
+    ("broker unreachable", {"PLANNERSYNC_BROKER__PORT": "1"}, ("dlq", "list", "publisher"), "cannot reach the broker at amqp://127.0.0.1:1: connection refused"),
+    ("unknown broker host", {"PLANNERSYNC_BROKER__HOST": "no-such-host.invalid"}, ("dlq", "list", "publisher"), "amqp://no-such-host.invalid:5672: unknown host name"),
+    ("wrong broker password", {"PLANNERSYNC_BROKER__PASSWORD": "wrong"}, ("dlq", "list", "publisher"), "refused user 'guest': wrong user or password"),
+    ("database directory missing", {"PLANNERSYNC_DATABASE__URL": "sqlite:////nonexistent/plannersync/state.db"}, ("mailboxes", "list"), "the database directory /nonexistent/plannersync does not exist"),
+    ("database not writable", {"PLANNERSYNC_DATABASE__URL": "sqlite:////proc/plannersync-state.db"}, ("mailboxes", "list"), "the database /proc/plannersync-state.db is not writable"),
+    (
+        "database server unreachable",
+        {"PLANNERSYNC_DATABASE__URL": "postgresql+psycopg://plannersync:hunter2@127.0.0.1:1/plannersync"},
+        ("mailboxes", "list"),
+        "cannot use the database postgresql+psycopg://plannersync:***@127.0.0.1:1/plannersync",
+    ),
+    ("management API unreachable", {"PLANNERSYNC_BROKER__MANAGEMENT_URL": "http://127.0.0.1:1"}, ("topology", "apply"), "cannot reach the RabbitMQ management API at http://127.0.0.1:1"),
+    ("wrong management password", {"PLANNERSYNC_BROKER__PASSWORD": "wrong"}, ("status",), "the RabbitMQ management API at http://127.0.0.1:15672 refused user 'guest'"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "command", "expected"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_a_common_mistake_is_one_clear_line_and_a_non_zero_exit(what: str, change: dict[str, str], command: tuple[str, ...], expected: str, worker_env: dict[str, str], topology: object) -> None:
+    done = run(*command, env={**worker_env, **change})
+    assert done.returncode == 3, done.stdout + done.stderr
+    if command == ("status",):  # status shows what it can, then the one line of what it cannot reach
+        assert "Mailboxes" in done.stdout and expected in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("plannersync: ") and expected in lines[0], lines[0]
+    assert "hunter2" not in done.stderr
+
+
+# --- dead letters from the command line (decisions 42 and 43) ------------------------------------------------------
+
+
+def _dead_letters(topology: object, count: int) -> None:
+    import pika
+
+    from tests.support.broker import BROKER_HOST
+
+    stage = topology.stage("publisher")  # type: ignore[attr-defined]
+    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for n in range(count):
+        headers = {"x-plannersync-reason": "code 3: unknown resource", "x-retry-count": 7, "x-first-failure-at": "2026-11-28T01:00:00+00:00", "x-original-queue": stage.work_queue()}
+        body = json.dumps({"type": "busy_time_state", "mailbox": "anne@jobcenter.dk", "origin_id": f"uid-{n}"}).encode()
+        channel.basic_publish("", stage.dead_letter_queue(), body, pika.BasicProperties(delivery_mode=2, message_id=f"m{n:03}", type="busy_time_state", headers=headers), mandatory=True)
+    connection.close()
+
+
+def test_dlq_list_shows_every_field_the_total_and_what_is_left(worker_env: dict[str, str], topology: object) -> None:
+    _dead_letters(topology, 105)
+    done = run("dlq", "list", "publisher", env=worker_env)
+    assert done.returncode == 0, done.stderr
+    header, first = done.stdout.splitlines()[:2]
+    for title in ("message id", "mailbox", "origin id", "original queue", "attempts", "first failure", "reason"):
+        assert title in header
+    assert "anne@jobcenter.dk" in first and "uid-0" in first and ".publisher.in" in first and "2026-11-28T01:00:00" in first and "code 3" in first
+    assert len(done.stdout.splitlines()) == 101
+    assert "showing 1-100 of 105 dead letters; 5 more: --offset 100 or --all" in done.stderr
+    everything = run("dlq", "list", "publisher", "--all", "--json", env=worker_env)
+    assert len(everything.stdout.splitlines()) == 105 and json.loads(everything.stdout.splitlines()[-1])["message_id"] == "m104"
+
+
+def test_dlq_replay_dry_run_unknown_id_and_purge_need_no_guessing(worker_env: dict[str, str], topology: object) -> None:
+    _dead_letters(topology, 3)
+    dry = run("dlq", "replay", "publisher", "--dry-run", env=worker_env)
+    assert dry.returncode == 0 and dry.stdout.count("anne@jobcenter.dk") == 3 and "would replay 3 of 3" in dry.stderr, dry.stderr
+    unknown = run("dlq", "replay", "publisher", "--message-id", "nope", env=worker_env)
+    assert unknown.returncode == 1 and unknown.stderr.strip().splitlines() == [f"plannersync: no dead letter with message id 'nope' in {topology.stage('publisher').dead_letter_queue()} (3 messages)"]  # type: ignore[attr-defined]
+    refused = run("dlq", "purge", "publisher", env=worker_env)
+    assert refused.returncode == 1 and "nothing removed: add --yes to confirm" in refused.stderr
+    assert "of 3 dead letters" in run("dlq", "list", "publisher", env=worker_env).stderr
+    replayed = run("dlq", "replay", "publisher", "--message-id", "m001", env=worker_env)
+    assert replayed.returncode == 0 and "replayed 1 of 3" in replayed.stderr and "2 left" in replayed.stderr
+    purged = run("dlq", "purge", "publisher", "--yes", env=worker_env)
+    assert purged.returncode == 0 and "purged 2 message(s)" in purged.stdout
+
+
+# --- one state directory: status from anywhere sees the same store and health files (decision 45) -----------------
+
+
+def test_status_from_any_directory_sees_the_same_store_and_health_files(tmp_path: Path) -> None:
+    import time
+
+    from shared.config import SYSTEM_STATE_DIR, default_state_dir
+    from shared.health import write_health
+    from shared.workers import Health
+
+    if SYSTEM_STATE_DIR.is_dir() and os.access(SYSTEM_STATE_DIR, os.W_OK):
+        pytest.skip(f"{SYSTEM_STATE_DIR} is this machine's state directory: the test would write into it")
+    home = tmp_path / "home"
+    env = {**THIS_CODE, "PATH": os.environ["PATH"], "HOME": str(home)}
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    assert subprocess.run([PLANNERSYNC, "mailboxes", "add", "anne@jobcenter.dk"], env=env, cwd=here, capture_output=True, text=True, timeout=60).returncode == 0
+    state = default_state_dir(env)
+    write_health(state / "health", "transformer", Health("consuming", time.time(), ok=True))
+    shown = subprocess.run([PLANNERSYNC, "status", "--json"], env=env, cwd=there, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert [m["mailbox"] for m in status["mailboxes"]] == ["anne@jobcenter.dk"]
+    assert status["workers"]["transformer"]["healthy"] is True
+    assert status["state"]["database"] == f"sqlite:///{state / 'state.db'}"
+    health = subprocess.run([PLANNERSYNC, "health", "transformer"], env=env, cwd="/", capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stdout
+    assert not list(here.iterdir()) and not list(there.iterdir())  # nothing written where the commands ran
+
+
+def test_a_worker_that_cannot_reach_its_database_logs_one_json_line_with_the_traceback_as_a_field(worker_env: dict[str, str]) -> None:
+    env = {**worker_env, "PLANNERSYNC_DATABASE__URL": "postgresql+psycopg://plannersync:hunter2@127.0.0.1:1/plannersync"}
+    done = run("run", "transformer", env=env)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    logged = json.loads(lines[0])
+    assert logged["event"] == "worker_crashed" and "postgresql+psycopg://plannersync:***@127.0.0.1:1/plannersync" in logged["problem"]
+    assert logged["traceback"].startswith("Traceback") and "hunter2" not in done.stderr

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pytest
 import requests
+from structlog.testing import capture_logs
 
 from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result
 from shared.broker.publishing import Outgoing, Publisher
@@ -189,3 +190,52 @@ def test_stop_returns_unhandled_messages_to_the_queue(settings: Settings, topolo
     assert not thread.is_alive()
     assert len(recorder.recorded) == 1  # the in-flight one finished
     wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 2, 10, what="the other two back in the queue")
+
+
+def test_a_handler_past_its_deadline_shows_in_health_and_stop_abandons_it_after_the_grace(settings: Settings, topology: Topology) -> None:
+    recorder = Recorder(topology)
+    recorder.block.clear()  # the handler hangs, as one stuck on a dripping Planner did
+    options = ConsumerOptions(prefetch=10, batch_size=1, handler_deadline=timedelta(seconds=1), stop_grace=timedelta(seconds=2))
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, options)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    publisher = Publisher(settings.broker, topology)
+    send(publisher, topology, change(20))
+    publisher.close()
+    try:
+        health = wait_for(lambda: (h := consumer.health()).state == "handler_overdue" and h, 20, what="health showing the overdue handler")
+        assert not health.ok and health.facts["handler_running_s"] >= 1 and health.facts["handler_deadline_s"] == 1
+        with capture_logs() as logs:
+            consumer.stop()
+            thread.join(20)  # a SIGTERM must end the worker within its grace period, stuck handler or not
+        assert not thread.is_alive(), "stop waited for ever on the stuck handler"
+        assert any(entry["event"] == "handler_abandoned" for entry in logs)
+        wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 1, 10, what="the abandoned message back in the queue")
+        assert recorder.recorded == []
+    finally:
+        recorder.block.set()
+
+
+def test_a_producers_connection_survives_an_idle_period_longer_than_its_heartbeat(settings: Settings, topology: Topology) -> None:
+    heartbeat = 5
+    broker = settings.broker.model_copy(update={"heartbeat": heartbeat})
+    name = f"{topology.prefix}.idle-producer"
+
+    def connections() -> list[str]:
+        listed = requests.get(f"{MANAGEMENT}/api/connections", auth=("guest", "guest"), timeout=5).json()
+        return sorted(c["name"] for c in listed if (c.get("client_properties") or {}).get("connection_name") == name)
+
+    publisher = Publisher(broker, topology, name="idle-producer")
+    try:
+        with capture_logs() as logs:
+            send(publisher, topology, change(30))
+            before = wait_for(connections, 20, interval=0.5, what="the producer's connection in the management API")
+            # quiet for three heartbeats: the broker drops a connection that missed two (or we wait that long)
+            quiet_until = time.monotonic() + 3 * heartbeat + 5
+            wait_for(lambda: time.monotonic() > quiet_until or not connections(), 3 * heartbeat + 30, interval=0.5, what="an idle period")
+            send(publisher, topology, change(31))  # the first edit after the quiet: must simply work
+        assert connections() == before  # the same connection, kept alive, not a new one
+        assert not [entry for entry in logs if entry["event"] in ("publisher_connection_replaced", "publisher_connection_lost")]
+        wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 2, 10, what="both changes queued")
+    finally:
+        publisher.close()

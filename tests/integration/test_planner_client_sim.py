@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import threading
 import tracemalloc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import requests
+from structlog.testing import capture_logs
 
 from shared.adapters.planner_client import (
     CallResult,
@@ -21,6 +23,7 @@ from shared.config import PlannerSettings, RetrySettings
 from shared.domain.retry import Permanent, Transient
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
+from tests.support.dripping_server import DrippingServer, DripTLS
 from tests.support.planner_control import SimControl
 from tests.support.tls import ThrowawayPKI, write_pki
 
@@ -164,6 +167,55 @@ def test_insecure_skip_verify_reaches_a_server_no_ca_vouches_for(pki, make_clien
         assert client.get_resources() == []
     finally:
         rogue.stop()
+
+
+class Clock:
+    """A clock the test moves: minutes of failing calls pass without waiting for them."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cause"),
+    [
+        ({"client_cert_p12": None, "client_cert_passphrase_file": None}, "no client certificate offered"),
+        ({"ca_bundle": "other"}, "server certificate not trusted"),
+    ],
+    ids=["no-client-certificate", "untrusted-server"],
+)
+def test_tls_failures_that_go_on_for_minutes_become_an_error_naming_the_cause(sim, pki, control, overrides, cause: str) -> None:
+    values: dict[str, Any] = {
+        "endpoint": sim.url,
+        "ca_bundle": pki.ca_cert,
+        "client_cert_p12": pki.client_p12,
+        "client_cert_passphrase_file": str(pki.client_p12_passphrase_file),
+        "timeout": "5s",
+        **overrides,
+    }
+    if values["ca_bundle"] == "other":
+        values["ca_bundle"] = pki.other_ca_cert
+    clock = Clock()
+    client = PlannerClient(PlannerSettings(**{k: v for k, v in values.items() if v is not None}), RetrySettings(quick_attempts=1), clock=clock)
+    try:
+        with capture_logs() as logs:
+            for minute in range(0, 7):  # a call a minute, each refused in the handshake
+                clock.now = T0 + timedelta(minutes=minute)
+                with pytest.raises(Transient, match=cause):
+                    client.create_events([event("uid-tls")])
+                if minute < 5:
+                    assert client.tls_trouble() is None, f"raised after only {minute} minutes"
+        trouble = client.tls_trouble()
+        assert trouble is not None and trouble.cause.startswith(cause) and trouble.since == T0
+        errors = [entry for entry in logs if entry["event"] == "planner_tls_failing"]
+        assert errors and all(entry["log_level"] == "error" for entry in errors)
+        assert errors[0]["cause"].startswith(cause)
+        assert control.calls() == []
+    finally:
+        client.close()
 
 
 # --------------------------------------------------------------------------------------------- receipts
@@ -347,6 +399,40 @@ def test_an_invalid_request_gets_a_soap_fault_naming_the_missing_header(sim, pki
     assert b"faultcode" in response.content and b"RequestUserMetadataHeader" in response.content
     assert b"<f:ErrorCode>1</f:ErrorCode>" in response.content
     assert control.calls()[-1]["outcome"] == "invalid_request"
+
+
+# --------------------------------------------------------------------------------------------- deadlines
+
+
+def _call_in_thread(call: Callable[[], Any], bound: float) -> BaseException | None:
+    """Run ``call`` in a thread; fail when it is still running after ``bound`` seconds (a hung call must not hang the test)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert not thread.is_alive(), f"the call was still hanging after {bound} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("drip_headers", [False, True], ids=["body", "headers"])
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https-mtls"])
+def test_a_response_dripped_within_the_read_timeout_is_cut_at_the_total_deadline(make_client, pki, drip_headers: bool, tls: bool) -> None:
+    # Each byte comes well within the 1 s read timeout, the promised body never ends: only a total deadline stops it.
+    server_tls = DripTLS(pki.server_cert, pki.server_key, client_ca=pki.ca_cert) if tls else None
+    with DrippingServer(interval=0.1, body_length=100_000, drip_headers=drip_headers, tls=server_tls) as drip:
+        client = make_client(endpoint=drip.url, timeout="1s")
+        error = _call_in_thread(lambda: client.create_events([event("uid-drip")]), bound=40)
+        assert isinstance(error, Transient), error
+        assert "deadline" in error.reason
+        assert drip.requests == QUICK.quick_attempts  # every quick try was cut, then the failure went to the caller
 
 
 # --------------------------------------------------------------------------------------------- reads

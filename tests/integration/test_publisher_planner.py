@@ -17,7 +17,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pika
 import pytest
@@ -38,6 +38,7 @@ from shared.domain.contracts import BusyTimeState, CalendarChange, Interval, ver
 from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
 from tests.support.broker import MANAGEMENT, drain, queue_depth
+from tests.support.dripping_server import DrippingServer
 from tests.support.planner_control import SimControl
 from tests.support.tls import ThrowawayPKI, write_pki
 from tests.support.waiting import wait_for
@@ -122,17 +123,21 @@ def control(sim: RunningPlannerSim, pki: ThrowawayPKI) -> Iterator[SimControl]:
 class PublisherRun:
     """This test's topology (declared, with policies), a confirming publisher, and the publisher worker in a thread."""
 
-    def __init__(self, base: Settings, sim: RunningPlannerSim, pki: ThrowawayPKI, tmp_path: Path, ladder: str, cooldown: str, linger: str) -> None:
+    def __init__(
+        self, base: Settings, sim: RunningPlannerSim, pki: ThrowawayPKI, tmp_path: Path, ladder: str, cooldown: str, linger: str, planner_overrides: dict[str, Any]
+    ) -> None:
         self.tmp_path = tmp_path
-        planner = PlannerSettings(
-            endpoint=sim.url,
-            ca_bundle=pki.ca_cert,
-            client_cert_p12=pki.client_p12,
-            client_cert_passphrase_file=str(pki.client_p12_passphrase_file),
-            timeout="5s",
-            linger=linger,
-            outage_cooldown=cooldown,
-        )
+        values: dict[str, Any] = {
+            "endpoint": sim.url,
+            "ca_bundle": pki.ca_cert,
+            "client_cert_p12": pki.client_p12,
+            "client_cert_passphrase_file": str(pki.client_p12_passphrase_file),
+            "timeout": "5s",
+            "linger": linger,
+            "outage_cooldown": cooldown,
+            **planner_overrides,
+        }
+        planner = PlannerSettings(**{key: value for key, value in values.items() if value is not None})
         retry = RetrySettings(ladder=ladder, quick_attempts=2, quick_max_wait="100ms")
         self.settings = base.model_copy(update={"planner": planner, "retry": retry})
         self.topology: Topology = from_settings(self.settings.broker, self.settings.retry)
@@ -199,8 +204,8 @@ class PublisherRun:
 def publisher_run(broker: str, settings: Settings, sim: RunningPlannerSim, pki: ThrowawayPKI, tmp_path: Path, control: SimControl) -> Iterator[Callable[..., PublisherRun]]:
     made: list[PublisherRun] = []
 
-    def make(ladder: str = LADDER, cooldown: str = "1s", linger: str = "50ms") -> PublisherRun:
-        run = PublisherRun(settings, sim, pki, tmp_path, ladder, cooldown, linger)
+    def make(ladder: str = LADDER, cooldown: str = "1s", linger: str = "50ms", **planner: Any) -> PublisherRun:
+        run = PublisherRun(settings, sim, pki, tmp_path, ladder, cooldown, linger, planner)
         made.append(run)
         return run
 
@@ -454,3 +459,49 @@ def test_a_response_that_is_not_xml_is_retried_and_delivered_once_planner_answer
     wait_for(lambda: control.held() == holds(state), 20, what="the busy time once the garbage stops")
     wait_for(lambda: run.settled() == 1, 10, what="the message acked")
     assert consumer.counters.dead_lettered == 0 and run.dead_letter_depth() == 0
+
+
+# --------------------------------------------------------------------------------------------- 6. content, deadlines, TLS
+
+
+def test_an_event_that_cannot_be_serialised_is_dead_lettered_alone_and_planner_is_not_taken_for_down(publisher_run, control: SimControl) -> None:
+    run = publisher_run(linger="300ms")
+    first, poison, last = busy(ANNA, uid(), 9), busy(ANNA, uid("bad\x01id"), 10), busy(ANNA, uid(), 11)
+    run.send(first, poison, last)  # queued before the worker starts: one batch, one CreateEvents call
+    consumer = run.start()
+    wait_for(lambda: run.settled() == 3, 30, what="the batch settled")
+
+    assert control.held() == holds(first, last)
+    [(properties, body)] = drain(run.stage.dead_letter_queue(), timeout=10, count=1)
+    assert json.loads(body)["origin_id"] == poison.origin_id
+    assert "control character" in properties.headers["x-plannersync-reason"]
+    assert properties.headers["x-retry-count"] == 0
+    assert consumer.counters.retried == 0  # a content error is permanent at once, never climbs the ladder
+    assert consumer.counters.paused_until == 0  # and never counts as Planner being down
+    assert [call["origin_ids"] for call in control.calls("CreateEvents")] == [[first.origin_id, last.origin_id]]
+
+
+def test_a_planner_that_drips_its_answer_is_cut_at_the_deadline_and_stop_still_returns(publisher_run) -> None:
+    with DrippingServer(interval=0.1, body_length=100_000) as drip:
+        run = publisher_run(endpoint=drip.url, timeout="1s")
+        consumer = run.start()
+        run.send(busy(ANNA, uid(), 9))
+        wait_for(lambda: consumer.counters.retried >= 1, 40, what="the dripped call cut at its deadline and the message on the retry ladder")
+        wait_for(lambda: drip.requests >= 4, 40, what="the retried message calling again")
+        run.stop()  # while a call hangs on the drip again; must return within the grace period
+
+
+def test_tls_failing_for_minutes_is_raised_to_an_error_with_its_cause_in_logs_and_health(publisher_run, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.adapters import planner_client
+
+    monkeypatch.setattr(planner_client, "TLS_ALERT_AFTER", timedelta(seconds=1))  # stands for a few minutes
+    run = publisher_run(ladder="300ms,600ms,1s,1s,1s,1s", client_cert_p12=None, client_cert_passphrase_file=None)
+    with capture_logs() as logs:
+        consumer = run.start()
+        run.send(busy(ANNA, uid(), 9))
+        health = wait_for(lambda: (h := consumer.health()).facts.get("planner_tls_error") and h, 30, what="the TLS failure in health")
+    assert health.facts["planner_tls_error"].startswith("no client certificate offered")
+    assert health.state == "planner_tls_failing" and not health.ok
+    datetime.fromisoformat(health.facts["planner_tls_failing_since"])
+    errors = [entry for entry in logs if entry["event"] == "planner_tls_failing"]
+    assert errors and errors[0]["log_level"] == "error" and errors[0]["cause"].startswith("no client certificate offered")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.adapters.store import Store, ddl, make_engine, upgrade
+from shared.adapters.store import SCHEMA_VERSION, Store, ddl, make_engine, open_store, schema_version, upgrade
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, Holding, ReceiptFacts
 from shared.domain.mailbox_reads import SyncPosition
@@ -15,6 +15,7 @@ from shared.domain.transform_core import DesiredRecord
 
 T = datetime(2026, 3, 29, 0, 30, tzinfo=timezone.utc)
 SPAN = Interval(start=T, end=T + timedelta(hours=3))
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "store"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -26,7 +27,42 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_upgrade_is_idempotent(store: Store) -> None:
-    assert upgrade(store.engine) == upgrade(store.engine) == 1
+    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 2
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_made_by_schema_1_is_upgraded_in_place_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v1.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 1 created
+        for statement in (FIXTURES / f"schema-v1-{dialect}.sql").read_text().split(";"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO schema_info (id, version, upgraded_at) VALUES (1, 1, '2026-11-01 00:00:00')")
+        conn.exec_driver_sql(
+            "INSERT INTO mailboxes (address, enabled, status, created_at, updated_at) VALUES ('anne@k.dk', true, 'active', '2026-11-01 00:00:00', '2026-11-01 00:00:00')"
+        )
+        conn.exec_driver_sql("INSERT INTO exchange_sync (mailbox, sync_state, updated_at) VALUES ('anne@k.dk', 'H4sI-v1-state', '2026-11-01 00:00:00')")
+    store = Store(engine)
+    with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
+        open_store(url, auto_upgrade=False)
+    assert upgrade(engine) == 2 and schema_version(engine) == 2
+    (anne,) = store.list_mailboxes()
+    assert (anne.address, anne.status, anne.backend) == ("anne@k.dk", "active", None)
+    assert store.sync_position("anne@k.dk") == SyncPosition("H4sI-v1-state", None, None, "ews")  # schema 1 states were EWS states
+    assert store.set_backend("anne@k.dk", "graph") and store.list_mailboxes()[0].backend == "graph"
+    assert upgrade(engine) == 2  # and again: nothing to do
+
+
+def test_a_mailbox_names_its_reader_and_a_sync_state_the_reader_that_wrote_it(store: Store) -> None:
+    at = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+    assert store.add_mailbox("cloud@k.dk", backend="graph") and store.add_mailbox("onprem@k.dk")
+    assert {m.address: m.backend for m in store.list_mailboxes()} == {"cloud@k.dk": "graph", "onprem@k.dk": None}
+    assert store.add_mailbox("onprem@k.dk", backend="ews") is False  # already enrolled; its reader is now named
+    assert {m.address: m.backend for m in store.list_mailboxes()} == {"cloud@k.dk": "graph", "onprem@k.dk": "ews"}
+    store.save_sync_position("cloud@k.dk", "https://graph/delta?$deltatoken=abc", at, full=True, backend="graph")
+    assert store.sync_position("cloud@k.dk") == SyncPosition("https://graph/delta?$deltatoken=abc", at, at, "graph")
+    assert store.set_backend("cloud@k.dk", None) and store.set_backend("nobody@k.dk", "ews") is False
 
 
 def test_mailboxes_are_enrolled_removed_and_listed_case_insensitively(store: Store) -> None:

@@ -67,7 +67,7 @@ def make_ca(common_name: str) -> Issued:
     return Issued(key, cert)
 
 
-def issue(ca: Issued, subject: x509.Name, *, server: bool) -> Issued:
+def issue(ca: Issued, subject: x509.Name, *, server: bool, not_before: datetime | None = None, not_after: datetime | None = None) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     builder = (
@@ -76,8 +76,8 @@ def issue(ca: Issued, subject: x509.Name, *, server: bool) -> Issued:
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
+        .not_valid_before(not_before or now - timedelta(minutes=5))
+        .not_valid_after(not_after or now + timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -148,3 +148,25 @@ def write_pki(directory: Path, passphrase: str = "Test-passphrase-æøå") -> Th
         rogue_server_cert=_pem_cert(directory / "rogue.pem", rogue.cert),
         rogue_server_key=_pem_key(directory / "rogue.key", rogue.key),
     )
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    cert: Path
+    key: Path
+    p12: Path
+    passphrase_file: Path
+
+
+def write_client_certificate(directory: Path, name: str, *, not_before: datetime | None = None, not_after: datetime | None = None, passphrase: str = "Test-passphrase-æøå") -> ClientCertificate:
+    """A client certificate from a CA of its own, with the validity asked for (an expired one, one expiring soon)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = make_ca(f"plannersync {name} test CA")
+    client = issue(ca, _name(f"plannersync test - {name}"), server=False, not_before=not_before, not_after=not_after)
+    p12 = directory / f"{name}.p12"
+    p12.write_bytes(
+        pkcs12.serialize_key_and_certificates(b"plannersync-test", client.key, client.cert, [ca.cert], serialization.BestAvailableEncryption(passphrase.encode("utf-8")))
+    )
+    passphrase_file = directory / f"{name}.p12.passphrase"
+    passphrase_file.write_text(passphrase + "\n", encoding="utf-8")
+    return ClientCertificate(_pem_cert(directory / f"{name}.pem", client.cert), _pem_key(directory / f"{name}.key", client.key), p12, passphrase_file)

@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from shared.domain.contracts import CalendarItem, Interval
-from shared.domain.mailbox_reads import SyncChange, SyncPosition
+from shared.domain.mailbox_reads import Backend, SyncChange, SyncPosition
 from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
 
 T = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
@@ -44,15 +44,15 @@ class FakeExchange:
 
 
 class FakeStore:
-    def __init__(self, state: str | None) -> None:
-        self.state = state
+    def __init__(self, state: str | None, backend: Backend = "ews") -> None:
+        self.state, self.backend = state, backend
         self.full: list[bool] = []
 
     def sync_position(self, mailbox: str) -> SyncPosition | None:
-        return SyncPosition(self.state, None, None)
+        return SyncPosition(self.state, None, None, self.backend)
 
-    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool) -> None:
-        self.state = sync_state
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None:
+        self.state, self.backend = sync_state, backend
         self.full.append(full)
 
 
@@ -86,3 +86,11 @@ def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
     with pytest.raises(ConnectionError):
         snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100, "s1")
     assert published == []
+
+
+def test_a_state_written_by_the_other_reader_is_not_continued_the_mailbox_is_read_in_full() -> None:
+    store = FakeStore("ews-sync-state", backend="ews")  # the mailbox moved to Exchange Online
+    reader = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
+    result = sync_mailbox("a@k.dk", reader, store, lambda message: None, WINDOW, T, new_ids(), backend="graph")
+    assert reader.states == [None] and result.full_resync
+    assert (store.state, store.backend, store.full) == ("state-2", "graph", [True])

@@ -27,7 +27,7 @@ def test_names_are_derived_from_the_prefix_and_ladder() -> None:
     assert delay_label(timedelta(hours=2)) == "7200s"
 
 
-def test_every_queue_is_quorum_and_has_exactly_one_policy() -> None:
+def test_every_queue_has_exactly_one_policy_work_queues_are_quorum_dead_letter_queues_classic() -> None:
     topology = Topology("ps", LADDER)
     queues = topology.queues()
     policies = topology.policies()
@@ -37,7 +37,15 @@ def test_every_queue_is_quorum_and_has_exactly_one_policy() -> None:
         matching = [p for p in policies if re.match(p.pattern, queue)]
         assert len(matching) == 1, queue
     doc = topology.definitions()
-    assert all(q["arguments"] == {"x-queue-type": "quorum"} for q in doc["queues"])
+    types = {q["name"]: q["arguments"] for q in doc["queues"]}
+    assert types["ps.publisher.dlq"] == types["ps.transformer.dlq"] == {"x-queue-type": "classic"}
+    assert all(arguments == {"x-queue-type": "quorum"} for name, arguments in types.items() if not name.endswith(".dlq"))
+
+
+def test_a_dead_letter_queue_has_no_delivery_limit_so_looking_never_drops_a_message() -> None:
+    dlq = next(p for p in Topology("ps", LADDER).policies() if p.name == "ps.publisher.dlq")
+    assert "delivery-limit" not in dlq.definition
+    assert dlq.definition == {"max-length": 1_000_000, "overflow": "reject-publish"}
 
 
 def test_retry_tiers_expire_back_into_their_own_work_queue() -> None:
@@ -57,12 +65,23 @@ def test_work_queues_have_a_crash_loop_limit_and_safe_dead_lettering() -> None:
     assert work.definition["dead-letter-routing-key"] == "ps.publisher.in"
 
 
-def test_the_definitions_file_in_the_repo_is_what_the_code_declares() -> None:
-    settings = load_settings(broker={"prefix": "plannersync"})
-    password = (ROOT / "deploy" / "secrets" / "amqp_password.txt").read_text().strip()
-    expected = from_settings(settings.broker, settings.retry).definitions("plannersync", password)
-    shipped = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
-    assert shipped == expected, "deploy/rabbitmq/definitions.json drifted: run the command in runbooks/broker.md"
+def test_the_broker_user_in_the_definitions_is_not_an_administrator_and_reaches_only_its_prefix() -> None:
+    import re
+
+    settings = load_settings(environ={}, broker={"prefix": "plannersync"})
+    doc = from_settings(settings.broker, settings.retry).definitions("plannersync", "s3cret")
+    (user,) = doc["users"]
+    assert user["tags"] == ["policymaker"] and "administrator" not in json.dumps(doc)
+    assert "s3cret" not in json.dumps(doc) and user["password_hash"] == rabbit_password_hash("plannersync", "s3cret")
+    (permission,) = doc["permissions"]
+    for right in ("configure", "write", "read"):
+        assert re.match(permission[right], "plannersync.publisher.in") and not re.match(permission[right], "other.publisher.in")
+    assert re.match(permission["write"], "amq.default") and not re.match(permission["read"], "amq.default")
+    assert from_settings(settings.broker, settings.retry).definitions()["users"] == []
+
+
+def test_no_definitions_file_is_committed_compose_renders_it_at_boot() -> None:
+    assert not (ROOT / "deploy" / "rabbitmq" / "definitions.json").exists()
 
 
 def test_password_hash_is_reproducible_and_salted_per_user() -> None:

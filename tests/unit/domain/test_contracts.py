@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from shared.domain.contracts import (
     ALL_MODELS,
+    MAX_BODY_BYTES,
+    MAX_DEPTH,
     BusyTimeState,
     CalendarChange,
     CalendarItem,
@@ -125,3 +127,72 @@ def test_exported_json_schemas_match_the_models() -> None:
         assert path.is_file(), f"{path} missing: run `plannersync contracts export`"
         assert json.loads(path.read_text()) == schema, f"{name} drifted from shared/domain/contracts.py: run `plannersync contracts export`"
     assert {p.name for p in exported.glob("*.schema.json")} == set(json_schemas())
+
+
+# --------------------------------------------------------------------------------------------- limits and strict types
+
+
+def test_a_body_over_the_size_limit_is_malformed_before_it_is_parsed() -> None:
+    body = encode(change())
+    with pytest.raises(MalformedMessage, match="larger than"):
+        decode(body + b" " * (MAX_BODY_BYTES - len(body) + 1))
+    assert decode(body + b" " * (MAX_BODY_BYTES - len(body))) == change()  # at the limit: fine
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5_000, 200_000])
+def test_json_nested_past_the_limit_is_malformed_at_any_depth(depth: int) -> None:
+    body = b'{"type": "calendar_change", "schema_version": 1, "x": ' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(MalformedMessage, match=f"nested deeper than {MAX_DEPTH}"):
+        decode(body)
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, str(2**63), str(-(2**63) - 1), "1" + "0" * 19])
+def test_integers_outside_64_bits_are_malformed(number: str) -> None:
+    body = encode(BusyTimeState(correlation_id="c", mailbox="a@b.dk", origin_id="u", version=1, interval=None))
+    with pytest.raises(MalformedMessage, match="64 bits"):
+        decode(body.replace(b'"version":1', b'"version":' + number.encode()))
+
+
+def test_the_largest_64_bit_version_is_fine() -> None:
+    body = encode(BusyTimeState(correlation_id="c", mailbox="a@b.dk", origin_id="u", version=2**63 - 1, interval=None))
+    assert decode(body).version == 2**63 - 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_malformed(constant: bytes) -> None:
+    with pytest.raises(MalformedMessage, match="not a JSON number"):
+        decode(b'{"type": "busy_time_state", "schema_version": 1, "version": ' + constant + b"}")
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", None, [1]])
+def test_schema_version_must_be_exactly_the_integer_1(version: object) -> None:
+    raw = json.loads(encode(change()))
+    raw["schema_version"] = version
+    with pytest.raises(UnknownSchemaVersion, match="schema_version"):
+        decode(json.dumps(raw).encode())
+
+
+def test_a_model_refuses_a_boolean_schema_version_too() -> None:
+    with pytest.raises(ValidationError, match="schema_version"):
+        CalendarChange.model_validate({**json.loads(encode(change())), "schema_version": True})
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(("item", "all_day"), 1), (("item", "cancelled"), "true"), (("observed_at",), 1_800_000_000)],
+    ids=["number-as-boolean", "string-as-boolean", "number-as-datetime"],
+)
+def test_fields_are_validated_strictly(path: tuple[str, ...], value: object) -> None:
+    raw = json.loads(encode(change()))
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ValidationError, match=path[-1]):
+        decode(json.dumps(raw).encode())
+
+
+@pytest.mark.parametrize("kind", [["calendar_change"], {"a": 1}, 7])
+def test_a_type_that_is_not_a_string_is_refused_not_crashed_on(kind: object) -> None:
+    with pytest.raises(UnknownSchemaVersion, match="unknown message type"):
+        decode(json.dumps({"type": kind, "schema_version": 1}).encode())

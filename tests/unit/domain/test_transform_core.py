@@ -29,10 +29,12 @@ from shared.domain.contracts import (
 from shared.domain.transform_core import (
     Decision,
     DesiredRecord,
+    deleted_record_key,
     derive_change,
     derive_snapshot_part,
     finish_snapshot_part,
     is_event_key,
+    item_record_key,
     merge_decisions,
     snapshot_complete,
 )
@@ -183,6 +185,54 @@ def flat(*groups: Any) -> list[Any]:
     return out
 
 
+# Microsoft Graph streams: calendarView/delta reports instances only, each occurrence or exception as its own upsert
+# with its own instance id (uid = the series UID, original_start set), and a removal names that instance id, also
+# for an instance never seen. Rounds are unordered and replayed. EWS rows above use the default source "ews".
+G = "series-g"
+G_DAYS = [cph(2026, 3, 18, 9), cph(2026, 3, 25, 9), cph(2026, 4, 1, 9)]
+K1, K2, K3 = (f"{G}${day:%Y%m%d-%H%M%S}" for day in G_DAYS)
+GT1 = span(utc(2026, 3, 18, 8), utc(2026, 3, 18, 9))
+GT2 = span(utc(2026, 3, 25, 8), utc(2026, 3, 25, 9))
+GT3 = span(utc(2026, 4, 1, 7), utc(2026, 4, 1, 8))                # summer time
+G_MOVED = span(utc(2026, 3, 18, 12), utc(2026, 3, 18, 13))
+
+
+def instance(n: int, start: datetime | None = None, **fields: Any) -> CalendarItem:
+    """Instance ``n`` of series G as Graph reports it: its own instance id, the series UID, its original start."""
+    return occurrence(G, G_DAYS[n], start, **fields).model_copy(update={"item_id": f"graph-instance-{n}"})
+
+
+def g_upsert(value: CalendarItem) -> CalendarChange:
+    return upsert(value).model_copy(update={"source": "graph"})
+
+
+def g_delete(item_id: str) -> CalendarChange:
+    return delete(item_id).model_copy(update={"source": "graph"})
+
+
+def g_removed(n: int) -> CalendarChange:
+    """Graph's ``{"id": <instance id>, "@removed": ...}`` for instance ``n`` of series G."""
+    return g_delete(f"graph-instance-{n}")
+
+
+def g_snapshot(*parts: list[CalendarItem], snapshot_id: str = "snap-g") -> list[CalendarSnapshot]:
+    return [part.model_copy(update={"source": "graph"}) for part in snapshot(*parts, snapshot_id=snapshot_id)]
+
+
+def one_round(*changes: CalendarChange) -> list[CalendarChange]:
+    """Changes of one delta round: one read, so one observed_at (the last one's)."""
+    return [change.model_copy(update={"observed_at": changes[-1].observed_at}) for change in changes]
+
+
+def newest_first(*steps: Step) -> list[Step]:
+    """Messages observed in the order given, delivered in the reverse order."""
+    return list(reversed(steps))
+
+
+def twice(step: Step) -> list[Step]:
+    return [step, step]
+
+
 SCENARIOS = [
     Scenario("a busy appointment is created", [upsert(item())], [{A: T}], {A: T}),
     Scenario("a moved appointment is updated", [upsert(item()), upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11)))], [{A: T}, {A: T_LATER}], {A: T_LATER}),
@@ -292,6 +342,68 @@ SCENARIOS = [
         "reference DoSyncDeleteToday: a known item for today that is deleted is deleted",
         [upsert(item(start=cph(2026, 3, 16, 14), end=cph(2026, 3, 16, 15))), delete("item-uid-a")],
         [{A: span(utc(2026, 3, 16, 13), utc(2026, 3, 16, 14))}, {A: None}], {},
+    ),
+    # Microsoft Graph streams (instances only, removals by instance id)
+    Scenario("graph: an occurrence is created", [g_upsert(instance(0))], [{K1: GT1}], {K1: GT1}),
+    Scenario(
+        "graph: an occurrence moved is updated, its sibling untouched",
+        [g_upsert(instance(0)), g_upsert(instance(1)), g_upsert(instance(0, start=cph(2026, 3, 18, 13)))],
+        [{K1: GT1}, {K2: GT2}, {K1: G_MOVED}], {K1: G_MOVED, K2: GT2},
+    ),
+    Scenario(
+        "graph: an occurrence removed is deleted alone, not its series",
+        [g_upsert(instance(0)), g_upsert(instance(1)), g_removed(0)],
+        [{K1: GT1}, {K2: GT2}, {K1: None}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: a removal delivered before its upsert is not undone, and the sibling is untouched",
+        flat(g_upsert(instance(1)), newest_first(g_upsert(instance(0)), g_removed(0))),
+        [{K2: GT2}, {}, {}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: a replayed removal is a no-op",
+        flat(g_upsert(instance(0)), g_upsert(instance(1)), twice(g_removed(0))),
+        [{K1: GT1}, {K2: GT2}, {K1: None}, {}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: a series removed instance by instance in one round, one never seen, is deleted key by key",
+        flat(g_upsert(instance(0)), g_upsert(instance(1)), one_round(g_removed(1), g_removed(2), g_removed(0))),
+        [{K1: GT1}, {K2: GT2}, {K2: None}, {}, {K1: None}], {},
+    ),
+    Scenario(
+        "graph: a series removed, its removals delivered before its upserts, is never created",
+        flat(newest_first(g_upsert(instance(0)), g_upsert(instance(1)), *one_round(g_removed(0), g_removed(1)))),
+        [{}, {}, {}, {}], {},
+    ),
+    Scenario(
+        "graph: an exception turned free is deleted, its sibling untouched",
+        [g_upsert(instance(1)), g_upsert(instance(0, start=cph(2026, 3, 18, 13))), g_upsert(instance(0, start=cph(2026, 3, 18, 13), free_busy="Free"))],
+        [{K2: GT2}, {K1: G_MOVED}, {K1: None}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: an instance first seen by a snapshot is removed by its instance id",
+        flat(g_snapshot([instance(0), instance(1)]), g_removed(0)),
+        [{K1: GT1, K2: GT2}, {K1: None}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: a removal of an instance never seen touches nothing, and an older snapshot that saw it is ignored",
+        flat(g_upsert(instance(1)), newest_first(*g_snapshot([instance(0), instance(1)]), g_removed(0))),
+        [{K2: GT2}, {}, {}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: a late older upsert after a removal neither brings the instance back nor deletes its sibling",
+        flat(g_upsert(instance(0)), g_upsert(instance(1)), newest_first(g_upsert(instance(0, start=cph(2026, 3, 18, 13))), g_removed(0))),
+        [{K1: GT1}, {K2: GT2}, {K1: None}, {}], {K2: GT2},
+    ),
+    Scenario(
+        "graph: an instance removed and later restored under its instance id is busy again",
+        [g_upsert(instance(0)), g_removed(0), g_upsert(instance(0))],
+        [{K1: GT1}, {K1: None}, {K1: GT1}], {K1: GT1},
+    ),
+    Scenario(
+        "graph: a single removed is deleted",
+        [g_upsert(item("uid-g")), g_upsert(instance(0)), g_delete("item-uid-g")],
+        [{"uid-g": T}, {K1: GT1}, {"uid-g": None}], {K1: GT1},
     ),
 ]
 
@@ -646,3 +758,91 @@ def test_merge_decisions_lets_the_later_decision_win_per_key() -> None:
     assert emitted(merged) == {A: T_LATER, "uid-b": T}
     assert {k.origin_id: k.interval for k in merged.remember} == {A: T_LATER, "uid-b": T}
     assert (merged.rejected, merged.completed_snapshot) == ([("x", "why")], "snap-x")
+
+
+# --- Microsoft Graph: instance-level removals (the scenario rows "graph: ..." above) ----------------------
+
+
+def test_a_removal_by_instance_id_makes_that_instance_absent() -> None:
+    """The reproduction: an occurrence upsert, then Graph's removal of the same instance id."""
+    created = derive_change(g_upsert(instance(0)), {}, POLICY, NOW)
+    after = {record.origin_id: record for record in created.remember}
+    assert after[K1].source_item_id == "graph-instance-0"
+    assert emitted(derive_change(g_removed(0), after, POLICY, NOW)) == {K1: None}
+
+
+def test_an_instance_removal_leaves_a_tombstone_that_does_not_name_the_series() -> None:
+    store = MemoryStore()
+    store.feed(g_upsert(instance(0)))
+    store.feed(g_removed(0))
+    tomb = store.known[deleted_record_key("graph-instance-0")]
+    assert (tomb.uid, tomb.source_item_id, tomb.interval) == (None, "graph-instance-0", None)
+
+
+def test_an_instance_removal_does_not_stop_an_older_snapshot_from_creating_its_siblings() -> None:
+    store = MemoryStore()
+    created = g_upsert(instance(0))
+    steps = g_snapshot([instance(0), instance(1), instance(2)])    # read before the removal, delivered after it
+    removed = g_removed(0)
+    for step in [created, removed, *steps]:
+        store.feed(step)
+    assert store.desired() == {K2: GT2, K3: GT3}
+
+
+def test_a_late_older_upsert_of_a_removed_instance_leaves_its_siblings_alone() -> None:
+    store = MemoryStore()
+    created = g_upsert(instance(0))
+    steps = g_snapshot([instance(0), instance(1), instance(2)])    # siblings known, older than the removal
+    removed = g_removed(0)
+    for step in [removed, *steps, created]:
+        store.feed(step)
+    assert store.desired() == {K2: GT2, K3: GT3}
+    assert store.known[K1].interval is None and store.known[K1].version == version_of(removed.observed_at)
+
+
+def test_an_instance_removal_does_not_reach_another_instance_id_now_holding_the_key() -> None:
+    """A series deleted and invited again under the same UID: new instance ids for the same keys."""
+    store = MemoryStore()
+    old = g_upsert(instance(0))
+    old_removed = g_removed(0)
+    new = g_upsert(instance(0).model_copy(update={"item_id": "graph-instance-0-again"}))
+    for step in [new, old, old_removed]:
+        store.feed(step)
+    assert store.desired() == {K1: GT1}
+
+
+@pytest.mark.parametrize("removal_first", [True, False], ids=["removal-first", "upsert-first"])
+def test_in_one_round_a_new_instance_id_for_a_key_wins_over_the_removal_of_the_old_one(removal_first: bool) -> None:
+    """One read saw the old id removed and the same key alive under a new id: the key is busy whatever the order."""
+    store = MemoryStore()
+    store.feed(g_upsert(instance(0)))
+    removed, again = one_round(g_removed(0), g_upsert(instance(0).model_copy(update={"item_id": "graph-instance-0-again"})))
+    for step in ([removed, again] if removal_first else [again, removed]) * 2:    # and each replayed
+        store.feed(step)
+    assert store.desired() == {K1: GT1}
+    assert store.known[K1].source_item_id == "graph-instance-0-again"
+
+
+def test_an_ews_snapshot_keeps_the_master_item_id_on_its_occurrences() -> None:
+    store = MemoryStore()
+    two = weekly(S, cph(2026, 3, 18, 9), 2)
+    store.feed(upsert(master(S), two))
+    for step in snapshot(two):
+        store.feed(step)
+    assert {store.known[key(S, o.original_start.astimezone(CPH))].source_item_id for o in two} == {f"item-{S}"}  # type: ignore[union-attr]
+
+
+def test_an_ews_series_delete_still_reaches_every_occurrence_after_its_records_were_pruned() -> None:
+    """EWS deletes name masters: a delete matching only occurrence keys still expands to the series UID.
+
+    The master's bookkeeping and its absent key are pruned by age (the store's retention); an occurrence that
+    entered the window later was first seen by a snapshot and carries no item id.
+    """
+    store = MemoryStore()
+    store.feed(upsert(master(S), weekly(S, cph(2026, 3, 18, 9), 2)))
+    for step in snapshot(weekly(S, cph(2026, 3, 18, 9), 3)):
+        store.feed(step)
+    del store.known[item_record_key(f"item-{S}")], store.known[S]
+    assert len(store.desired()) == 3
+    store.feed(delete(f"item-{S}"))
+    assert store.desired() == {}

@@ -7,6 +7,13 @@ observed_at. The messages are then delivered once in order, and again shuffled w
 snapshot part goes through ``finish_snapshot_part`` with the parts recorded so far, as the transformer
 worker does, so a snapshot completes on whichever of its parts arrives last. Both deliveries must leave the
 same desired state, and that state must be what the calendar finally holds.
+
+The same holds for a Microsoft Graph mailbox (``source="graph"``), whose calendarView/delta reports instances
+only: every occurrence or exception is its own upsert under its own instance id, a removal names one instance
+id (also one never seen, or one already removed), a deleted series is one removal per instance, and one delta
+round (one read) gives all its messages the same observed_at. A series deleted and invited again under the
+same UID gets new instance ids for the same keys, also inside one round (the old ids' removals and the new ids'
+upserts at one version). Snapshots list singles and instances with their ids.
 """
 
 from __future__ import annotations
@@ -174,4 +181,144 @@ def test_any_interleaving_duplication_and_reordering_gives_the_same_desired_stat
     messages, calendar, order = history
     in_order = deliver(messages)
     assert in_order == truth(calendar)
+    assert deliver([messages[index] for index in order]) == in_order
+
+
+# --- a Microsoft Graph mailbox -------------------------------------------------------------------------------------
+
+GRAPH_SINGLES = ["g0", "g1"]
+GRAPH_SERIES = "graph-series"
+
+
+@dataclass
+class GraphCalendar:
+    """A Graph mailbox: singles, and one series whose instances live and die one by one."""
+
+    singles: dict[str, CalendarItem] = field(default_factory=dict)
+    generation: int = 0                                           # a new series under the same UID gets new instance ids
+    instances: dict[int, CalendarItem] = field(default_factory=dict)
+
+    def view(self) -> list[CalendarItem]:
+        """What a calendarView returns: singles and instances, each with its own id."""
+        return [*self.singles.values(), *self.instances.values()]
+
+    def instance_id(self, index: int) -> str:
+        return f"gid-series-{self.generation}-{index}"
+
+
+instance_state = st.one_of(st.none(), st.tuples(st.sampled_from(range(len(STARTS) + 1)), st.sampled_from(STATUSES[:3]), st.booleans()))
+graph_mutation = st.one_of(
+    st.tuples(st.just("single"), st.sampled_from(GRAPH_SINGLES), single_state),
+    st.tuples(st.just("instance"), st.sampled_from(range(len(ORIGINALS))), instance_state),
+    st.tuples(st.just("series"), st.one_of(st.none(), st.tuples(st.booleans(), st.lists(occurrence_state, min_size=4, max_size=4)))),
+    st.tuples(st.just("reinvited"), st.lists(occurrence_state, min_size=4, max_size=4)),
+    st.tuples(st.just("elsewhere"), st.integers(min_value=0, max_value=2)),
+    st.tuples(st.just("snapshot"), st.integers(min_value=1, max_value=2)),
+)
+
+
+def build_graph_history(mutations: list[Any]) -> tuple[list[Message], GraphCalendar]:
+    calendar, messages = GraphCalendar(), list[Message]()
+    clock = iter(NOW - timedelta(hours=2) + timedelta(seconds=n) for n in range(10_000))
+
+    def upsert(number: int, at: datetime, item: CalendarItem) -> None:
+        messages.append(CalendarChange(
+            correlation_id=f"m{number}", source="graph", mailbox=MAILBOX, observed_at=at, change="upsert", item_id=item.item_id, item=item,
+        ))
+
+    def removal(number: int, at: datetime, item_id: str) -> None:
+        messages.append(CalendarChange(correlation_id=f"m{number}", source="graph", mailbox=MAILBOX, observed_at=at, change="delete", item_id=item_id))
+
+    def instance(index: int, moved: int, status: str, cancelled: bool) -> CalendarItem:
+        start = ORIGINALS[index] if moved == len(STARTS) else STARTS[moved]
+        return CalendarItem(
+            item_id=calendar.instance_id(index), uid=GRAPH_SERIES, item_type="occurrence" if start == ORIGINALS[index] else "exception",
+            start=start, end=start + timedelta(hours=1), original_start=ORIGINALS[index], free_busy=status, cancelled=cancelled,
+        )
+
+    for number, (kind, *args) in enumerate(mutations):
+        at = next(clock)                        # one delta round: every message of this mutation shares it
+        if kind == "single":
+            uid, state = args
+            if state is None:
+                calendar.singles.pop(uid, None)
+                removal(number, at, f"gid-{uid}")
+                continue
+            start_index, minutes, status, cancelled = state
+            start = STARTS[start_index]
+            calendar.singles[uid] = CalendarItem(item_id=f"gid-{uid}", uid=uid, start=start, end=start + timedelta(minutes=minutes), free_busy=status, cancelled=cancelled)
+            upsert(number, at, calendar.singles[uid])
+        elif kind == "instance":
+            index, state = args
+            if state is None:
+                calendar.instances.pop(index, None)
+                removal(number, at, calendar.instance_id(index))
+                continue
+            calendar.instances[index] = instance(index, *state)
+            upsert(number, at, calendar.instances[index])
+        elif kind == "series":
+            (state,) = args
+            if state is None:                   # one removal per instance, seen or not; a new series gets new ids
+                for index in range(len(ORIGINALS)):
+                    removal(number, at, calendar.instance_id(index))
+                calendar.instances, calendar.generation = {}, calendar.generation + 1
+                continue
+            cancelled, occurrence_states = state
+            for index, occurrence in enumerate(occurrence_states):
+                if occurrence is None:
+                    calendar.instances.pop(index, None)
+                    removal(number, at, calendar.instance_id(index))
+                else:
+                    calendar.instances[index] = instance(index, *occurrence, cancelled)
+                    upsert(number, at, calendar.instances[index])
+        elif kind == "reinvited":               # deleted and invited again under the same UID, seen by one round
+            (occurrence_states,) = args
+            for index in range(len(ORIGINALS)):
+                removal(number, at, calendar.instance_id(index))
+            calendar.instances, calendar.generation = {}, calendar.generation + 1
+            for index, occurrence in enumerate(occurrence_states):
+                if occurrence is not None:
+                    calendar.instances[index] = instance(index, *occurrence, False)
+                    upsert(number, at, calendar.instances[index])
+        elif kind == "elsewhere":               # an instance we never saw (it changed outside the window)
+            (n,) = args
+            removal(number, at, f"gid-elsewhere-{n}")
+        else:
+            (parts,) = args
+            items, snapshot_id = calendar.view(), f"snap-{number}"
+            chunks = [items[i::parts] for i in range(parts)]
+            messages += [
+                CalendarSnapshot(
+                    correlation_id=f"m{number}", source="graph", snapshot_id=snapshot_id, mailbox=MAILBOX, observed_at=at, window=WINDOW,
+                    part=p, final=p == parts, total_parts=parts if p == parts else None, items=chunk,
+                )
+                for p, chunk in enumerate(chunks, start=1)
+            ]
+    return messages, calendar
+
+
+def graph_truth(calendar: GraphCalendar) -> dict[str, Interval]:
+    held = {}
+    for item in calendar.view():
+        interval = busy_interval(item, POLICY)
+        if interval is not None:
+            key = item.uid if item.original_start is None else f"{item.uid}${item.original_start.astimezone(CPH):%Y%m%d-%H%M%S}"
+            held[key or ""] = interval
+    return held
+
+
+@st.composite
+def graph_histories(draw: st.DrawFn) -> tuple[list[Message], GraphCalendar, list[int]]:
+    messages, calendar = build_graph_history(draw(st.lists(graph_mutation, min_size=1, max_size=14)))
+    extra = draw(st.lists(st.sampled_from(range(len(messages))), max_size=len(messages)))
+    order = draw(st.permutations([*range(len(messages)), *extra]))
+    return messages, calendar, order
+
+
+@settings(max_examples=300, deadline=None)
+@given(graph_histories())
+def test_graph_streams_give_the_same_desired_states_in_any_order_with_any_duplicates(history: tuple[list[Message], GraphCalendar, list[int]]) -> None:
+    messages, calendar, order = history
+    in_order = deliver(messages)
+    assert in_order == graph_truth(calendar)
     assert deliver([messages[index] for index in order]) == in_order
