@@ -64,20 +64,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        if args.ensure_topology:
+        if args.ensure_topology and args.worker != "status-page":  # the status page only reads
             _ensure_policies(settings, force=False, quiet=True)
         reporter = HealthReporter(worker, args.worker, settings.status.health_dir)
         reporter.start()
+        metrics_server = _serve_metrics(settings, args, worker)  # /metrics next to the health file (runbooks/monitoring.md)
         log.info("worker_starting", worker=args.worker, broker=settings.broker.where(), prefix=settings.broker.prefix, state_dir=str(settings.state_dir))
         try:
             worker.run()
         finally:
             reporter.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
     except Exception as exc:  # noqa: BLE001 - a worker's failure is one JSON line (worker_crashed), the traceback a field
-        message = operator_message(exc, settings)
+        from plannersync.status_page import CannotServe
+
+        message = operator_message(exc, settings) or (str(exc) if isinstance(exc, CannotServe) else None)
         log_fatal(exc, worker=args.worker, **({"problem": message} if message else {}))
         return EXIT_UNAVAILABLE if message else EXIT_FAILED
     return 0
+
+
+def _serve_metrics(settings: Settings, args: argparse.Namespace, worker: Any) -> Any:
+    """Serve this worker's Prometheus metrics when a port is given (``--metrics-port`` or PLANNERSYNC_STATUS__METRICS_PORT)."""
+    port = args.metrics_port if args.metrics_port is not None else settings.status.metrics_port
+    if not port:
+        return None
+    from shared import metrics
+    from shared.logs import get_logger
+
+    host = settings.status.metrics_host
+    try:
+        server = metrics.serve(host, port)
+    except OSError as exc:
+        raise Unavailable(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (PLANNERSYNC_STATUS__METRICS_HOST, PLANNERSYNC_STATUS__METRICS_PORT)") from None
+    metrics.worker_health_gauges(args.worker, worker.health)
+    get_logger("plannersync.run").info("metrics_serving", url=f"http://{host}:{server.port}/metrics")
+    return server
 
 
 # --- config -------------------------------------------------------------------------------
@@ -276,18 +299,169 @@ def cmd_contracts_export(args: argparse.Namespace) -> int:
 
 
 # --- mailboxes --------------------------------------------------------------------------------
+NEEDS_ADDRESSES = ("add", "remove", "unallow", "undeny")  # allow/deny without addresses list their list
+
+
+def _invalid_addresses(addresses: list[str]) -> list[str]:
+    """One line per address that is not one (``enrolment.address_problem``), for the operator."""
+    from shared.domain.enrolment import address_problem
+
+    return [f"plannersync: {address!r} is not a mailbox address: {problem}" for address in addresses if (problem := address_problem(address)) is not None]
+
+
 def cmd_mailboxes(args: argparse.Namespace) -> int:
+    """add / remove / list / set-backend / allow / deny / unallow / undeny / sync (decisions 40, 49 and 62 in docs/decisions.md)."""
+    action = args.mailboxes_action
+    addresses: list[str] = list(getattr(args, "addresses", []) or [])
+    if action in NEEDS_ADDRESSES and not addresses:
+        print(f"plannersync: mailboxes {action} needs at least one address; nothing done", file=sys.stderr)
+        return EXIT_CONFIG
+    if action in ("add", "allow", "deny") and addresses:
+        problems = _invalid_addresses(addresses)
+        if problems:
+            for line in problems:
+                print(line, file=sys.stderr)
+            print(f"plannersync: nothing {'enrolled' if action == 'add' else 'changed'}: correct the address(es) and run again", file=sys.stderr)
+            return EXIT_CONFIG
     settings = _settings()
+    if action == "sync":
+        return _mailboxes_sync(settings, args.json)
     store = _open_store(settings, auto_upgrade=True)
-    if args.action == "add":
-        for address in args.addresses:
-            print(f"{address}: {'enrolled' if store.add_mailbox(address) else 'already enrolled'}")
-    elif args.action == "remove":
-        for address in args.addresses:
-            print(f"{address}: {'removed' if store.remove_mailbox(address) else 'not enrolled'}")
+    if action == "add":
+        backend = None if args.backend in (None, "default") else args.backend
+        for address in addresses:
+            print(f"{address.strip().lower()}: {'enrolled' if store.add_mailbox(address.strip(), backend=backend) else 'already enrolled'}")
+    elif action == "remove":
+        for address in addresses:
+            print(f"{address.strip().lower()}: {'removed' if store.remove_mailbox(address.strip()) else 'not enrolled'}")
+    elif action == "set-backend":
+        backend = None if args.backend == "default" else args.backend
+        if not store.set_backend(args.address.strip(), backend):
+            print(f"plannersync: {args.address.strip().lower()} is not enrolled (plannersync mailboxes add)", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{args.address.strip().lower()}: backend {args.backend}")
+    elif action in ("allow", "deny") and addresses:
+        for address in addresses:
+            added = store.add_rule(action, address)
+            print(f"{address.strip().lower()}: {'added to' if added else 'already on'} the {action} list")
+        if action == "deny":
+            print("denied mailboxes that are enrolled are removed, their busy times with them, at the next enrolment pass (plannersync mailboxes sync)", file=sys.stderr)
+    elif action in ("unallow", "undeny"):
+        rule = action.removeprefix("un")
+        for address in addresses:
+            print(f"{address.strip().lower()}: {'taken off' if store.remove_rule(rule, address) else 'not on'} the {rule} list")
+    elif action in ("allow", "deny"):
+        rows = [{"address": address, "added_at": added.isoformat(timespec="seconds")} for address, added in store.rules(action)]
+        _table(rows, (("address", "address"), ("added_at", "added")), args.json)
+        if not rows and not args.json:
+            print(f"the {action} list is empty" + (" (every caseworker Planner lists may be enrolled)" if action == "allow" else ""), file=sys.stderr)
     else:
-        for row in store.list_mailboxes():
-            print(f"{row.address}\t{'enabled' if row.enabled else 'disabled'}\t{row.status}\t{row.status_detail or ''}")
+        default_backend = str(getattr(settings.exchange, "default_backend", "ews"))
+        rows = [
+            {
+                "address": m.address,
+                "enabled": m.enabled,
+                "status": m.status,
+                "backend": m.backend or f"default ({default_backend})",
+                "last_delivery_at": m.last_delivery_at.isoformat(timespec="seconds") if m.last_delivery_at else None,
+                "last_error": m.last_error,
+            }
+            for m in store.list_mailboxes()
+        ]
+        if not args.json:
+            rows = [{**row, "enabled": "enabled" if row["enabled"] else "disabled"} for row in rows]
+        _table(rows, MAILBOX_COLUMNS, args.json)
+        if not rows and not args.json:
+            print("no mailboxes enrolled (plannersync mailboxes add ADDRESS, or run resource-sync)", file=sys.stderr)
+    return 0
+
+
+MAILBOX_COLUMNS = (
+    ("address", "mailbox"),
+    ("enabled", "enabled"),
+    ("status", "status"),
+    ("backend", "backend"),
+    ("last_delivery_at", "last delivery"),
+    ("last_error", "last error"),
+)
+
+
+def _mailboxes_sync(settings: Settings, as_json: bool) -> int:
+    """One enrolment pass from Planner now (what resource-sync does on its schedule)."""
+    _configure_logs(settings, "resource-sync")
+    from services.resource_sync.worker import run_resource_sync
+
+    report = run_resource_sync(settings)
+    if as_json:
+        print(json.dumps(report.as_dict(), default=str))
+    else:
+        plan = report.plan
+        print(f"enrolment from Planner: {plan.outcome}" + (f": {plan.reason}" if plan.reason else ""))
+        for title, values in (
+            ("enrolled", report.enrolled),
+            ("removed (denied; busy times removed from Planner)", report.removed),
+            ("listed more than once by Planner (enrolled once)", plan.duplicates),
+            ("not an address (not enrolled)", plan.invalid),
+            ("not on the allow list", plan.not_allowed),
+            ("on the deny list", plan.denied),
+            ("removed by hand (plannersync mailboxes add to enrol again)", plan.removed_by_hand),
+            ("removal failed (tried again next pass)", tuple(report.removal_failures)),
+        ):
+            if values:
+                print(f"  {title}: {', '.join(values)}")
+        if plan.outcome == "applied":
+            print(f"  {plan.resources} resources, {plan.already_enrolled} already enrolled, {plan.not_case_workers} not caseworkers, {plan.without_email} without e-mail")
+    return 0 if report.ok else EXIT_FAILED
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...], as_json: bool) -> None:
+    """A listing: a table with a header line (None shows as '-', the last column unpadded), or one JSON object per line (decision 64)."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return
+    if not rows:
+        return
+    cells = [[title for _key, title in columns]] + [["-" if row.get(key) is None else str(row[key]) for key, _title in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns) - 1)]
+    for line in cells:
+        print("  ".join([text.ljust(width) for text, width in zip(line, widths)] + [line[-1]]).rstrip())
+
+
+# --- explain, export ------------------------------------------------------------------------------
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why Planner does or does not block a time for a mailbox (plannersync/explain.py)."""
+    settings = _settings()
+    from datetime import datetime, timedelta, timezone
+
+    from plannersync.explain import explain, parse_moment, render
+
+    now = datetime.now(timezone.utc)
+    try:
+        at, whole_day = parse_moment(args.at, settings.busy.time_zone, now)
+    except ValueError as exc:
+        print(f"plannersync: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    span = timedelta(hours=12 if whole_day and args.hours is None else (args.hours if args.hours is not None else 3))
+    answer = explain(_open_store(settings), args.mailbox, at, settings.busy.policy(), now, span)
+    print(json.dumps(answer, indent=2, default=str) if args.json else render(answer, settings.busy.time_zone))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """An iCalendar file of what plannersync holds and what Planner is known to hold (plannersync/export.py)."""
+    settings = _settings()
+    from plannersync.export import build_calendar
+
+    calendar, desired, delivered = build_calendar(_open_store(settings), args.mailbox)
+    data = calendar.to_ical()
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        output = Path(args.output or f"plannersync-{args.mailbox.strip().lower()}.ics")
+        output.write_bytes(data)
+        print(f"wrote {output}: {desired} busy times plannersync holds, {delivered} Planner holds", file=sys.stderr)
     return 0
 
 
@@ -297,6 +471,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
         from simulators.planner.server import main as planner_main
 
         return planner_main(args.sim_args)
+    if args.system == "graph":
+        from simulators.graph.server import main as graph_main
+
+        return graph_main(args.sim_args)
     from simulators.exchange.server import main as exchange_main
 
     return exchange_main(args.sim_args)
@@ -312,7 +490,6 @@ def cmd_resync(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logs(settings, "resync")
     from services.snapshot_producer.worker import run_snapshots
-    from shared.adapters.ews import EwsConnection
     from shared.broker.topology import from_settings
 
     store = _open_store(settings)
@@ -320,8 +497,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
     if not mailboxes:
         print("no mailboxes to resync (enrol some with `plannersync mailboxes add`)", file=sys.stderr)
         return 1
-    exchange = EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
-    results = run_snapshots(settings, mailboxes, exchange, store, from_settings(settings.broker, settings.retry))
+    # each mailbox by its own backend (EWS or Graph); a reader is built only when one of its mailboxes is resynced
+    results = run_snapshots(settings, mailboxes, None, store, from_settings(settings.broker, settings.retry))
     for result in results:
         print(f"{result.mailbox}\t" + (f"{result.items} items published" if result.error is None else f"FAILED: {result.error}"))
     return 0 if all(r.error is None for r in results) else 1
@@ -330,11 +507,26 @@ def cmd_resync(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logs(settings, "reconcile")
-    from services.reconciler.worker import render_table, run_reconciliation
+    from services.reconciler.worker import render_table
 
-    reports = run_reconciliation(settings, None if args.all else [m.lower() for m in args.mailbox], force=args.force)
+    reports = _reconcile_with_progress(settings, None if args.all else [m.strip().lower() for m in args.mailbox], args.force)
     print(json.dumps([r.as_dict() for r in reports], indent=2, default=str) if args.json else render_table(reports))
     return 0 if all(r.status == "reconciled" for r in reports) else 1
+
+
+def _reconcile_with_progress(settings: Settings, mailboxes: list[str] | None, force: bool) -> list[Any]:
+    """Reconcile in chunks of ``reconcile.mailboxes_per_call`` (one GetEvents each, as the nightly run does), with a
+    progress line per mailbox on stderr as each chunk is done."""
+    from services.reconciler.worker import open_deps, reconcile
+
+    with open_deps(settings) as deps:
+        targets = mailboxes if mailboxes is not None else [row.address for row in deps.store.list_mailboxes(enabled_only=True)]
+        reports: list[Any] = []
+        for start in range(0, len(targets), settings.reconcile.mailboxes_per_call):
+            for report in reconcile(deps, targets[start : start + settings.reconcile.mailboxes_per_call], force):
+                reports.append(report)
+                print(f"[{len(reports)}/{len(targets)}] {report.mailbox}: {report.status}" + (f" ({report.reason})" if report.reason else ""), file=sys.stderr)
+        return reports
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -363,17 +555,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for q in status["queues"]:
             print(f"  {q['queue']:<44} ready {q['ready']:>6}  unacked {q['unacked']:>5}  consumers {q['consumers']}")
-    print("Mailboxes")
-    for m in status["mailboxes"]:
-        print(
-            f"  {m['mailbox']:<36} {'enabled ' if m['enabled'] else 'disabled'} exchange: {m['exchange']:<30} "
-            f"last sync {m['last_sync_at'] or '-'}  last delivery {m['last_delivery_at'] or '-'}"
-            + (f"  last error {m['last_error_at']}: {m['last_error']}" if m["last_error"] else "")
-        )
+        for stage, tiers in status["stages"].items():
+            retry = ", ".join(f"{delay} {_depth(q)}" for delay, q in tiers["retry"].items())
+            print(f"  {stage:<12} queued {_depth(tiers['work']):>6}  retry tiers: {retry}  dead letters {_depth(tiers['dead_letters'])}")
+    print("Mailboxes" + (" (" + ", ".join(f"{k} {v}" for k, v in status["mailboxes_by_status"].items()) + ")" if status["mailboxes_by_status"] else ""))
+    _print_table(
+        [
+            {
+                "mailbox": m["mailbox"],
+                "enabled": "yes" if m["enabled"] else "no",
+                "reader": m["backend"] or "default",
+                "exchange": m["exchange"],
+                "last change seen": m["last_sync_at"],
+                "last snapshot": m["last_full_sync_at"],
+                "last delivery": m["last_delivery_at"],
+                "busy times": m["busy_times_held"],
+                "last error": f"{m['last_error_at']}: {m['last_error']}" if m["last_error"] else None,
+            }
+            for m in status["mailboxes"]
+        ]
+    )
     if degraded:
         print(f"plannersync: {status['queues']}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     return 0
+
+
+def _depth(queue: dict[str, Any] | None) -> str:
+    return "?" if queue is None else str(queue["ready"] + queue["unacked"])
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """Rows as an indented table with a header line; None shows as '-', the last column is not padded."""
+    if not rows:
+        return
+    titles = list(rows[0])
+    cells = [titles] + [["-" if row[t] is None else (row[t].strftime("%Y-%m-%d %H:%M:%S") if hasattr(row[t], "strftime") else str(row[t])) for t in titles] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(titles) - 1)]
+    for line in cells:
+        print("  " + "  ".join([text.ljust(width) for text, width in zip(line, widths)] + [line[-1]]))
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -476,11 +696,13 @@ def _print_letters(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="plannersync", description="Exchange busy time into Jobcenter Planner.")
+    top.add_argument("--version", action="version", version=f"plannersync {_version()}", help="print the version and exit")
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one worker in the foreground until SIGTERM/SIGINT")
-    run.add_argument("worker", choices=list(WORKERS))
+    run.add_argument("worker", choices=list(WORKERS), help="which worker to run (status-page: the read-only status page, runbooks/monitoring.md)")
     run.add_argument("--no-ensure-topology", dest="ensure_topology", action="store_false", help="do not create missing broker policies at start")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (overrides PLANNERSYNC_STATUS__METRICS_PORT; off when neither is set)")
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
@@ -493,7 +715,7 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--days", type=int, help="override PLANNERSYNC_DATABASE__RETENTION")
     prune.set_defaults(func=cmd_db_prune)
     ddl = db.add_parser("ddl", help="print the CREATE statements for a dialect")
-    ddl.add_argument("dialect", choices=("sqlite", "postgresql", "mssql"))
+    ddl.add_argument("dialect", choices=("sqlite", "postgresql", "mssql"), help="the database dialect")
     ddl.set_defaults(func=cmd_db_ddl)
 
     topo = sub.add_parser("topology", help="the broker topology").add_subparsers(dest="action", required=True)
@@ -508,17 +730,14 @@ def parser() -> argparse.ArgumentParser:
 
     contracts = sub.add_parser("contracts", help="message contracts").add_subparsers(dest="action", required=True)
     cexport = contracts.add_parser("export", help="write the JSON Schemas")
-    cexport.add_argument("--output", "-o", default="docs/contracts")
+    cexport.add_argument("--output", "-o", default="docs/contracts", help="directory to write the schemas to (default docs/contracts)")
     cexport.set_defaults(func=cmd_contracts_export)
 
-    mailboxes = sub.add_parser("mailboxes", help="enrolled mailboxes")
-    mailboxes.add_argument("action", choices=("add", "remove", "list"))
-    mailboxes.add_argument("addresses", nargs="*")
-    mailboxes.set_defaults(func=cmd_mailboxes)
+    _mailboxes_parser(sub)
 
-    sim = sub.add_parser("sim", help="run a simulator (planner or exchange); its own options follow")
-    sim.add_argument("system", choices=("planner", "exchange"))
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim = sub.add_parser("sim", help="run a simulator (planner, exchange or graph); its own options follow")
+    sim.add_argument("system", choices=("planner", "exchange", "graph"), help="which simulator (docs/simulators/<name>.md)")
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER, help="the simulator's own options (plannersync sim <name> --help)")
     sim.set_defaults(func=cmd_sim)
 
     demo = sub.add_parser("demo", help="run the whole pipeline against the configured broker (PLANNERSYNC_BROKER__*) and the simulators; removes what it creates")
@@ -536,14 +755,26 @@ def parser() -> argparse.ArgumentParser:
     rwhich.add_argument("--mailbox", action="append", default=[], help="a mailbox to reconcile (repeatable)")
     rwhich.add_argument("--all", action="store_true", help="every enrolled mailbox")
     reconcile.add_argument("--force", action="store_true", help="go ahead even past the mass-delete guard")
-    reconcile.add_argument("--json", action="store_true")
+    reconcile.add_argument("--json", action="store_true", help="the reports as JSON instead of a table (progress stays on stderr)")
     reconcile.set_defaults(func=cmd_reconcile)
 
+    explain = sub.add_parser("explain", help="why Planner does or does not block a time: what Exchange said, what was decided, what Planner got")
+    explain.add_argument("--mailbox", required=True, help="the mailbox (caseworker's address)")
+    explain.add_argument("--at", help="a local time (2026-12-01T09:30) or a whole day (2026-12-01); default now")
+    explain.add_argument("--hours", type=float, help="look this many hours either side of --at (default 3; a whole day: 12)")
+    explain.add_argument("--json", action="store_true", help="the answer as JSON")
+    explain.set_defaults(func=cmd_explain)
+
+    ical = sub.add_parser("export", help="write an iCalendar file of a mailbox's busy times: what plannersync holds and what Planner holds")
+    ical.add_argument("--mailbox", required=True, help="the mailbox (caseworker's address)")
+    ical.add_argument("--output", "-o", help="file to write, - for stdout; default plannersync-<mailbox>.ics here")
+    ical.set_defaults(func=cmd_export)
+
     status = sub.add_parser("status", help="workers, queues and mailboxes at a glance")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="the same facts as one JSON document (what the status page serves at /status.json)")
     status.set_defaults(func=cmd_status)
     health = sub.add_parser("health", help="exit 0 when a worker's health file is fresh (for container healthchecks)")
-    health.add_argument("worker", choices=list(WORKERS))
+    health.add_argument("worker", choices=list(WORKERS), help="the worker whose health file to check")
     health.set_defaults(func=cmd_health)
 
     dlq = sub.add_parser(
@@ -564,6 +795,40 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     dlq.set_defaults(func=cmd_dlq)
     return top
+
+
+def _mailboxes_parser(sub: Any) -> None:
+    mailboxes = sub.add_parser("mailboxes", help="enrolled mailboxes, and the allow and deny lists of enrolment from Planner")
+    actions = mailboxes.add_subparsers(dest="mailboxes_action", required=True)
+    backends = ("ews", "graph", "default")
+    add = actions.add_parser("add", help="enrol mailboxes (or enable them again); every address is checked first")
+    add.add_argument("addresses", nargs="*", metavar="ADDRESS", help="mailbox addresses; nothing is enrolled when one is invalid")
+    add.add_argument("--backend", choices=backends, help="the reader: ews (on-premises), graph (Exchange Online), default (PLANNERSYNC_EXCHANGE__DEFAULT_BACKEND)")
+    remove = actions.add_parser("remove", help="stop syncing mailboxes (disabled, history kept)")
+    remove.add_argument("addresses", nargs="*", metavar="ADDRESS", help="mailbox addresses")
+    listing = actions.add_parser("list", help="every mailbox with its status and backend")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    set_backend = actions.add_parser("set-backend", help="serve a mailbox from another reader")
+    set_backend.add_argument("address", help="an enrolled mailbox")
+    set_backend.add_argument("backend", choices=backends, help="ews, graph, or default (the configured default)")
+    for rule, verb in (("allow", "enrol only these (when the list is not empty)"), ("deny", "never enrol these; remove them and their busy times")):
+        parser_ = actions.add_parser(rule, help=f"enrolment from Planner: {verb}; without an address, show the {rule} list")
+        parser_.add_argument("addresses", nargs="*", metavar="ADDRESS", help=f"addresses to put on the {rule} list")
+        parser_.add_argument("--json", action="store_true", help="list: one JSON object per line instead of a table")
+        lift = actions.add_parser(f"un{rule}", help=f"take addresses off the {rule} list")
+        lift.add_argument("addresses", nargs="*", metavar="ADDRESS", help=f"addresses to take off the {rule} list")
+    sync = actions.add_parser("sync", help="enrol from Planner now (GetResources; what resource-sync does on its schedule)")
+    sync.add_argument("--json", action="store_true", help="the report as JSON")
+    mailboxes.set_defaults(func=cmd_mailboxes)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("plannersync")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,24 @@
-"""What ``plannersync status`` shows: mailboxes, queues and workers, in one place."""
+"""What ``plannersync status`` and the status page (``plannersync run status-page``) show: one collection, two views.
+
+Per mailbox: its reader (backend; None = the configured default), its state with Exchange and the detail, the last
+change seen (last_sync_at), the last snapshot (last_full_sync_at), the last delivery to Planner, the busy times
+Planner holds (present delivered rows) and the last error with its time. Per stage: the work queue's depth, each
+retry tier and the dead-letter queue (management API). The Planner certificate's expiry and every worker's health
+file. Only ids, counts, states and times: there is no appointment content in the store to show (decision 1 in
+docs/decisions.md).
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+from plannersync.workers import CONSUMING_STAGES
 from shared.adapters.store import Store
-from shared.broker.topology import from_settings
+from shared.broker.topology import Topology, delay_label, from_settings
 from shared.config import Settings, mask_url
 from shared.health import is_healthy, read_health
 
@@ -17,14 +28,19 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
     mailboxes = []
     for row in store.list_mailboxes():
         sync = synced.get(row.address)
+        held = sum(1 for record in store.delivered(row.address).values() if record.present)
         mailboxes.append(
             {
                 "mailbox": row.address,
                 "enabled": row.enabled,
+                "backend": row.backend,  # None: the configured default reader (decision 49)
+                "status": row.status,
+                "status_detail": row.status_detail,
                 "exchange": row.status + (f" ({row.status_detail})" if row.status_detail else ""),
                 "last_sync_at": sync.last_sync_at if sync else None,
                 "last_full_sync_at": sync.last_full_sync_at if sync else None,
                 "last_delivery_at": row.last_delivery_at,
+                "busy_times_held": held,
                 "last_error": row.last_error,
                 "last_error_at": row.last_error_at,
             }
@@ -34,12 +50,21 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
         healthy, why = is_healthy(data, settings.status.stale_after.total_seconds(), time.time())
         workers[name] = {**{k: v for k, v in data.items() if k not in ("updated_ts", "beat_ts")}, "healthy": healthy, "why": why}
     state = {"state_dir": str(settings.state_dir), "database": mask_url(settings.database.url), "health_dir": str(settings.status.health_dir)}
-    return {"state": state, "mailboxes": mailboxes, "queues": _queues(settings), "workers": workers, "planner_certificate": _certificate(settings)}
+    topology = from_settings(settings.broker, settings.retry)
+    queues = _queues(settings, topology)
+    return {
+        "collected_at": datetime.now(timezone.utc).isoformat(),
+        "state": state,
+        "mailboxes": mailboxes,
+        "mailboxes_by_status": dict(sorted(Counter(m["status"] for m in mailboxes if m["enabled"]).items())),
+        "queues": queues,
+        "stages": _stages(topology, queues),
+        "workers": workers,
+        "planner_certificate": _certificate(settings),
+    }
 
 
 def _certificate(settings: Settings) -> dict[str, Any] | None:
-    from datetime import datetime, timezone
-
     from shared.adapters.planner_client import client_certificate_expiry
 
     try:
@@ -51,10 +76,23 @@ def _certificate(settings: Settings) -> dict[str, Any] | None:
     return {"expires_at": expiry.isoformat(), "days_left": (expiry - datetime.now(timezone.utc)).days}
 
 
-def _queues(settings: Settings) -> list[dict[str, Any]] | str:
+def _stages(topology: Topology, queues: list[dict[str, Any]] | str) -> dict[str, Any]:
+    """Per consuming stage: work queue, each retry tier (by delay) and the dead-letter queue; None when unknown."""
+    depth = {q["queue"]: q for q in queues} if isinstance(queues, list) else {}
+    stages: dict[str, Any] = {}
+    for name in CONSUMING_STAGES:
+        stage = topology.stage(name)
+        stages[name] = {
+            "work": depth.get(stage.work_queue()),
+            "retry": {delay_label(delay): depth.get(stage.retry_queue(delay)) for delay in topology.tiers()},
+            "dead_letters": depth.get(stage.dead_letter_queue()),
+        }
+    return stages
+
+
+def _queues(settings: Settings, topology: Topology) -> list[dict[str, Any]] | str:
     import requests
 
-    topology = from_settings(settings.broker, settings.retry)
     url = f"{settings.broker.management_url.rstrip('/')}/api/queues/{quote(settings.broker.vhost, safe='')}"
     try:
         response = requests.get(url, auth=(settings.broker.user, settings.broker.password.get_secret_value()), timeout=5, verify=settings.broker.management_verify())

@@ -18,6 +18,8 @@ WORKERS: dict[str, str] = {
     "transformer": "services.transformer.worker",
     "publisher": "services.publisher.worker",
     "reconciler": "services.reconciler.worker",
+    "status-page": "plannersync.status_page",  # the read-only status page (plannersync/status_page.py)
+    "resource-sync": "services.resource_sync.worker",
 }
 CONSUMING_STAGES = ("transformer", "publisher")  # the workers with a work queue, retry tiers and a dead-letter queue
 

@@ -257,6 +257,8 @@ class PlannerSettings(_SecretFiles):
     receipt_actions: dict[str, ReceiptAction] = Field(default_factory=lambda: dict(DEFAULT_RECEIPT_ACTIONS))
     outage_after_failures: int = Field(5, ge=1)
     outage_cooldown: Duration = timedelta(seconds=60)
+    call_deadline: Duration | None = Field(None, description="hard total time of one Planner HTTP attempt, dripping answers included; default twice the timeout (decision 51)")
+    tls_alert_after: Duration = Field(timedelta(minutes=5), description="TLS failures towards Planner lasting this long are logged at error level and shown in the publisher's health (decision 53)")
 
     @model_validator(mode="after")
     def _cert_pairs(self) -> PlannerSettings:
@@ -297,6 +299,9 @@ class ExchangeSettings(_SecretFiles):
     snapshot_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     snapshot_parallelism: int = Field(4, ge=1, le=32)
     snapshot_part_size: int = Field(500, ge=10, le=5000)
+    default_backend: Literal["ews", "graph"] = Field(
+        "ews", description="reader of a mailbox enrolled without --backend: ews (on-premises Exchange) or graph (Exchange Online, PLANNERSYNC_GRAPH__*)"
+    )
 
 
 class ReconcileSettings(BaseModel):
@@ -305,9 +310,31 @@ class ReconcileSettings(BaseModel):
     mailboxes_per_call: int = Field(2, ge=1, le=50, description="mailboxes per GetEvents call")
 
 
+class ResourceSyncSettings(BaseModel):
+    """Enrolment from Planner (``plannersync run resource-sync``; decision 62 in docs/decisions.md)."""
+
+    times: CsvList = Field(
+        ["06:00", "09:00", "12:00", "15:00", "18:00"],
+        description="local times (HH:MM, comma-separated) of each day's GetResources; default five times a day",
+    )
+
+    @field_validator("times")
+    @classmethod
+    def _times_valid(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", t)]
+        if bad or not value:
+            raise ValueError(f"times must be one or more HH:MM, comma-separated (bad: {', '.join(bad) or 'none given'})")
+        return sorted(set(value))
+
+
 class StatusSettings(BaseModel):
     health_dir: Path = Field(Path("var/health"), description="each worker writes <stage>.json here every few seconds; default <state_dir>/health")
     stale_after: Duration = Field(timedelta(seconds=30), description="a health file older than this means the worker is not running")
+    page_host: str = Field("127.0.0.1", min_length=1, description="address the status page (plannersync run status-page) listens on; localhost unless behind a reverse proxy")
+    page_port: int = Field(8470, ge=1, le=65535, description="port of the status page")
+    page_refresh: Duration = Field(timedelta(seconds=15), description="how often the status page reads the store, the management API and the health files")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address a worker's Prometheus /metrics listens on (0.0.0.0 in compose)")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="port of this worker's Prometheus /metrics; unset: off (runbooks/monitoring.md)")
 
 
 class LogSettings(BaseModel):
@@ -369,6 +396,7 @@ class Settings(BaseSettings):
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     exchange: ExchangeSettings = Field(default_factory=ExchangeSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    resource_sync: ResourceSyncSettings = Field(default_factory=ResourceSyncSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     graph: GraphSettings = Field(default_factory=lambda: GraphSettings())  # defined at the end of this module

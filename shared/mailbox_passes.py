@@ -6,15 +6,19 @@
 - ``snapshot_mailbox``: the whole window is read before the first part is published, so a read that fails half
   way publishes nothing, and a publish that fails half way never sends the final part; an incomplete snapshot
   never makes the transformer delete anything.
+- ``rebase_mailbox``: Graph's snapshot: a new delta round over the window is the whole window; its items are
+  published as a snapshot, then the round's delta link is saved, so the changes that follow are read over the new
+  window (decision 67 in docs/decisions.md).
 
-The reader is an adapter (EWS today) seen through the small protocols below; nothing here imports one.
+The reader is an adapter (EWS or Graph) seen through the small protocols below; nothing here imports one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Protocol
+from threading import Lock
+from typing import Callable, Generic, Protocol, TypeVar
 
 from shared.domain.contracts import (
     CalendarChange,
@@ -39,6 +43,10 @@ class ViewReader(Protocol):
 
 class SyncReader(ViewReader, Protocol):
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]: ...
+
+
+class RebaseReader(Protocol):
+    def rebase(self, mailbox: str, window: Interval) -> tuple[list[CalendarItem], str]: ...
 
 
 class SyncPositions(Protocol):
@@ -94,3 +102,45 @@ def snapshot_mailbox(
     for part in snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, source):
         publish(part)
     return len(items)
+
+
+def rebase_mailbox(
+    mailbox: str,
+    reader: RebaseReader,
+    positions: SyncPositions,
+    publish: Callable[[CalendarSnapshot], None],
+    window: Interval,
+    observed_at: datetime,
+    part_size: int,
+    snapshot_id: str,
+) -> int:
+    """A Graph mailbox's snapshot: a new delta round over ``window`` published as a snapshot, then its delta link
+    saved (backend "graph"); return the number of items. Nothing is saved unless every part was published."""
+    items, delta_link = reader.rebase(mailbox, window)
+    for part in snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, "graph"):
+        publish(part)
+    positions.save_sync_position(mailbox, delta_link, observed_at, full=True, backend="graph")
+    return len(items)
+
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A reader built on first use, once, from any thread: an EWS-only installation never builds a Graph reader
+    (and needs no Graph settings), a Graph-only one never builds an EWS connection."""
+
+    def __init__(self, make: Callable[[], T], built: T | None = None) -> None:
+        self._make = make
+        self._value = built
+        self._lock = Lock()
+
+    def get(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._make()
+            return self._value
+
+    @property
+    def built(self) -> T | None:
+        return self._value

@@ -1,4 +1,12 @@
-"""The change-event producer: Exchange notifications are hints; SyncFolderItems reads what changed.
+"""The change-event producer: Exchange notifications are hints; SyncFolderItems (EWS) or the calendarView delta
+(Graph) reads what changed.
+
+Each mailbox is served by one backend (decision 49 in docs/decisions.md): its own ``mailboxes.backend``, else
+``exchange.default_backend``, re-read with every enrolment reload. EWS mailboxes stream (or pull) as before; Graph
+mailboxes are unsubscribed and read by delta polling every ``graph.delta_interval``. A mailbox whose stored
+position another backend wrote (it moved) is read in full by its new reader and gets a snapshot; a Graph 410 does
+the same as EWS's invalid sync state (decision 66 in docs/decisions.md). The EWS connection and the Graph reader are built only when a
+mailbox needs them.
 
 Threads:
 - the scheduler (``run``): follows enrolments in the store, starts reads of due mailboxes on a pool;
@@ -24,17 +32,22 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from shared.adapters.ews import EwsConnection, classify
+from shared.adapters.ews import EwsConnection
+from shared.adapters.ews import classify as classify_ews
+from shared.adapters.graph import GraphReader, GraphSyncReader, operator_detail
+from shared.adapters.graph import classify as classify_graph
 from shared.adapters.store import Store, open_store
-from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.publishing import Outgoing, Publisher, PublishRefused
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from shared.domain.busy_rules import sync_window
 from shared.domain.contracts import CalendarChange, CalendarSnapshot
+from shared.domain.mailbox_reads import Backend
 from shared.domain.read_schedule import Schedule, Timing
+from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
-from shared.mailbox_passes import snapshot_mailbox, sync_mailbox
+from shared.mailbox_passes import Lazy, rebase_mailbox, snapshot_mailbox, sync_mailbox
 from shared.workers import Health
 
 log = get_logger(__name__)
@@ -52,13 +65,42 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def classify(error: BaseException) -> SourceFault:
+    """An EWS failure as a fault (the notification threads are EWS only)."""
+    return classify_ews(error)
+
+
+def ews_connection(settings: Settings) -> EwsConnection:
+    ex = settings.exchange
+    return EwsConnection(ex, settings.busy.time_zone, ex.streaming_connections + ex.sync_workers + 2)
+
+
+def graph_reader(settings: Settings) -> GraphReader:
+    return GraphReader(settings.graph)
+
+
+class GraphNotConfigured(Exception):
+    """A Graph mailbox is enrolled but the Graph reader cannot be built from the settings."""
+
+
 class ChangeProducer:
     """Follows the enrolled mailboxes' notifications and reads what changed; a ``shared.workers.Worker``."""
 
-    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        exchange: EwsConnection | None,
+        topology: Topology,
+        clock: Callable[[], datetime] = _now,
+        graph: GraphReader | None = None,
+    ) -> None:
+        """``exchange``/``graph``: the readers, or None to build each from the settings when a mailbox first needs it."""
         self.settings = settings
         self.store = store
-        self.exchange = exchange
+        self.ews = Lazy(lambda: ews_connection(settings), exchange)
+        self.graph = Lazy(lambda: graph_reader(settings), graph)
+        self.backends: dict[str, Backend] = {}   # mailbox -> the backend serving it now (under ``lock``)
         self.topology = topology
         self.clock = clock
         self.policy = settings.busy.policy()
@@ -72,6 +114,11 @@ class ChangeProducer:
         self.reads = 0                   # successful mailbox reads since start (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
 
+    @property
+    def exchange(self) -> EwsConnection:
+        """The EWS connection, built on first use (only EWS mailboxes use it)."""
+        return self.ews.get()
+
     # --- control ---------------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask ``run`` to return; reads under way finish first."""
@@ -83,11 +130,13 @@ class ChangeProducer:
         with self.lock:
             states = list(self.schedule.mailboxes.values())
             reads = self.reads
+            backends = list(self.backends.values())
         facts = {
             "mailboxes": len(states),
             "subscribed": sum(1 for state in states if state.subscribed),
             "failing": sum(1 for state in states if state.status in FAILING_STATUSES),
             "reads": reads,
+            "graph": sum(1 for backend in backends if backend == "graph"),
         }
         return Health("running", self.beat_at, facts=facts)
 
@@ -100,7 +149,7 @@ class ChangeProducer:
         else:
             notifier = [threading.Thread(target=self._pull_loop, name="ews-pull", daemon=True)]
         next_reload = 0.0
-        log.info("change_producer_started", subscription=ex.subscription, workers=ex.sync_workers)
+        log.info("change_producer_started", subscription=ex.subscription, workers=ex.sync_workers, default_backend=ex.default_backend)
         for thread in notifier:
             thread.start()
         while not self.stopping.is_set():
@@ -122,26 +171,46 @@ class ChangeProducer:
 
     # --- membership ----------------------------------------------------------------------------------
     def _reload_mailboxes(self) -> None:
+        default = self.settings.exchange.default_backend
         try:
-            enrolled = {row.address for row in self.store.list_mailboxes(enabled_only=True)}
+            enrolled: dict[str, Backend] = {row.address: row.backend or default for row in self.store.list_mailboxes(enabled_only=True)}
         except Exception as exc:  # noqa: BLE001 - the store being down must not stop notifications
             log.warning("mailbox_reload_failed", error=type(exc).__name__)
             return
         with self.lock:
-            added, removed = self.schedule.set_members(enrolled)
+            added, removed = self.schedule.set_members(set(enrolled))
+            moved = {a: (self.backends[a], b) for a, b in enrolled.items() if a in self.backends and self.backends[a] != b}
+            was = dict(self.backends)
+            self.backends = dict(enrolled)
+            for address in moved:
+                self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
+                self.schedule.mark_dirty(address)             # the new reader reads it in full at once
         for address in sorted(added):
-            log.info("mailbox_enrolled", mailbox=address)
+            log.info("mailbox_enrolled", mailbox=address, backend=enrolled[address])
         for address in sorted(removed):
             log.info("mailbox_removed", mailbox=address)
-            self.exchange.forget(address)
+            if was.get(address) == "ews" and self.ews.built is not None:
+                self.ews.built.forget(address)
+        for address, (old, new) in sorted(moved.items()):
+            log.info("mailbox_backend_changed", mailbox=address, backend=new, previous=old)
+            if old == "ews" and self.ews.built is not None:
+                self.ews.built.forget(address)
+        if moved:
+            self.wake.set()
         ex = self.settings.exchange
         capacity = ex.streaming_connections * ex.mailboxes_per_connection
-        if ex.subscription == "streaming" and (added or removed) and len(enrolled) > capacity:
-            log.warning("streaming_capacity_exceeded", enrolled=len(enrolled), capacity=capacity, polled_every_s=ex.unsubscribed_poll_interval.total_seconds())
+        streamed = sum(1 for b in enrolled.values() if b == "ews")
+        if ex.subscription == "streaming" and (added or removed or moved) and streamed > capacity:
+            log.warning("streaming_capacity_exceeded", enrolled=streamed, capacity=capacity, polled_every_s=ex.unsubscribed_poll_interval.total_seconds())
+
+    def backend_of(self, address: str) -> Backend:
+        with self.lock:
+            return self.backends.get(address, self.settings.exchange.default_backend)
 
     def _members(self) -> list[str]:
+        """The EWS mailboxes (the ones streaming or pull subscriptions follow)."""
         with self.lock:
-            return sorted(self.schedule.mailboxes)
+            return sorted(a for a in self.schedule.mailboxes if self.backends.get(a, self.settings.exchange.default_backend) == "ews")
 
     def _group(self, index: int) -> list[str]:
         size = self.settings.exchange.mailboxes_per_connection
@@ -159,6 +228,8 @@ class ChangeProducer:
         key = self.topology.change_key(message.mailbox) if isinstance(message, CalendarChange) else self.topology.snapshot_key(message.mailbox)
         try:
             self._publisher().publish(Outgoing(self.topology.calendar_exchange, key, message))
+        except PublishRefused:
+            raise  # backpressure: the connection is fine; the mailbox's read is retried (decision 56)
         except Exception:
             self._publisher().close()
             raise
@@ -169,34 +240,69 @@ class ChangeProducer:
     def _read(self, address: str, full: bool = False) -> None:
         observed_at = self.clock()
         window = sync_window(observed_at, self.policy)
+        backend = self.backend_of(address)
+        part_size = self.settings.exchange.snapshot_part_size
         with correlation(None, mailbox=address):
             try:
-                result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
-                if result.full_resync and full:
-                    items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, self.settings.exchange.snapshot_part_size, _new_id())
-                    log.info("mailbox_resynced", items=items)
+                stored = self.store.sync_position(address)
+                if stored is not None and stored.backend != backend and not full:
+                    # moved between backends: the new reader reads it in full, and a snapshot finds what was deleted
+                    # meanwhile; unchanged busy times give Planner no call (decisions 49 and 66 in docs/decisions.md)
+                    log.info("mailbox_read_by_new_backend", backend=backend, previous=stored.backend)
+                    full = True
+                if backend == "graph":
+                    reader = self._graph_reader()
+                    if full:   # a new delta round over the window, published as a snapshot, then its link saved
+                        items = rebase_mailbox(address, reader, self.store, self._publish, window, observed_at, part_size, _new_id())
+                        log.info("mailbox_resynced", items=items, backend=backend)
+                        published, full_read = items, True
+                    else:
+                        result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph")
+                        published, full_read = result.published, result.full_resync
+                else:
+                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
+                    if result.full_resync and full:
+                        items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, part_size, _new_id())
+                        log.info("mailbox_resynced", items=items, backend=backend)
+                    published, full_read = result.published, result.full_resync
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
-                fault = classify(exc)
+                fault = self._classify(backend, exc)
                 if fault.kind == "invalid_sync_state" and not full:
-                    log.warning("sync_state_invalid", detail=fault.detail)
+                    log.warning("sync_state_invalid", detail=fault.detail, backend=backend)
                     self._read(address, full=True)
                     return
                 with self.lock:
                     wait = self.schedule.failed(address, self.clock(), fault)
                     state = self.schedule.mailboxes.get(address)
-                log.warning("mailbox_read_failed", kind=fault.kind, detail=fault.detail, retry_in_s=round(wait.total_seconds(), 1))
+                log.warning("mailbox_read_failed", kind=fault.kind, detail=fault.detail, retry_in_s=round(wait.total_seconds(), 1), backend=backend)
                 if state is not None:
-                    self._record_status(address, state.status, fault.detail, self.clock() + wait)
+                    detail = operator_detail(fault) if backend == "graph" else fault.detail
+                    self._record_status(address, state.status, detail, self.clock() + wait)
                 return
             with self.lock:
                 previous = self.schedule.mailboxes.get(address)
                 was = previous.status if previous else None
-                self.schedule.succeeded(address, self.clock())
+                now = self.clock()
+                self.schedule.succeeded(address, now)
+                if backend == "graph" and previous is not None:
+                    previous.next_safety = now + self.settings.graph.delta_interval   # Graph is polled, never notified
                 self.reads += 1
-            if result.published:
-                log.info("mailbox_changes_published", changes=result.published, full=result.full_resync)
+            if published:
+                log.info("mailbox_changes_published", changes=published, full=full_read, backend=backend)
             if was != "active":
                 self._record_status(address, "active", None, None)
+
+    def _graph_reader(self) -> GraphReader:
+        try:
+            return self.graph.get()
+        except ValueError as exc:   # settings the reader cannot start with: a status for each Graph mailbox, no crash
+            raise GraphNotConfigured(str(exc)) from None
+
+    @staticmethod
+    def _classify(backend: Backend, error: BaseException) -> SourceFault:
+        if isinstance(error, GraphNotConfigured):
+            return SourceFault("mailbox_unavailable", f"Graph is not configured ({error}): set PLANNERSYNC_GRAPH__* (runbooks/graph.md)")
+        return classify_graph(error) if backend == "graph" else classify_ews(error)
 
     def _record_status(self, address: str, status: str, detail: str | None, next_attempt: datetime | None) -> None:
         try:
@@ -292,10 +398,8 @@ class ChangeProducer:
 
 
 def build(settings: Settings) -> ChangeProducer:
-    """Wire the change producer. Nothing connects to Exchange until ``run``."""
+    """Wire the change producer. Nothing connects to Exchange until ``run``; each reader is built when a mailbox
+    first needs it (an EWS-only installation needs no Graph settings)."""
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
-    ex = settings.exchange
-    pool = ex.streaming_connections + ex.sync_workers + 2
-    exchange = EwsConnection(ex, settings.busy.time_zone, pool)
-    return ChangeProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))
+    return ChangeProducer(settings, store, None, from_settings(settings.broker, settings.retry))
 

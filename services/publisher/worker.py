@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
+from shared import metrics
 from shared.adapters.store import Store, open_store
 from shared.broker.consume_loop import (
     Consumer,
@@ -43,6 +44,7 @@ from shared.domain.delivery_plan import (
     PlannerOriginated,
     Postpone,
     Send,
+    maybe_applied,
     newest_per_key,
     plan,
     remember_version,
@@ -210,13 +212,18 @@ def _call(
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
     try:
-        outcome = call(events)
+        with metrics.planner_call(operation):  # latency and errors by kind (shared/metrics.py)
+            outcome = call(events)
     except ContentError as exc:  # about what some events carry, not about Planner: the guard does not hear of it
         return _content_error(mailbox, operation, group, known, deps, results, exc)
     except Transient as exc:
         deps.guard.failure(exc.reason)
         for p in group:
             results[p.index] = exc
+            # Sent, answer lost: Planner may have applied it, so a later absent state still deletes it (decision 68).
+            maybe = maybe_applied(p.send, exc.code)
+            if maybe is not None:
+                deps.store.record_delivered(mailbox, [maybe], p.state.correlation_id)
         log.warning("planner_call_failed", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
         return []
     except Permanent as exc:
@@ -236,12 +243,14 @@ def _call(
             answer = settle(p.send, state.version, p.attempts, None if receipt is None else _event_receipt(receipt, outcome.reference), table)
             p.attempts.append(operation)
             if receipt is not None:
+                metrics.planner_receipt(operation, receipt.code)
                 log.info("planner_receipt", operation=operation, code=receipt.code, action=answer.action, reference=outcome.reference)
             if answer.record is not None:
                 deps.store.record_delivered(mailbox, [answer.record], state.correlation_id)
             settled = answer.outcome
             if isinstance(settled, Delivered):
                 log.info("busy_time_delivered", operation=operation, version=state.version)
+                metrics.delivered(operation, state.cause, state.version)  # end-to-end lag: version = the Exchange read's start (decision 30)
                 results[p.index] = Done()
             elif isinstance(settled, PlannerOriginated):
                 log.info("busy_time_planner_originated", version=state.version)
@@ -316,7 +325,9 @@ def build(settings: Settings) -> Consumer:
 
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     client = PlannerClient.from_settings(settings.planner, settings.retry, zone=settings.busy.time_zone)
-    warn_if_certificate_expires(client_certificate_expiry(settings.planner))
+    expiry = client_certificate_expiry(settings.planner)
+    warn_if_certificate_expires(expiry)
+    metrics.certificate_expiry(expiry)
     topology: Topology = from_settings(settings.broker, settings.retry)
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
     pool = DaemonPool(settings.planner.parallel_calls, "planner-call")

@@ -4,6 +4,11 @@
 recorded and the others go on. ``SnapshotProducer.run`` waits for the configured local time
 (02:00 Europe/Copenhagen by default) each day; ``plannersync resync`` runs it at once.
 
+A mailbox served by EWS is read with CalendarView (``snapshot_mailbox``); one served by Graph with a new delta round
+over the whole window (``rebase_mailbox``), whose delta link is then saved, so the change producer's delta window
+moves on with the sync window every night (decision 67 in docs/decisions.md). The EWS connection and the Graph reader
+are built only when a mailbox needs them.
+
 ``SnapshotProducer.health()`` says "waiting" (with the next run) or "snapshotting", and what the last run
 did. Its loop beats at least every ``WAIT_SLICE`` seconds, while waiting and while a run is under way.
 """
@@ -18,16 +23,21 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from shared.adapters.ews import EwsConnection, classify
+from shared.adapters.ews import EwsConnection
+from shared.adapters.ews import classify as classify_ews
+from shared.adapters.graph import GraphReader, operator_detail
+from shared.adapters.graph import classify as classify_graph
 from shared.adapters.store import Store, open_store
 from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from shared.domain.busy_rules import sync_window
 from shared.domain.contracts import CalendarSnapshot
+from shared.domain.mailbox_reads import Backend
+from shared.domain.source_faults import SourceFault
 from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
-from shared.mailbox_passes import snapshot_mailbox
+from shared.mailbox_passes import Lazy, rebase_mailbox, snapshot_mailbox
 from shared.workers import Health
 
 log = get_logger(__name__)
@@ -48,20 +58,46 @@ class SnapshotResult:
     error: str | None
 
 
+def ews_connection(settings: Settings) -> EwsConnection:
+    return EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
+
+
+def graph_reader(settings: Settings) -> GraphReader:
+    return GraphReader(settings.graph)
+
+
+def _lazy_ews(settings: Settings, exchange: EwsConnection | Lazy[EwsConnection] | None) -> Lazy[EwsConnection]:
+    return exchange if isinstance(exchange, Lazy) else Lazy(lambda: ews_connection(settings), exchange)
+
+
+def _lazy_graph(settings: Settings, graph: GraphReader | Lazy[GraphReader] | None) -> Lazy[GraphReader]:
+    return graph if isinstance(graph, Lazy) else Lazy(lambda: graph_reader(settings), graph)
+
+
+def backends_of(settings: Settings, store: Store, mailboxes: list[str]) -> dict[str, Backend]:
+    """Each mailbox's backend: its own, else the configured default (also for a mailbox not enrolled)."""
+    own = {row.address: row.backend for row in store.list_mailboxes()}
+    return {m: own.get(m.lower()) or settings.exchange.default_backend for m in mailboxes}
+
+
 def run_snapshots(
     settings: Settings,
     mailboxes: list[str],
-    exchange: EwsConnection,
+    exchange: EwsConnection | Lazy[EwsConnection] | None,
     store: Store,
     topology: Topology,
     clock: Callable[[], datetime] = _now,
     beat: Callable[[], None] | None = None,
+    graph: GraphReader | Lazy[GraphReader] | None = None,
 ) -> list[SnapshotResult]:
     """Snapshot every mailbox, ``snapshot_parallelism`` at a time; results in the order of ``mailboxes``.
 
+    ``exchange``/``graph``: the readers (None: built from the settings when a mailbox of that backend needs one).
     ``beat`` is called at least every ``WAIT_SLICE`` seconds while the reads are under way.
     """
     policy = settings.busy.policy()
+    ews_reader, graph_lazy = _lazy_ews(settings, exchange), _lazy_graph(settings, graph)
+    backends = backends_of(settings, store, mailboxes)
     local = threading.local()
     publishers: list[Publisher] = []   # one per pool thread, closed when the run ends
 
@@ -74,19 +110,31 @@ def run_snapshots(
 
     def one(mailbox: str) -> SnapshotResult:
         observed_at = clock()
+        backend = backends[mailbox]
+        window = sync_window(observed_at, policy)
+        part_size = settings.exchange.snapshot_part_size
         with correlation(None, mailbox=mailbox):
             try:
-                count = snapshot_mailbox(mailbox, exchange, publish, sync_window(observed_at, policy), observed_at, settings.exchange.snapshot_part_size, uuid.uuid4().hex)
+                if backend == "graph":
+                    try:
+                        reader = graph_lazy.get()
+                    except ValueError as exc:   # Graph settings missing or unreadable: this mailbox fails, not the run
+                        raise _GraphNotConfigured(str(exc)) from None
+                    # the whole window in a new delta round; its link is saved, so the delta window moves on too
+                    count = rebase_mailbox(mailbox, reader, store, publish, window, observed_at, part_size, uuid.uuid4().hex)
+                else:
+                    count = snapshot_mailbox(mailbox, ews_reader.get(), publish, window, observed_at, part_size, uuid.uuid4().hex)
+                    store.record_full_read(mailbox, observed_at)
             except Exception as exc:  # noqa: BLE001 - one mailbox failing never stops the others
-                fault = classify(exc)
-                log.warning("snapshot_failed", kind=fault.kind, detail=fault.detail)
+                fault = _classify(backend, exc)
+                detail = operator_detail(fault) if backend == "graph" else fault.detail
+                log.warning("snapshot_failed", kind=fault.kind, detail=fault.detail, backend=backend)
                 try:
-                    store.set_mailbox_status(mailbox, "failing" if fault.kind == "mailbox_unavailable" else "snapshot_failed", fault.detail)
+                    store.set_mailbox_status(mailbox, "failing" if fault.kind == "mailbox_unavailable" else "snapshot_failed", detail)
                 except Exception:  # noqa: BLE001
                     pass
-                return SnapshotResult(mailbox, None, fault.detail)
-            store.record_full_read(mailbox, observed_at)
-            log.info("snapshot_published", items=count)
+                return SnapshotResult(mailbox, None, detail)
+            log.info("snapshot_published", items=count, backend=backend)
             return SnapshotResult(mailbox, count, None)
 
     try:
@@ -104,6 +152,16 @@ def run_snapshots(
             except Exception:  # noqa: BLE001 - a broken connection is gone anyway
                 pass
     return [future.result() for future in futures]
+
+
+class _GraphNotConfigured(Exception):
+    """A Graph mailbox is to be snapshotted but the Graph reader cannot be built from the settings."""
+
+
+def _classify(backend: Backend, error: BaseException) -> SourceFault:
+    if isinstance(error, _GraphNotConfigured):
+        return SourceFault("mailbox_unavailable", f"Graph is not configured ({error}): set PLANNERSYNC_GRAPH__* (runbooks/graph.md)")
+    return classify_graph(error) if backend == "graph" else classify_ews(error)
 
 
 @dataclass(frozen=True)
@@ -125,8 +183,19 @@ def _iso(moment: datetime | None) -> str | None:
 class SnapshotProducer:
     """Snapshots every enrolled mailbox at the configured local time each day; a ``shared.workers.Worker``."""
 
-    def __init__(self, settings: Settings, store: Store, exchange: EwsConnection, topology: Topology, clock: Callable[[], datetime] = _now) -> None:
-        self.settings, self.store, self.exchange, self.topology, self.clock = settings, store, exchange, topology, clock
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        exchange: EwsConnection | None,
+        topology: Topology,
+        clock: Callable[[], datetime] = _now,
+        graph: GraphReader | None = None,
+    ) -> None:
+        """``exchange``/``graph``: the readers, or None to build each when a mailbox of its backend first needs it."""
+        self.settings, self.store, self.topology, self.clock = settings, store, topology, clock
+        self.exchange = _lazy_ews(settings, exchange)
+        self.graph = _lazy_graph(settings, graph)
         self.stopping = threading.Event()
         self.beat_at = time.time()       # the worker loop's last pass
         self.status = _Status()
@@ -159,7 +228,7 @@ class SnapshotProducer:
             self.status = replace(self.status, state="snapshotting", next_run_at=None)
             self._beat()
             mailboxes = [row.address for row in self.store.list_mailboxes(enabled_only=True)]
-            results = run_snapshots(self.settings, mailboxes, self.exchange, self.store, self.topology, self.clock, self._beat)
+            results = run_snapshots(self.settings, mailboxes, self.exchange, self.store, self.topology, self.clock, self._beat, self.graph)
             failed = sum(1 for r in results if r.error)
             self.status = replace(
                 self.status, last_run_at=started, last_run_mailboxes=len(results), last_run_failed=failed, runs=self.status.runs + 1
@@ -182,7 +251,7 @@ class SnapshotProducer:
 
 
 def build(settings: Settings) -> SnapshotProducer:
-    """Wire the snapshot producer. Nothing connects to Exchange until a run."""
+    """Wire the snapshot producer. Nothing connects to Exchange until a run; each reader is built when a mailbox
+    first needs it (an EWS-only installation needs no Graph settings)."""
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
-    exchange = EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
-    return SnapshotProducer(settings, store, exchange, from_settings(settings.broker, settings.retry))
+    return SnapshotProducer(settings, store, None, from_settings(settings.broker, settings.retry))

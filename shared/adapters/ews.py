@@ -42,6 +42,7 @@ from exchangelib.protocol import BaseProtocol
 from exchangelib.services import GetStreamingEvents
 from exchangelib.util import TNS
 
+from shared import metrics
 from shared.config import ExchangeSettings
 from shared.domain.contracts import CalendarItem, Interval
 from shared.domain.mailbox_reads import SyncChange
@@ -233,6 +234,7 @@ class EwsConnection:
         self.config.protocol.close()
 
     # --- reads ------------------------------------------------------------------------------------
+    @metrics.timed_exchange_call("ews", "sync", lambda error: classify(error).kind)
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
         """Everything that changed in the calendar since exactly ``sync_state`` (None: everything), and the new state.
 
@@ -254,6 +256,7 @@ class EwsConnection:
             return changes, str(completed.sync_state)
         raise RuntimeError("SyncFolderItems ended without a sync state")  # exchangelib always raises SyncCompleted
 
+    @metrics.timed_exchange_call("ews", "view", lambda error: classify(error).kind)
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
         """Every occurrence and single item overlapping ``window``, paging around Exchange's view cap."""
         calendar = self.account(mailbox).calendar

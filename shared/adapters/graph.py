@@ -12,8 +12,9 @@
 - Transport: ``BoundedSession`` (the configured CA bundle wins, a hard deadline per request, a size cap), and the
   bearer token is only ever sent to the configured Graph URL, never to a link pointing elsewhere.
 
-The producer calls ``GraphReader.view(mailbox, window)`` for snapshots and, for changes, either
-``GraphReader.sync(mailbox, delta_link, window)`` or ``sync_mailbox(..., GraphSyncReader(reader, window), ...)``.
+The change producer reads a Graph mailbox with ``sync_mailbox(..., GraphSyncReader(reader, window), ...,
+backend="graph")`` every ``delta_interval``; the snapshot producer (and a 410 or a move between backends) with
+``rebase_mailbox(mailbox, reader, ...)`` in ``shared/mailbox_passes.py`` (decisions 66 and 67 in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -99,6 +100,23 @@ def classify(error: BaseException) -> SourceFault:
     if isinstance(error, requests.RequestException):
         return SourceFault("transient", f"connection failed ({type(error).__name__})")
     return SourceFault("transient", f"{type(error).__name__}: {str(error)[:200]}")
+
+
+def operator_detail(fault: SourceFault) -> str:
+    """The mailbox status detail an operator reads (``plannersync status``, ``mailboxes list``) for a Graph fault:
+    what it means and what to do, with Graph's status and code; never content (runbooks/graph.md)."""
+    if fault.detail.startswith("HTTP 403"):
+        return (f"Exchange Online refuses the app this mailbox ({fault.detail}): it is outside the app's RBAC for "
+                "Applications scope; add it to the scope's mail-enabled security group (runbooks/graph.md)")
+    if fault.detail.startswith("HTTP 404"):
+        return (f"Exchange Online has no such mailbox ({fault.detail}): still on-premises (serve it with backend ews) "
+                "or misspelt")
+    if fault.kind == "throttled":
+        return f"Graph asked us to wait ({fault.detail}); read again after its Retry-After"
+    if fault.detail.startswith("token:"):
+        return (f"no Graph token ({fault.detail.removeprefix('token: ')}): check PLANNERSYNC_GRAPH__TENANT_ID, __CLIENT_ID "
+                "and the certificate registered with the app")
+    return fault.detail
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -593,7 +611,7 @@ class GraphSyncReader:
     """``shared.mailbox_passes.SyncReader`` over Graph for one pass: the delta round's window is fixed here.
 
     ``sync_mailbox(mailbox, GraphSyncReader(reader, window), positions, publish, window, observed_at, new_id,
-    full=full, source="graph")``: the stored sync state is the delta link; None starts a round over ``window``.
+    full=full, backend="graph")``: the stored sync state is the delta link; None starts a round over ``window``.
     """
 
     def __init__(self, reader: GraphReader, window: Interval) -> None:

@@ -58,7 +58,6 @@ USER_FULL_NAME_MAX = 140
 RID_MAX = 64
 _READ_CHUNK = 64 * 1024
 DEADLINE_FACTOR = 2  # an attempt's total deadline is this many times PlannerSettings.timeout (the per-read timeout)
-TLS_ALERT_AFTER = timedelta(minutes=5)  # consecutive TLS failures this long become an error (decision 53)
 
 
 # --------------------------------------------------------------------------------------------- values
@@ -585,8 +584,9 @@ class PlannerClient:
         self._clock = clock
         self._session = session or build_session(planner)
         self._client_certificate = planner.client_cert_p12 is not None or planner.client_cert_pem is not None
-        self._tls = _TlsWatch(tls_alert_after if tls_alert_after is not None else TLS_ALERT_AFTER, planner.endpoint)
-        transport = CappedTransport(self._session, planner.timeout.total_seconds(), planner.max_response_bytes)
+        self._tls = _TlsWatch(tls_alert_after if tls_alert_after is not None else planner.tls_alert_after, planner.endpoint)
+        total = planner.call_deadline.total_seconds() if planner.call_deadline is not None else None
+        transport = CappedTransport(self._session, planner.timeout.total_seconds(), planner.max_response_bytes, total_deadline=total)
         settings = zeep.Settings(
             strict=True,
             forbid_dtd=True,

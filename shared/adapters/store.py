@@ -38,7 +38,8 @@ from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
 from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
-SCHEMA_VERSION = 2  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox)
+SCHEMA_VERSION = 4  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
+# 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost)
 metadata = MetaData()
 
 
@@ -124,6 +125,15 @@ desired_states = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 
+# The operator's allow and deny lists for enrolment from Planner (decision 62 in docs/decisions.md); schema 3.
+mailbox_rules = Table(
+    "mailbox_rules",
+    metadata,
+    Column("address", String(MAILBOX), primary_key=True),
+    Column("rule", String(8), primary_key=True),  # "allow" or "deny"
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
 snapshot_parts = Table(
     "snapshot_parts",
     metadata,
@@ -154,6 +164,10 @@ delivered_events = Table(
     Column("service_request_ref", String(36)),
     Column("correlation_id", String(64)),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Schema 4: Planner may hold the event at these times (a call sent whose answer was lost); NULL: false.
+    Column("maybe_held", Boolean),
+    Column("maybe_start_at", UtcDateTime),
+    Column("maybe_end_at", UtcDateTime),
 )
 
 
@@ -224,6 +238,17 @@ def _migrate(engine: Engine, current: int) -> None:
         if current < 2:
             op.add_column("mailboxes", Column("backend", String(16)))
             op.add_column("exchange_sync", Column("backend", String(16)))
+        if current < 3:
+            op.create_table(
+                "mailbox_rules",
+                Column("address", String(MAILBOX), primary_key=True),
+                Column("rule", String(8), primary_key=True),
+                Column("created_at", UtcDateTime, nullable=False),
+            )
+        if current < 4:
+            op.add_column("delivered_events", Column("maybe_held", Boolean))
+            op.add_column("delivered_events", Column("maybe_start_at", UtcDateTime))
+            op.add_column("delivered_events", Column("maybe_end_at", UtcDateTime))
 
 
 @dataclass(frozen=True)
@@ -281,15 +306,44 @@ class Store:
             )
             return bool(result.rowcount)
 
-    def remove_mailbox(self, address: str) -> bool:
-        """Disable (not delete): history stays for the status command and reconciliation."""
+    def remove_mailbox(self, address: str, status: str = "removed") -> bool:
+        """Disable (not delete): history stays for the status command and reconciliation.
+
+        ``status`` says who removed it: "removed" (an operator, by hand) or "denied" (enrolment from Planner,
+        after a deny); only a "denied" mailbox is enrolled again by resource sync once the deny is lifted.
+        """
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(mailboxes)
                 .where(and_(mailboxes.c.address == address.lower(), mailboxes.c.enabled.is_(True)))
-                .values(enabled=False, status="removed", updated_at=now_utc())
+                .values(enabled=False, status=status, updated_at=now_utc())
             )
             return bool(result.rowcount)
+
+    # --- allow and deny lists (schema 3) -------------------------------------------------------
+    def add_rule(self, rule: str, address: str) -> bool:
+        """Put an address on the "allow" or "deny" list; False when it was there already."""
+        if rule not in ("allow", "deny"):
+            raise ValueError(f"unknown rule {rule!r}")
+        address = address.strip().lower()
+        with self.engine.begin() as conn:
+            key = and_(mailbox_rules.c.address == address, mailbox_rules.c.rule == rule)
+            if conn.execute(select(mailbox_rules.c.address).where(key)).first() is not None:
+                return False
+            conn.execute(insert(mailbox_rules).values(address=address, rule=rule, created_at=now_utc()))
+            return True
+
+    def remove_rule(self, rule: str, address: str) -> bool:
+        """Take an address off the "allow" or "deny" list; False when it was not on it."""
+        with self.engine.begin() as conn:
+            key = and_(mailbox_rules.c.address == address.strip().lower(), mailbox_rules.c.rule == rule)
+            return bool(conn.execute(delete(mailbox_rules).where(key)).rowcount)
+
+    def rules(self, rule: str) -> list[tuple[str, datetime]]:
+        """The addresses on the "allow" or "deny" list, with when each was added, by address."""
+        query = select(mailbox_rules.c.address, mailbox_rules.c.created_at).where(mailbox_rules.c.rule == rule).order_by(mailbox_rules.c.address)
+        with self.engine.connect() as conn:
+            return [(r.address, r.created_at) for r in conn.execute(query)]
 
     def list_mailboxes(self, enabled_only: bool = False) -> list[MailboxRow]:
         query = select(mailboxes).order_by(mailboxes.c.address)
@@ -445,6 +499,8 @@ class Store:
                         delivered_events.c.updated_at < before,
                         delivered_events.c.planner_originated.is_(False),
                         or_(delivered_events.c.present.is_(False), delivered_events.c.end_at < before),
+                        # a row Planner may still hold a future busy time for stays until that time is past
+                        or_(delivered_events.c.maybe_held.is_(None), delivered_events.c.maybe_held.is_(False), delivered_events.c.maybe_end_at < before),
                     )
                 )
             ).rowcount
@@ -465,8 +521,17 @@ class Store:
                     result[r.origin_id] = DeliveredRecord(
                         r.mailbox, r.origin_id, r.version, r.present, _interval(r.start_at, r.end_at),
                         r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
+                        bool(r.maybe_held), _interval(r.maybe_start_at, r.maybe_end_at),
                     )
         return result
+
+    def explain_rows(self, mailbox: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every desired and delivered row of a mailbox with all its columns (``plannersync explain``, ``export``)."""
+        mailbox = mailbox.lower()
+        with self.engine.connect() as conn:
+            desired = [dict(r._mapping) for r in conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox))]
+            delivered = [dict(r._mapping) for r in conn.execute(select(delivered_events).where(delivered_events.c.mailbox == mailbox))]
+        return desired, delivered
 
     def record_delivered(self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None) -> None:
         """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0."""
@@ -494,6 +559,9 @@ def _delivered_values(change: DeliveredChange) -> dict[str, Any]:
     if change.holding is not None:
         interval = change.holding.interval
         values.update(present=change.holding.present, start_at=interval.start if interval else None, end_at=interval.end if interval else None)
+        values.update(maybe_held=False, maybe_start_at=None, maybe_end_at=None)  # what Planner holds is known now
+    if change.maybe_sent is not None:
+        values.update(maybe_held=True, maybe_start_at=change.maybe_sent.start, maybe_end_at=change.maybe_sent.end)
     if change.planner_originated is not None:
         values["planner_originated"] = change.planner_originated
     if change.planner_event_id is not None:

@@ -34,6 +34,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from shared import metrics
 from shared.broker.connection import open_connection
 from shared.broker.publishing import (
     FIRST_FAILURE,
@@ -151,6 +152,7 @@ class Consumer:
         self.options = options or ConsumerOptions()
         self.extra_health = extra_health
         self.counters = Counters()
+        self.metrics = metrics.stage(stage.name)  # Prometheus counters beside Counters (shared/metrics.py)
         self._stop = threading.Event()
         self._stop_asked = 0.0
         self._buffer: list[_Delivery] = []
@@ -270,6 +272,7 @@ class Consumer:
 
     def _on_message(self, channel: BlockingChannel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self._buffer.append(_Delivery(method.delivery_tag, bool(method.redelivered), properties, body, time.monotonic()))
+        self.metrics.received()
 
     def _ready(self) -> bool:
         if not self._buffer or time.time() < self.counters.paused_until:
@@ -379,6 +382,7 @@ class Consumer:
                     channel, out.exchange, out.routing_key, encode(out.message), out.properties(),
                     queue=queue, patience=self.options.refused_patience, wait=self._wait,
                 )
+            self.metrics.published(len(result.publish))
             if result.record is not None:
                 result.record()
         except PublishRefused as exc:
@@ -394,6 +398,7 @@ class Consumer:
             return
         channel.basic_ack(delivery.tag)
         self.counters.handled += 1
+        self.metrics.handled()
 
     def _wait(self, seconds: float) -> bool:
         """Wait for a refused publish's next try, servicing the connection and beating; False once stop is asked."""
@@ -412,6 +417,7 @@ class Consumer:
     def _fail(self, channel: BlockingChannel, delivery: _Delivery, error: BaseException) -> None:
         attempt = retry_count(delivery.properties)
         outcome = retry.decide(error, attempt, self.topology.ladder)
+        self.metrics.failed(error)
         now = datetime.now(timezone.utc).isoformat()
         headers = dict(delivery.properties.headers or {})
         headers.setdefault(FIRST_FAILURE, now)
@@ -423,6 +429,7 @@ class Consumer:
             # never given up while running: there is nowhere else to put the message (decision 56)
             publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.retried += 1
+            self.metrics.retried()
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
         else:
             headers[RETRY_COUNT] = attempt
@@ -430,6 +437,7 @@ class Consumer:
             target = self.stage.dead_letter_queue()
             publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.dead_lettered += 1
+            self.metrics.dead_lettered()
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
         channel.basic_ack(delivery.tag)
 

@@ -31,6 +31,11 @@ class DeliveredRecord:
     planner_originated: bool
     last_code: int | None
     last_message: str | None
+    # A create or update whose outcome is unknown (sent, answer lost) may have been applied: Planner may hold the
+    # event at ``maybe_interval`` whatever ``present`` says, until a receipt for the key settles it
+    # (decision 68 in docs/decisions.md).
+    maybe_held: bool = False
+    maybe_interval: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,12 @@ class ReceiptFacts:
 
 @dataclass(frozen=True)
 class DeliveredChange:
-    """One write to the delivered record of an event key. A field left ``None`` keeps what the store holds."""
+    """One write to the delivered record of an event key. A field left ``None`` keeps what the store holds.
+
+    ``maybe_sent`` records that Planner *may* hold the event at that interval (a call whose outcome is unknown);
+    it never touches ``version``, ``present`` or the held interval. A ``holding`` is what Planner is known to
+    hold, so writing one settles (clears) any such maybe.
+    """
 
     origin_id: str
     version: int | None = None
@@ -82,6 +92,7 @@ class DeliveredChange:
     planner_event_id: str | None = None
     planner_resource_id: str | None = None
     receipt: ReceiptFacts | None = None
+    maybe_sent: Interval | None = None
 
 
 def plan(desired: BusyTimeState, known: DeliveredRecord | None) -> Action:
@@ -95,12 +106,30 @@ def plan(desired: BusyTimeState, known: DeliveredRecord | None) -> Action:
     if desired.interval is None:
         if known is not None and known.present and known.interval is not None:
             return Send("delete", desired.origin_id, known.interval)
+        if known is not None and known.maybe_held and known.maybe_interval is not None:
+            # A create whose answer was lost may have been applied: delete it (Planner answers 10, "ok", if not).
+            return Send("delete", desired.origin_id, known.maybe_interval)
         return NoChange("already_absent")
+    if known is not None and not known.present and known.maybe_held:
+        # Planner may hold it (a lost answer): update, never create twice; Planner's 10 turns it into a create
+        return Send("update", desired.origin_id, desired.interval)
     if known is None or not known.present:
         return Send("create", desired.origin_id, desired.interval)
-    if known.interval != desired.interval:
+    if known.interval != desired.interval or (known.maybe_held and known.maybe_interval != desired.interval):
         return Send("update", desired.origin_id, desired.interval)
     return NoChange("same_interval")
+
+
+def maybe_applied(send: Send, code: int | None = None) -> DeliveredChange | None:
+    """What to record when ``send``'s call failed transiently (connection cut, timeout, 5xx, unparsable answer).
+
+    A create or update may have been applied though its answer was lost: Planner may now hold the event at the
+    interval sent. A failure carrying Planner's error ``code`` (a SOAP fault) is Planner's answer: nothing was
+    applied. A delete needs nothing: the record still says present, so it is sent again.
+    """
+    if send.operation == "delete" or code is not None:
+        return None
+    return DeliveredChange(send.origin_id, maybe_sent=send.interval)
 
 
 def remember_version(desired: BusyTimeState, known: DeliveredRecord | None, action: Action) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -32,6 +35,26 @@ def _subcommands() -> list[list[str]]:
     return found
 
 
+def _walk(command: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.Action]]:
+    """Every argument of every (sub)command, with the words that reach it."""
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _walk(child, (*words, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or words == ():
+            yield words, action
+
+
+def test_every_option_and_argument_of_every_command_has_help_text() -> None:
+    missing = [f"plannersync {' '.join(words)} {'/'.join(action.option_strings) or action.dest}" for words, action in _walk(parser()) if not (action.help or "").strip()]
+    assert not missing, "arguments without help text:\n" + "\n".join(missing)
+
+
+def test_version_is_printed() -> None:
+    done = run("--version", env={"PATH": "/usr/bin:/bin", **THIS_CODE})
+    assert done.returncode == 0 and re.fullmatch(r"plannersync \d+\.\d+\.\d+\S*\n", done.stdout), done.stdout
+
+
 @pytest.mark.parametrize("words", _subcommands(), ids=lambda w: " ".join(w))
 def test_every_subcommand_has_help(words: list[str]) -> None:
     done = run(*words, "--help")
@@ -46,7 +69,74 @@ def test_db_upgrade_is_idempotent_and_mailboxes_are_managed_by_hand(worker_env: 
     assert "already enrolled" in run("mailboxes", "add", "anne@jobcenter.dk", env=worker_env).stdout
     assert "removed" in run("mailboxes", "remove", "bo@jobcenter.dk", env=worker_env).stdout
     listed = run("mailboxes", "list", env=worker_env).stdout.splitlines()
-    assert [line.split("\t")[:2] for line in listed] == [["anne@jobcenter.dk", "enabled"], ["bo@jobcenter.dk", "disabled"]]
+    assert listed[0].split() == ["mailbox", "enabled", "status", "backend", "last", "delivery", "last", "error"]
+    assert [line.split()[:4] for line in listed[1:]] == [["anne@jobcenter.dk", "enabled", "new", "default"], ["bo@jobcenter.dk", "disabled", "removed", "default"]]
+    as_json = [json.loads(line) for line in run("mailboxes", "list", "--json", env=worker_env).stdout.splitlines()]
+    assert [(m["address"], m["enabled"], m["backend"]) for m in as_json] == [("anne@jobcenter.dk", True, "default (ews)"), ("bo@jobcenter.dk", False, "default (ews)")]
+
+
+def test_mailboxes_add_checks_every_address_first_and_refuses_an_empty_list(worker_env: dict[str, str]) -> None:
+    empty = run("mailboxes", "add", env=worker_env)
+    assert empty.returncode == 2 and empty.stderr.strip() == "plannersync: mailboxes add needs at least one address; nothing done"
+    bad = run("mailboxes", "add", "anne@jobcenter.dk", "bo jobcenter.dk", "cy@jobcenter", "dy@jobcenter.dk,ey@jobcenter.dk", env=worker_env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert lines[0] == "plannersync: 'bo jobcenter.dk' is not a mailbox address: needs exactly one @"
+    assert lines[1].startswith("plannersync: 'cy@jobcenter' is not a mailbox address: the domain") and "'dy@jobcenter.dk,ey@jobcenter.dk'" in lines[2]
+    assert lines[3] == "plannersync: nothing enrolled: correct the address(es) and run again" and len(lines) == 4
+    assert run("mailboxes", "list", "--json", env=worker_env).stdout == ""  # not even the valid one
+    assert run("mailboxes", "remove", env=worker_env).returncode == 2
+
+
+def test_a_mailbox_names_its_backend_when_added_and_can_change_it(worker_env: dict[str, str]) -> None:
+    assert run("mailboxes", "add", "cloud@jobcenter.dk", "--backend", "graph", env=worker_env).returncode == 0
+    assert run("mailboxes", "add", "onprem@jobcenter.dk", env=worker_env).returncode == 0
+    assert run("mailboxes", "set-backend", "onprem@jobcenter.dk", "ews", env=worker_env).stdout.strip() == "onprem@jobcenter.dk: backend ews"
+    assert run("mailboxes", "set-backend", "cloud@jobcenter.dk", "default", env=worker_env).returncode == 0
+    unknown = run("mailboxes", "set-backend", "nobody@jobcenter.dk", "graph", env=worker_env)
+    assert unknown.returncode == 1 and "nobody@jobcenter.dk is not enrolled" in unknown.stderr
+    rows = {m["address"]: m["backend"] for m in map(json.loads, run("mailboxes", "list", "--json", env=worker_env).stdout.splitlines())}
+    assert rows == {"cloud@jobcenter.dk": "default (ews)", "onprem@jobcenter.dk": "ews"}
+    assert "onprem@jobcenter.dk  enabled  new     ews" in run("mailboxes", "list", env=worker_env).stdout
+
+
+def test_allow_and_deny_lists_are_kept_listed_and_lifted(worker_env: dict[str, str]) -> None:
+    assert "added to the allow list" in run("mailboxes", "allow", "Anne@Jobcenter.dk", env=worker_env).stdout
+    assert "already on the allow list" in run("mailboxes", "allow", "anne@jobcenter.dk", env=worker_env).stdout
+    assert run("mailboxes", "deny", "not-an-address", env=worker_env).returncode == 2
+    assert run("mailboxes", "deny", "bo@jobcenter.dk", env=worker_env).returncode == 0
+    allowed = run("mailboxes", "allow", env=worker_env).stdout.splitlines()
+    assert allowed[0].split() == ["address", "added"] and allowed[1].startswith("anne@jobcenter.dk  ")
+    assert [json.loads(line)["address"] for line in run("mailboxes", "deny", "--json", env=worker_env).stdout.splitlines()] == ["bo@jobcenter.dk"]
+    assert "taken off the deny list" in run("mailboxes", "undeny", "bo@jobcenter.dk", env=worker_env).stdout
+    assert "not on the allow list" in run("mailboxes", "unallow", "bo@jobcenter.dk", env=worker_env).stdout
+    empty = run("mailboxes", "deny", env=worker_env)
+    assert empty.stdout == "" and "the deny list is empty" in empty.stderr
+
+
+def test_mailboxes_sync_enrols_from_planner_and_reports(worker_env: dict[str, str], topology: object, planner_sim: object) -> None:
+    import requests
+
+    requests.post(f"{planner_sim.control_url}/resources", json=[{"email": "anne@jobcenter.dk"}, {"email": "ANNE@jobcenter.dk"}, {"email": "bo@jobcenter.dk"}], timeout=10).raise_for_status()  # type: ignore[attr-defined]
+    env = {**worker_env, "PLANNERSYNC_PLANNER__ENDPOINT": planner_sim.url}  # type: ignore[attr-defined]
+    assert run("mailboxes", "deny", "bo@jobcenter.dk", env=env).returncode == 0
+    done = run("mailboxes", "sync", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "enrolment from Planner: applied" in done.stdout and "enrolled: anne@jobcenter.dk" in done.stdout
+    assert "listed more than once by Planner (enrolled once): anne@jobcenter.dk" in done.stdout and "on the deny list: bo@jobcenter.dk" in done.stdout
+    requests.post(f"{planner_sim.control_url}/resources", json=[], timeout=10).raise_for_status()  # type: ignore[attr-defined]
+    empty = run("mailboxes", "sync", "--json", env=env)
+    assert empty.returncode == 1 and json.loads(empty.stdout)["outcome"] == "empty"
+
+
+def test_reconcile_all_shows_a_progress_line_per_mailbox(worker_env: dict[str, str], topology: object, planner_sim: object) -> None:
+    env = {**worker_env, "PLANNERSYNC_PLANNER__ENDPOINT": planner_sim.url, "PLANNERSYNC_RECONCILE__MAILBOXES_PER_CALL": "2"}  # type: ignore[attr-defined]
+    assert run("mailboxes", "add", "anne@jobcenter.dk", "bo@jobcenter.dk", "cy@jobcenter.dk", env=env).returncode == 0
+    done = run("reconcile", "--all", env=env)
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert progress == ["[1/3] anne@jobcenter.dk: reconciled", "[2/3] bo@jobcenter.dk: reconciled", "[3/3] cy@jobcenter.dk: reconciled"]
+    assert done.stdout.splitlines()[0].startswith("mailbox") and len(done.stdout.splitlines()) == 4
 
 
 def test_topology_export_writes_the_definitions_compose_renders_at_boot(tmp_path: Path) -> None:
@@ -59,8 +149,8 @@ def test_topology_export_writes_the_definitions_compose_renders_at_boot(tmp_path
 
 
 def test_ddl_for_sql_server_is_printed_for_review() -> None:
-    done = run("db", "ddl", "mssql", env={"PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0 and done.stdout.count("CREATE TABLE") == 6 and "DATETIME2" in done.stdout
+    done = run("db", "ddl", "mssql", env={"PATH": "/usr/bin:/bin", **THIS_CODE})
+    assert done.returncode == 0 and done.stdout.count("CREATE TABLE") == 7 and "DATETIME2" in done.stdout
 
 
 def test_resync_publishes_a_snapshot_of_an_enrolled_mailbox(worker_env: dict[str, str], topology: object) -> None:

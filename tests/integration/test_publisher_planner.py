@@ -491,11 +491,9 @@ def test_a_planner_that_drips_its_answer_is_cut_at_the_deadline_and_stop_still_r
         run.stop()  # while a call hangs on the drip again; must return within the grace period
 
 
-def test_tls_failing_for_minutes_is_raised_to_an_error_with_its_cause_in_logs_and_health(publisher_run, monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.adapters import planner_client
-
-    monkeypatch.setattr(planner_client, "TLS_ALERT_AFTER", timedelta(seconds=1))  # stands for a few minutes
-    run = publisher_run(ladder="300ms,600ms,1s,1s,1s,1s", client_cert_p12=None, client_cert_passphrase_file=None)
+def test_tls_failing_for_minutes_is_raised_to_an_error_with_its_cause_in_logs_and_health(publisher_run) -> None:
+    # PLANNERSYNC_PLANNER__TLS_ALERT_AFTER=1s stands for the default few minutes
+    run = publisher_run(ladder="300ms,600ms,1s,1s,1s,1s", client_cert_p12=None, client_cert_passphrase_file=None, tls_alert_after="1s")
     with capture_logs() as logs:
         consumer = run.start()
         run.send(busy(ANNA, uid(), 9))

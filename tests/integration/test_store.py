@@ -27,11 +27,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_upgrade_is_idempotent(store: Store) -> None:
-    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 2
+    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 4
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_a_database_made_by_schema_1_is_upgraded_in_place_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_a_database_made_by_schema_1_is_upgraded_in_place_to_4_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'v1.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
     engine = make_engine(url)
     with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 1 created
@@ -46,12 +46,67 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_and_keeps_its_rows(dia
     store = Store(engine)
     with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
         open_store(url, auto_upgrade=False)
-    assert upgrade(engine) == 2 and schema_version(engine) == 2
+    assert upgrade(engine) == 4 and schema_version(engine) == 4
     (anne,) = store.list_mailboxes()
     assert (anne.address, anne.status, anne.backend) == ("anne@k.dk", "active", None)
     assert store.sync_position("anne@k.dk") == SyncPosition("H4sI-v1-state", None, None, "ews")  # schema 1 states were EWS states
     assert store.set_backend("anne@k.dk", "graph") and store.list_mailboxes()[0].backend == "graph"
-    assert upgrade(engine) == 2  # and again: nothing to do
+    assert store.add_rule("deny", "Bo@K.dk") and store.rules("deny")[0][0] == "bo@k.dk"  # schema 3: the allow/deny lists
+    store.record_delivered("anne@k.dk", [DeliveredChange("uid-1", maybe_sent=SPAN)])  # schema 4: what Planner may hold
+    assert store.delivered("anne@k.dk")["uid-1"].maybe_interval == SPAN
+    assert upgrade(engine) == 4  # and again: nothing to do
+    assert store.rules("deny")[0][0] == "bo@k.dk"
+
+
+def test_a_database_at_schema_2_gains_the_allow_and_deny_lists(store: Store) -> None:
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:  # back to what schema 2 had: no mailbox_rules table, no maybe_* columns
+        conn.execute(text("DROP TABLE mailbox_rules"))
+        for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
+            conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
+        conn.execute(text("UPDATE schema_info SET version = 2"))
+    assert upgrade(store.engine) == 4 and schema_version(store.engine) == 4
+    assert store.rules("allow") == [] and store.add_rule("allow", "anne@k.dk")
+
+
+def test_a_database_at_schema_3_gains_what_planner_may_hold_and_keeps_its_delivered_rows(store: Store) -> None:
+    from sqlalchemy import text
+
+    store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
+    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns
+        for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
+            conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
+        conn.execute(text("UPDATE schema_info SET version = 3"))
+    assert upgrade(store.engine) == 4 and schema_version(store.engine) == 4
+    row = store.delivered("a@k.dk")["uid-1"]
+    assert (row.version, row.present, row.interval, row.maybe_held, row.maybe_interval) == (3, True, SPAN, False, None)
+
+
+def test_what_planner_may_hold_is_recorded_apart_and_cleared_by_what_it_is_known_to_hold(store: Store) -> None:
+    later = Interval(start=SPAN.start + timedelta(days=1), end=SPAN.end + timedelta(days=1))
+    store.record_delivered("a@k.dk", [DeliveredChange("new", maybe_sent=SPAN)])  # a create whose answer was lost
+    row = store.delivered("a@k.dk")["new"]
+    assert (row.version, row.present, row.interval, row.maybe_held, row.maybe_interval) == (0, False, None, True, SPAN)
+    store.record_delivered("a@k.dk", [DeliveredChange("held", version=4, holding=Holding(True, SPAN))])
+    store.record_delivered("a@k.dk", [DeliveredChange("held", maybe_sent=later)])  # an update whose answer was lost
+    row = store.delivered("a@k.dk")["held"]
+    assert (row.version, row.present, row.interval, row.maybe_held, row.maybe_interval) == (4, True, SPAN, True, later)
+    store.record_delivered("a@k.dk", [DeliveredChange("held", receipt=ReceiptFacts(8, "exists", False, None, None))])  # no holding: still maybe
+    assert store.delivered("a@k.dk")["held"].maybe_held is True
+    store.record_delivered("a@k.dk", [DeliveredChange("new", version=5, holding=Holding.absent())])  # e.g. the delete answered 10
+    store.record_delivered("a@k.dk", [DeliveredChange("held", version=5, holding=Holding(True, later))])
+    assert {k: (r.maybe_held, r.maybe_interval) for k, r in store.delivered("a@k.dk").items()} == {"new": (False, None), "held": (False, None)}
+
+
+def test_allow_and_deny_lists_are_kept_apart_case_insensitively(store: Store) -> None:
+    assert store.add_rule("allow", "Anne@K.dk") is True and store.add_rule("allow", "anne@k.dk") is False
+    assert store.add_rule("deny", "anne@k.dk") is True  # on both lists: enrolment lets the deny win
+    assert [a for a, _ in store.rules("allow")] == ["anne@k.dk"] and [a for a, _ in store.rules("deny")] == ["anne@k.dk"]
+    assert store.remove_rule("allow", "ANNE@k.dk") is True and store.remove_rule("allow", "anne@k.dk") is False
+    assert store.rules("allow") == [] and len(store.rules("deny")) == 1
+    with pytest.raises(ValueError):
+        store.add_rule("maybe", "anne@k.dk")
 
 
 def test_a_mailbox_names_its_reader_and_a_sync_state_the_reader_that_wrote_it(store: Store) -> None:
@@ -129,7 +184,7 @@ def test_exchange_sync_state_is_saved_and_replaced(store: Store) -> None:
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
-    assert len(statements) == 6 and all(s.startswith("CREATE TABLE") for s in statements)
+    assert len(statements) == 7 and all(s.startswith("CREATE TABLE") for s in statements)
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
@@ -150,6 +205,7 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
     store.record_delivered("a@k.dk", [DeliveredChange("gone-old", version=1, holding=Holding(False, None))])
     store.record_delivered("a@k.dk", [DeliveredChange("echo-old", version=1, holding=Holding(False, None), planner_originated=True)])
     store.record_delivered("a@k.dk", [DeliveredChange("held-future-old", version=1, holding=Holding(True, future))])
+    store.record_delivered("a@k.dk", [DeliveredChange("maybe-future-old", maybe_sent=future)])  # Planner may still hold it
     with store.engine.begin() as conn:  # age everything but the "-new" rows
         conn.execute(sql_update(desired_states).where(desired_states.c.origin_id != "absent-new").values(updated_at=long_ago))
         conn.execute(sql_update(delivered_events).values(updated_at=long_ago))
@@ -157,7 +213,7 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
     counts = store.prune(T - timedelta(days=30))
     assert counts == {"snapshot_parts": 1, "desired_states": 1, "delivered_events": 1}
     assert sorted(store.desired("a@k.dk")) == ["absent-new", "busy-future-old"]
-    assert sorted(store.delivered("a@k.dk")) == ["echo-old", "held-future-old"]
+    assert sorted(store.delivered("a@k.dk")) == ["echo-old", "held-future-old", "maybe-future-old"]
     assert store.snapshot_progress("old-snapshot") == (set(), None)
 
 

@@ -1,5 +1,5 @@
-"""Graph test helpers: an app registration's RSA certificate (Entra ID accepts RSA only) and GraphSettings for a
-running Graph simulator."""
+"""Graph test helpers: an app registration's RSA certificate (Entra ID accepts RSA only), GraphSettings for a
+running Graph simulator, and the same as worker settings (``with_graph``) or a worker process's env (``graph_env``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from shared.config import GraphSettings
+from shared.config import GraphSettings, Settings, load_settings
 from simulators.graph.server import RunningGraphSim
 
 
@@ -60,3 +60,36 @@ def graph_settings(sim: RunningGraphSim, **overrides: Any) -> GraphSettings:
     }
     values.update(overrides)
     return GraphSettings(**values)
+
+
+def graph_env(sim: RunningGraphSim, app: AppCertificate, ca_bundle: Path, **overrides: str) -> dict[str, str]:
+    """``PLANNERSYNC_GRAPH__*`` for a worker process reading a running simulator with the app's certificate."""
+    env = {
+        "PLANNERSYNC_GRAPH__TENANT_ID": sim.tenant,
+        "PLANNERSYNC_GRAPH__CLIENT_ID": "plannersync-sim",
+        "PLANNERSYNC_GRAPH__CLIENT_CERTIFICATE": str(app.pem),
+        "PLANNERSYNC_GRAPH__AUTHORITY_URL": sim.authority_url,
+        "PLANNERSYNC_GRAPH__GRAPH_URL": sim.url,
+        "PLANNERSYNC_GRAPH__CA_BUNDLE": str(ca_bundle),
+        "PLANNERSYNC_GRAPH__DELTA_INTERVAL": "300ms",
+        "PLANNERSYNC_GRAPH__TIMEOUT": "5s",
+    }
+    if app.passphrase:
+        env["PLANNERSYNC_GRAPH__CLIENT_CERTIFICATE_PASSPHRASE"] = app.passphrase
+    env.update({f"PLANNERSYNC_GRAPH__{name.upper()}": value for name, value in overrides.items()})
+    return env
+
+
+def with_graph(settings: Settings, sim: RunningGraphSim, app: AppCertificate, ca_bundle: Path, default_backend: str | None = None,
+               **graph: Any) -> Settings:
+    """``settings`` (already pointed at an EWS simulator or not) reading Graph mailboxes from ``sim`` with short timings:
+    delta polled every 300 ms; ``graph`` overrides single values, ``default_backend`` sets the exchange default."""
+    values: dict[str, Any] = {
+        "tenant_id": sim.tenant, "client_id": "plannersync-sim", "client_certificate": app.pem,
+        "client_certificate_passphrase": app.passphrase, "authority_url": sim.authority_url, "graph_url": sim.url,
+        "ca_bundle": ca_bundle, "delta_interval": "300ms", "timeout": "5s", **graph,
+    }
+    dumped = settings.model_dump(mode="python", exclude={"graph"})
+    if default_backend is not None:
+        dumped["exchange"] = {**dumped["exchange"], "default_backend": default_backend}
+    return load_settings(environ={}, **{**dumped, "graph": values})

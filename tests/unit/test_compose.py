@@ -172,11 +172,29 @@ def test_every_worker_gets_the_settings_its_code_reads() -> None:
     from plannersync.workers import WORKERS
 
     for worker, module in WORKERS.items():
-        code = "".join(path.read_text() for path in (ROOT / module.rsplit(".", 1)[0].replace(".", "/")).glob("*.py"))
+        code = code_of(module)
         sections = set(re.findall(r"settings\.(broker|database|exchange|planner)\b", code)) | {"broker", "database"}
         given = {path.name for path in container(worker).env_files}
         for section in sections:
             assert SECTION_FILES[section] in given, f"{worker} reads settings.{section} but does not get deploy/{SECTION_FILES[section]}"
+
+
+def code_of(module: str) -> str:
+    """A service worker's code: every file of its package. A worker in plannersync/ (the status page): its own module and
+    the plannersync modules it imports, not the whole command line beside it."""
+    if not module.startswith("plannersync."):
+        return "".join(path.read_text() for path in (ROOT / module.rsplit(".", 1)[0].replace(".", "/")).glob("*.py"))
+    seen: set[str] = set()
+    todo, code = [module], ""
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        text = (ROOT / (name.replace(".", "/") + ".py")).read_text()
+        code += text
+        todo += re.findall(r"^\s*from (plannersync\.\w+) import", text, re.M)
+    return code
 
 
 def test_every_worker_runs_as_its_own_service_with_a_healthcheck_for_that_worker() -> None:
@@ -191,7 +209,7 @@ def test_every_worker_runs_as_its_own_service_with_a_healthcheck_for_that_worker
 
 
 def test_workers_wait_for_the_schema_and_the_broker_and_the_broker_for_its_definitions() -> None:
-    for name in ("transformer", "publisher", "change-producer", "snapshot-producer", "reconciler"):
+    for name in ("transformer", "publisher", "change-producer", "snapshot-producer", "reconciler", "resource-sync"):
         depends = SERVICES[name]["depends_on"]
         assert depends["db-upgrade"]["condition"] == "service_completed_successfully"
         assert depends["rabbitmq"]["condition"] == "service_healthy"

@@ -23,6 +23,7 @@ from shared.domain.delivery_plan import (
     Reject,
     Send,
     Settled,
+    maybe_applied,
     newest_per_key,
     plan,
     receipt_action,
@@ -41,6 +42,67 @@ def desired(version: int, interval: Interval | None) -> BusyTimeState:
 
 def delivered(version: int, interval: Interval | None, present: bool = True, echo: bool = False) -> DeliveredRecord:
     return DeliveredRecord("a@b.dk", KEY, version, present, interval, None, None, echo, 0, None)
+
+
+def maybe(version: int, sent: Interval, interval: Interval | None = None, present: bool = False) -> DeliveredRecord:
+    """A record after a create or update whose answer was lost: Planner may hold ``sent``."""
+    return DeliveredRecord("a@b.dk", KEY, version, present, interval, None, None, False, None, None, maybe_held=True, maybe_interval=sent)
+
+
+@pytest.mark.parametrize(
+    ("state", "known", "action"),
+    [
+        pytest.param(desired(3, None), maybe(0, NINE_TO_TEN), Send("delete", KEY, NINE_TO_TEN),
+                     id="an absent state deletes a create whose answer was lost, with the times that were sent"),
+        pytest.param(desired(3, None), maybe(2, NINE_TO_TEN), Send("delete", KEY, NINE_TO_TEN),
+                     id="an absent state deletes what may be held even after an older version was remembered"),
+        pytest.param(desired(2, None), maybe(2, NINE_TO_TEN), NoChange("not_newer"),
+                     id="an absent state no newer than the record still sends nothing though planner may hold the event"),
+        pytest.param(desired(1, None), maybe(2, NINE_TO_TEN), NoChange("not_newer"),
+                     id="an older absent state sends nothing though planner may hold the event"),
+        pytest.param(desired(3, TEN_TO_ELEVEN), maybe(0, NINE_TO_TEN), Send("update", KEY, TEN_TO_ELEVEN),
+                     id="a busy state updates what planner may hold and planner's code 10 turns it into a create"),
+        pytest.param(desired(3, NINE_TO_TEN), maybe(0, NINE_TO_TEN), Send("update", KEY, NINE_TO_TEN),
+                     id="the retry of a create whose answer was lost is sent as an update so nothing is created twice"),
+        pytest.param(desired(3, None), maybe(2, TEN_TO_ELEVEN, NINE_TO_TEN, present=True), Send("delete", KEY, NINE_TO_TEN),
+                     id="an absent state deletes a held event whose update answer was lost"),
+        pytest.param(desired(3, NINE_TO_TEN), maybe(2, TEN_TO_ELEVEN, NINE_TO_TEN, present=True), Send("update", KEY, NINE_TO_TEN),
+                     id="a busy state back at the held times moves an event whose update answer was lost"),
+        pytest.param(desired(3, TEN_TO_ELEVEN), maybe(2, TEN_TO_ELEVEN, NINE_TO_TEN, present=True), Send("update", KEY, TEN_TO_ELEVEN),
+                     id="a busy state at the times of an update whose answer was lost updates again"),
+        pytest.param(desired(3, None), delivered(2, None, present=False), NoChange("already_absent"),
+                     id="an absent state for a record planner surely lacks still makes no call"),
+    ],
+)
+def test_what_planner_may_hold_after_a_lost_answer_is_planned_for(state: BusyTimeState, known: DeliveredRecord, action: object) -> None:
+    assert plan(state, known) == action
+
+
+@pytest.mark.parametrize(
+    ("operation", "change"),
+    [
+        ("create", DeliveredChange(KEY, maybe_sent=NINE_TO_TEN)),
+        ("update", DeliveredChange(KEY, maybe_sent=NINE_TO_TEN)),
+        ("delete", None),
+    ],
+)
+def test_a_call_whose_answer_was_lost_records_that_planner_may_hold_what_was_sent_and_nothing_else(
+    operation: Operation, change: DeliveredChange | None
+) -> None:
+    recorded = maybe_applied(Send(operation, KEY, NINE_TO_TEN))
+    assert recorded == change
+    assert recorded is None or (recorded.version is None and recorded.holding is None)
+
+
+def test_a_failure_carrying_planners_error_code_was_planners_answer_and_records_no_maybe() -> None:
+    assert maybe_applied(Send("create", KEY, NINE_TO_TEN), code=16) is None
+
+
+def test_a_receipt_that_settles_what_planner_holds_writes_a_holding_which_clears_a_maybe() -> None:
+    for code in (0, 13):
+        settled = settle(send("create"), 7, [], receipt(code), DEFAULT_RECEIPT_ACTIONS)
+        assert settled.record is not None and settled.record.holding is not None
+    assert settle(send("delete"), 7, [], receipt(10), DEFAULT_RECEIPT_ACTIONS).record.holding == Holding.absent()  # type: ignore[union-attr]
 
 
 def test_a_reconciliation_resends_the_current_version_but_never_an_older_one() -> None:

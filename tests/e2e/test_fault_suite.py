@@ -1,0 +1,433 @@
+"""The fault suite (issue 11): nothing lost, extra, wrong or doubled under faults, measured against the calendars.
+
+Each scenario runs the change producer, the transformer and the publisher as processes (``plannersync run``)
+against the real RabbitMQ through a TCP proxy the test controls (cuts need no broker restart), the EWS and Planner
+simulators (Planner behind a proxy too, so it can be swapped for a dripping server), SQLite or PostgreSQL. It drives
+random calendar edits over many mailboxes, injects its faults, settles (queues empty, Planner unchanged for a
+moment, with a deadline) and compares Planner's events with what the test's own model of the calendars implies
+(``tests/support/fault_suite.py``). It prints one line per scenario::
+
+    fault-suite <scenario>: changes=N faults=F expected=E found=X missing=0 extra=0 wrong=0 duplicate_calls=0 dead_lettered=0
+
+and asserts the zeros, that the only dead letters are the ones the scenario put there on purpose (poison bodies,
+events Planner refuses for good), and that no worker died. ``--soak`` runs longer variants with more mailboxes on a
+RabbitMQ node of the suite's own, which it restarts in the middle (the shared broker is never touched).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import exchangelib.protocol
+import pytest
+
+from shared.broker.topology import Topology, from_settings
+from shared.config import Settings
+from simulators.exchange.server import RunningExchangeSim, start_server
+from simulators.planner.server import RunningPlannerSim
+from tests.support.dripping_server import DrippingServer
+from tests.support.fault_suite import (
+    STAGES,
+    BrokerAt,
+    Driver,
+    Pipeline,
+    Report,
+    SwitchingProxy,
+    Tally,
+    account,
+    enrol,
+    pipeline_env,
+    poison_bodies,
+    settle,
+)
+from tests.support.processes import WorkerProcess
+from tests.support.rabbit_node import OwnNode
+from tests.support.settings import settings_from_env
+from tests.support.tcp_proxy import TcpProxy
+
+SETTLE_DEADLINE = 60.0
+
+
+@pytest.fixture(scope="module")
+def report(request: pytest.FixtureRequest) -> Iterator[Report]:
+    reporter = Report(request.config)
+    request.config.pluginmanager.register(reporter, f"fault-suite-report-{id(reporter)}")
+    yield reporter
+
+
+@dataclass
+class Rig:
+    """Everything one scenario runs against."""
+
+    name: str
+    driver: Driver
+    pipeline: Pipeline
+    planner: RunningPlannerSim
+    ews: RunningExchangeSim
+    broker: BrokerAt
+    broker_proxy: TcpProxy
+    planner_proxy: SwitchingProxy
+    topology: Topology
+    report: Report
+    settle_deadline: float = SETTLE_DEADLINE
+
+    def pace(self, edits: int, every: dict[int, Callable[[], Any]] | None = None, pause: tuple[float, float] = (0.005, 0.04)) -> None:
+        """``edits`` random edits, paced on purpose (not a wait for anything) so faults land while work is in
+        flight; ``every`` maps an edit number to a fault to inject just before it."""
+        for n in range(edits):
+            if every and n in every:
+                every[n]()
+            time.sleep(self.driver.rng.uniform(*pause))
+            self.driver.edit()
+
+    def pace_for(self, seconds: float, pause: tuple[float, float] = (0.01, 0.05)) -> None:
+        """Random edits for ``seconds`` (a phase of a fault), paced as ``pace`` does."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            time.sleep(self.driver.rng.uniform(*pause))
+            self.driver.edit()
+
+    def finish(self, observed: Callable[[], dict[str, int]], allowed_dead_letters: dict[str, Any] | None = None, excluded: set[str] = frozenset(),  # type: ignore[assignment]
+               deadline: float | None = None) -> Tally:
+        deadline = deadline if deadline is not None else self.settle_deadline
+        expected = self.driver.model.expected(set(excluded))
+        work = [self.topology.stage(s).work_queue() for s in ("transformer", "publisher")]
+        work += [self.topology.stage(s).retry_queue(d) for s in ("transformer", "publisher") for d in self.topology.tiers()]
+        took = settle(self.planner, self.broker, work, expected, deadline)
+        tally = account(Tally(self.name, observed=observed()), self.driver, self.planner, self.broker, self.topology.dead_letter_queues(),
+                        self.pipeline, allowed_dead_letters, excluded)
+        tally.settled_in = took
+        self.report(tally.line())
+        assert not tally.problems(), f"{tally.line()}\n{tally.problems()}"
+        return tally
+
+
+@pytest.fixture
+def rig_factory(worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report, broker: str) -> Iterator[Callable[..., Rig]]:
+    made: list[tuple[Rig, Topology, BrokerAt]] = []
+    closers: list[Callable[[], Any]] = []
+
+    def make(name: str, mailboxes: int, seed: int, database_url: str | None = None, broker_at: BrokerAt | None = None, settle_deadline: float = SETTLE_DEADLINE, **env: str) -> Rig:
+        at = broker_at or BrokerAt()
+        addresses = [f"cw{n:02d}.{name}@jobcenter.dk" for n in range(mailboxes)]
+        ews = start_server(users={"svc": "pw"}, minute_seconds=2.0, keepalive_seconds=0.5, mailboxes=addresses)
+        closers.append(ews.stop)
+        broker_proxy = TcpProxy(at.port)
+        closers.append(broker_proxy.close)
+        planner_port = int(planner_sim.url.split(":")[2].split("/")[0])
+        planner_proxy = SwitchingProxy(planner_port)
+        closers.append(planner_proxy.close)
+        planner_url = planner_sim.url.replace(f":{planner_port}/", f":{planner_proxy.port}/")
+        base = {**worker_env, **({"PLANNERSYNC_DATABASE__URL": database_url} if database_url else {})}
+        full_env = pipeline_env(base, broker_proxy, planner_url, ews, at, **env)
+        settings: Settings = settings_from_env(full_env)
+        topology = from_settings(settings.broker, settings.retry)
+        enrol(full_env["PLANNERSYNC_DATABASE__URL"], addresses)
+        driver = Driver(ews, addresses, seed, f"{name}-{seed}")
+        closers.append(driver.close)
+        rig = Rig(name, driver, Pipeline(full_env, tmp_path, processes), planner_sim, ews, at, broker_proxy, planner_proxy, topology, report, settle_deadline)
+        made.append((rig, topology, at))
+        return rig
+
+    yield make
+    for rig, _topology, _at in made:
+        rig.pipeline.stop_all()  # before the queues and the database go
+    for closer in reversed(closers):
+        closer()
+    exchangelib.protocol.close_connections()
+    from shared.broker.topology import delete_everything
+
+    for _rig, topology, at in made:
+        try:
+            delete_everything(topology, at.management, "guest", "guest")
+        except Exception:  # noqa: BLE001 - a soak node already gone
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+
+
+def broker_cuts(rig: Rig, seed_per_mailbox: int, edits: int, restart: Callable[[], None] | None = None) -> Tally:
+    """The broker cut during the first reads (a one-shot cut armed by bytes, so it lands mid-burst, twice), then
+    cut again and again during steady edits, and refused for a moment."""
+    rig.driver.seed(seed_per_mailbox)
+    seeded_busy = len(rig.driver.model.expected())
+    rig.broker_proxy.cut_after(30_000)
+    rig.pipeline.start()
+    deadline = time.monotonic() + 30
+    while rig.broker_proxy.cuts < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the poll interval of this deadline: the first cut fires inside the first reads
+    held_at_first_cut = len(rig.planner.state.events())
+    rig.broker_proxy.cut_after(40_000)
+
+    def refuse_for_a_moment() -> None:
+        rig.broker_proxy.refuse()
+        rig.broker_proxy.cut()
+        time.sleep(1.5)  # the length of the fault (connections refused meanwhile)
+        rig.broker_proxy.accept()
+
+    step = max(1, edits // 6)
+    restarts = [0]
+
+    def restart_broker() -> None:
+        if restart is not None:
+            restart()
+            restarts[0] += 1
+
+    rig.pace(edits, {step: rig.broker_proxy.cut, 2 * step: rig.broker_proxy.cut, 3 * step: refuse_for_a_moment, 4 * step: rig.broker_proxy.cut,
+                     5 * step: rig.broker_proxy.cut, 5 * step + step // 2: restart_broker})
+
+    def observed() -> dict[str, int]:
+        lost = sum(count for name in STAGES for event, count in rig.pipeline.events(name).items() if "connection_lost" in event or "reconnect" in event)
+        return {"cut_during_first_reads": int(rig.broker_proxy.cuts >= 1 and held_at_first_cut < seeded_busy),
+                "cuts": rig.broker_proxy.cuts, "connections_lost_in_logs": lost, **({"broker_restarts": restarts[0]} if restart else {})}
+
+    return rig.finish(observed)
+
+
+def sigkills(rig: Rig, seed_per_mailbox: int, edits: int, rounds: int) -> Tally:
+    """SIGKILL of every worker at random points, repeatedly (each worker several times)."""
+    rig.driver.seed(seed_per_mailbox)
+    rig.pipeline.start()
+    rng = random.Random(rig.driver.rng.random())
+    victims = [name for _ in range(rounds) for name in rng.sample(STAGES, len(STAGES))]
+    points = sorted(rng.sample(range(1, edits), len(victims)))
+    rig.pace(edits, {point: (lambda name=name: rig.pipeline.sigkill(name)) for point, name in zip(points, victims)})
+    return rig.finish(lambda: {f"sigkill:{name}": victims.count(name) for name in STAGES})
+
+
+def planner_faults(rig: Rig, seed_per_mailbox: int, edits: int, hour: float) -> Tally:
+    """Planner down for a (time-scaled) hour, reset mid-call, slow, dripping, answering garbage, refusing single
+    events for a while (receipt 15) and two for good (a permanent code); poison bodies mixed into the calendar
+    traffic. The only dead letters allowed: the poison bodies (transformer) and the two refused events (publisher)."""
+    rig.driver.seed(seed_per_mailbox)
+    rig.pipeline.start()
+    planner = rig.planner.state
+
+    def now() -> datetime:
+        return datetime.now(timezone.utc)
+
+    drip = DrippingServer(interval=0.05, body_length=50_000)
+    poison = poison_bodies(rig.driver.mailboxes[0])
+    refused_for_good: set[str] = set()
+
+    def outage() -> None:
+        planner.add_faults([{"type": "outage", "seconds": hour, "mode": "503"}], now())
+
+    def reset_outage() -> None:
+        planner.add_faults([{"type": "outage", "seconds": hour / 2, "mode": "reset"}], now())
+
+    def slow() -> None:
+        planner.add_faults([{"type": "latency", "seconds": 0.7, "times": 25}], now())
+
+    def dripping_on() -> None:  # calls Planner already has are answered; the next ones drip
+        rig.planner_proxy.switch(("127.0.0.1", int(drip.url.split(":")[2].split("/")[0])))
+
+    def dripping_off() -> None:  # the dripping server never answers: cut it at once
+        rig.planner_proxy.switch(("127.0.0.1", int(rig.planner.url.split(":")[2].split("/")[0])), hard=True)
+
+    def garbage() -> None:
+        planner.add_faults([{"type": "garbage", "kind": "not_xml", "times": 3},
+                            {"type": "garbage", "kind": "billion_laughs", "times": 1},
+                            {"type": "garbage", "kind": "oversized", "size": 25 * 1024 * 1024, "times": 1}], now())
+
+    def refuse_single_events() -> None:
+        live = sorted(key for key, item in rig.driver.model.items.items() if item is not None and item.busy() is not None and key[1] not in rig.driver.frozen)
+        chosen = rig.driver.rng.sample(live, min(6, len(live)))
+        planner.add_faults([{"type": "receipt_code", "code": 15, "message": "Try again", "origin_ids": [uid for _, uid in chosen], "times": len(chosen)}], now())
+        for mailbox, uid in chosen:  # each of them travels while refused
+            rig.driver.lengthen(mailbox, uid)
+
+    def refuse_for_good() -> None:
+        for _ in range(2):  # new busy items whose create Planner refuses with a permanent code: dead-lettered alone
+            uid = rig.driver.next_uid()
+            planner.add_faults([{"type": "receipt_code", "code": 99, "message": "Refused for good", "origin_ids": [uid]}], now())
+            rig.driver.create(busy=True)
+            refused_for_good.add(uid)
+            rig.driver.frozen.add(uid)
+
+    def poison_in() -> None:
+        rig.broker.publish_raw(rig.topology.calendar_exchange, rig.topology.change_key(rig.driver.mailboxes[0]), poison)
+
+    try:
+        # one phase per fault, each with edits going on; the phases follow each other so no fault hides another
+        rig.pace(edits // 4)
+        outage()
+        rig.pace_for(hour)
+        poison_in()
+        slow()
+        rig.pace(edits // 4)
+        reset_outage()
+        rig.pace_for(hour / 2)
+        dripping_on()
+        rig.pace_for(3.0)
+        dripping_off()
+        garbage()
+        rig.pace(edits // 4)
+        refuse_single_events()
+        rig.pace(edits // 8)
+        refuse_for_good()
+        poison_in()
+        rig.pace(edits // 8)
+
+        def observed() -> dict[str, int]:
+            outcomes: dict[str, int] = {}
+            codes: dict[int, int] = {}
+            for call in planner.calls():
+                outcomes[call.outcome] = outcomes.get(call.outcome, 0) + 1
+                for code in call.codes:
+                    codes[code] = codes.get(code, 0) + 1
+            slow = sum(25 - (fault.times or 0) for fault in planner.faults() if fault.type == "latency")
+            return {"outage_503": outcomes.get("outage_503", 0), "outage_reset": outcomes.get("outage_reset", 0), "slow": slow,
+                    "dripped": drip.requests, "garbage": sum(v for k, v in outcomes.items() if k.startswith("garbage_")),
+                    "receipt_15": codes.get(15, 0), "receipt_99": codes.get(99, 0), "poison_published": 2 * len(poison)}
+
+        return rig.finish(
+            observed,
+            allowed_dead_letters={rig.topology.stage("transformer").dead_letter_queue(): set(poison),
+                                  rig.topology.stage("publisher").dead_letter_queue(): set(refused_for_good)},
+            excluded=refused_for_good, deadline=rig.settle_deadline + hour,
+        )
+    finally:
+        dripping_off()
+        drip.stop()
+
+
+def exchange_and_database_faults(rig: Rig, seed_per_mailbox: int, edits: int, pg_admin: Any, database: str) -> Tally:
+    """Exchange throttling (ErrorServerBusy with back-off), invalid sync states, streams cut and silent, and the
+    database's connections terminated (PostgreSQL ``pg_terminate_backend``) again and again."""
+    rig.driver.seed(seed_per_mailbox)
+    rig.pipeline.start()
+    mailboxes = rig.driver.mailboxes
+
+    def throttle() -> None:
+        for mailbox in mailboxes[:4]:
+            rig.driver.ews_fault(kind="server_busy", mailbox=mailbox, operations=["SyncFolderItems"], count=3, back_off_ms=800)
+
+    def invalidate() -> None:
+        for mailbox in mailboxes[4:6]:
+            rig.driver.invalidate_sync_states(mailbox)
+
+    def stream_cut() -> None:
+        rig.driver.ews_fault(kind="stream_cut", count=2, after_seconds=0.3)
+
+    def stream_silent() -> None:
+        rig.driver.ews_fault(kind="stream_silent", count=1, after_seconds=0.3)
+
+    terminated = [0]
+
+    def terminate_backends() -> None:
+        rows = pg_admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchall()
+        terminated[0] += sum(1 for (done,) in rows if done)
+
+    step = max(1, edits // 9)
+    rig.pace(edits, {
+        step: throttle, 2 * step: terminate_backends, 3 * step: invalidate, 4 * step: stream_cut, 5 * step: terminate_backends,
+        6 * step: stream_silent, 7 * step: invalidate, 8 * step: terminate_backends,
+    })
+
+    def observed() -> dict[str, int]:
+        outcomes: dict[str, int] = {}
+        for call in rig.ews.state.call_log():
+            outcomes[call["outcome"]] = outcomes.get(call["outcome"], 0) + 1
+        streams = rig.pipeline.events("change-producer").get("stream_interrupted", 0)
+        return {"server_busy": outcomes.get("ErrorServerBusy", 0), "invalid_sync_state": outcomes.get("ErrorInvalidSyncStateData", 0),
+                "streams_interrupted": streams, "db_backends_terminated": terminated[0]}
+
+    return rig.finish(observed)
+
+
+# ------------------------------------------------------------------------------------------------ the default run
+
+
+def test_broker_cuts_during_the_first_reads_and_steady_edits_lose_nothing(rig_factory: Callable[..., Rig], topology: Topology) -> None:
+    broker_cuts(rig_factory("broker-cuts", mailboxes=15, seed=11), seed_per_mailbox=8, edits=150)
+
+
+def test_every_worker_sigkilled_at_random_points_repeatedly_loses_nothing(rig_factory: Callable[..., Rig], topology: Topology) -> None:
+    sigkills(rig_factory("sigkill", mailboxes=12, seed=12), seed_per_mailbox=5, edits=150, rounds=2)
+
+
+def test_planner_down_slow_dripping_garbage_and_refusing_with_poison_in_the_traffic(rig_factory: Callable[..., Rig], topology: Topology) -> None:
+    planner_faults(rig_factory("planner", mailboxes=12, seed=13), seed_per_mailbox=5, edits=160, hour=6.0)
+
+
+def test_exchange_throttling_invalid_sync_states_broken_streams_and_database_cuts_on_postgresql(
+    pg_url: str, pg_admin: Any, rig_factory: Callable[..., Rig], topology: Topology,
+) -> None:
+    rig = rig_factory("exchange-pg", mailboxes=12, seed=14, database_url=pg_url)
+    exchange_and_database_faults(rig, seed_per_mailbox=5, edits=150, pg_admin=pg_admin, database=pg_url.rsplit("/", 1)[1])
+
+
+def lost_answers(rig: Rig, seed_per_mailbox: int) -> Tally:
+    """Planner applies a CreateEvents but its answer is lost (the connection is cut while the call is in Planner's
+    hands), Planner stays unreachable for a moment, and meanwhile the caseworker deletes the appointment. The event
+    must not stay in Planner: its create's outcome is unknown, so the absent state has to send a Delete."""
+    rig.driver.seed(seed_per_mailbox)
+    rig.pipeline.start()
+    settle(rig.planner, rig.broker, [rig.topology.stage("publisher").work_queue()], rig.driver.model.expected(), 30)
+    planner = rig.planner.state
+    planner.add_faults([{"type": "latency", "seconds": 1.5, "operations": ["CreateEvents"], "times": 1}], datetime.now(timezone.utc))
+    mailbox, uid = rig.driver.create(busy=True)
+    deadline = time.monotonic() + 20
+    while not any(uid in call.origin_ids and call.outcome == "pending" for call in planner.calls()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the poll interval of this deadline: the create is in Planner's hands
+    rig.planner_proxy.refuse()
+    rig.planner_proxy.cut()  # the answer is lost; Planner applies the create when its latency is over
+    rig.driver.http.delete(f"{rig.driver.control}/mailboxes/{mailbox}/items/{uid}", timeout=10).raise_for_status()
+    rig.driver.model.items[(mailbox, uid)] = None
+    rig.driver.changes += 1
+    deadline = time.monotonic() + 20
+    while '"already_absent"' not in (rig.pipeline.log_dir / "publisher.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the poll interval of this deadline: the publisher has judged the absent state
+    time.sleep(0.5)  # keep Planner unreachable a moment longer (the fault's length)
+    rig.planner_proxy.accept()
+    return rig.finish(deadline=15, observed=lambda: {"answers_lost": rig.planner_proxy.cuts, "created_in_planner_unanswered": sum(
+        1 for call in planner.calls() if uid in call.origin_ids and call.operation == "CreateEvents" and 0 in call.codes)})
+
+
+def test_a_create_planner_applied_but_whose_answer_was_lost_is_deleted_when_the_appointment_goes(
+    rig_factory: Callable[..., Rig], topology: Topology,
+) -> None:
+    lost_answers(rig_factory("lost-answer", mailboxes=3, seed=15), seed_per_mailbox=3)
+
+
+# ------------------------------------------------------------------------------------------------ --soak: longer, more mailboxes, the suite's own node
+
+
+@pytest.fixture(scope="module")
+def own_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnNode]:
+    node = OwnNode(tmp_path_factory.mktemp("fault-suite-node")).start()
+    yield node
+    node.stop()
+
+
+def _on(node: OwnNode) -> BrokerAt:
+    return BrokerAt(node.amqp_port, node.management_url)
+
+
+@pytest.mark.soak
+def test_soak_broker_cuts_and_a_restart_of_the_suites_own_node(rig_factory: Callable[..., Rig], own_node: OwnNode) -> None:
+    rig = rig_factory("soak-broker", mailboxes=40, seed=21, broker_at=_on(own_node), settle_deadline=240)
+    broker_cuts(rig, seed_per_mailbox=15, edits=1500, restart=own_node.restart)
+
+
+@pytest.mark.soak
+def test_soak_sigkills(rig_factory: Callable[..., Rig], own_node: OwnNode) -> None:
+    sigkills(rig_factory("soak-sigkill", mailboxes=40, seed=22, broker_at=_on(own_node), settle_deadline=240), seed_per_mailbox=10, edits=1500, rounds=6)
+
+
+@pytest.mark.soak
+def test_soak_planner_faults(rig_factory: Callable[..., Rig], own_node: OwnNode) -> None:
+    planner_faults(rig_factory("soak-planner", mailboxes=40, seed=23, broker_at=_on(own_node), settle_deadline=240), seed_per_mailbox=10, edits=1200, hour=30.0)
+
+
+@pytest.mark.soak
+def test_soak_exchange_and_database_faults(pg_url: str, pg_admin: Any, rig_factory: Callable[..., Rig], own_node: OwnNode) -> None:
+    rig = rig_factory("soak-exchange-pg", mailboxes=40, seed=24, database_url=pg_url, broker_at=_on(own_node), settle_deadline=240)
+    exchange_and_database_faults(rig, seed_per_mailbox=10, edits=1200, pg_admin=pg_admin, database=pg_url.rsplit("/", 1)[1])
