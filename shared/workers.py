@@ -12,8 +12,10 @@ stops beating, and the health check then says so even though the reporting threa
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,18 @@ class Worker(Protocol):
     def stop(self) -> None: ...
 
     def health(self) -> Health: ...
+
+
+def wait_until(due: datetime, clock: Callable[[], datetime], stopping: threading.Event, beat: Callable[[], None], slice_seconds: float) -> bool:
+    """A scheduled worker's wait: True once ``clock()`` reaches ``due``, False when ``stopping`` is set first.
+
+    Waits in slices of at most ``slice_seconds`` and calls ``beat`` before each, so a worker waiting hours for its
+    nightly run still shows a live loop in its health (and a test clock moved forward is noticed within a slice).
+    """
+    while True:
+        beat()
+        remaining = (due - clock()).total_seconds()
+        if remaining <= 0:
+            return True
+        if stopping.wait(min(remaining, slice_seconds)):
+            return False

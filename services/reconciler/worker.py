@@ -41,7 +41,7 @@ from shared.domain.reconcile_plan import (
 from shared.domain.retry import Permanent, Transient
 from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
-from shared.workers import Health
+from shared.workers import Health, wait_until
 
 log = get_logger(__name__)
 
@@ -275,7 +275,7 @@ class Reconciler:
             self._next_run_at = due
             self._state = "waiting"
             log.info("reconciliation_scheduled", at=due.isoformat())
-            if not self._wait_until(due):
+            if not wait_until(due, self.clock, self.stopping, self._beat, WAIT_SLICE):
                 break
             self._state = "reconciling"
             self._beat()
@@ -285,16 +285,6 @@ class Reconciler:
 
     def _beat(self) -> None:
         self._beat_at = time.time()
-
-    def _wait_until(self, due: datetime) -> bool:
-        """True once the clock reaches ``due``, False when stopped first; beats at least every two seconds."""
-        while True:
-            self._beat()
-            remaining = (due - self.clock()).total_seconds()
-            if remaining <= 0:
-                return True
-            if self.stopping.wait(min(remaining, WAIT_SLICE)):
-                return False
 
     def _run_once(self) -> _LastRun:
         started = self.clock()

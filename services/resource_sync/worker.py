@@ -31,7 +31,7 @@ from shared.domain.enrolment import EnrolmentPlan, KnownMailbox, OfferedResource
 from shared.domain.retry import Permanent, Transient
 from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
-from shared.workers import Health
+from shared.workers import Health, wait_until
 
 log = get_logger(__name__)
 
@@ -227,7 +227,7 @@ class ResourceSync:
             self._next_run_at = due
             self._state = "waiting"
             log.info("enrolment_scheduled", at=due.isoformat())
-            if not self._wait_until(due):
+            if not wait_until(due, self.clock, self.stopping, self._beat, WAIT_SLICE):
                 break
             self._state = "syncing"
             self._beat()
@@ -236,15 +236,6 @@ class ResourceSync:
 
     def _beat(self) -> None:
         self._beat_at = time.time()
-
-    def _wait_until(self, due: datetime) -> bool:
-        while True:
-            self._beat()
-            remaining = (due - self.clock()).total_seconds()
-            if remaining <= 0:
-                return True
-            if self.stopping.wait(min(remaining, WAIT_SLICE)):
-                return False
 
     def run_once(self) -> None:
         """One pass now, remembered for ``health()``."""

@@ -38,7 +38,7 @@ from shared.domain.source_faults import SourceFault
 from shared.domain.timing import next_run
 from shared.logs import correlation, get_logger
 from shared.mailbox_passes import Lazy, rebase_mailbox, snapshot_mailbox
-from shared.workers import Health
+from shared.workers import Health, wait_until
 
 log = get_logger(__name__)
 
@@ -222,7 +222,7 @@ class SnapshotProducer:
             due = next_run(self.clock(), self.settings.exchange.snapshot_time, self.settings.busy.time_zone)
             self.status = replace(self.status, state="waiting", next_run_at=due)
             log.info("snapshot_scheduled", at=due.isoformat())
-            if self._wait_until(due):
+            if not wait_until(due, self.clock, self.stopping, self._beat, WAIT_SLICE):
                 break
             started = self.clock()
             self.status = replace(self.status, state="snapshotting", next_run_at=None)
@@ -238,16 +238,6 @@ class SnapshotProducer:
 
     def _beat(self) -> None:
         self.beat_at = time.time()
-
-    def _wait_until(self, due: datetime) -> bool:
-        """Wait until ``due`` in slices of at most ``WAIT_SLICE`` seconds, beating each time; True when stopped first."""
-        while True:
-            self._beat()
-            remaining = (due - self.clock()).total_seconds()
-            if remaining <= 0:
-                return False
-            if self.stopping.wait(min(remaining, WAIT_SLICE)):
-                return True
 
 
 def build(settings: Settings) -> SnapshotProducer:

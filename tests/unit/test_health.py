@@ -71,3 +71,24 @@ def test_the_reporter_writes_any_workers_health_repeatedly_until_stopped(tmp_pat
     data = read_health(tmp_path)["reconciler"]
     assert data["worker"] == "reconciler" and data["next_run_at"].startswith("2026-12-02") and is_healthy(data, 30)[0]
     assert not reporter.running  # stopped: its thread has ended, so nothing more is written
+
+
+def test_a_scheduled_wait_beats_each_slice_ends_when_the_clock_reaches_the_time_and_stops_when_asked() -> None:
+    import threading
+    from datetime import datetime, timedelta, timezone
+
+    from shared.workers import wait_until
+
+    now = [datetime(2026, 12, 2, 4, 0, tzinfo=timezone.utc)]
+    due = now[0] + timedelta(minutes=30)
+    beats: list[datetime] = []
+
+    def beat() -> None:  # the test clock moves ten minutes per beat, so three beats reach the due time
+        beats.append(now[0])
+        now[0] += timedelta(minutes=10)
+
+    assert wait_until(due, lambda: now[0], threading.Event(), beat, 0.01) is True
+    assert beats == [due - timedelta(minutes=m) for m in (30, 20, 10)]
+    stopping = threading.Event()
+    stopping.set()
+    assert wait_until(due + timedelta(days=1), lambda: now[0], stopping, beat, 0.01) is False
