@@ -50,7 +50,7 @@ from tests.support.rabbit_node import OwnNode
 from tests.support.settings import settings_from_env
 from tests.support.tcp_proxy import TcpProxy
 
-SETTLE_DEADLINE = 60.0
+SETTLE_DEADLINE = 150.0  # an upper bound only: settling returns as soon as Planner equals the calendars and the queues are empty; a loaded CI machine needed more than 60 s once
 
 
 @pytest.fixture(scope="module")
