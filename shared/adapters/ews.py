@@ -9,7 +9,9 @@ Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
   and let ``shared.domain.busy_rules`` derive the dates in the item's own zone.
 - ``FailFast`` retry policy: exchangelib's back-off is global per service account, so one throttled
   mailbox would freeze all; we raise instead and back off per mailbox (``classify``).
-- The session pool is sized for the open streams plus the worker threads (default pool size is 1).
+- The session pool is sized for the open streams plus the worker threads (default pool size is 1), and keeps
+  that size: exchangelib shrinks it on ErrorServerBusy under a lock it then waits on, which deadlocks every
+  read once all sessions are in use (``_keep_pool_size``, decision 69).
 - A configured CA bundle wins over ``REQUESTS_CA_BUNDLE`` (``_CaBundleAdapter``).
 - ``Folder.get_events`` never advances the watermark while MoreEvents is true: we page ourselves.
 """
@@ -199,6 +201,18 @@ def to_calendar_item(item: Any) -> CalendarItem:
 
 
 # --- the connection ----------------------------------------------------------------------------------
+def _keep_pool_size() -> None:
+    """Replaces ``Protocol.decrease_poolsize``: the pool keeps its size (decision 69 in docs/decisions.md).
+
+    exchangelib answers ErrorServerBusy by taking a session out of its pool while holding the pool lock; with
+    every session in use that wait tries to grow the pool, which needs the same lock, and the thread and then all
+    threads deadlock. Throttling is handled per mailbox instead (``classify`` gives the wait Exchange asked for),
+    and a smaller pool would starve reads behind the open streams anyway. exchangelib treats this error as
+    "already as small as it gets".
+    """
+    raise ews_errors.SessionPoolMinSizeReached("plannersync keeps the EWS session pool size")
+
+
 class EwsConnection:
     """One service account's EWS access, shared by all threads of a producer."""
 
@@ -223,6 +237,7 @@ class EwsConnection:
             account = self._accounts.get(mailbox)
             if account is None:
                 account = Account(mailbox, config=self.config, access_type=IMPERSONATION, autodiscover=False, default_timezone=self.zone)
+                account.protocol.decrease_poolsize = _keep_pool_size   # one shared Protocol per endpoint+account
                 self._accounts[mailbox] = account
             return account
 
@@ -231,7 +246,11 @@ class EwsConnection:
             self._accounts.pop(mailbox, None)
 
     def close(self) -> None:
-        self.config.protocol.close()
+        """Close the pooled sessions (the accounts share one Protocol per endpoint and service account)."""
+        with self._lock:
+            protocols = {id(account.protocol): account.protocol for account in self._accounts.values()}
+        for protocol in protocols.values():
+            protocol.close()
 
     # --- reads ------------------------------------------------------------------------------------
     @metrics.timed_exchange_call("ews", "sync", lambda error: classify(error).kind)
