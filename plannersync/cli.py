@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -78,10 +79,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 metrics_server.stop()
     except Exception as exc:  # noqa: BLE001 - a worker's failure is one JSON line (worker_crashed), the traceback a field
         from plannersync.status_page import CannotServe
+        from shared.workers import WorkerWedged
 
         message = operator_message(exc, settings) or (str(exc) if isinstance(exc, CannotServe) else None)
         log_fatal(exc, worker=args.worker, **({"problem": message} if message else {}))
-        return EXIT_UNAVAILABLE if message else EXIT_FAILED
+        code = EXIT_UNAVAILABLE if message else EXIT_FAILED
+        if isinstance(exc, WorkerWedged):   # a wedged thread would hold a normal exit for ever (decision 70)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     return 0
 
 

@@ -296,6 +296,10 @@ class ExchangeSettings(_SecretFiles):
     failure_backoff_max: Duration = Field(timedelta(hours=1), description="slowest retry of a failing mailbox")
     unavailable_retry: Duration = Field(timedelta(minutes=2), description="first retry of an unavailable mailbox (doubles)")
     transient_retry: Duration = Field(timedelta(seconds=2), description="first retry after a transient Exchange error (doubles)")
+    read_stuck_after: Duration = Field(
+        timedelta(minutes=15), ge=timedelta(seconds=1),
+        description="a mailbox read still running after this long is wedged: health turns red and the producer exits to be restarted",
+    )
     snapshot_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     snapshot_parallelism: int = Field(4, ge=1, le=32)
     snapshot_part_size: int = Field(500, ge=10, le=5000)

@@ -28,6 +28,14 @@ class Health:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+class WorkerWedged(Exception):
+    """A worker found one of its own threads stuck far past any deadline (a deadlock in a library, say).
+
+    Python cannot interrupt a thread, so the process exits at once, without waiting for that thread, and its
+    supervisor (compose's ``restart:``, systemd's ``Restart=``) starts it afresh (decision 70 in docs/decisions.md).
+    """
+
+
 class Worker(Protocol):
     """What ``plannersync run <name>`` needs of a worker."""
 

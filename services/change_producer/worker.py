@@ -20,7 +20,9 @@ unavailable mailbox (impersonation denied, not found, being moved) is retried sl
 recorded, an invalid sync state makes a full re-read plus a snapshot (so deletions are found too).
 
 ``health()`` reports the scheduler's last pass (``beat_at``) and counts: mailboxes followed, subscribed,
-failing, reads done.
+failing, reads done. A read still running after ``exchange.read_stuck_after`` is wedged (no Exchange call lasts
+that long): health turns red at once and ``run`` raises ``WorkerWedged``, so the process exits and its supervisor
+restarts it, instead of beating on while no mailbox is read (decision 70 in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
 from shared.mailbox_passes import Lazy, rebase_mailbox, snapshot_mailbox, sync_mailbox
-from shared.workers import Health
+from shared.workers import Health, WorkerWedged
 
 log = get_logger(__name__)
 
@@ -112,6 +114,7 @@ class ChangeProducer:
         self.pool = ThreadPoolExecutor(max_workers=ex.sync_workers, thread_name_prefix="ews-sync")
         self.local = threading.local()
         self.reads = 0                   # successful mailbox reads since start (under ``lock``)
+        self.in_flight: dict[str, float] = {}   # mailbox -> time.monotonic() its read started (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
 
     @property
@@ -131,6 +134,7 @@ class ChangeProducer:
             states = list(self.schedule.mailboxes.values())
             reads = self.reads
             backends = list(self.backends.values())
+        stuck = self._stuck_reads()
         facts = {
             "mailboxes": len(states),
             "subscribed": sum(1 for state in states if state.subscribed),
@@ -138,7 +142,16 @@ class ChangeProducer:
             "reads": reads,
             "graph": sum(1 for backend in backends if backend == "graph"),
         }
+        if stuck:
+            return Health("read_stuck", self.beat_at, ok=False, facts={**facts, "stuck_reads": len(stuck), "oldest_read_s": round(max(stuck.values()))})
         return Health("running", self.beat_at, facts=facts)
+
+    def _stuck_reads(self) -> dict[str, float]:
+        """Reads running longer than ``read_stuck_after``: mailbox -> seconds so far."""
+        limit = self.settings.exchange.read_stuck_after.total_seconds()
+        now = time.monotonic()
+        with self.lock:
+            return {address: now - started for address, started in self.in_flight.items() if now - started > limit}
 
     def run(self) -> None:
         """Start the notification threads and schedule mailbox reads until ``stop``."""
@@ -163,7 +176,13 @@ class ChangeProducer:
                 for address in due:
                     self.schedule.started(address)
             for address in due:
-                self.pool.submit(self._read, address)
+                self.pool.submit(self._timed_read, address)
+            stuck = self._stuck_reads()
+            if stuck:
+                for address, seconds in sorted(stuck.items()):
+                    log.error("mailbox_read_stuck", mailbox=address, running_s=round(seconds), limit_s=self.settings.exchange.read_stuck_after.total_seconds())
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                raise WorkerWedged(f"{len(stuck)} mailbox read(s) stuck for more than {self.settings.exchange.read_stuck_after}; exiting to be restarted")
             self.wake.wait(0.5)
             self.wake.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -236,6 +255,16 @@ class ChangeProducer:
         if isinstance(message, CalendarChange):  # the start of the correlation trail: Exchange item id -> Planner receipt
             with correlation(message.correlation_id):
                 log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
+
+    def _timed_read(self, address: str) -> None:
+        """One scheduled read, timed for the wedge check (``_stuck_reads``)."""
+        with self.lock:
+            self.in_flight[address] = time.monotonic()
+        try:
+            self._read(address)
+        finally:
+            with self.lock:
+                self.in_flight.pop(address, None)
 
     def _read(self, address: str, full: bool = False) -> None:
         observed_at = self.clock()
