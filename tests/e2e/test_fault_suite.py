@@ -29,6 +29,8 @@ import pytest
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from simulators.exchange.server import RunningExchangeSim, start_server
+from simulators.graph.server import RunningGraphSim
+from simulators.graph.server import start_server as start_graph
 from simulators.planner.server import RunningPlannerSim
 from tests.support.dripping_server import DrippingServer
 from tests.support.fault_suite import (
@@ -45,10 +47,12 @@ from tests.support.fault_suite import (
     poison_bodies,
     settle,
 )
+from tests.support.graph import graph_env, write_app_certificate
 from tests.support.processes import WorkerProcess
 from tests.support.rabbit_node import OwnNode
 from tests.support.settings import settings_from_env
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tls import write_pki
 
 SETTLE_DEADLINE = 150.0  # an upper bound only: settling returns as soon as Planner equals the calendars and the queues are empty; a loaded CI machine needed more than 60 s once
 
@@ -75,6 +79,8 @@ class Rig:
     topology: Topology
     report: Report
     settle_deadline: float = SETTLE_DEADLINE
+    graph: RunningGraphSim | None = None   # serving the same calendars as ``ews`` when the mailboxes are on Graph
+    graph_ca: Path | None = None           # the CA that signed the Graph simulator's HTTPS certificate
 
     def pace(self, edits: int, every: dict[int, Callable[[], Any]] | None = None, pause: tuple[float, float] = (0.005, 0.04)) -> None:
         """``edits`` random edits, paced on purpose (not a wait for anything) so faults land while work is in
@@ -112,11 +118,21 @@ def rig_factory(worker_env: dict[str, str], planner_sim: RunningPlannerSim, proc
     made: list[tuple[Rig, Topology, BrokerAt]] = []
     closers: list[Callable[[], Any]] = []
 
-    def make(name: str, mailboxes: int, seed: int, database_url: str | None = None, broker_at: BrokerAt | None = None, settle_deadline: float = SETTLE_DEADLINE, **env: str) -> Rig:
+    def make(name: str, mailboxes: int, seed: int, database_url: str | None = None, broker_at: BrokerAt | None = None, settle_deadline: float = SETTLE_DEADLINE,
+             on_graph: bool = False, **env: str) -> Rig:
         at = broker_at or BrokerAt()
         addresses = [f"cw{n:02d}.{name}@jobcenter.dk" for n in range(mailboxes)]
         ews = start_server(users={"svc": "pw"}, minute_seconds=2.0, keepalive_seconds=0.5, mailboxes=addresses)
         closers.append(ews.stop)
+        graph: RunningGraphSim | None = None
+        graph_ca: Path | None = None
+        if on_graph:   # the same calendars through Microsoft Graph (HTTPS, certificate credentials); edits still go to the one store
+            pki = write_pki(tmp_path / "graph-pki")
+            app = write_app_certificate(tmp_path / "graph-app")
+            graph = start_graph(tls=(str(pki.server_cert), str(pki.server_key)), store=ews.state.store, client_certificates=[app.certificate_pem])
+            closers.append(graph.stop)
+            graph_ca = pki.ca_cert
+            env = {**graph_env(graph, app, pki.ca_cert), "PLANNERSYNC_EXCHANGE__DEFAULT_BACKEND": "graph", **env}
         broker_proxy = TcpProxy(at.port)
         closers.append(broker_proxy.close)
         planner_port = int(planner_sim.url.split(":")[2].split("/")[0])
@@ -130,7 +146,7 @@ def rig_factory(worker_env: dict[str, str], planner_sim: RunningPlannerSim, proc
         enrol(full_env["PLANNERSYNC_DATABASE__URL"], addresses)
         driver = Driver(ews, addresses, seed, f"{name}-{seed}")
         closers.append(driver.close)
-        rig = Rig(name, driver, Pipeline(full_env, tmp_path, processes), planner_sim, ews, at, broker_proxy, planner_proxy, topology, report, settle_deadline)
+        rig = Rig(name, driver, Pipeline(full_env, tmp_path, processes), planner_sim, ews, at, broker_proxy, planner_proxy, topology, report, settle_deadline, graph, graph_ca)
         made.append((rig, topology, at))
         return rig
 
@@ -342,6 +358,57 @@ def exchange_and_database_faults(rig: Rig, seed_per_mailbox: int, edits: int, pg
     return rig.finish(observed)
 
 
+def graph_faults(rig: Rig, seed_per_mailbox: int, edits: int) -> Tally:
+    """Exchange Online through Microsoft Graph: throttling (429 with Retry-After) and 503s per mailbox, expired delta
+    tokens (410), server errors, a mailbox briefly outside the app's scope (403) and not found (404), a dripping
+    answer, replayed delta pages and removals of items never seen. (Instances without iCalUId need recurring series,
+    which this suite's calendar model does not make; tests/integration/test_graph_adapter.py covers them.)"""
+    assert rig.graph is not None
+    graph = rig.graph
+    rig.driver.seed(seed_per_mailbox)
+    rig.pipeline.start()
+    mailboxes = rig.driver.mailboxes
+
+    def fault(**spec: Any) -> None:
+        rig.driver.http.post(f"{graph.control_url}/faults", json=spec, timeout=10, verify=str(rig.graph_ca)).raise_for_status()
+
+    def throttle() -> None:
+        for mailbox in mailboxes[:3]:
+            fault(kind="throttle", mailbox=mailbox, endpoints=["delta"], count=3, retry_after=1)
+
+    def unavailable() -> None:
+        for mailbox in mailboxes[3:5]:
+            fault(kind="unavailable", mailbox=mailbox, count=2, retry_after=1)
+
+    def expire_tokens() -> None:
+        for mailbox in mailboxes[5:8]:
+            fault(kind="sync_state_not_found", mailbox=mailbox, endpoints=["delta"], count=1)
+
+    def out_of_scope() -> None:
+        fault(kind="forbidden", mailbox=mailboxes[8], count=3)
+        fault(kind="not_found", mailbox=mailboxes[9], count=2)
+
+    def misbehave() -> None:
+        fault(kind="server_error", endpoints=["delta"], count=3)
+        fault(kind="delta_replay", count=4)
+        fault(kind="phantom_removal", count=4)
+
+    def drip() -> None:
+        fault(kind="drip", mailbox=mailboxes[0], endpoints=["delta"], count=1, drip_bytes=1, drip_interval_ms=400)
+
+    step = max(1, edits // 7)
+    rig.pace(edits, {step: throttle, 2 * step: unavailable, 3 * step: expire_tokens, 4 * step: out_of_scope, 5 * step: misbehave,
+                     6 * step: drip})
+
+    def observed() -> dict[str, int]:
+        statuses: dict[int, int] = {}
+        for call in graph.state.call_log():
+            statuses[call["status"]] = statuses.get(call["status"], 0) + 1
+        return {f"http_{status}": statuses.get(status, 0) for status in (429, 503, 410, 500, 403, 404)}
+
+    return rig.finish(observed)
+
+
 # ------------------------------------------------------------------------------------------------ the default run
 
 
@@ -362,6 +429,10 @@ def test_exchange_throttling_invalid_sync_states_broken_streams_and_database_cut
 ) -> None:
     rig = rig_factory("exchange-pg", mailboxes=12, seed=14, database_url=pg_url)
     exchange_and_database_faults(rig, seed_per_mailbox=5, edits=150, pg_admin=pg_admin, database=pg_url.rsplit("/", 1)[1])
+
+
+def test_graph_throttling_expired_tokens_scope_errors_and_odd_delta_pages_lose_nothing(rig_factory: Callable[..., Rig], topology: Topology) -> None:
+    graph_faults(rig_factory("graph", mailboxes=10, seed=16, on_graph=True), seed_per_mailbox=5, edits=150)
 
 
 def lost_answers(rig: Rig, seed_per_mailbox: int) -> Tally:
