@@ -2,7 +2,8 @@
 
 - ``sync_mailbox``: what changed since the stored sync state becomes ``CalendarChange`` messages. Every message
   is published (confirmed) *before* the new sync state is saved, so a crash in between repeats the read instead
-  of losing it.
+  of losing it. ``publish_sync`` is its second half, for changes read elsewhere (several Graph mailboxes' delta
+  pages read together through ``$batch``).
 - ``snapshot_mailbox``: the whole window is read before the first part is published, so a read that fails half
   way publishes nothing, and a publish that fails half way never sends the final part; an incomplete snapshot
   never makes the transformer delete anything.
@@ -77,14 +78,31 @@ def sync_mailbox(
     # a state another reader wrote (the mailbox moved between backends) cannot be continued: read it all
     saved = stored.sync_state if stored is not None and stored.backend == backend else None
     changes, new_state = reader.sync(mailbox, saved)
+    return publish_sync(mailbox, changes, new_state, saved is None, reader, positions, publish, window, observed_at, new_id, backend)
+
+
+def publish_sync(
+    mailbox: str,
+    changes: list[SyncChange],
+    new_state: str,
+    full: bool,
+    reader: ViewReader,
+    positions: SyncPositions,
+    publish: Callable[[CalendarChange], None],
+    window: Interval,
+    observed_at: datetime,
+    new_id: Callable[[], str],
+    backend: Backend = "ews",
+) -> PassResult:
+    """Publish what one read found, then save the state it ended at (``full``: the read started from nothing)."""
     occurrences: dict[str, list[CalendarItem]] = {}
     if any(c.item is not None and c.item.item_type == "master" for c in changes):
         occurrences = series_occurrences(reader.view(mailbox, window))
     messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, backend)
     for message in messages:
         publish(message)
-    positions.save_sync_position(mailbox, new_state, observed_at, full=saved is None, backend=backend)
-    return PassResult(len(messages), saved is None)
+    positions.save_sync_position(mailbox, new_state, observed_at, full=full, backend=backend)
+    return PassResult(len(messages), full)
 
 
 def snapshot_mailbox(

@@ -36,7 +36,7 @@ from typing import Callable
 
 from shared.adapters.ews import EwsConnection
 from shared.adapters.ews import classify as classify_ews
-from shared.adapters.graph import GraphReader, GraphSyncReader, operator_detail
+from shared.adapters.graph import DeltaRound, GraphReader, GraphSyncReader, operator_detail
 from shared.adapters.graph import classify as classify_graph
 from shared.adapters.store import Store, open_store
 from shared.broker.publishing import Outgoing, Publisher, PublishRefused
@@ -49,7 +49,7 @@ from shared.domain.read_schedule import Schedule, Timing
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
-from shared.mailbox_passes import Lazy, rebase_mailbox, snapshot_mailbox, sync_mailbox
+from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, snapshot_mailbox, sync_mailbox
 from shared.workers import Health, WorkerWedged
 
 log = get_logger(__name__)
@@ -175,8 +175,8 @@ class ChangeProducer:
                 due = self.schedule.due(now)
                 for address in due:
                     self.schedule.started(address)
-            for address in due:
-                self.pool.submit(self._timed_read, address)
+            for group in self._groups(due):
+                self.pool.submit(self._timed_read, group)
             stuck = self._stuck_reads()
             if stuck:
                 for address, seconds in sorted(stuck.items()):
@@ -256,15 +256,65 @@ class ChangeProducer:
             with correlation(message.correlation_id):
                 log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
 
-    def _timed_read(self, address: str) -> None:
-        """One scheduled read, timed for the wedge check (``_stuck_reads``)."""
+    def _groups(self, due: list[str]) -> list[list[str]]:
+        """Due mailboxes as read tasks: each EWS mailbox alone; Graph mailboxes up to ``graph.batch_size`` together,
+        their delta pages read through one ``$batch`` per page, except a mailbox whose last read failed: it is read
+        alone until it succeeds, so a slow or failing mailbox holds up no other (decision 72 in docs/decisions.md)."""
         with self.lock:
-            self.in_flight[address] = time.monotonic()
+            failing = {address for address in due if (state := self.schedule.mailboxes.get(address)) is not None and state.failures}
+        graph = [address for address in due if self.backend_of(address) == "graph" and address not in failing]
+        alone = [[address] for address in due if address not in set(graph)]
+        size = self.settings.graph.batch_size
+        return alone + [graph[i : i + size] for i in range(0, len(graph), size)]
+
+    def _timed_read(self, addresses: list[str]) -> None:
+        """One scheduled read task, timed for the wedge check (``_stuck_reads``)."""
+        started = time.monotonic()
+        with self.lock:
+            self.in_flight.update({address: started for address in addresses})
         try:
-            self._read(address)
+            if len(addresses) == 1:
+                self._read(addresses[0])
+            else:
+                self._read_graph_batch(addresses)
         finally:
             with self.lock:
-                self.in_flight.pop(address, None)
+                for address in addresses:
+                    self.in_flight.pop(address, None)
+
+    def _read_graph_batch(self, addresses: list[str]) -> None:
+        """Several Graph mailboxes' delta rounds read together (``GraphReader.sync_many``), then each published and
+        recorded alone: a fault stays with its mailbox. A mailbox that moved from EWS, or whose delta link Graph
+        refuses (410), gets the single full read that finds deletions too."""
+        observed_at = self.clock()
+        window = sync_window(observed_at, self.policy)
+        try:
+            reader = self._graph_reader()
+            positions = {address: self.store.sync_position(address) for address in addresses}
+        except Exception as exc:  # noqa: BLE001 - no reader or no store: every mailbox of the group has this fault
+            for address in addresses:
+                with correlation(None, mailbox=address):
+                    self._failed(address, "graph", self._classify("graph", exc), full=False)
+            return
+        moved = [a for a, p in positions.items() if p is not None and p.backend != "graph"]
+        rounds = [DeltaRound(a, p.sync_state if p is not None else None, window) for a, p in positions.items() if a not in moved]
+        for address in moved:
+            self._read(address)
+        results = reader.sync_many(rounds) if rounds else {}
+        for round_ in rounds:
+            address = round_.mailbox
+            result = results.get(address) or SourceFault("transient", "no answer for this mailbox in the $batch")
+            with correlation(None, mailbox=address):
+                if isinstance(result, SourceFault):
+                    self._failed(address, "graph", result, full=False)
+                    continue
+                try:
+                    done = publish_sync(address, result.changes, result.delta_link, round_.delta_link is None, GraphSyncReader(reader, window),
+                                        self.store, self._publish, window, observed_at, _new_id, backend="graph")
+                except Exception as exc:  # noqa: BLE001 - a publish or store failure is this mailbox's alone
+                    self._failed(address, "graph", self._classify("graph", exc), full=False)
+                    continue
+                self._succeeded(address, "graph", done.published, done.full_resync)
 
     def _read(self, address: str, full: bool = False) -> None:
         observed_at = self.clock()
@@ -295,31 +345,37 @@ class ChangeProducer:
                         log.info("mailbox_resynced", items=items, backend=backend)
                     published, full_read = result.published, result.full_resync
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
-                fault = self._classify(backend, exc)
-                if fault.kind == "invalid_sync_state" and not full:
-                    log.warning("sync_state_invalid", detail=fault.detail, backend=backend)
-                    self._read(address, full=True)
-                    return
-                with self.lock:
-                    wait = self.schedule.failed(address, self.clock(), fault)
-                    state = self.schedule.mailboxes.get(address)
-                log.warning("mailbox_read_failed", kind=fault.kind, detail=fault.detail, retry_in_s=round(wait.total_seconds(), 1), backend=backend)
-                if state is not None:
-                    detail = operator_detail(fault) if backend == "graph" else fault.detail
-                    self._record_status(address, state.status, detail, self.clock() + wait)
+                self._failed(address, backend, self._classify(backend, exc), full)
                 return
-            with self.lock:
-                previous = self.schedule.mailboxes.get(address)
-                was = previous.status if previous else None
-                now = self.clock()
-                self.schedule.succeeded(address, now)
-                if backend == "graph" and previous is not None:
-                    previous.next_safety = now + self.settings.graph.delta_interval   # Graph is polled, never notified
-                self.reads += 1
-            if published:
-                log.info("mailbox_changes_published", changes=published, full=full_read, backend=backend)
-            if was != "active":
-                self._record_status(address, "active", None, None)
+            self._succeeded(address, backend, published, full_read)
+
+    def _failed(self, address: str, backend: Backend, fault: SourceFault, full: bool) -> None:
+        """A read failed: an invalid sync state is read again in full at once; anything else waits (``schedule``)."""
+        if fault.kind == "invalid_sync_state" and not full:
+            log.warning("sync_state_invalid", detail=fault.detail, backend=backend)
+            self._read(address, full=True)
+            return
+        with self.lock:
+            wait = self.schedule.failed(address, self.clock(), fault)
+            state = self.schedule.mailboxes.get(address)
+        log.warning("mailbox_read_failed", kind=fault.kind, detail=fault.detail, retry_in_s=round(wait.total_seconds(), 1), backend=backend)
+        if state is not None:
+            detail = operator_detail(fault) if backend == "graph" else fault.detail
+            self._record_status(address, state.status, detail, self.clock() + wait)
+
+    def _succeeded(self, address: str, backend: Backend, published: int, full_read: bool) -> None:
+        with self.lock:
+            previous = self.schedule.mailboxes.get(address)
+            was = previous.status if previous else None
+            now = self.clock()
+            self.schedule.succeeded(address, now)
+            if backend == "graph" and previous is not None:
+                previous.next_safety = now + self.settings.graph.delta_interval   # Graph is polled, never notified
+            self.reads += 1
+        if published:
+            log.info("mailbox_changes_published", changes=published, full=full_read, backend=backend)
+        if was != "active":
+            self._record_status(address, "active", None, None)
 
     def _graph_reader(self) -> GraphReader:
         try:

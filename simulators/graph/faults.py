@@ -8,7 +8,8 @@ kinds (status, Graph error code):
   sync_state_not_found   410 SyncStateNotFound (or "code", e.g. resyncRequired) on delta calls with a token
   server_error           500 (or "status" 5xx) ErrorInternalServerError (or "code")
   latency                the answer is delayed by "latency_ms" (combines with one other fault)
-  drip                   the body is sent "drip_bytes" (1) at a time every "drip_interval_ms" (500)
+  drip                   the body is sent "drip_bytes" (1) at a time every "drip_interval_ms" (500); a dripping
+                         part of a $batch makes the whole batch answer drip (Graph answers when all parts are done)
   no_ical_uid            instances are served without iCalUId (the adapter then reads the series master)
   delta_replay           the next delta page repeats its entries (Graph replays; order is not guaranteed)
   phantom_removal        the next delta page also removes an item the client never saw

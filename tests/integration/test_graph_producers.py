@@ -211,6 +211,35 @@ def test_a_graph_fault_waits_for_its_mailbox_alone_and_nothing_is_lost(
     assert not snapshots(collector, ANNE)   # none of these needs a snapshot
 
 
+def test_graph_mailboxes_are_polled_together_through_batch_and_a_failed_batch_isolates_its_mailboxes(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim, graph: RunningGraphSim, pki: ThrowawayPKI, app: AppCertificate,
+    store: Store, collector: Collector,
+) -> None:
+    mailboxes = [f"batch{n:02d}@kommune.example" for n in range(7)]
+    for mailbox in mailboxes:
+        graph.state.store.ensure_mailbox(mailbox)
+        store.add_mailbox(mailbox, backend="graph")
+    with Running(config(settings, ews, graph, pki, app, timeout="1500ms", batch_size=4)):
+        wait_for(lambda: all(position(store, m) for m in mailboxes), 30, what="first reads")
+        graph.state.clear_calls()
+        uids = [add(graph, mailbox, start=at(3, 9), end=at(3, 10)) for mailbox in mailboxes]
+        wait_for(lambda: all(collector.changes_for(uid) for uid in uids), 20, what="every mailbox's change")
+        polled = graph.state.call_log()
+        # a whole $batch answer dripping: every mailbox in it fails once, then each is read alone and nothing is lost
+        fault(graph, endpoint="batch", kind="drip", drip_bytes=1, drip_interval_ms=300, count=1)
+        graph.state.clear_calls()
+        later = [add(graph, mailbox, start=at(3, 11), end=at(3, 12)) for mailbox in mailboxes]
+        wait_for(lambda: all(collector.changes_for(uid) for uid in later), 30, what="every mailbox's change after the failed batch")
+        after_fault = graph.state.call_log()
+    delta = [c for c in polled if c["endpoint"] == "delta"]
+    assert delta and all(c["in_batch"] for c in delta), delta                       # no mailbox polled on its own
+    batches = [c for c in polled if c["endpoint"] == "batch"]
+    assert len(delta) >= 2 * len(batches) > 0, (len(delta), len(batches))            # several mailboxes per HTTP request
+    alone = {c["mailbox"] for c in after_fault if c["endpoint"] == "delta" and not c["in_batch"]}
+    assert alone and alone <= set(mailboxes), after_fault                            # the failed batch's mailboxes, read alone
+    assert all(status(store, m)[0] == "active" for m in mailboxes)
+
+
 def test_an_expired_delta_link_reads_the_mailbox_again_and_publishes_a_snapshot(
     settings: Settings, topology: Topology, ews: RunningExchangeSim, graph: RunningGraphSim, pki: ThrowawayPKI, app: AppCertificate,
     store: Store, collector: Collector,
