@@ -74,11 +74,11 @@ def classify(error: BaseException) -> SourceFault:
 
 def ews_connection(settings: Settings) -> EwsConnection:
     ex = settings.exchange
-    return EwsConnection(ex, settings.busy.time_zone, ex.streaming_connections + ex.sync_workers + 2)
+    return EwsConnection(ex, settings.busy.time_zone, ex.streaming_connections + ex.sync_workers + 2, settings.busy.policy().planner_organizers)
 
 
 def graph_reader(settings: Settings) -> GraphReader:
-    return GraphReader(settings.graph)
+    return GraphReader(settings.graph, planner_organizers=settings.busy.policy().planner_organizers)
 
 
 class GraphNotConfigured(Exception):

@@ -59,11 +59,13 @@ class SnapshotResult:
 
 
 def ews_connection(settings: Settings) -> EwsConnection:
-    return EwsConnection(settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2)
+    return EwsConnection(
+        settings.exchange, settings.busy.time_zone, settings.exchange.snapshot_parallelism + 2, settings.busy.policy().planner_organizers
+    )
 
 
 def graph_reader(settings: Settings) -> GraphReader:
-    return GraphReader(settings.graph)
+    return GraphReader(settings.graph, planner_organizers=settings.busy.policy().planner_organizers)
 
 
 def _lazy_ews(settings: Settings, exchange: EwsConnection | Lazy[EwsConnection] | None) -> Lazy[EwsConnection]:

@@ -18,8 +18,8 @@ from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound,
 from shared.broker.publishing import Outgoing
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
-from shared.domain.busy_rules import BusyPolicy
-from shared.domain.contracts import CalendarChange, CalendarSnapshot
+from shared.domain.busy_rules import BusyPolicy, organizer_flag
+from shared.domain.contracts import CalendarChange, CalendarSnapshot, Message, decode
 from shared.domain.retry import Permanent
 from shared.domain.transform_core import (
     Decision,
@@ -94,10 +94,17 @@ def _apply(mailbox: str, correlation_id: str, decision: Decision, snapshot_part:
     return Done(publish=publish, record=record)
 
 
+def decode_calendar(body: bytes, policy: BusyPolicy) -> Message:
+    """``contracts.decode``; a version-1 message (queued or dead-lettered before the upgrade) has its organizer
+    addresses turned into ``organizer_is_planner`` with the policy's addresses (decision 71 in docs/decisions.md)."""
+    return decode(body, lambda address: organizer_flag(address, policy.planner_organizers) is True)
+
+
 def build(settings: Settings) -> Consumer:
     """Wire the transformer: store, policy, consumer. Nothing connects at import."""
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     topology = from_settings(settings.broker, settings.retry)
-    deps = TransformerDeps(store, topology, settings.busy.policy())
-    options = ConsumerOptions(prefetch=200, batch_size=100)
+    policy = settings.busy.policy()
+    deps = TransformerDeps(store, topology, policy)
+    options = ConsumerOptions(prefetch=200, batch_size=100, decoder=lambda body: decode_calendar(body, policy))
     return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options)

@@ -1,7 +1,9 @@
 """Exchange through EWS: the only module that imports exchangelib.
 
 Reads only what deciding busy time needs (ids, UID, type, times, zones, status, flags, organizer)
-with ``only_fields``: subjects, bodies, locations and attendees are never requested.
+with ``only_fields``: subjects, bodies, locations and attendees are never requested. The organizer is read
+only to answer "is it one of Planner's addresses?" (``organizer_is_planner``); neither its address nor its
+name leaves ``to_calendar_item`` (decision 71 in docs/decisions.md).
 
 Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 - exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
@@ -46,6 +48,7 @@ from exchangelib.util import TNS
 
 from shared import metrics
 from shared.config import ExchangeSettings
+from shared.domain.busy_rules import organizer_flag
 from shared.domain.contracts import CalendarItem, Interval
 from shared.domain.mailbox_reads import SyncChange
 from shared.domain.source_faults import SourceFault
@@ -178,8 +181,11 @@ def _zone_id(value: Any) -> str | None:
     return getattr(value, "ms_id", None) or getattr(value, "key", None) or str(value)
 
 
-def to_calendar_item(item: Any) -> CalendarItem:
-    """exchangelib's calendar item → our content-free CalendarItem (missing fields stay None)."""
+def to_calendar_item(item: Any, planner_organizers: frozenset[str] = frozenset()) -> CalendarItem:
+    """exchangelib's calendar item → our content-free CalendarItem (missing fields stay None).
+
+    ``planner_organizers`` (lower-cased) decides ``organizer_is_planner``; the organizer's address is not kept.
+    """
     organizer = getattr(item, "organizer", None)
     status = getattr(item, "legacy_free_busy_status", None)
     return CalendarItem(
@@ -195,7 +201,7 @@ def to_calendar_item(item: Any) -> CalendarItem:
         free_busy=status if status in ("Free", "Tentative", "Busy", "OOF", "NoData", "WorkingElsewhere") else None,
         cancelled=bool(getattr(item, "is_cancelled", False)),
         sensitivity=getattr(item, "sensitivity", None) or "Normal",
-        organizer=(getattr(organizer, "email_address", None) or None) if organizer is not None else None,
+        organizer_is_planner=organizer_flag(getattr(organizer, "email_address", None) if organizer is not None else None, planner_organizers),
         last_modified=_aware_utc(getattr(item, "last_modified_time", None)),
     )
 
@@ -216,10 +222,12 @@ def _keep_pool_size() -> None:
 class EwsConnection:
     """One service account's EWS access, shared by all threads of a producer."""
 
-    def __init__(self, settings: ExchangeSettings, zone: str, pool_size: int) -> None:
+    def __init__(self, settings: ExchangeSettings, zone: str, pool_size: int, planner_organizers: frozenset[str] = frozenset()) -> None:
+        """``planner_organizers``: Planner's organizer addresses, lower-cased (``BusyPolicy.planner_organizers``)."""
         _CaBundleAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
         BaseProtocol.HTTP_ADAPTER_CLS = _CaBundleAdapter
         self.settings = settings
+        self.planner_organizers = planner_organizers
         self.zone = EWSTimeZone(zone)
         self.config = Configuration(
             service_endpoint=settings.endpoint,
@@ -268,7 +276,7 @@ class EwsConnection:
         try:
             for change_type, item in collection.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
                 if change_type in ("create", "update"):
-                    changes.append(SyncChange("upsert", item.id, to_calendar_item(item)))
+                    changes.append(SyncChange("upsert", item.id, to_calendar_item(item, self.planner_organizers)))
                 elif change_type == "delete":
                     changes.append(SyncChange("delete", item.id, None))
         except SyncCompleted as completed:
@@ -291,7 +299,7 @@ class EwsConnection:
                 pending += [(start, middle), (middle, end)]
                 continue
             for item in page:
-                found[item.id] = to_calendar_item(item)
+                found[item.id] = to_calendar_item(item, self.planner_organizers)
         return list(found.values())
 
     # --- notifications ------------------------------------------------------------------------------

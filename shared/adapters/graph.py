@@ -355,8 +355,17 @@ def build_session(settings: GraphSettings, pool_maxsize: int = 32) -> BoundedSes
 class GraphReader:
     """One app registration's Graph access, shared by all threads of a producer."""
 
-    def __init__(self, settings: GraphSettings, *, session: requests.Session | None = None, tokens: GraphTokens | None = None) -> None:
+    def __init__(
+        self,
+        settings: GraphSettings,
+        *,
+        session: requests.Session | None = None,
+        tokens: GraphTokens | None = None,
+        planner_organizers: frozenset[str] = frozenset(),
+    ) -> None:
+        """``planner_organizers``: Planner's organizer addresses, lower-cased (``BusyPolicy.planner_organizers``)."""
         self.settings = settings
+        self.planner_organizers = planner_organizers
         self.base = settings.graph_url.rstrip("/")
         self._session = session or build_session(settings)
         self._tokens = tokens or GraphTokens(settings, self._session)
@@ -421,7 +430,7 @@ class GraphReader:
             if is_removal(entry):
                 continue
             try:
-                item = calendar_item_from_event(entry, masters.get(entry.get("seriesMasterId") or ""))
+                item = calendar_item_from_event(entry, masters.get(entry.get("seriesMasterId") or ""), self.planner_organizers)
             except GraphEventError as exc:
                 log.warning("graph_event_skipped", mailbox=mailbox, reason=str(exc))
                 continue
@@ -511,7 +520,7 @@ class GraphReader:
         changes = []
         for entry in last.values():
             try:
-                changes.append(sync_change_from_event(entry, masters.get(entry.get("seriesMasterId") or "")))
+                changes.append(sync_change_from_event(entry, masters.get(entry.get("seriesMasterId") or ""), self.planner_organizers))
             except GraphEventError as exc:
                 log.warning("graph_event_skipped", mailbox=mailbox, reason=str(exc))
         return changes

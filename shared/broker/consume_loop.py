@@ -117,6 +117,7 @@ class ConsumerOptions:
     handler_deadline: timedelta | None = None  # health shows a batch running longer than this (None: never)
     stop_grace: timedelta = timedelta(seconds=60)  # on stop, a batch still running after this is left unacked
     refused_patience: timedelta = timedelta(seconds=60)  # an output refused this long sends its message up the ladder
+    decoder: Callable[[bytes], Message] = decode  # the transformer's also upgrades version-1 messages (decision 71)
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Consumer:
         for delivery in batch:
             attempt = retry_count(delivery.properties)
             try:
-                message = decode(delivery.body)
+                message = self.options.decoder(delivery.body)
             except Exception as exc:  # noqa: BLE001 - every decode failure is dead-lettered with its reason
                 try:
                     self._fail(channel, delivery, exc)

@@ -24,8 +24,9 @@ Decisions taken here (decisions 23 and 32 to 35 in docs/decisions.md give their 
   00:00 of the first date to 00:00 of the day after the last date in the configured zone. An end not
   after the start (exchangelib's spring-DST trap, decision 23) is treated as a one-day item. A missing zone id on an
   all-day item falls back to the configured zone; an id we cannot map is rejected.
-- **Planner-originated items.** Organizer addresses compare case-insensitively; UID patterns are matched with
-  ``re.search`` (anchor them if you need to).
+- **Planner-originated items.** Organizer addresses compare case-insensitively, once, where the item is read
+  (``organizer_rule``): the item carries only ``organizer_is_planner``, never the address (decision 71). UID
+  patterns are matched with ``re.search`` (anchor them if you need to).
 - **Missing status.** A cancelled item or one in a deleted-items folder is not busy whatever else it
   carries; a live item with no free/busy status, no UID, or impossible times is rejected
   (``ItemRejected``), never guessed.
@@ -178,9 +179,18 @@ def origin_id(item: CalendarItem, zone: ZoneInfo) -> str:
     return f"{item.uid}${item.original_start.astimezone(zone).strftime(ORIGIN_TIME_FORMAT)}"
 
 
+def organizer_flag(address: str | None, planner_organizers: frozenset[str]) -> bool | None:
+    """``CalendarItem.organizer_is_planner`` for an organizer address as read (None when there is none).
+
+    The adapters ask this when they read an item and keep only the answer; the address goes no further
+    (decision 71 in docs/decisions.md). ``planner_organizers`` is lower-cased (``BusyPolicy.planner_organizers``).
+    """
+    return address.strip().lower() in planner_organizers if address else None
+
+
 def is_planner_originated(item: CalendarItem, policy: BusyPolicy) -> bool:
-    """True for an item Planner itself put in the calendar (its invitation), recognised by organizer or UID."""
-    if item.organizer and item.organizer.strip().lower() in policy.planner_organizers:
+    """True for an item Planner itself put in the calendar (its invitation), recognised by organizer flag or UID."""
+    if item.organizer_is_planner:
         return True
     uid = item.uid
     if not uid:

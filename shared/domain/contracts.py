@@ -14,8 +14,14 @@ The JSON Schemas in ``docs/contracts/`` are generated from these models (``plann
 
 ``decode`` has limits and strict types (decision 55 in docs/decisions.md): a body above ``MAX_BODY_BYTES``, JSON
 nested deeper than ``MAX_DEPTH``, an integer outside 64 bits or NaN/Infinity is a ``MalformedMessage``; a
-``schema_version`` must be exactly the integer 1 (``true`` is not), and fields are validated strictly (no string
-to number, no number to boolean).
+``schema_version`` must be exactly one of the known integers (``true`` is not), and fields are validated strictly
+(no string to number, no number to boolean).
+
+No organizer address travels (decision 71 in docs/decisions.md): a ``CalendarItem`` carries only
+``organizer_is_planner``, worked out by the adapter that read it. Calendar messages are therefore at schema
+version 2; a version-1 change or snapshot (its items carried ``organizer``, the address) still decodes: ``decode``
+turns each address into the flag with the rule it is given, or into None (unknown) without one, and the
+address goes no further than that call.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -35,7 +41,8 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 1
+CALENDAR_SCHEMA_VERSION = 2  # calendar_change and calendar_snapshot; 1 carried the organizer's address (decision 71)
+BUSY_SCHEMA_VERSION = 1      # busy_time_state
 MAX_BODY_BYTES = 16 * 1024 * 1024  # RabbitMQ 4's default max message size; a snapshot part is far below it
 MAX_DEPTH = 32  # the deepest message (a snapshot's items' times) is 4 levels
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what every store column and every consumer can hold
@@ -56,6 +63,10 @@ def _exactly_an_int(value: Any) -> Any:
 
 
 SchemaVersion1 = Annotated[Literal[1], BeforeValidator(_exactly_an_int)]
+SchemaVersion2 = Annotated[Literal[2], BeforeValidator(_exactly_an_int)]
+OrganizerRule = Callable[[str], bool]
+"""Whether an organizer address is one of Planner's own (``busy_rules.organizer_rule``); used only at read time
+and to upgrade version-1 messages."""
 
 
 class UnknownSchemaVersion(ValueError):
@@ -105,7 +116,9 @@ class CalendarItem(_Model):
     cancelled: bool = False
     in_deleted_items: bool = False
     sensitivity: Sensitivity = "Normal"
-    organizer: str | None = Field(None, max_length=254)
+    organizer_is_planner: bool | None = Field(
+        None, description="the organizer is one of Planner's configured addresses; None when no organizer was read (decision 71)"
+    )
     last_modified: AwareDatetime | None = None
 
 
@@ -118,7 +131,7 @@ class CalendarChange(_Model):
     """
 
     type: Literal["calendar_change"] = "calendar_change"
-    schema_version: SchemaVersion1 = 1
+    schema_version: SchemaVersion2 = 2
     correlation_id: str = Field(min_length=1, max_length=64)
     source: Source = "ews"
     mailbox: Mailbox
@@ -149,7 +162,7 @@ class CalendarSnapshot(_Model):
     """
 
     type: Literal["calendar_snapshot"] = "calendar_snapshot"
-    schema_version: SchemaVersion1 = 1
+    schema_version: SchemaVersion2 = 2
     correlation_id: str = Field(min_length=1, max_length=64)
     source: Source = "ews"
     snapshot_id: str = Field(min_length=1, max_length=64)
@@ -191,7 +204,13 @@ class BusyTimeState(_Model):
         return stable_id("busy", self.mailbox.lower(), self.origin_id, str(self.version), self.interval.model_dump_json() if self.interval else "absent")
 
 
-KNOWN_VERSIONS: dict[str, set[int]] = {"calendar_change": {1}, "calendar_snapshot": {1}, "busy_time_state": {1}}
+Message = CalendarChange | CalendarSnapshot | BusyTimeState
+KNOWN_VERSIONS: dict[str, set[int]] = {"calendar_change": {1, 2}, "calendar_snapshot": {1, 2}, "busy_time_state": {1}}
+CURRENT_VERSIONS: dict[str, int] = {
+    "calendar_change": CALENDAR_SCHEMA_VERSION,
+    "calendar_snapshot": CALENDAR_SCHEMA_VERSION,
+    "busy_time_state": BUSY_SCHEMA_VERSION,
+}
 ALL_MODELS: dict[str, type[CalendarChange] | type[CalendarSnapshot] | type[BusyTimeState]] = {
     "calendar_change": CalendarChange,
     "calendar_snapshot": CalendarSnapshot,
@@ -246,8 +265,46 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
-    """Parse one message; raise MalformedMessage, UnknownSchemaVersion or pydantic's ValidationError with the reason."""
+def _flag_from_address(item: Any, organizer_is_planner: OrganizerRule | None) -> Any:
+    """One version-1 item with its ``organizer`` address replaced by ``organizer_is_planner``.
+
+    An address that version 1 itself refused (not a string, longer than 254) is left in place, so validation
+    refuses the message as before; an item that already has the flag is not a version-1 item.
+    """
+    if not isinstance(item, dict):
+        return item
+    if "organizer_is_planner" in item:
+        raise MalformedMessage("a version-1 calendar item has no organizer_is_planner")
+    if "organizer" not in item:
+        return item
+    address = item["organizer"]
+    if address is not None and (not isinstance(address, str) or len(address) > 254):
+        return item
+    upgraded = {name: value for name, value in item.items() if name != "organizer"}
+    upgraded["organizer_is_planner"] = None if address is None or organizer_is_planner is None else organizer_is_planner(address)
+    return upgraded
+
+
+def upgrade_v1(raw: dict[str, Any], organizer_is_planner: OrganizerRule | None) -> dict[str, Any]:
+    """A version-1 calendar change or snapshot as version 2 (decision 71 in docs/decisions.md).
+
+    Each item's organizer address becomes ``organizer_is_planner``: the rule's answer, or None (unknown, so only
+    the UID patterns can recognise a Planner invitation) when no rule is given. Nothing else changes.
+    """
+    upgraded = dict(raw, schema_version=CALENDAR_SCHEMA_VERSION)
+    if "item" in upgraded:
+        upgraded["item"] = _flag_from_address(upgraded["item"], organizer_is_planner)
+    for name in ("occurrences", "items"):
+        if isinstance(upgraded.get(name), list):
+            upgraded[name] = [_flag_from_address(item, organizer_is_planner) for item in upgraded[name]]
+    return upgraded
+
+
+def decode(body: bytes, organizer_is_planner: OrganizerRule | None = None) -> Message:
+    """Parse one message; raise MalformedMessage, UnknownSchemaVersion or pydantic's ValidationError with the reason.
+
+    ``organizer_is_planner`` upgrades a version-1 calendar message's organizer addresses (``upgrade_v1``).
+    """
     if len(body) > MAX_BODY_BYTES:
         raise MalformedMessage(f"a body of {len(body)} bytes is larger than {MAX_BODY_BYTES} bytes")
     try:
@@ -265,6 +322,8 @@ def decode(body: bytes) -> CalendarChange | CalendarSnapshot | BusyTimeState:
         raise UnknownSchemaVersion(f"unknown message type {kind!r}"[:200])
     if type(version) is not int or version not in KNOWN_VERSIONS[kind]:
         raise UnknownSchemaVersion(f"{kind} schema_version {version!r} is not one of {sorted(KNOWN_VERSIONS[kind])}"[:200])
+    if kind in ("calendar_change", "calendar_snapshot") and version == 1:
+        body = json.dumps(upgrade_v1(raw, organizer_is_planner)).encode()  # strict validation still reads JSON
     return ALL_MODELS[kind].model_validate_json(body, strict=True)
 
 
@@ -280,4 +339,4 @@ def describe_validation(error: ValidationError) -> str:
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The exported JSON Schema of each message, by file name."""
-    return {f"{name}.v{SCHEMA_VERSION}.schema.json": model.model_json_schema() for name, model in ALL_MODELS.items()}
+    return {f"{name}.v{CURRENT_VERSIONS[name]}.schema.json": model.model_json_schema() for name, model in ALL_MODELS.items()}

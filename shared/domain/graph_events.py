@@ -2,7 +2,8 @@
 
 - ``keep_busy_fields`` is applied to every event object before anything else sees it: an allow-list of the
   fields busy time needs; subject, body, location, attendees and everything else Graph sends are dropped
-  (decision 1 in docs/decisions.md; ``$select`` is not supported on calendarView delta).
+  (decision 1 in docs/decisions.md; ``$select`` is not supported on calendarView delta). The organizer keeps
+  its address only until the mapping turns it into ``organizer_is_planner`` (decision 71).
 - ``calendar_item_from_event`` / ``sync_change_from_event`` map one calendarView (or calendarView/delta) entry.
   A field that is missing or malformed becomes None, so the transformer rejects the item with a reason
   (decision 34) instead of us guessing. A ``seriesMaster`` never comes from a calendar view: it is refused.
@@ -20,7 +21,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from shared.domain.busy_rules import ItemRejected, zone_of
+from shared.domain.busy_rules import ItemRejected, organizer_flag, zone_of
 from shared.domain.contracts import CalendarItem, FreeBusy, ItemType, Sensitivity, describe_validation
 from shared.domain.mailbox_reads import SyncChange
 
@@ -250,10 +251,12 @@ def is_removal(event: Mapping[str, Any]) -> bool:
     return "@removed" in event
 
 
-def calendar_item_from_event(event: Mapping[str, Any], series_uid: str | None = None) -> CalendarItem:
+def calendar_item_from_event(event: Mapping[str, Any], series_uid: str | None = None, planner_organizers: frozenset[str] = frozenset()) -> CalendarItem:
     """One Graph instance (singleInstance, occurrence, exception) as a content-free CalendarItem.
 
     ``series_uid``: the UID read from the series master, used when the event's own iCalUId gives none.
+    ``planner_organizers`` (lower-cased) decides ``organizer_is_planner``; the organizer's address is not kept
+    (decision 71 in docs/decisions.md).
     Raises GraphEventError for an entry without id, a removal, or a series master.
     """
     kept = keep_busy_fields(event)
@@ -278,18 +281,18 @@ def calendar_item_from_event(event: Mapping[str, Any], series_uid: str | None = 
             free_busy=SHOW_AS.get(kept.get("showAs", "")),
             cancelled=bool(kept.get("isCancelled", False)),
             sensitivity=SENSITIVITY.get(kept.get("sensitivity", ""), "Normal"),
-            organizer=organizer if organizer and len(organizer) <= 254 else None,
+            organizer_is_planner=organizer_flag(organizer, planner_organizers),
             last_modified=_instant(kept.get("lastModifiedDateTime")),
         )
     except ValidationError as exc:
         raise GraphEventError(f"event {item_id[-40:]}: {describe_validation(exc)}") from None
 
 
-def sync_change_from_event(event: Mapping[str, Any], series_uid: str | None = None) -> SyncChange:
+def sync_change_from_event(event: Mapping[str, Any], series_uid: str | None = None, planner_organizers: frozenset[str] = frozenset()) -> SyncChange:
     """A calendarView/delta entry as a SyncChange: ``@removed`` is a delete, anything else an upsert."""
     item_id = _string(event.get("id"))
     if not item_id:
         raise GraphEventError("delta entry without an id")
     if is_removal(event):
         return SyncChange("delete", item_id, None)
-    return SyncChange("upsert", item_id, calendar_item_from_event(event, series_uid))
+    return SyncChange("upsert", item_id, calendar_item_from_event(event, series_uid, planner_organizers))

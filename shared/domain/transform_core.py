@@ -45,7 +45,7 @@ Rules (decisions 2, 3, 6, 30 to 32, 58 and 59 in docs/decisions.md; the version 
   that was *changed* to a time already over becomes absent (as the reference client does: moved into
   the past -> D).
 - **Series**: a master is never emitted; its listed occurrences and exceptions become keys (missing UID,
-  organizer, status and zone are inherited from the master). Present keys of the series (``uid$...``) that
+  organizer flag, status and zone are inherited from the master). Present keys of the series (``uid$...``) that
   overlap ``change.window`` and are not listed become absent; a master that is cancelled, deleted, free or
   Planner-originated makes all its current and future occurrences absent. The master's own key (its UID) is
   absent, which deletes the event of a single that was turned into a series.
@@ -244,7 +244,7 @@ def _desired(interval: Interval | None, previous: DesiredRecord | None, now: dat
 def _inherit(occurrence: CalendarItem, master: CalendarItem) -> CalendarItem:
     missing = {
         name: getattr(master, name)
-        for name in ("uid", "free_busy", "organizer", "time_zone")
+        for name in ("uid", "free_busy", "organizer_is_planner", "time_zone")
         if getattr(occurrence, name) is None and getattr(master, name) is not None
     }
     return occurrence.model_copy(update=missing) if missing else occurrence

@@ -74,6 +74,13 @@ def parse_recurrence(spec: dict[str, Any], local_start: date) -> Recurrence:
     )
 
 
+def _attendees(value: Any) -> tuple[tuple[str, str], ...]:
+    """``[{"name": "...", "address": "..."}, ...]`` as (name, address) pairs."""
+    if not isinstance(value, list) or not all(isinstance(a, dict) and isinstance(a.get("address"), str) for a in value):
+        raise SpecError("attendees must be a list of {\"name\": ..., \"address\": ...}")
+    return tuple((str(a.get("name") or a["address"]), a["address"]) for a in value)
+
+
 def parse_item(spec: dict[str, Any], default_tz: str) -> dict[str, Any]:
     """Keyword arguments for ``Item`` (without key and version) from a JSON description."""
     if "start" not in spec:
@@ -110,6 +117,8 @@ def parse_item(spec: dict[str, Any], default_tz: str) -> dict[str, Any]:
         "body": spec.get("body", ""),
         "location": spec.get("location", ""),
         "organizer": spec.get("organizer"),
+        "organizer_name": spec.get("organizer_name"),
+        "attendees": _attendees(spec.get("attendees", [])),
         "is_all_day": all_day,
         "status": _choice(spec.get("status", "Busy"), FREE_BUSY_STATUSES, "status"),
         "sensitivity": _choice(spec.get("sensitivity", "Normal"), SENSITIVITIES, "sensitivity"),
@@ -177,6 +186,8 @@ def describe(item: Item, mailbox: str, item_id: str) -> dict[str, Any]:
         "body": item.body,
         "location": item.location,
         "organizer": item.organizer,
+        "organizer_name": item.organizer_name,
+        "attendees": [{"name": name, "address": address} for name, address in item.attendees],
         "version": item.version,
     }
     if item.recurrence is not None:

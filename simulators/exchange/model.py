@@ -67,6 +67,8 @@ class Item:
     body: str = ""
     location: str = ""
     organizer: str | None = None
+    organizer_name: str | None = None  # display name; None: the address's local part
+    attendees: tuple[tuple[str, str], ...] = ()  # (display name, address) of each required attendee
     is_all_day: bool = False
     status: str = "Busy"
     sensitivity: str = "Normal"

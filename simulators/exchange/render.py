@@ -136,10 +136,17 @@ def calendar_item(parent: Element, mailbox: str, item: Item, occ: Occurrence | N
     sub(elem, t("MyResponseType"), "Organizer" if item.organizer is None else "Accept")
     if item.organizer:
         mbx = sub(sub(elem, t("Organizer")), t("Mailbox"))
-        sub(mbx, t("Name"), item.organizer.split("@")[0])
+        sub(mbx, t("Name"), item.organizer_name or item.organizer.split("@")[0])
         sub(mbx, t("EmailAddress"), item.organizer)
         sub(mbx, t("RoutingType"), "SMTP")
         sub(mbx, t("MailboxType"), "Mailbox")
+    if item.attendees:   # sent whatever the shape asked for, so a reader that keeps what it gets is caught
+        required = sub(elem, t("RequiredAttendees"))
+        for name, address in item.attendees:
+            attendee = sub(sub(required, t("Attendee")), t("Mailbox"))
+            sub(attendee, t("Name"), name)
+            sub(attendee, t("EmailAddress"), address)
+            sub(attendee, t("RoutingType"), "SMTP")
     if occ is None and item.recurrence is not None:
         recurrence(elem, item.recurrence, item.tz)
         first = _first_live(item)

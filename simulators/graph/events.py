@@ -49,8 +49,8 @@ def _instance_date(item: Item, original_start: datetime) -> date:
     return original_start.astimezone(zone(item.tz)).date()
 
 
-def _person(address: str) -> dict[str, str]:
-    return {"name": address.split("@")[0].replace(".", " ").title(), "address": address}
+def _person(address: str, name: str | None = None) -> dict[str, str]:
+    return {"name": name or address.split("@")[0].replace(".", " ").title(), "address": address}
 
 
 def event_json(mailbox: str, item: Item, occ: Occurrence | None, tz: tuple[str, ZoneInfo | None],
@@ -111,8 +111,8 @@ def event_json(mailbox: str, item: Item, occ: Occurrence | None, tz: tuple[str, 
         "locations": [{"displayName": location, "locationType": "default"}] if location else [],
         "recurrence": None,
         "attendees": [{"type": "required", "status": {"response": "none", "time": "0001-01-01T00:00:00Z"},
-                       "emailAddress": _person(mailbox)}],
-        "organizer": {"emailAddress": _person(organizer)},
+                       "emailAddress": _person(address, name)} for address, name in [(mailbox, None), *((a, n) for n, a in item.attendees)]],
+        "organizer": {"emailAddress": _person(organizer, item.organizer_name if item.organizer else None)},
         "onlineMeeting": None,
     }
     if with_ical_uid:

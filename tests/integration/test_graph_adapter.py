@@ -74,11 +74,11 @@ def sim(pki: ThrowawayPKI, app: AppCertificate) -> Iterator[RunningGraphSim]:
     running.stop()
 
 
-def reader(sim: RunningGraphSim, pki: ThrowawayPKI, app: AppCertificate, **overrides: Any) -> GraphReader:
+def reader(sim: RunningGraphSim, pki: ThrowawayPKI, app: AppCertificate, planner_organizers: frozenset[str] = frozenset(), **overrides: Any) -> GraphReader:
     values: dict[str, Any] = {"client_secret": None, "client_certificate": app.pem, "client_certificate_passphrase": app.passphrase,
                               "ca_bundle": pki.ca_cert}
     values.update(overrides)
-    return GraphReader(graph_settings(sim, **values))
+    return GraphReader(graph_settings(sim, **values), planner_organizers=planner_organizers)
 
 
 def day(offset: int) -> date:
@@ -439,20 +439,25 @@ def test_a_week_reads_the_same_through_ews_and_through_graph(pki: ThrowawayPKI, 
         store.delete_occurrence(ANNE, series.key, {"index": 4})
         store.add(ANNE, {"start": (monday + timedelta(days=4)).isoformat(), "all_day": True, "status": "OOF", "uid": "oof-friday"})
         store.add(ANNE, {"start": at(offset + 1, 12), "end": at(offset + 1, 12, 30), "status": "Free", "subject": "Frokost"})
-        store.add(ANNE, {"uid": "20261019T070000Z-4711@kalender.kommune.example", "start": at(offset + 1, 14), "end": at(offset + 1, 15),
-                         "organizer": "planner@jobcenter.example"})
+        invitation = "20261019T070000Z-4711@kalender.kommune.example"
+        store.add(ANNE, {"uid": invitation, "start": at(offset + 1, 14), "end": at(offset + 1, 15), "organizer": "Planner@Jobcenter.example"})
         store.add(ANNE, {"start": at(offset + 3, 15), "end": at(offset + 3, 16), "status": "Tentative", "sensitivity": "Private"})
         w = Interval(start=datetime.now(UTC), end=datetime.combine(monday + timedelta(days=7), datetime.min.time(), tzinfo=CPH).astimezone(UTC))
         exchangelib.protocol.close_connections()
-        via_ews = EwsConnection(ExchangeSettings(endpoint=ews.url, username="svc", password="pw"), "Europe/Copenhagen", 2).view(ANNE, w)
-        via_graph = reader(graph_sim, pki, app).view(ANNE, w)
+        planner = frozenset({"planner@jobcenter.example"})   # the policy's lower-cased addresses (decision 71)
+        via_ews = EwsConnection(ExchangeSettings(endpoint=ews.url, username="svc", password="pw"), "Europe/Copenhagen", 2, planner).view(ANNE, w)
+        via_graph = reader(graph_sim, pki, app, planner).view(ANNE, w)
 
         def busy(items: list[CalendarItem]) -> dict[str, Interval | None]:
             return {origin_id(item, POLICY.zone): busy_interval(item, POLICY) for item in items}
 
         assert len(via_ews) == len(via_graph) == 8   # 4 standups (one moved, one deleted), OOF, lunch, invitation, tentative
         assert busy(via_graph) == busy(via_ews)
-        assert sum(interval is not None for interval in busy(via_graph).values()) == 7   # lunch is free
+        assert sum(interval is not None for interval in busy(via_graph).values()) == 6   # lunch is free, Planner's invitation is not busy
+        for items in (via_ews, via_graph):
+            assert {i.uid: i.organizer_is_planner for i in items if i.item_type == "single" and i.uid == invitation} == {invitation: True}
+            assert not any(i.organizer_is_planner for i in items if i.uid != invitation)
+            assert "jobcenter.example" not in dump(items).lower()
         assert {i.item_type for i in via_graph} == {"single", "occurrence", "exception"}
         assert f"{OUTLOOK_UID}${(monday + timedelta(days=2)).strftime('%Y%m%d')}-090000" in busy(via_graph)
         no_canary(dump(via_graph))

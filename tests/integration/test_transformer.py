@@ -15,7 +15,7 @@ from shared.adapters.store import open_store
 from shared.broker.consume_loop import Consumer, Done, Inbound
 from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology
-from shared.config import Settings
+from shared.config import Settings, load_settings
 from shared.domain.contracts import (
     BusyTimeState,
     CalendarChange,
@@ -23,7 +23,7 @@ from shared.domain.contracts import (
     CalendarSnapshot,
     Interval,
 )
-from tests.support.broker import drain
+from tests.support.broker import drain, publish_raw
 from tests.support.waiting import wait_for
 
 MAILBOX = "anne@jobcenter.dk"
@@ -121,3 +121,40 @@ def test_parts_of_one_snapshot_in_one_batch_complete_it_even_with_the_final_part
     results = handle([Inbound(final, 2, False, 0), Inbound(first, 3, False, 0)], deps)
     emitted = [[(o.message.origin_id, o.message.interval is not None) for o in r.publish] for r in results if isinstance(r, Done)]  # type: ignore[union-attr]
     assert emitted == [[("batch-new", True)], [("batch-gone", False)]]
+
+
+def v1_body(value: CalendarItem, organizer: str | None) -> bytes:
+    """A change as a version-1 producer (before decision 71) wrote it: the organizer's address in the item."""
+    raw = json.loads(change(value).model_dump_json())
+    raw["schema_version"] = 1
+    del raw["item"]["organizer_is_planner"]
+    raw["item"]["organizer"] = organizer
+    return json.dumps(raw).encode()
+
+
+def test_version_1_changes_queued_before_the_upgrade_are_judged_by_the_policys_organizers(
+    settings: Settings, topology: Topology
+) -> None:
+    planner = "noreply@planner.star.dk"
+    config = load_settings(environ={}, **{**settings.model_dump(mode="python", exclude={"busy"}), "busy": {"planner_organizers": [planner]}})
+    queued = {
+        "citizen": v1_body(item("v1-citizen"), "canary-organizer-7f3a@borger.dk"),
+        "invitation": v1_body(item("v1-invitation", START + timedelta(hours=2)), "NoReply@Planner.STAR.dk"),
+        "no-organizer": v1_body(item("v1-none", START + timedelta(hours=4)), None),
+    }
+    for body in queued.values():   # in the queue before the new transformer starts
+        publish_raw(topology.calendar_exchange, topology.change_key(MAILBOX), body)
+    consumer = build(config)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        got = {state.origin_id: state.interval for state in states(topology, 2)}
+        assert got == {"v1-citizen": Interval(start=START, end=START + timedelta(hours=1)),
+                       "v1-none": Interval(start=START + timedelta(hours=4), end=START + timedelta(hours=5))}
+        assert drain(topology.stage("publisher").work_queue(), timeout=1, count=1) == []   # the invitation is never busy time
+        assert drain(topology.stage("transformer").dead_letter_queue(), timeout=1, count=1) == []   # nothing refused
+    finally:
+        consumer.stop()
+        thread.join(20)
+    rows = {record.origin_id for record in open_store(config.database_url(), True).desired(MAILBOX).values()}
+    assert {"v1-citizen", "v1-none"} <= rows

@@ -14,6 +14,7 @@ from shared.domain.busy_rules import (
     busy_interval,
     in_window,
     is_planner_originated,
+    organizer_flag,
     origin_id,
     sync_window,
 )
@@ -154,13 +155,11 @@ BUSY_ROWS = [
         all_day(cph(2026, 12, 24), cph(2026, 12, 25), time_zone=None),
         span(utc(2026, 12, 23, 23), utc(2026, 12, 24, 23)),
     ),
-    ("a Planner invitation is recognised by its organizer", item(organizer="planner@star.dk"), None),
+    ("a Planner invitation is recognised by its organizer flag", item(organizer_is_planner=True), None),
     ("a Planner invitation is recognised by its UID pattern", item(uid="PLANNER-00ab12"), None),
-    (
-        "an organizer that only resembles Planner's is busy",
-        item(organizer="planner@star.dk.example"),
-        span(utc(2026, 6, 15, 7), utc(2026, 6, 15, 8)),
-    ),
+    ("a Planner UID wins over an organizer that is not Planner's", item(uid="PLANNER-00ab12", organizer_is_planner=False), None),
+    ("an organizer that is not Planner's is busy", item(organizer_is_planner=False), span(utc(2026, 6, 15, 7), utc(2026, 6, 15, 8))),
+    ("an unknown organizer is busy", item(organizer_is_planner=None), span(utc(2026, 6, 15, 7), utc(2026, 6, 15, 8))),
     ("a timed item's unknown zone id does not matter", item(time_zone="Customized Time Zone"), span(utc(2026, 6, 15, 7), utc(2026, 6, 15, 8))),
 ]
 
@@ -222,10 +221,28 @@ def test_items_without_identity_are_rejected(given: CalendarItem, reason: str) -
         origin_id(given, CPH)
 
 
-def test_planner_originated_items_compare_organizers_case_insensitively() -> None:
-    assert is_planner_originated(item(organizer="PLANNER@star.DK"), POLICY)
-    assert not is_planner_originated(item(organizer="colleague@kommune.dk"), POLICY)
-    assert not is_planner_originated(item(organizer=None, uid="not-planner"), POLICY)
+def test_organizer_addresses_compare_case_insensitively_when_read() -> None:
+    assert organizer_flag(" PLANNER@star.DK ", POLICY.planner_organizers) is True
+    assert organizer_flag("colleague@kommune.dk", POLICY.planner_organizers) is False
+    assert organizer_flag("planner@star.dk.example", POLICY.planner_organizers) is False
+
+
+def test_no_organizer_address_gives_an_unknown_flag() -> None:
+    assert organizer_flag(None, POLICY.planner_organizers) is None
+    assert organizer_flag("", POLICY.planner_organizers) is None
+
+
+def test_planner_originated_items_are_recognised_by_the_flag_or_the_uid_only() -> None:
+    assert is_planner_originated(item(organizer_is_planner=True), POLICY)
+    assert not is_planner_originated(item(organizer_is_planner=False), POLICY)
+    assert not is_planner_originated(item(organizer_is_planner=None, uid="not-planner"), POLICY)
+    assert is_planner_originated(item(organizer_is_planner=None, uid="PLANNER-00ab12"), POLICY)
+
+
+def test_a_calendar_item_has_no_field_for_the_organizer_address() -> None:
+    assert not any("organizer" in name and name != "organizer_is_planner" for name in CalendarItem.model_fields)
+    with pytest.raises(ValueError, match="organizer"):
+        item(organizer="planner@star.dk")
 
 
 def test_the_busy_statuses_come_from_configuration() -> None:

@@ -21,6 +21,7 @@ from shared.domain.contracts import (
     MalformedMessage,
     UnknownSchemaVersion,
     decode,
+    describe_validation,
     encode,
     json_schemas,
     version_of,
@@ -165,7 +166,7 @@ def test_nan_and_infinity_are_malformed(constant: bytes) -> None:
 
 
 @pytest.mark.parametrize("version", [True, 1.0, "1", None, [1]])
-def test_schema_version_must_be_exactly_the_integer_1(version: object) -> None:
+def test_schema_version_must_be_exactly_an_integer(version: object) -> None:
     raw = json.loads(encode(change()))
     raw["schema_version"] = version
     with pytest.raises(UnknownSchemaVersion, match="schema_version"):
@@ -196,3 +197,101 @@ def test_fields_are_validated_strictly(path: tuple[str, ...], value: object) -> 
 def test_a_type_that_is_not_a_string_is_refused_not_crashed_on(kind: object) -> None:
     with pytest.raises(UnknownSchemaVersion, match="unknown message type"):
         decode(json.dumps({"type": kind, "schema_version": 1}).encode())
+
+
+# --- version 1 (items carried the organizer's address) still decodes: decision 71 in docs/decisions.md -------------
+PLANNER = "noreply@planner.star.dk"
+CITIZEN = "canary-organizer-7f3a@borger.dk"
+
+
+def is_planner(address: str) -> bool:
+    return address.strip().lower() == PLANNER
+
+
+def v1_item(organizer: object = CITIZEN, **fields: object) -> dict[str, object]:
+    """A CalendarItem as a version-1 producer wrote it: the address in ``organizer``, no flag."""
+    item = json.loads(CalendarItem(item_id="AAMk1", uid="uid-1", start=T0, end=T0 + timedelta(hours=1), free_busy="Busy").model_dump_json())
+    del item["organizer_is_planner"]
+    item["organizer"] = organizer
+    item.update(fields)
+    return item
+
+
+def v1_change(*organizers: object) -> bytes:
+    raw = json.loads(encode(change()))
+    raw["schema_version"] = 1
+    raw["item"] = v1_item(organizers[0])
+    if len(organizers) > 1:
+        raw["occurrences"] = [v1_item(o, item_id=f"AAMk-occ{n}", item_type="occurrence", original_start=raw["item"]["start"]) for n, o in enumerate(organizers[1:])]
+        raw["window"] = {"start": T0.isoformat(), "end": (T0 + timedelta(days=90)).isoformat()}
+    return json.dumps(raw).encode()
+
+
+def v1_snapshot(*organizers: object) -> bytes:
+    window = Interval(start=T0, end=T0 + timedelta(days=90))
+    raw = json.loads(encode(CalendarSnapshot(correlation_id="c2", snapshot_id="s1", mailbox="anne@kommune.dk", observed_at=T0, window=window,
+                                             part=1, final=True, total_parts=1)))
+    raw["schema_version"] = 1
+    raw["items"] = [v1_item(o, item_id=f"AAMk{n}") for n, o in enumerate(organizers)]
+    return json.dumps(raw).encode()
+
+
+def test_calendar_messages_are_written_at_version_2_without_an_organizer_address() -> None:
+    raw = json.loads(encode(change()))
+    assert raw["schema_version"] == 2 and "organizer" not in raw["item"] and raw["item"]["organizer_is_planner"] is None
+    assert "organizer" not in CalendarItem.model_fields
+
+
+def test_a_version_1_change_decodes_with_its_organizer_address_turned_into_the_flag() -> None:
+    message = decode(v1_change(CITIZEN, "NoReply@Planner.STAR.dk", None), is_planner)
+    assert isinstance(message, CalendarChange) and message.schema_version == 2
+    assert message.item is not None and message.item.organizer_is_planner is False
+    assert message.occurrences is not None and [o.organizer_is_planner for o in message.occurrences] == [True, None]
+    assert CITIZEN not in encode(message).decode() and "planner.star.dk" not in encode(message).decode().lower()
+
+
+def test_a_version_1_snapshot_decodes_with_every_items_address_turned_into_the_flag() -> None:
+    message = decode(v1_snapshot(PLANNER, CITIZEN, None), is_planner)
+    assert isinstance(message, CalendarSnapshot) and message.schema_version == 2
+    assert [i.organizer_is_planner for i in message.items] == [True, False, None]
+    assert CITIZEN not in encode(message).decode()
+
+
+def test_without_a_rule_a_version_1_address_becomes_unknown_not_an_error() -> None:
+    message = decode(v1_change(PLANNER))
+    assert isinstance(message, CalendarChange) and message.item is not None and message.item.organizer_is_planner is None
+
+
+def test_a_version_1_item_without_an_organizer_field_decodes() -> None:
+    raw = json.loads(v1_change(CITIZEN))
+    del raw["item"]["organizer"]
+    message = decode(json.dumps(raw).encode(), is_planner)
+    assert isinstance(message, CalendarChange) and message.item is not None and message.item.organizer_is_planner is None
+
+
+@pytest.mark.parametrize("organizer", [7, ["a@b.dk"], "x" * 250 + "@b.dk"], ids=["number", "list", "too-long"])
+def test_an_organizer_version_1_refused_is_still_refused_without_the_address_in_the_reason(organizer: object) -> None:
+    with pytest.raises(ValidationError, match="organizer") as refused:
+        decode(v1_change(organizer), is_planner)
+    assert "@b.dk" not in describe_validation(refused.value)
+
+
+def test_a_version_1_item_carrying_the_version_2_flag_is_malformed() -> None:
+    raw = json.loads(v1_change(CITIZEN))
+    raw["item"]["organizer_is_planner"] = True
+    with pytest.raises(MalformedMessage, match="organizer_is_planner"):
+        decode(json.dumps(raw).encode(), is_planner)
+
+
+def test_a_version_2_message_cannot_carry_an_organizer_address() -> None:
+    raw = json.loads(encode(change()))
+    raw["item"]["organizer"] = CITIZEN
+    with pytest.raises(ValidationError, match="organizer"):
+        decode(json.dumps(raw).encode(), is_planner)
+
+
+def test_busy_time_states_stay_at_version_1() -> None:
+    state = BusyTimeState(correlation_id="c3", mailbox="anne@kommune.dk", origin_id="uid-1", version=5, interval=None)
+    assert json.loads(encode(state))["schema_version"] == 1
+    with pytest.raises(UnknownSchemaVersion, match="schema_version 2"):
+        decode(json.dumps({**json.loads(encode(state)), "schema_version": 2}).encode())

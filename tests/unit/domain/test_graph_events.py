@@ -151,7 +151,7 @@ def test_every_field_is_mapped() -> None:
         free_busy="Busy",
         cancelled=True,
         sensitivity="Private",
-        organizer="anne@kommune.example",
+        organizer_is_planner=False,
         last_modified=datetime(2026, 9, 2, 9, 30, 0, 123456, tzinfo=UTC),
     )
 
@@ -179,7 +179,7 @@ def test_start_in_utc_or_a_named_zone(value: Any, expected: datetime | None) -> 
 
 def test_missing_fields_become_none_and_the_busy_rules_reject_the_item_with_a_reason() -> None:
     item = calendar_item_from_event({"id": "AAMk-bare"})
-    assert (item.uid, item.start, item.end, item.free_busy, item.organizer, item.last_modified, item.time_zone) == (None,) * 7
+    assert (item.uid, item.start, item.end, item.free_busy, item.organizer_is_planner, item.last_modified, item.time_zone) == (None,) * 7
     assert item.item_type == "single" and not item.cancelled and item.sensitivity == "Normal"
     with pytest.raises(ItemRejected, match="no free/busy status"):
         busy_interval(item, POLICY)
@@ -220,7 +220,23 @@ def test_only_allow_listed_fields_survive_and_no_content_at_all() -> None:
     assert kept["organizer"] == {"emailAddress": {"address": "anne@kommune.example"}}
     for name in ("subject", "body", "bodyPreview", "location", "locations", "attendees", "categories", "onlineMeeting", "webLink", "someFutureField"):
         assert name not in kept
-    assert CANARY not in calendar_item_from_event(event).model_dump_json()
+    mapped = calendar_item_from_event(event, planner_organizers=frozenset({"anne@kommune.example"})).model_dump_json()
+    assert CANARY not in mapped and "anne@kommune.example" not in mapped
+
+
+def test_the_organizer_becomes_a_flag_against_planners_addresses_and_its_address_is_not_kept() -> None:
+    start = datetime(2026, 10, 19, 7, tzinfo=UTC)
+    planner = frozenset({"noreply@planner.star.dk"})
+    from_planner = graph_event(OUTLOOK_UID, start, start + timedelta(hours=1), organizer={"emailAddress": {"name": CANARY, "address": "NoReply@Planner.STAR.dk"}})
+    from_citizen = graph_event(OUTLOOK_UID, start, start + timedelta(hours=1), organizer={"emailAddress": {"name": CANARY, "address": "borger-7f3a@borger.dk"}})
+    no_organizer = graph_event(OUTLOOK_UID, start, start + timedelta(hours=1), organizer=None)
+    assert calendar_item_from_event(from_planner, planner_organizers=planner).organizer_is_planner is True
+    assert calendar_item_from_event(from_citizen, planner_organizers=planner).organizer_is_planner is False
+    assert calendar_item_from_event(no_organizer, planner_organizers=planner).organizer_is_planner is None
+    assert sync_change_from_event(from_planner, planner_organizers=planner).item == calendar_item_from_event(from_planner, planner_organizers=planner)
+    for event in (from_planner, from_citizen):
+        dumped = calendar_item_from_event(event, planner_organizers=planner).model_dump_json().lower()
+        assert "borger" not in dumped and "planner.star.dk" not in dumped and CANARY.lower() not in dumped
 
 
 def test_content_smuggled_into_allowed_fields_is_dropped_too() -> None:
@@ -309,7 +325,7 @@ def ews_item(uid: str, item_id: str, start: datetime, end: datetime, item_type: 
              all_day: bool = False, free_busy: str = "Busy") -> CalendarItem:
     """What ``shared.adapters.ews.to_calendar_item`` gives for the item (UID as EWS reports it, instants in UTC)."""
     return CalendarItem(item_id=item_id, uid=uid, item_type=item_type, start=start, end=end, original_start=original,
-                        time_zone="Romance Standard Time", all_day=all_day, free_busy=free_busy, organizer="anne@kommune.example")
+                        time_zone="Romance Standard Time", all_day=all_day, free_busy=free_busy, organizer_is_planner=False)
 
 
 def _local(day: date, hour: int, minute: int = 0) -> datetime:
