@@ -179,6 +179,11 @@ def exchange_call(backend: str, call: str, classify: Callable[[BaseException], s
         EXCHANGE_CALL_SECONDS.labels(backend, call).observe(time.perf_counter() - started)
 
 
+def exchange_call_failed(backend: str, call: str, kind: str) -> None:
+    """Count one failed part of a call that does not raise (a mailbox's answer inside a Graph ``$batch``)."""
+    EXCHANGE_CALL_ERRORS.labels(backend, call, kind).inc()
+
+
 def timed_exchange_call(backend: str, call: str, classify: Callable[[BaseException], str] | None = None) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """``exchange_call`` as a decorator for an adapter method."""
 

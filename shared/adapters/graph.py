@@ -33,6 +33,7 @@ import msal
 import requests
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from shared import metrics
 from shared.adapters.deadline import DeadlineExceeded
 from shared.adapters.tls_sessions import BoundedSession, ResponseTooLarge, trust_context
 from shared.config import GraphSettings
@@ -414,6 +415,7 @@ class GraphReader:
         return _page(_stripped(_json(response)))
 
     # --- reads --------------------------------------------------------------------------------------------------
+    @metrics.timed_exchange_call("graph", "view", lambda error: classify(error).kind)
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
         """Every instance (single, occurrence, exception) overlapping ``window``, following nextLinks."""
         url: str | None = f"{user_path(mailbox)}/calendarView?{window_query(window)}"
@@ -438,6 +440,7 @@ class GraphReader:
         log.info("graph_view_read", mailbox=mailbox, items=len(found), pages=pages)
         return list(found.values())
 
+    @metrics.timed_exchange_call("graph", "sync", lambda error: classify(error).kind)
     def sync(self, mailbox: str, delta_link: str | None, window: Interval, page_size: int | None = None) -> tuple[list[SyncChange], str]:
         """What changed since ``delta_link`` (None: a new round over ``window``, everything in it) and the next link.
 
@@ -467,6 +470,7 @@ class GraphReader:
         changes, link = self.sync(mailbox, None, window)
         return [change.item for change in changes if change.item is not None], link
 
+    @metrics.timed_exchange_call("graph", "sync_batch")
     def sync_many(self, rounds: Sequence[DeltaRound], page_size: int | None = None) -> dict[str, DeltaResult | SourceFault]:
         """Delta reads of several mailboxes, their pages fetched together through $batch; a fault per failed mailbox."""
         if len({r.mailbox.lower() for r in rounds}) != len(rounds):
@@ -506,6 +510,9 @@ class GraphReader:
                 results[mailbox] = DeltaResult(self._changes(mailbox, entries[mailbox]), self._absolute(link))
             except Exception as exc:  # noqa: BLE001 - reading series masters failed for this mailbox only
                 results[mailbox] = classify(exc)
+        for result in results.values():
+            if isinstance(result, SourceFault):   # one per mailbox whose read in the batch failed
+                metrics.exchange_call_failed("graph", "sync_batch", result.kind)
         log.info("graph_delta_batch_read", mailboxes=len(rounds), failed=sum(isinstance(r, SourceFault) for r in results.values()))
         return results
 
