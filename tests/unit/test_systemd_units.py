@@ -4,6 +4,7 @@ the example environment file loads as valid settings (runbooks/install.md)."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -70,18 +71,39 @@ def test_the_health_check_unit_runs_plannersync_health_for_each_worker() -> None
     assert unit(UNITS / "plannersync-health@.timer")["Timer"]["OnUnitActiveSec"] == ["1min"]
 
 
-def test_the_example_environment_file_is_valid_and_names_the_state_directory(tmp_path: Path) -> None:
+def environment_file(path: Path) -> dict[str, str]:
+    """Variables of an EnvironmentFile as systemd reads them: a double-quoted value loses its quotes, a doubled backslash is one."""
     env = {}
-    for line in (UNITS / "plannersync.env").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", ";")):
             name, _, value = line.partition("=")
-            if value.startswith("/etc/plannersync/secrets/"):  # the secret files the runbook has the operator create
-                value = str(tmp_path / Path(value).name)
-                Path(value).write_text("secret")
-            env[name] = value
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            env[name.strip()] = value
+    return env
+
+
+def test_the_example_environment_file_is_valid_and_names_the_state_directory(tmp_path: Path) -> None:
+    env = environment_file(UNITS / "plannersync.env")
+    for name, value in env.items():
+        if value.startswith("/etc/plannersync/secrets/"):  # the secret files the runbook has the operator create
+            env[name] = str(tmp_path / Path(value).name)
+            Path(env[name]).write_text("secret")
     settings = load_settings(environ=env)  # raises on an unknown PLANNERSYNC_ variable or a bad value
     assert str(settings.state_dir) == "/var/lib/plannersync" and settings.database.url == "sqlite:////var/lib/plannersync/state.db"
     assert settings.status.health_dir == Path("/var/lib/plannersync/health")
+    assert settings.exchange.username == "KOMMUNE\\svc-plannersync"
+
+
+def test_the_command_wrapper_reads_the_environment_file_as_systemd_does() -> None:
+    wrapper = UNITS / "plannersync-cli"
+    assert subprocess.run(["sh", "-n", str(wrapper)], capture_output=True, timeout=10).returncode == 0
+    text = wrapper.read_text()
+    assert ". /etc/plannersync/plannersync.env" in text and f"runuser -u plannersync -- {BINARY}" in text
+    shell = subprocess.run(["sh", "-c", 'set -a; . "$1"; set +a; env -0', "sh", str(UNITS / "plannersync.env")], env={}, capture_output=True, text=True, timeout=10)
+    sourced = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
+    expected = environment_file(UNITS / "plannersync.env")
+    assert {name: sourced.get(name) for name in expected} == expected
 
 
 def test_systemd_accepts_every_unit(tmp_path: Path) -> None:
