@@ -1,7 +1,7 @@
 """Progress lines for long commands (``resync --all``, ``dlq replay``): on stderr, so stdout stays the result.
 
 A line such as ``resync: 120/2000 mailboxes, 3 failed`` is printed every ``every`` items, at least every ``seconds``
-while items keep finishing, and always for the last one (decision 64 in docs/decisions.md).
+while items keep finishing, and always for the last one (decision 75 in docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Long commands say how far they are: ``plannersync resync --all`` and ``plannersync dlq replay`` as real processes
-against the real broker, progress on stderr, results on stdout (decision 64 in docs/decisions.md)."""
+against the real broker, progress on stderr, results on stdout (decision 75 in docs/decisions.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ a simulator's own options by that simulator's parser), so a runbook that names a
 does not exist fails here. The read-only ones (``READ_ONLY``) then run for real, as processes, against the local
 RabbitMQ with this test's own prefix and a temporary state directory.
 
-Runbooks write real-looking examples (``anne@kommune.example``). Where one must write a placeholder, it is one of
+Runbooks write real-looking examples (``anne@kommune.example``; decision 73 in docs/decisions.md). Where one must write a placeholder, it is one of
 ``PLACEHOLDERS`` below, replaced by the value shown before parsing; any other ``<…>`` word fails the test.
 """
 

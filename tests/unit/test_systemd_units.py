@@ -1,6 +1,6 @@
 """The systemd units in deploy/systemd/: one per worker of plannersync/workers.py, each a command the real CLI accepts,
 restarted unless its configuration is wrong, stopped with SIGTERM and time to finish, a health check per worker, and
-the example environment file loads as valid settings (runbooks/install.md)."""
+the example environment file loads as valid settings (decision 74 in docs/decisions.md; runbooks/install.md)."""
 
 from __future__ import annotations
 
