@@ -259,3 +259,44 @@ def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_tempo
             failed.append(f"{command}: exit {done.returncode}\n{done.stderr[-2000:]}")
     assert ran >= 10
     assert not failed, "\n\n".join(failed)
+
+
+# --- the standard tools of the backup, upgrade and certificate runbooks, on temporary copies -----------------------
+
+TOOL_RUNBOOKS = ("backup.md", "upgrade.md", "certificate.md")
+TOOLS = ("sqlite3", "openssl", "find", "install -d")  # what runs here; `install -o plannersync`, systemctl, docker do not
+
+
+def tool_lines() -> list[tuple[str, str]]:
+    """(where, line) of every line in those runbooks' code blocks that starts with one of ``TOOLS``."""
+    return [
+        (f"runbooks/{name}:{number}", line.strip())
+        for name in TOOL_RUNBOOKS
+        for number, line in fenced_lines((ROOT / "runbooks" / name).read_text())
+        if line.strip().startswith(TOOLS)
+    ]
+
+
+def test_the_sqlite_and_openssl_commands_of_the_runbooks_run_on_temporary_copies(runbook_env: dict[str, str], tmp_path: Path) -> None:
+    """Paths of the host are moved under the temporary directory; the demo certificate stands for the OCES one."""
+    import shutil
+
+    places = {"/var/lib/plannersync": tmp_path / "state", "/var/backups/plannersync": tmp_path / "backups", "/etc/plannersync/secrets": tmp_path / "secrets"}
+    work = tmp_path / "cwd"
+    (tmp_path / "secrets").mkdir()
+    work.mkdir()
+    for target in (work / "oces.p12", tmp_path / "secrets" / "oces.p12"):
+        shutil.copy(ROOT / "deploy" / "secrets" / "oces.p12", target)
+    for target in (work / "oces_passphrase.txt", tmp_path / "secrets" / "oces_passphrase"):
+        shutil.copy(ROOT / "deploy" / "secrets" / "oces_passphrase.txt", target)
+    lines = tool_lines()
+    assert sum(line.startswith("sqlite3") for _, line in lines) >= 4 and sum(line.startswith("openssl") for _, line in lines) >= 3, lines
+    failed = []
+    for where, line in lines:
+        for host, here in places.items():
+            line = line.replace(host, str(here))
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=work, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 or "integrity_check" in line and done.stdout.strip() != "ok":
+            failed.append(f"{where}: {line}\nexit {done.returncode}\n{done.stdout[-500:]}{done.stderr[-1000:]}")
+    assert not failed, "\n\n".join(failed)
+    assert list((tmp_path / "backups").glob("state-*.db")) and (work / "oces-public.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
