@@ -90,6 +90,7 @@ def fenced_lines(text: str) -> list[tuple[int, str]]:
 
 
 def _simple_commands(line: str) -> list[list[str]]:
+    line = re.sub(r"(?<!\S)\d*>&\d+(?!\S)", " ", line)  # 2>&1 is one redirection, not a `&` between commands
     lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split = True
     lexer.commenters = "#"
@@ -220,7 +221,7 @@ Good:
 
 ```bash
 plannersync dlq list publisher --all && plannersync status --json   # two commands on one line
-plannersync export --mailbox anne@kommune.example -o - > anne.ics 2>/dev/null
+plannersync export --mailbox anne@kommune.example -o - > anne.ics 2>&1
 docker compose run --rm publisher config check
 ```
 
