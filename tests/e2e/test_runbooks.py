@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -256,7 +257,11 @@ plannersync explain --mailbox <caseworker>
 @pytest.fixture
 def runbook_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """A temporary state directory, this test's broker prefix, every worker healthy, a schema and one mailbox."""
-    env = {k: v for k, v in worker_env.items() if k not in ("PLANNERSYNC_DATABASE__URL", "PLANNERSYNC_STATUS__HEALTH_DIR")}
+    return _runbook_env({k: v for k, v in worker_env.items() if k != "PLANNERSYNC_DATABASE__URL"}, tmp_path)
+
+
+def _runbook_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in worker_env.items() if k != "PLANNERSYNC_STATUS__HEALTH_DIR"}  # the store: SQLite in the state dir unless a URL is given
     env.update({"PLANNERSYNC_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path / "home")})
     for worker in WORKERS:
         write_health(tmp_path / "state" / "health", worker, Health("running", time.time(), ok=True))
@@ -265,7 +270,14 @@ def runbook_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_temporary_state_dir(runbook_env: dict[str, str], topology: object, tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_temporary_state_dir(
+    database: str, worker_env: dict[str, str], topology: object, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The store is the temporary state directory's SQLite file, or a throwaway database on the local PostgreSQL."""
+    if database == "postgresql":
+        worker_env = {**worker_env, "PLANNERSYNC_DATABASE__URL": request.getfixturevalue("pg_url")}
+    runbook_env = request.getfixturevalue("runbook_env") if database == "sqlite" else _runbook_env(worker_env, tmp_path)
     work = tmp_path / "cwd"
     work.mkdir()
     ran, failed = 0, []
@@ -278,6 +290,10 @@ def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_tempo
             failed.append(f"{command}: exit {done.returncode}\n{done.stderr[-2000:]}")
     assert ran >= 10
     assert not failed, "\n\n".join(failed)
+    shown = subprocess.run([PLANNERSYNC, "status", "--json"], env=runbook_env, cwd=work, capture_output=True, text=True, timeout=120)
+    status = json.loads(shown.stdout)
+    assert status["state"]["database"].startswith("sqlite:///" if database == "sqlite" else "postgresql+psycopg://")  # the store asked for
+    assert [m["mailbox"] for m in status["mailboxes"]] == [PLACEHOLDERS["<mailbox>"]]
 
 
 # --- the standard tools of the backup, upgrade and certificate runbooks, on temporary copies -----------------------
