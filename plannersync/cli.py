@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plannersync.progress import ProgressLine
 from plannersync.workers import CONSUMING_STAGES, WORKERS, build_worker
 from shared.config import ConfigError, Settings, load_settings, mask_url, masked, sqlite_path
 
@@ -505,7 +506,14 @@ def cmd_resync(args: argparse.Namespace) -> int:
         print("no mailboxes to resync (enrol some with `plannersync mailboxes add`)", file=sys.stderr)
         return 1
     # each mailbox by its own backend (EWS or Graph); a reader is built only when one of its mailboxes is resynced
-    results = run_snapshots(settings, mailboxes, None, store, from_settings(settings.broker, settings.retry))
+    line = ProgressLine("resync", "mailboxes", len(mailboxes), args.progress_every)
+    finished: list[Any] = []
+
+    def progress(result: Any) -> None:
+        finished.append(result)
+        line.update(len(finished), f"{sum(r.error is not None for r in finished)} failed")
+
+    results = run_snapshots(settings, mailboxes, None, store, from_settings(settings.broker, settings.retry), progress=progress)
     for result in results:
         print(f"{result.mailbox}\t" + (f"{result.items} items published" if result.error is None else f"FAILED: {result.error}"))
     return 0 if all(r.error is None for r in results) else 1
@@ -644,9 +652,17 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.action == "purge":
         return _dlq_purge(settings, args)
-    result = replay(settings, args.stage, limit=limit, message_id=args.message_id, dry_run=args.dry_run)
-    _print_letters([letter.as_dict() for letter in result.replayed], args.json)
     verb = "would replay" if args.dry_run else "replayed"
+    line: ProgressLine | None = None
+
+    def progress(looked_at: int, so_far: Any) -> None:
+        nonlocal line
+        line = line or ProgressLine("replay", "dead letters looked at", so_far.total, args.progress_every)
+        line.update(looked_at, f"{len(so_far.replayed)} {verb}, {len(so_far.parked)} parked")
+
+    # one message by id is a lookup, not long work: its answer (or its one-line error) stands alone
+    result = replay(settings, args.stage, limit=limit, message_id=args.message_id, dry_run=args.dry_run, progress=None if args.message_id else progress)
+    _print_letters([letter.as_dict() for letter in result.replayed], args.json)
     summary = f"{result.queue}: {verb} {len(result.replayed)} of {result.total} to {result.queue.removesuffix('.dlq')}.in; {result.left} left in the queue"
     if limit is not None and len(result.replayed) >= limit and result.left > len(result.parked):
         summary += f" (limit {limit}: run again or use --all)"
@@ -755,6 +771,7 @@ def parser() -> argparse.ArgumentParser:
     which = resync.add_mutually_exclusive_group(required=True)
     which.add_argument("--mailbox", action="append", default=[], help="a mailbox to resync (repeatable)")
     which.add_argument("--all", action="store_true", help="every enrolled mailbox")
+    resync.add_argument("--progress-every", type=int, default=100, metavar="N", help="a progress line on stderr every N mailboxes (and at least every 5 s); default 100")
     resync.set_defaults(func=cmd_resync)
 
     reconcile = sub.add_parser("reconcile", help="make Planner equal the desired state now (what the nightly run does)")
@@ -800,6 +817,7 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_argument("--dry-run", action="store_true", help="replay: list what would be replayed, move nothing")
     dlq.add_argument("--yes", action="store_true", help="purge: confirm removing the messages for good")
     dlq.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    dlq.add_argument("--progress-every", type=int, default=100, metavar="N", help="replay: a progress line on stderr every N dead letters (and at least every 5 s); default 100")
     dlq.set_defaults(func=cmd_dlq)
     return top
 

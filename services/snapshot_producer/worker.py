@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -91,11 +91,14 @@ def run_snapshots(
     clock: Callable[[], datetime] = _now,
     beat: Callable[[], None] | None = None,
     graph: GraphReader | Lazy[GraphReader] | None = None,
+    progress: Callable[[SnapshotResult], None] | None = None,
 ) -> list[SnapshotResult]:
     """Snapshot every mailbox, ``snapshot_parallelism`` at a time; results in the order of ``mailboxes``.
 
     ``exchange``/``graph``: the readers (None: built from the settings when a mailbox of that backend needs one).
-    ``beat`` is called at least every ``WAIT_SLICE`` seconds while the reads are under way.
+    ``beat`` is called at least every ``WAIT_SLICE`` seconds while the reads are under way. ``progress`` is called
+    with each mailbox's result as it finishes (in the calling thread, as they finish), so an operator's
+    ``plannersync resync --all`` can say how far it is.
     """
     policy = settings.busy.policy()
     ews_reader, graph_lazy = _lazy_ews(settings, exchange), _lazy_graph(settings, graph)
@@ -144,7 +147,10 @@ def run_snapshots(
             futures = [pool.submit(one, mailbox) for mailbox in mailboxes]
             pending = set(futures)
             while pending:
-                _, pending = wait(pending, timeout=WAIT_SLICE)
+                done, pending = wait(pending, timeout=WAIT_SLICE, return_when=FIRST_COMPLETED)
+                if progress is not None:
+                    for future in done:
+                        progress(future.result())
                 if beat is not None:
                     beat()
     finally:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -240,11 +240,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def replay(settings: Settings, stage: str, limit: int | None = 100, message_id: str | None = None, dry_run: bool = False) -> ReplayResult:
+def replay(
+    settings: Settings,
+    stage: str,
+    limit: int | None = 100,
+    message_id: str | None = None,
+    dry_run: bool = False,
+    progress: Callable[[int, ReplayResult], None] | None = None,
+) -> ReplayResult:
     """Move up to ``limit`` dead letters (all with ``None``; or every copy of ``message_id``) back to the work queue.
 
     Parked messages are never replayed; asking for one by id raises ``Parked``, an id that is not there
-    ``UnknownMessage``. ``dry_run`` takes nothing and returns what would be replayed.
+    ``UnknownMessage``. ``dry_run`` takes nothing and returns what would be replayed. ``progress`` is called after
+    each dead letter looked at, with how many were looked at so far and the result so far (``plannersync dlq replay``
+    prints a line from it now and then).
     """
     named = _stage(settings, stage)
     queue = named.dead_letter_queue()
@@ -256,17 +265,10 @@ def replay(settings: Settings, stage: str, limit: int | None = 100, message_id: 
         for position, method, properties, body in _peek(channel, queue, total):
             if limit is not None and len(result.replayed) >= limit:
                 break
-            letter = describe(position, properties, body)
-            if message_id is not None and letter.message_id != message_id:
-                continue
-            matched += 1
-            if letter.parked:
-                result.parked.append(letter)
-                continue
-            if not dry_run:
-                channel.basic_publish("", named.work_queue(), body, copy_properties(properties, replay_headers(properties)), mandatory=True)
-                channel.basic_ack(method.delivery_tag)  # only after the broker confirmed the copy
-            result.replayed.append(letter)
+            if _replay_one(channel, named, result, message_id, dry_run, position, method, properties, body):
+                matched += 1
+            if progress is not None:
+                progress(position + 1, result)
         if message_id is not None and matched == 0:
             raise UnknownMessage(f"no dead letter with message id {message_id!r} in {queue} ({total} messages)")
         if message_id is not None and not result.replayed:
@@ -278,6 +280,24 @@ def replay(settings: Settings, stage: str, limit: int | None = 100, message_id: 
     finally:
         connection.close()  # everything not acked stays in the dead-letter queue, in its place
     return result
+
+
+def _replay_one(
+    channel: BlockingChannel, named: Stage, result: ReplayResult, message_id: str | None, dry_run: bool,
+    position: int, method: Basic.GetOk, properties: BasicProperties, body: bytes,
+) -> bool:
+    """Replay one dead letter into ``result``, or count it as parked; False (left alone) when it is not ``message_id``."""
+    letter = describe(position, properties, body)
+    if message_id is not None and letter.message_id != message_id:
+        return False
+    if letter.parked:
+        result.parked.append(letter)
+        return True
+    if not dry_run:
+        channel.basic_publish("", named.work_queue(), body, copy_properties(properties, replay_headers(properties)), mandatory=True)
+        channel.basic_ack(method.delivery_tag)  # only after the broker confirmed the copy
+    result.replayed.append(letter)
+    return True
 
 
 def replay_headers(properties: BasicProperties) -> dict[str, Any]:

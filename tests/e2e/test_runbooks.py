@@ -1,0 +1,337 @@
+"""Every ``plannersync`` command in the runbooks is one the real command line accepts, and the read-only ones run.
+
+The commands are taken from the fenced code blocks of ``runbooks/*.md``: a line that starts with ``plannersync``
+(or ``/opt/plannersync/bin/plannersync``, after ``sudo -u plannersync`` or ``VAR=value`` prefixes), and the plannersync
+part of ``docker compose run --rm <service> …`` and ``docker compose exec <service> plannersync …``; ``&&``, ``;`` and
+``|`` separate commands on one line, ``\\`` continues one. Each is parsed by the real parser (``plannersync.cli.parser``;
+a simulator's own options by that simulator's parser), so a runbook that names a subcommand, a flag or a choice that
+does not exist fails here. The read-only ones (``READ_ONLY``) then run for real, as processes, against the local
+RabbitMQ with this test's own prefix and a temporary state directory.
+
+Runbooks write real-looking examples (``anne@kommune.example``; decision 73 in docs/decisions.md). Where one must write a placeholder, it is one of
+``PLACEHOLDERS`` below, replaced by the value shown before parsing; any other ``<…>`` word fails the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from plannersync.cli import parser
+from plannersync.workers import WORKERS
+from shared.health import write_health
+from shared.workers import Health
+from tests.support.processes import PLANNERSYNC
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBOOKS = sorted((ROOT / "runbooks").glob("*.md"))
+
+# placeholder in a runbook  ->  what the test puts in its place (document a new one here before using it)
+PLACEHOLDERS = {
+    "<mailbox>": "anne@kommune.example",
+    "<worker>": "publisher",
+    "<stage>": "publisher",
+    "<message-id>": "m-0001",
+    "<file>": "plannersync-example.out",
+}
+# compose services that run the plannersync image (its ENTRYPOINT is `plannersync`): `docker compose run --rm publisher
+# config check` is `plannersync config check`
+IMAGE_SERVICES = {*WORKERS, "db-upgrade", "broker-definitions", "planner-sim", "exchange-sim"}
+# options of `docker compose run` that take a value (the word after them is not the service)
+COMPOSE_RUN_VALUES = {"-v", "--volume", "-e", "--env", "-u", "--user", "-w", "--workdir", "--name", "-p", "--publish", "-l", "--label"}
+# (words) -> run for real: they read and print, change nothing outside the temporary state directory
+READ_ONLY = {
+    ("status",),
+    ("explain",),
+    ("export",),
+    ("health",),
+    ("config", "check"),
+    ("db", "ddl"),
+    ("mailboxes", "list"),
+    ("dlq", "list"),
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    where: str  # runbooks/x.md:LINE
+    words: tuple[str, ...]  # the arguments after `plannersync`
+
+    def __str__(self) -> str:
+        return f"{self.where}: plannersync {shlex.join(self.words)}"
+
+
+def fenced_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, logical line) inside fenced code blocks; a trailing backslash joins the next line."""
+    lines: list[tuple[int, str]] = []
+    inside, pending, start = False, "", 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        if raw.lstrip().startswith("```"):
+            inside, pending = not inside, ""
+            continue
+        if not inside:
+            continue
+        if not pending:
+            start = number
+        if raw.rstrip().endswith("\\"):
+            pending += raw.rstrip()[:-1] + " "
+            continue
+        lines.append((start, pending + raw))
+        pending = ""
+    return lines
+
+
+def _simple_commands(line: str) -> list[list[str]]:
+    line = re.sub(r"(?<!\S)\d*>&\d+(?!\S)", " ", line)  # 2>&1 is one redirection, not a `&` between commands
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in (";", "&&", "||", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [_without_redirections(c) for c in commands if c]
+
+
+def _without_redirections(words: list[str]) -> list[str]:
+    """The words of a command without its redirections (``> file``, ``2>&1``, ``</dev/null``): the shell's, not ours."""
+    kept: list[str] = []
+    skip_next = False
+    for word in words:
+        if skip_next:
+            skip_next = False
+        elif re.fullmatch(r"<[^<>\s]+>", word):  # a placeholder such as <message-id>, not a redirection
+            kept.append(word)
+        elif re.fullmatch(r"\d*(>>?|<)", word):
+            skip_next = True  # the file name follows
+        elif not re.fullmatch(r"\d*(>>?|<)\S+", word):
+            kept.append(word)
+    return kept
+
+
+def _plannersync_words(tokens: list[str]) -> tuple[str, ...] | None:
+    """The arguments a shell command gives plannersync, or None when it does not run plannersync."""
+    words = list(tokens)
+    while words and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]) or words[0] in ("sudo", "env", "-E")):
+        if words[0] == "sudo" and len(words) > 2 and words[1] == "-u":
+            words = words[3:]
+        else:
+            words = words[1:]
+    if not words:
+        return None
+    if Path(words[0]).name == "plannersync":
+        return tuple(words[1:])
+    if words[:3] == ["docker", "compose", "run"]:
+        rest = words[3:]
+        while rest and rest[0].startswith("-"):
+            if rest[0] == "--entrypoint":  # runs something else than plannersync
+                return None
+            rest = rest[2:] if rest[0] in COMPOSE_RUN_VALUES else rest[1:]
+        if rest and rest[0] in IMAGE_SERVICES:
+            return tuple(rest[1:])
+    if words[:3] == ["docker", "compose", "exec"] and len(words) > 4 and Path(words[4]).name == "plannersync":
+        return tuple(words[5:])
+    return None
+
+
+def commands_in(text: str, name: str) -> list[Command]:
+    found = []
+    for number, line in fenced_lines(text):
+        if "plannersync" not in line and "docker compose" not in line:
+            continue
+        try:
+            commands = _simple_commands(line)
+        except ValueError as exc:  # unbalanced quotes: fail rather than skip a command silently
+            raise AssertionError(f"{name}:{number}: cannot split {line!r} as a shell line ({exc})") from None
+        for tokens in commands:
+            words = _plannersync_words(tokens)
+            if words is not None:
+                found.append(Command(f"{name}:{number}", tuple(PLACEHOLDERS.get(w, w) for w in words)))
+    return found
+
+
+def runbook_commands() -> list[Command]:
+    return [c for path in RUNBOOKS for c in commands_in(path.read_text(), f"runbooks/{path.name}")]
+
+
+def problem(command: Command) -> str | None:
+    """Why the real CLI would refuse the command, or None when it accepts it."""
+    leftover = [w for w in command.words if re.search(r"<[^>]*>", w)]
+    if leftover:
+        return f"{command}: placeholder {leftover[0]} is not in PLACEHOLDERS (tests/e2e/test_runbooks.py)"
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            args = parser().parse_args(list(command.words))
+            if getattr(args, "command", None) == "sim":
+                _simulator_parser(args.system).parse_args(args.sim_args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):  # --help and --version exit 0
+            return f"{command}: {errors.getvalue().strip().splitlines()[-1] if errors.getvalue().strip() else exc}"
+    return None
+
+
+def _simulator_parser(system: str) -> object:
+    if system == "planner":
+        from simulators.planner.server import _parser
+
+        return _parser()
+    if system == "graph":
+        from simulators.graph.server import build_parser as graph_parser
+
+        return graph_parser()
+    from simulators.exchange.server import build_parser as exchange_parser
+
+    return exchange_parser()
+
+
+def _read_only(command: Command) -> bool:
+    return command.words[:1] in READ_ONLY or command.words[:2] in READ_ONLY or "--help" in command.words or "--version" in command.words
+
+
+COMMANDS = runbook_commands()
+
+
+def test_the_runbooks_have_commands_to_check() -> None:
+    assert len(COMMANDS) >= 40, "\n".join(map(str, COMMANDS))  # the extraction still finds the runbooks' commands
+    assert sum(_read_only(c) for c in COMMANDS) >= 10
+    files = {c.where.split(":")[0] for c in COMMANDS}
+    for name in ("install.md", "certificate.md", "backup.md", "upgrade.md", "daily.md", "replay.md"):
+        assert f"runbooks/{name}" in files, f"no plannersync command found in runbooks/{name}"
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=str)
+def test_every_runbook_command_parses_against_the_real_cli(command: Command) -> None:
+    assert problem(command) is None, problem(command)
+
+
+def test_a_subcommand_a_flag_or_a_placeholder_that_does_not_exist_is_caught() -> None:
+    snippet = """
+Good:
+
+```bash
+plannersync dlq list publisher --all && plannersync status --json   # two commands on one line
+plannersync export --mailbox anne@kommune.example -o - > anne.ics 2>&1
+docker compose run --rm publisher config check
+```
+
+Bad:
+
+```bash
+plannersync dlq list publisher --everything
+plannersync frobnicate
+docker compose exec publisher plannersync run publiser
+plannersync explain --mailbox <caseworker>
+```
+"""
+    found = commands_in(snippet, "snippet.md")
+    assert [c.words for c in found] == [
+        ("dlq", "list", "publisher", "--all"),
+        ("status", "--json"),
+        ("export", "--mailbox", "anne@kommune.example", "-o", "-"),
+        ("config", "check"),
+        ("dlq", "list", "publisher", "--everything"),
+        ("frobnicate",),
+        ("run", "publiser"),
+        ("explain", "--mailbox", "<caseworker>"),
+    ]
+    problems = [problem(c) for c in found]
+    assert problems[:4] == [None, None, None, None]
+    assert "unrecognized arguments: --everything" in str(problems[4])
+    assert "invalid choice: 'frobnicate'" in str(problems[5])
+    assert "invalid choice: 'publiser'" in str(problems[6])
+    assert "placeholder <caseworker> is not in PLACEHOLDERS" in str(problems[7])
+
+
+@pytest.fixture
+def runbook_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A temporary state directory, this test's broker prefix, every worker healthy, a schema and one mailbox."""
+    return _runbook_env({k: v for k, v in worker_env.items() if k != "PLANNERSYNC_DATABASE__URL"}, tmp_path)
+
+
+def _runbook_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in worker_env.items() if k != "PLANNERSYNC_STATUS__HEALTH_DIR"}  # the store: SQLite in the state dir unless a URL is given
+    env.update({"PLANNERSYNC_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path / "home")})
+    for worker in WORKERS:
+        write_health(tmp_path / "state" / "health", worker, Health("running", time.time(), ok=True))
+    done = subprocess.run([PLANNERSYNC, "mailboxes", "add", PLACEHOLDERS["<mailbox>"]], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return env
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_temporary_state_dir(
+    database: str, worker_env: dict[str, str], topology: object, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The store is the temporary state directory's SQLite file, or a throwaway database on the local PostgreSQL."""
+    if database == "postgresql":
+        worker_env = {**worker_env, "PLANNERSYNC_DATABASE__URL": request.getfixturevalue("pg_url")}
+    runbook_env = request.getfixturevalue("runbook_env") if database == "sqlite" else _runbook_env(worker_env, tmp_path)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    ran, failed = 0, []
+    for command in {c.words: c for c in COMMANDS if _read_only(c) and problem(c) is None}.values():  # each once
+        for name in WORKERS:  # `plannersync health` only knows this host's workers: write theirs fresh again
+            write_health(tmp_path / "state" / "health", name, Health("running", time.time(), ok=True))
+        done = subprocess.run([PLANNERSYNC, *command.words], env=runbook_env, cwd=work, capture_output=True, text=True, timeout=120)
+        ran += 1
+        if done.returncode != 0 or "Traceback" in done.stderr:
+            failed.append(f"{command}: exit {done.returncode}\n{done.stderr[-2000:]}")
+    assert ran >= 10
+    assert not failed, "\n\n".join(failed)
+    shown = subprocess.run([PLANNERSYNC, "status", "--json"], env=runbook_env, cwd=work, capture_output=True, text=True, timeout=120)
+    status = json.loads(shown.stdout)
+    assert status["state"]["database"].startswith("sqlite:///" if database == "sqlite" else "postgresql+psycopg://")  # the store asked for
+    assert [m["mailbox"] for m in status["mailboxes"]] == [PLACEHOLDERS["<mailbox>"]]
+
+
+# --- the standard tools of the backup, upgrade and certificate runbooks, on temporary copies -----------------------
+
+TOOL_RUNBOOKS = ("backup.md", "upgrade.md", "certificate.md")
+TOOLS = ("sqlite3", "openssl", "find", "install -d")  # what runs here; `install -o plannersync`, systemctl, docker do not
+
+
+def tool_lines() -> list[tuple[str, str]]:
+    """(where, line) of every line in those runbooks' code blocks that starts with one of ``TOOLS``."""
+    return [
+        (f"runbooks/{name}:{number}", line.strip())
+        for name in TOOL_RUNBOOKS
+        for number, line in fenced_lines((ROOT / "runbooks" / name).read_text())
+        if line.strip().startswith(TOOLS)
+    ]
+
+
+def test_the_sqlite_and_openssl_commands_of_the_runbooks_run_on_temporary_copies(runbook_env: dict[str, str], tmp_path: Path) -> None:
+    """Paths of the host are moved under the temporary directory; the demo certificate stands for the OCES one."""
+    import shutil
+
+    places = {"/var/lib/plannersync": tmp_path / "state", "/var/backups/plannersync": tmp_path / "backups", "/etc/plannersync/secrets": tmp_path / "secrets"}
+    work = tmp_path / "cwd"
+    (tmp_path / "secrets").mkdir()
+    work.mkdir()
+    for target in (work / "oces.p12", tmp_path / "secrets" / "oces.p12"):
+        shutil.copy(ROOT / "deploy" / "secrets" / "oces.p12", target)
+    for target in (work / "oces_passphrase.txt", tmp_path / "secrets" / "oces_passphrase"):
+        shutil.copy(ROOT / "deploy" / "secrets" / "oces_passphrase.txt", target)
+    lines = tool_lines()
+    assert sum(line.startswith("sqlite3") for _, line in lines) >= 4 and sum(line.startswith("openssl") for _, line in lines) >= 3, lines
+    failed = []
+    for where, line in lines:
+        for host, here in places.items():
+            line = line.replace(host, str(here))
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=work, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 or "integrity_check" in line and done.stdout.strip() != "ok":
+            failed.append(f"{where}: {line}\nexit {done.returncode}\n{done.stdout[-500:]}{done.stderr[-1000:]}")
+    assert not failed, "\n\n".join(failed)
+    assert list((tmp_path / "backups").glob("state-*.db")) and (work / "oces-public.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
