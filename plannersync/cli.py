@@ -547,8 +547,9 @@ def _reconcile_with_progress(settings: Settings, mailboxes: list[str] | None, fo
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
     from plannersync.status import collect_status
+    from shared.adapters.planner_client import client_certificate_expiry
 
-    status = collect_status(settings, _open_store(settings))
+    status = collect_status(settings, _open_store(settings), lambda: client_certificate_expiry(settings.planner))
     degraded = isinstance(status["queues"], str)  # shown, and the exit status says it (decision 44)
     if args.json:
         print(json.dumps(status, indent=2, default=str))

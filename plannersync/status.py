@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 from plannersync.workers import CONSUMING_STAGES
@@ -23,7 +23,9 @@ from shared.config import Settings, mask_url
 from shared.health import is_healthy, read_health
 
 
-def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
+def collect_status(settings: Settings, store: Store, certificate_file: Callable[[], datetime | None] | None = None) -> dict[str, Any]:
+    """Everything ``status`` and the status page show. ``certificate_file``: read the Planner certificate's expiry
+    from the file when the publisher does not report it (the command line, run with the secrets; the page never)."""
     synced = store.sync_positions()
     mailboxes = []
     for row in store.list_mailboxes():
@@ -60,20 +62,26 @@ def collect_status(settings: Settings, store: Store) -> dict[str, Any]:
         "queues": queues,
         "stages": _stages(topology, queues),
         "workers": workers,
-        "planner_certificate": _certificate(settings),
+        "planner_certificate": _certificate(workers.get("publisher"), certificate_file),
     }
 
 
-def _certificate(settings: Settings) -> dict[str, Any] | None:
-    from shared.adapters.planner_client import client_certificate_expiry
-
+def _certificate(publisher: dict[str, Any] | None, certificate_file: Callable[[], datetime | None] | None) -> dict[str, Any] | None:
+    """The Planner certificate's expiry as the publisher reports it in its health (decision 83), else read from the
+    certificate file when the caller can (an operator's ``plannersync status`` with the secrets), else None."""
+    reported = (publisher or {}).get("planner_certificate_expires_at")
+    if isinstance(reported, str):
+        held = datetime.fromisoformat(reported)
+        return {"expires_at": held.isoformat(), "days_left": (held - datetime.now(timezone.utc)).days, "reported_by": "publisher"}
+    if certificate_file is None:
+        return None
     try:
-        expiry = client_certificate_expiry(settings.planner)
+        expiry = certificate_file()
     except Exception as exc:  # noqa: BLE001 - a status page must not fail on a bad certificate file
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
     if expiry is None:
         return None
-    return {"expires_at": expiry.isoformat(), "days_left": (expiry - datetime.now(timezone.utc)).days}
+    return {"expires_at": expiry.isoformat(), "days_left": (expiry - datetime.now(timezone.utc)).days, "reported_by": "certificate file"}
 
 
 def _stages(topology: Topology, queues: list[dict[str, Any]] | str) -> dict[str, Any]:

@@ -340,18 +340,22 @@ def build(settings: Settings) -> Consumer:
         handler_deadline=HANDLER_DEADLINE,
     )
     consumer = Consumer(
-        settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, publisher_health(client.tls_trouble, in_flight)
+        settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, publisher_health(client.tls_trouble, in_flight, expiry)
     )
     guard.consumer = consumer
     return consumer
 
 
-def publisher_health(tls_trouble: Callable[[], Any], calls_in_flight: Callable[[], list[Any]]) -> Callable[[], tuple[str | None, dict[str, Any]]]:
-    """What the publisher adds to the consume loop's health: TLS failing for minutes, a Planner call past its deadline."""
+def publisher_health(tls_trouble: Callable[[], Any], calls_in_flight: Callable[[], list[Any]],
+                     certificate_expiry: datetime | None = None) -> Callable[[], tuple[str | None, dict[str, Any]]]:
+    """What the publisher adds to the consume loop's health: TLS failing for minutes, a Planner call past its deadline,
+    and its OCES certificate's expiry (so the status page shows it without holding the certificate; decision 83)."""
 
     def extra() -> tuple[str | None, dict[str, Any]]:
         problem: str | None = None
         facts: dict[str, Any] = {}
+        if certificate_expiry is not None:
+            facts["planner_certificate_expires_at"] = certificate_expiry.isoformat()
         overdue = [call for call in calls_in_flight() if call.overdue]
         if overdue:
             problem = "planner_call_overdue"

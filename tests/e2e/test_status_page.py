@@ -63,6 +63,8 @@ def seed(database_url: str, health_dir: Path) -> None:
     store.record_delivery_outcome(BO, "code 99: refused by Planner")
     nightly = (now + timedelta(hours=5)).isoformat()
     write_health(health_dir, "reconciler", Health("waiting", time.time(), facts={"next_run_at": nightly, "last_run_at": (now - timedelta(hours=19)).isoformat()}))
+    # the publisher reports its OCES certificate's expiry; the status page holds no certificate (decision 83)
+    write_health(health_dir, "publisher", Health("consuming", time.time(), facts={"planner_certificate_expires_at": (now + timedelta(days=20, hours=1)).isoformat()}))
 
 
 @pytest.fixture
@@ -118,6 +120,8 @@ def test_the_page_shows_each_mailbox_its_stages_and_workers_in_a_real_browser(pa
     assert "300ms: 0" in tree.xpath('string(//tr[@data-stage="publisher"]/td[@data-field="retry"])')
     assert tree.xpath('string(//tr[@data-worker="reconciler"]/td[@data-field="next_run_at"])').endswith("UTC")
     assert tree.xpath('//tr[@data-worker="status-page"]'), "the page's own health file"
+    certificate = tree.xpath('//p[@id="certificate"]')[0]
+    assert certificate.xpath('string(span[@data-field="days_left"])') == "20" and certificate.get("class") == "warn"   # < 30 days
     # escaped: the markup is text, no script ran (there is no script element at all), the title is ours
     assert cell(tree, CE, "status_detail") == MARKUP
     assert not tree.xpath("//script") and not tree.xpath("//td//b")
