@@ -335,3 +335,34 @@ def test_the_sqlite_and_openssl_commands_of_the_runbooks_run_on_temporary_copies
             failed.append(f"{where}: {line}\nexit {done.returncode}\n{done.stdout[-500:]}{done.stderr[-1000:]}")
     assert not failed, "\n\n".join(failed)
     assert list((tmp_path / "backups").glob("state-*.db")) and (work / "oces-public.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_the_postgresql_backup_and_restore_of_the_runbook_bring_back_the_state(pg_url: str, tmp_path: Path) -> None:
+    """runbooks/backup.md's pg_dump and pg_restore lines, run as written against a throwaway database here (the
+    runbook's host, database and user are this test's; the dated dump file is the one pg_dump just wrote)."""
+    from shared.adapters.store import Store, upgrade
+
+    lines = [line for _, line in fenced_lines((ROOT / "runbooks" / "backup.md").read_text()) if line.strip().startswith(("pg_dump", "pg_restore"))]
+    assert [line.split()[0] for line in lines] == ["pg_dump", "pg_restore"], lines
+    database = pg_url.rsplit("/", 1)[1]
+    conninfo = f"host=127.0.0.1 dbname={database} user=postgres"
+    store = Store.connect(pg_url)
+    upgrade(store.engine)
+    store.add_mailbox("kept@jobcenter.dk")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+
+    def run(line: str) -> None:
+        line = line.replace("host=db01.kommune.local dbname=plannersync user=plannersync", conninfo).replace("/var/backups/plannersync", str(backups))
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{line}\nexit {done.returncode}\n{done.stderr[-1000:]}"
+
+    run(lines[0])
+    dumps = list(backups.glob("plannersync-*.dump"))
+    assert len(dumps) == 1
+    store.add_mailbox("added-after-the-backup@jobcenter.dk")
+    store.engine.dispose()
+    run(re.sub(r"plannersync-\d{4}-\d{2}-\d{2}\.dump", dumps[0].name, lines[1]))
+    restored = Store.connect(pg_url)
+    assert [row.address for row in restored.list_mailboxes()] == ["kept@jobcenter.dk"]   # the state as it was at the backup
+    restored.engine.dispose()
