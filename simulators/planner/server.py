@@ -216,7 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(413, b"request too large", "text/plain")
             return
         try:
-            body = validate_envelope(parse_xml(data), expect="request")
+            envelope = parse_xml(data)
+            body = validate_envelope(envelope, expect="request")
             operation = soap.operation_of(body)
             if action and action != f"{Namespaces.SERVICE}#{operation}":
                 raise ContractViolation(f"SOAPAction {action!r} does not match the body element {operation}Request")
@@ -226,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, soap.fault("Client", f"Invalid request: {exc}"[:2000], soap.INVALID_REQUEST_ERROR_CODE))
             return
 
-        call = CallRecord(operation, now, origin_ids=soap.origin_ids_of(body), outcome="pending")
+        call = CallRecord(operation, now, origin_ids=soap.origin_ids_of(body), outcome="pending", organisation=soap.active_organisation(envelope))
         state.record(call)  # on arrival, so a client that gave up is still counted
         for fault in state.call_faults(operation, now):
             if fault.type == "latency":

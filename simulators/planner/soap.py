@@ -60,6 +60,16 @@ def events_of(body: etree._Element) -> list[EventInput]:
     return events
 
 
+def active_organisation(envelope: etree._Element) -> str | None:
+    """The OrganisationCode of the request's ActiveOrganisationHeader (which jobcentre calls), if any."""
+    for header in envelope.iter():
+        if isinstance(header.tag, str) and header.tag.endswith("}ActiveOrganisationHeader"):
+            for node in header.iter():
+                if isinstance(node.tag, str) and node.tag.endswith("}OrganisationCode"):
+                    return str(node.text) if node.text is not None else None
+    return None
+
+
 def origin_ids_of(body: etree._Element) -> list[str]:
     return [node.text or "" for node in body.iter(f"{{{Namespaces.CALENDAR}}}OriginSystemIdentifier")]
 

@@ -196,6 +196,7 @@ class CallRecord:
     origin_ids: list[str] = field(default_factory=list)
     codes: list[int] = field(default_factory=list)
     outcome: str = "ok"
+    organisation: str | None = None   # the ActiveOrganisationHeader's OrganisationCode: the calling jobcentre
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -204,6 +205,7 @@ class CallRecord:
             "origin_ids": list(self.origin_ids),
             "codes": list(self.codes),
             "outcome": self.outcome,
+            "organisation": self.organisation,
         }
 
 

@@ -104,7 +104,7 @@ class Rig:
         expected = self.driver.model.expected(set(excluded))
         work = [self.topology.stage(s).work_queue() for s in ("transformer", "publisher")]
         work += [self.topology.stage(s).retry_queue(d) for s in ("transformer", "publisher") for d in self.topology.tiers()]
-        took = settle(self.planner, self.broker, work, expected, deadline)
+        took = settle(self.planner, self.broker, work, expected, deadline, mailboxes=self.driver.mailboxes)
         tally = account(Tally(self.name, observed=observed()), self.driver, self.planner, self.broker, self.topology.dead_letter_queues(),
                         self.pipeline, allowed_dead_letters, excluded)
         tally.settled_in = took
@@ -146,7 +146,9 @@ def rig_factory(worker_env: dict[str, str], planner_sim: RunningPlannerSim, proc
         enrol(full_env["PLANNERSYNC_DATABASE__URL"], addresses)
         driver = Driver(ews, addresses, seed, f"{name}-{seed}")
         closers.append(driver.close)
-        rig = Rig(name, driver, Pipeline(full_env, tmp_path, processes), planner_sim, ews, at, broker_proxy, planner_proxy, topology, report, settle_deadline, graph, graph_ca)
+        log_dir = tmp_path / name   # each rig's worker logs apart (two rigs can share a test: two jobcentres)
+        log_dir.mkdir(exist_ok=True)
+        rig = Rig(name, driver, Pipeline(full_env, log_dir, processes), planner_sim, ews, at, broker_proxy, planner_proxy, topology, report, settle_deadline, graph, graph_ca)
         made.append((rig, topology, at))
         return rig
 
@@ -433,6 +435,31 @@ def test_exchange_throttling_invalid_sync_states_broken_streams_and_database_cut
 
 def test_graph_throttling_expired_tokens_scope_errors_and_odd_delta_pages_lose_nothing(rig_factory: Callable[..., Rig], topology: Topology) -> None:
     graph_faults(rig_factory("graph", mailboxes=10, seed=16, on_graph=True), seed_per_mailbox=5, edits=150)
+
+
+def test_two_jobcentres_side_by_side_on_one_broker_and_one_planner_each_end_equal_to_their_calendars(
+    rig_factory: Callable[..., Rig], topology: Topology, tmp_path: Path,
+) -> None:
+    """Several jobcentres on one installation: a set of workers per jobcentre with its own prefix, database, health
+    directory and jobcentre number (runbooks/jobcentres.md), edited at the same time, one broker, one Planner."""
+    first = rig_factory("jc-a", mailboxes=6, seed=31, PLANNERSYNC_PLANNER__JOBCENTER_NUMBER="10100")
+    second = rig_factory("jc-b", mailboxes=6, seed=32, database_url=f"sqlite:///{tmp_path / 'jc-b.db'}", PLANNERSYNC_BROKER__PREFIX=f"{topology.prefix}-b",
+                         PLANNERSYNC_STATUS__HEALTH_DIR=str(tmp_path / "jc-b-health"), PLANNERSYNC_PLANNER__JOBCENTER_NUMBER="10200")
+    assert second.topology.prefix != first.topology.prefix
+    for rig in (first, second):
+        rig.driver.seed(4)
+        rig.pipeline.start()
+    for _ in range(60):   # both jobcentres' caseworkers edit at once
+        for rig in (first, second):
+            time.sleep(rig.driver.rng.uniform(0.005, 0.03))
+            rig.driver.edit()
+    for rig in (first, second):
+        rig.finish(lambda: {})
+    calls = first.planner.state.calls()
+    for rig, number in ((first, "10100"), (second, "10200")):
+        uids = {uid for _mailbox, uid in rig.driver.model.expected()}
+        theirs = [call for call in calls if uids & set(call.origin_ids)]
+        assert theirs and {call.organisation for call in theirs} == {number}, (rig.name, {call.organisation for call in theirs})
 
 
 def lost_answers(rig: Rig, seed_per_mailbox: int) -> Tally:

@@ -434,18 +434,22 @@ def enrol(database_url: str, mailboxes: list[str]) -> None:
     store.engine.dispose()
 
 
-def planner_held(planner: RunningPlannerSim) -> dict[tuple[str, str], tuple[datetime, datetime]]:
-    return {(event.email.lower(), event.origin_id): (event.start, event.end) for event in planner.state.events()}
+def planner_held(planner: RunningPlannerSim, mailboxes: list[str] | None = None) -> dict[tuple[str, str], tuple[datetime, datetime]]:
+    """Planner's events by (mailbox, origin id); only ``mailboxes``' when given (another jobcentre shares Planner)."""
+    wanted = None if mailboxes is None else {m.lower() for m in mailboxes}
+    return {(event.email.lower(), event.origin_id): (event.start, event.end) for event in planner.state.events()
+            if wanted is None or event.email.lower() in wanted}
 
 
-def settle(planner: RunningPlannerSim, broker: BrokerAt, work_queues: list[str], expected: dict[Any, Any], deadline: float, quiet_for: float = 2.0) -> float:
+def settle(planner: RunningPlannerSim, broker: BrokerAt, work_queues: list[str], expected: dict[Any, Any], deadline: float, quiet_for: float = 2.0,
+           mailboxes: list[str] | None = None) -> float:
     """Wait until the pipeline is quiet: work and retry queues empty and Planner's events unchanged for ``quiet_for``
     seconds, and Planner matching ``expected`` (or ``deadline`` seconds gone, then the accounting says what is off)."""
     began = time.monotonic()
     last: Any = None
     stable_since = time.monotonic()
     while True:
-        held = planner_held(planner)
+        held = planner_held(planner, mailboxes)
         if held != last:
             last, stable_since = held, time.monotonic()
         now = time.monotonic()
@@ -483,7 +487,7 @@ def account(tally: Tally, driver: Driver, planner: RunningPlannerSim, broker: Br
     ``allowed_dead_letters`` maps a dead-letter queue to the bodies (bytes) or origin ids (str, found in the body)
     that belong there; anything else there is counted. ``excluded`` uids are expected absent (refused for good)."""
     expected = driver.model.expected(set(excluded))
-    held = planner_held(planner)
+    held = planner_held(planner, driver.mailboxes)
     tally.changes, tally.expected, tally.found = driver.changes, len(expected), len(held)
     tally.missing = sorted(set(expected) - set(held))
     tally.extra = sorted(set(held) - set(expected))
