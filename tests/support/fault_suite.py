@@ -359,9 +359,19 @@ class Pipeline:
         self.kills = 0
 
     def start(self, *names: str) -> None:
+        """Start workers by name; ``"transformer#2"`` is a second replica of the transformer (its own log directory)."""
         for name in names or STAGES:
-            self.workers[name] = WorkerProcess(name, self.env, self.log_dir).start()
+            worker = name.partition("#")[0]
+            self.workers[name] = WorkerProcess(worker, self.env, self._log_dir(name)).start()
             self.processes.append(self.workers[name])
+
+    def _log_dir(self, name: str) -> Path:
+        replica = name.partition("#")[2]
+        if not replica:
+            return self.log_dir
+        path = self.log_dir / f"replica-{replica}"
+        path.mkdir(exist_ok=True)
+        return path
 
     def sigkill(self, name: str) -> None:
         self.workers[name].kill()
@@ -371,7 +381,7 @@ class Pipeline:
     def events(self, name: str) -> dict[str, int]:
         """How often each log event occurs in the worker's log (every incarnation writes to the same file)."""
         counts: dict[str, int] = {}
-        path = self.log_dir / f"{name}.log"
+        path = self._log_dir(name) / f"{name.partition('#')[0]}.log"
         for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
             if line.startswith("{"):
                 try:
