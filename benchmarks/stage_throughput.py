@@ -90,7 +90,7 @@ def raw_rates(bodies: list[bytes], window: int, prefetch: int) -> tuple[float, f
     properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
     t0 = time.monotonic()
     for n, body in enumerate(bodies, start=1):
-        channel.basic_publish("", queue, body, properties, mandatory=True)
+        channel._impl.basic_publish("", queue, body, properties, mandatory=True)  # queued: written by the I/O loop below
         while n - confirmed[0] >= window:
             connection.process_data_events(time_limit=0.001)
     while confirmed[0] < len(bodies):
@@ -134,6 +134,49 @@ def wait_until(done: Callable[[], bool]) -> float:
     return time.monotonic() - t0
 
 
+def run_consumer(consumer: Any, count: int, profile: bool) -> float:
+    """Run a stage's consumer until it has settled ``count`` messages; its rate of messages handled.
+
+    With ``profile``, the loop runs on this thread under cProfile (stage.prof) and the handler, which runs on its
+    own thread one batch at a time, under a second one (stage-handler.prof).
+    """
+    settled = lambda: consumer.counters.handled + consumer.counters.dead_lettered >= count  # noqa: E731
+    t0 = time.monotonic()
+    if not profile:
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        wait_until(settled)
+        seconds = time.monotonic() - t0
+        consumer.stop()
+        thread.join(30)
+        return consumer.counters.handled / seconds
+    import cProfile
+
+    loop_profile, handler_profile = cProfile.Profile(), cProfile.Profile()
+    handler = consumer.handler
+
+    def profiled_handler(batch: Any) -> Any:
+        handler_profile.enable()
+        try:
+            return handler(batch)
+        finally:
+            handler_profile.disable()
+
+    consumer.handler = profiled_handler
+    finished: list[float] = []
+
+    def watch() -> None:
+        wait_until(settled)
+        finished.append(time.monotonic() - t0)
+        consumer.stop()
+
+    threading.Thread(target=watch, daemon=True).start()
+    loop_profile.runcall(consumer.run)
+    loop_profile.dump_stats("stage.prof")
+    handler_profile.dump_stats("stage-handler.prof")
+    return consumer.counters.handled / finished[0]
+
+
 def make_settings(prefix: str, database_url: str, planner_url: str, workdir: Path) -> Settings:
     return load_settings(
         environ={},
@@ -144,22 +187,13 @@ def make_settings(prefix: str, database_url: str, planner_url: str, workdir: Pat
     )
 
 
-def run_transformer(settings: Settings, topology: Topology, messages: list[CalendarChange]) -> float:
+def run_transformer(settings: Settings, topology: Topology, messages: list[CalendarChange], profile: bool = False) -> float:
     from services.transformer.worker import build as build_transformer
 
     producer = Publisher(settings.broker, topology)
     publish_all(producer, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages])
     producer.close()
-    transformer = build_transformer(settings)
-    thread = threading.Thread(target=transformer.run, daemon=True)
-    t0 = time.monotonic()
-    thread.start()
-    wait_until(lambda: transformer.counters.handled + transformer.counters.dead_lettered >= len(messages))
-    seconds = time.monotonic() - t0
-    handled = transformer.counters.handled
-    transformer.stop()
-    thread.join(30)
-    return handled / seconds
+    return run_consumer(build_transformer(settings), len(messages), profile)
 
 
 def main() -> int:
@@ -168,7 +202,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=500, help="raw publish: unconfirmed publishes at most")
     parser.add_argument("--prefetch", type=int, default=500, help="raw consume: prefetch")
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
-    parser.add_argument("--profile", default="", help="write a cProfile of this stage (producer, transformer, publisher) to stage.prof")
+    parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher) into stage.prof (+ stage-handler.prof)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     configure("WARNING", "console", service="benchmark")
@@ -188,20 +222,16 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="plannersync-bench-"))
     planner = start_server()
-    profiler: Any = None
-    if args.profile:
+
+    def profiled(stage: str, fn: Callable[[], float]) -> float:
+        if stage != args.profile:
+            return fn()
         import cProfile
 
         profiler = cProfile.Profile()
-
-    def profiled(stage: str, fn: Callable[[], float]) -> float:
-        if profiler is None or stage != args.profile:
-            return fn()
-        profiler.enable()
         try:
-            return fn()
+            return float(profiler.runcall(fn))
         finally:
-            profiler.disable()
             profiler.dump_stats("stage.prof")
 
     cleanups: list[Callable[[], None]] = []
@@ -229,7 +259,7 @@ def main() -> int:
 
         if "transformer" in only:
             settings, topology = fresh(f"sqlite:///{workdir / 'transformer.db'}")
-            rows.append(("transformer, SQLite", profiled("transformer", lambda: run_transformer(settings, topology, sample))))
+            rows.append(("transformer, SQLite", run_transformer(settings, topology, sample, args.profile == "transformer")))
             database = f"bench_{uuid.uuid4().hex[:8]}"
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
@@ -250,19 +280,7 @@ def main() -> int:
             publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
             producer.close()
             planner.state.reset()
-            publisher = build_publisher(settings)
-
-            def deliver() -> float:
-                thread = threading.Thread(target=publisher.run, daemon=True)
-                t0 = time.monotonic()
-                thread.start()
-                wait_until(lambda: publisher.counters.handled + publisher.counters.dead_lettered >= n)
-                seconds = time.monotonic() - t0
-                publisher.stop()
-                thread.join(30)
-                return publisher.counters.handled / seconds
-
-            rate = profiled("publisher", deliver)
+            rate = run_consumer(build_publisher(settings), n, args.profile == "publisher")
             calls = len(planner.state.calls())
             rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate))
     finally:

@@ -268,6 +268,21 @@ def _interval(start: datetime | None, end: datetime | None) -> Interval | None:
     return Interval(start=start, end=end) if start is not None and end is not None else None
 
 
+def _stored_interval(start: datetime | None, end: datetime | None) -> Interval | None:
+    """An interval the store wrote from a valid ``Interval`` (UTC, end after start): built without validating again."""
+    return Interval.model_construct(start=start, end=end) if start is not None and end is not None else None
+
+
+@dataclass(frozen=True)
+class DesiredWrite:
+    """One message's decisions for ``Store.save_desired_many``: its mailbox's rows and the snapshot part it completes."""
+
+    mailbox: str
+    rows: Sequence[DesiredRecord]
+    correlation_id: str | None = None
+    snapshot_part: tuple[str, int, int | None] | None = None
+
+
 class Store:
     """Queries over the tables above. One instance per process; safe to share between threads."""
 
@@ -410,12 +425,20 @@ class Store:
 
     # --- transformer: desired states -----------------------------------------------------------
     def desired(self, mailbox: str) -> dict[str, DesiredRecord]:
+        return self.desired_many([mailbox])[mailbox.lower()]
+
+    def desired_many(self, mailboxes: Iterable[str]) -> dict[str, dict[str, DesiredRecord]]:
+        """What was last decided, per mailbox (lower case) and key: one query per 500 mailboxes (decision 78)."""
+        names = sorted({mailbox.lower() for mailbox in mailboxes})
+        result: dict[str, dict[str, DesiredRecord]] = {name: {} for name in names}
+        c = desired_states.c
+        columns = (c.mailbox, c.origin_id, c.uid, c.source_item_id, c.version, c.start_at, c.end_at, c.seen_in_snapshot)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox.lower()))
-            return {
-                r.origin_id: DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _interval(r.start_at, r.end_at), r.seen_in_snapshot)
-                for r in rows
-            }
+            for start in range(0, len(names), 500):
+                for r in conn.execute(select(*columns).where(c.mailbox.in_(names[start : start + 500]))):
+                    interval = _stored_interval(r.start_at, r.end_at)
+                    result[r.mailbox][r.origin_id] = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, interval, r.seen_in_snapshot)
+        return result
 
     def save_desired(
         self,
@@ -425,23 +448,40 @@ class Store:
         snapshot_part: tuple[str, int, int | None] | None = None,
     ) -> None:
         """Upsert rows, never lowering a key's version, and record a snapshot part, in one transaction."""
-        mailbox = mailbox.lower()
+        self.save_desired_many([DesiredWrite(mailbox, list(rows), correlation_id, snapshot_part)])
+
+    def save_desired_many(self, writes: Sequence[DesiredWrite]) -> None:
+        """Several messages' ``save_desired`` in one transaction and a few statements (decision 78).
+
+        One SELECT per 500 keys finds the rows that exist; new keys are inserted with one executemany, existing
+        ones updated with one executemany whose WHERE carries the version check (compare-and-set: a row newer
+        than the update is left as it is, even if written since the SELECT). The newest row per key wins, and of
+        equal versions the later write. Snapshot parts not yet recorded are inserted.
+        """
         now = now_utc()
-        latest: dict[str, DesiredRecord] = {}
-        for row in rows:  # the newest row per key wins inside one call, too
-            if row.origin_id not in latest or latest[row.origin_id].version <= row.version:
-                latest[row.origin_id] = row
+        latest: dict[tuple[str, str], tuple[DesiredRecord, str | None]] = {}
+        parts: dict[tuple[str, int], tuple[str, int | None]] = {}
+        for write in writes:
+            mailbox = write.mailbox.lower()
+            for row in write.rows:
+                key = (mailbox, row.origin_id)
+                if key not in latest or latest[key][0].version <= row.version:
+                    latest[key] = (row, write.correlation_id)
+            if write.snapshot_part is not None:
+                snapshot_id, part, total = write.snapshot_part
+                parts.setdefault((snapshot_id, part), (mailbox, total))
+        c = desired_states.c
         with self.engine.begin() as conn:
-            existing: dict[str, int] = {}
+            existing: dict[tuple[str, str], int] = {}
             keys = list(latest)
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
-                query = select(desired_states.c.origin_id, desired_states.c.version).where(
-                    and_(desired_states.c.mailbox == mailbox, desired_states.c.origin_id.in_(chunk))
+                query = select(c.mailbox, c.origin_id, c.version).where(
+                    and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk]))
                 )
-                existing.update({r.origin_id: r.version for r in conn.execute(query)})
+                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(query)})
             inserts, updates = [], []
-            for origin_id, row in latest.items():
+            for (mailbox, origin_id), (row, correlation_id) in latest.items():
                 values = {
                     "uid": row.uid,
                     "source_item_id": row.source_item_id,
@@ -452,24 +492,32 @@ class Store:
                     "correlation_id": correlation_id,
                     "updated_at": now,
                 }
-                if origin_id not in existing:
+                if (mailbox, origin_id) not in existing:
                     inserts.append({"mailbox": mailbox, "origin_id": origin_id, **values})
-                elif existing[origin_id] <= row.version:
-                    updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
+                elif existing[(mailbox, origin_id)] <= row.version:
+                    updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, "k_version": row.version, **values})
             if inserts:
                 conn.execute(insert(desired_states), inserts)
             if updates:
                 statement = (
                     update(desired_states)
-                    .where(and_(desired_states.c.mailbox == bindparam("k_mailbox"), desired_states.c.origin_id == bindparam("k_origin_id")))
+                    .where(and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id"), c.version <= bindparam("k_version")))
                     .values({name: bindparam(name) for name in updates[0] if not name.startswith("k_")})
                 )
                 conn.execute(statement, updates)
-            if snapshot_part is not None:
-                snapshot_id, part, total = snapshot_part
-                part_key = and_(snapshot_parts.c.snapshot_id == snapshot_id, snapshot_parts.c.part == part)
-                if conn.execute(select(snapshot_parts.c.part).where(part_key)).first() is None:
-                    conn.execute(insert(snapshot_parts).values(snapshot_id=snapshot_id, part=part, mailbox=mailbox, total_parts=total, received_at=now))
+            if parts:
+                ids = sorted({snapshot_id for snapshot_id, _ in parts})
+                recorded = {
+                    (r.snapshot_id, r.part)
+                    for r in conn.execute(select(snapshot_parts.c.snapshot_id, snapshot_parts.c.part).where(snapshot_parts.c.snapshot_id.in_(ids)))
+                }
+                new_parts = [
+                    {"snapshot_id": snapshot_id, "part": part, "mailbox": mailbox, "total_parts": total, "received_at": now}
+                    for (snapshot_id, part), (mailbox, total) in parts.items()
+                    if (snapshot_id, part) not in recorded
+                ]
+                if new_parts:
+                    conn.execute(insert(snapshot_parts), new_parts)
 
     def snapshot_progress(self, snapshot_id: str) -> tuple[set[int], int | None]:
         """The parts of a snapshot recorded so far, and its total once the final part is recorded."""

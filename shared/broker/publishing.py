@@ -127,7 +127,9 @@ class Confirms:
         self._nacked: list[_Unconfirmed] = []
         self._returned: list[_Unconfirmed] = []
         selected: list[bool] = []
-        impl = channel._impl  # pika's Channel: its confirm mode hands over each ack/nack without waiting per publish
+        # pika's own Channel under the blocking one: its confirm mode hands over each ack/nack without waiting per
+        # publish, and its basic_publish queues the frames without a trip round the I/O loop per message.
+        impl = self._impl = channel._impl
         impl.add_on_return_callback(self._on_return)
         impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True))
         while not selected:
@@ -183,7 +185,7 @@ class Confirms:
             send = sends[index]
             self._published += 1
             self._unconfirmed[self._published] = _Unconfirmed(index, send)
-            self.channel.basic_publish(send.exchange, send.routing_key, send.body, send.properties, mandatory=True)
+            self._impl.basic_publish(send.exchange, send.routing_key, send.body, send.properties, mandatory=True)
 
     def _await(self) -> None:
         while self._unconfirmed:
