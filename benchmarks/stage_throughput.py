@@ -8,8 +8,9 @@
 - producer: N CalendarChange messages (50 mailboxes) through the project's ``Publisher``;
 - transformer: N calendar changes waiting in its queue → time until it has handled them all (decode, busy rules,
   store, publish with confirms, ack), once on SQLite and once on PostgreSQL (127.0.0.1, a throwaway database);
-- publisher: N busy-time states waiting in its queue → time until the in-process Planner simulator holds them all
-  (batching per mailbox, SOAP over HTTP to the simulator, receipts stored; SQLite).
+- publisher: N busy-time states waiting in its queue → time until it has handled them all (batching per mailbox,
+  receipts stored; SQLite), once into the in-process Planner simulator (SOAP over HTTP, zeep on both ends in this
+  one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost).
 
 The table gives each stage's rate and its share of the slower of the two raw rates (a stage both consumes and
 publishes). Figures go to docs/benchmarks.md, never into assertions.
@@ -280,9 +281,35 @@ def main() -> int:
             publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
             producer.close()
             planner.state.reset()
+            if args.profile.startswith("publisher"):  # the parallel Planner calls inline, so the handler's profile sees them
+                import services.publisher.worker as publisher_worker
+
+                publisher_worker.DaemonPool.map = lambda self, fn, items: iter([fn(item) for item in items])  # type: ignore[method-assign]
             rate = run_consumer(build_publisher(settings), n, args.profile == "publisher")
             calls = len(planner.state.calls())
             rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate))
+
+            # The same stage with an instant Planner: the simulator's own state, called without HTTP or XML
+            # (tests/support/planner_model.py, decision 60), so what is left is the stage's own cost.
+            from services.publisher.worker import HANDLER_DEADLINE, DaemonPool, OutageGuard, PublisherDeps, handle
+            from shared.adapters.planner_client import PlannerEvent
+            from shared.adapters.store import open_store
+            from shared.broker.consume_loop import Consumer, ConsumerOptions
+            from tests.support.planner_model import PlannerModel
+
+            settings, topology = fresh(f"sqlite:///{workdir / 'publisher-instant.db'}")
+            producer = Publisher(settings.broker, topology)
+            publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
+            producer.close()
+            model = PlannerModel()
+            guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
+            deps = PublisherDeps(settings, open_store(settings.database_url(), True), model, guard, PlannerEvent,
+                                 DaemonPool(settings.planner.parallel_calls, "planner-call"))
+            size = settings.planner.max_batch_messages
+            options = ConsumerOptions(prefetch=2 * size, batch_size=size, linger=settings.planner.linger, handler_deadline=HANDLER_DEADLINE)
+            consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
+            rate = run_consumer(consumer, n, args.profile == "publisher-instant")
+            rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate))
     finally:
         planner.stop()
         for cleanup in cleanups:

@@ -179,16 +179,18 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
     known = deps.store.delivered(mailbox, [state.origin_id for _, state in items])
     results: dict[int, Result] = {}
     pending: list[_Pending] = []
+    versions: list[tuple[DeliveredChange, str | None]] = []
     for index, state in items:
         action = plan(state, known.get(state.origin_id))
         if isinstance(action, NoChange):
             with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
                 if remember_version(state, known.get(state.origin_id), action):
-                    deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, version=state.version)], state.correlation_id)
+                    versions.append((DeliveredChange(state.origin_id, version=state.version), state.correlation_id))
                 log.info("busy_time_unchanged", reason=action.reason, version=state.version)
             results[index] = Done()
         else:
             pending.append(_Pending(index, state, action))
+    deps.store.record_delivered_many(mailbox, versions)  # one transaction for the mailbox's part of the batch (decision 78)
     rounds = 0
     while pending and rounds < 3:  # a create answered 8 becomes an update (and vice versa) at most twice
         rounds += 1
@@ -218,12 +220,14 @@ def _call(
         return _content_error(mailbox, operation, group, known, deps, results, exc)
     except Transient as exc:
         deps.guard.failure(exc.reason)
+        maybes: list[tuple[DeliveredChange, str | None]] = []
         for p in group:
             results[p.index] = exc
             # Sent, answer lost: Planner may have applied it, so a later absent state still deletes it (decision 68).
             maybe = maybe_applied(p.send, exc.code)
             if maybe is not None:
-                deps.store.record_delivered(mailbox, [maybe], p.state.correlation_id)
+                maybes.append((maybe, p.state.correlation_id))
+        deps.store.record_delivered_many(mailbox, maybes)
         log.warning("planner_call_failed", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
         return []
     except Permanent as exc:
@@ -236,6 +240,7 @@ def _call(
     receipts = {r.origin_id: r for r in outcome.receipts}
     table = deps.settings.planner.receipt_actions
     again: list[_Pending] = []
+    records: list[tuple[DeliveredChange, str | None]] = []  # the call's receipts, written in one transaction (decision 78)
     for p in group:
         state = p.state
         with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
@@ -246,7 +251,7 @@ def _call(
                 metrics.planner_receipt(operation, receipt.code)
                 log.info("planner_receipt", operation=operation, code=receipt.code, action=answer.action, reference=outcome.reference)
             if answer.record is not None:
-                deps.store.record_delivered(mailbox, [answer.record], state.correlation_id)
+                records.append((answer.record, state.correlation_id))
             settled = answer.outcome
             if isinstance(settled, Delivered):
                 log.info("busy_time_delivered", operation=operation, version=state.version)
@@ -261,6 +266,7 @@ def _call(
                 results[p.index] = Transient(settled.reason, code=settled.code)
             else:
                 results[p.index] = Permanent(settled.reason, code=settled.code)
+    deps.store.record_delivered_many(mailbox, records)
     return again
 
 
@@ -332,9 +338,10 @@ def build(settings: Settings) -> Consumer:
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
     pool = DaemonPool(settings.planner.parallel_calls, "planner-call")
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
-    # A large batch lets a burst group per mailbox (one call of up to batch_size events each).
+    # A large batch lets a burst group per mailbox (one call of up to batch_size events each); the prefetch holds the
+    # next batch ready while one is delivered.
     options = ConsumerOptions(
-        prefetch=settings.planner.max_batch_messages,
+        prefetch=2 * settings.planner.max_batch_messages,
         batch_size=settings.planner.max_batch_messages,
         linger=settings.planner.linger,
         handler_deadline=HANDLER_DEADLINE,

@@ -583,20 +583,50 @@ class Store:
 
     def record_delivered(self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None) -> None:
         """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0."""
+        self.record_delivered_many(mailbox, [(change, correlation_id) for change in changes])
+
+    def record_delivered_many(self, mailbox: str, changes: Sequence[tuple[DeliveredChange, str | None]]) -> None:
+        """Changes with their correlation ids, applied in order, in one transaction and a few statements (decision 78).
+
+        Each change writes only its own columns; several changes of one key merge in order (a later one's column
+        wins), which is what applying them one after the other did. One SELECT per 500 keys finds the rows that
+        exist; updates and inserts go out as one executemany per set of columns written.
+        """
         mailbox = mailbox.lower()
         now = now_utc()
+        merged: dict[str, dict[str, Any]] = {}
+        for change, correlation_id in changes:
+            values = _delivered_values(change)
+            if correlation_id is not None:
+                values["correlation_id"] = correlation_id
+            merged.setdefault(change.origin_id, {}).update(values)
+        if not merged:
+            return
+        c = delivered_events.c
         with self.engine.begin() as conn:
-            for change in changes:
-                values = _delivered_values(change)
+            keys = list(merged)
+            existing: set[str] = set()
+            for start in range(0, len(keys), 500):
+                query = select(c.origin_id).where(and_(c.mailbox == mailbox, c.origin_id.in_(keys[start : start + 500])))
+                existing.update(r.origin_id for r in conn.execute(query))
+            updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for origin_id, values in merged.items():
                 values["updated_at"] = now
-                if correlation_id is not None:
-                    values["correlation_id"] = correlation_id
-                key = and_(delivered_events.c.mailbox == mailbox, delivered_events.c.origin_id == change.origin_id)
-                if not conn.execute(update(delivered_events).where(key).values(**values)).rowcount:
-                    values.setdefault("present", False)
-                    values.setdefault("version", 0)
-                    conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=change.origin_id, **values))
-
+                if origin_id in existing:
+                    updates.setdefault(tuple(sorted(values)), []).append({"k_origin_id": origin_id, **values})
+                else:
+                    row = {"mailbox": mailbox, "origin_id": origin_id, "present": False, "version": 0, **values}
+                    inserts.setdefault(tuple(sorted(row)), []).append(row)
+            for columns, rows in updates.items():
+                statement = (
+                    update(delivered_events)
+                    .where(and_(c.mailbox == mailbox, c.origin_id == bindparam("k_origin_id")))
+                    .values({name: bindparam(name) for name in columns})
+                )
+                conn.execute(statement, rows)
+            for rows in inserts.values():
+                conn.execute(insert(delivered_events), rows)
 
 
 def _delivered_values(change: DeliveredChange) -> dict[str, Any]:
