@@ -120,9 +120,8 @@ def raw_rates(bodies: list[bytes], window: int, prefetch: int) -> tuple[float, f
 
 def publish_all(producer: Publisher, outgoing: list[Outgoing]) -> None:
     many = getattr(producer, "publish_many", None)
-    if many is not None:  # batched confirms, where the Publisher offers them
-        for start in range(0, len(outgoing), 500):
-            many(outgoing[start : start + 500])
+    if many is not None:  # batched confirms (a window of 500), where the Publisher offers them
+        many(outgoing)
     else:
         for out in outgoing:
             producer.publish(out)

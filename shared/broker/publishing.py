@@ -69,6 +69,7 @@ class Outgoing:
 REFUSED_BASE = timedelta(milliseconds=500)
 REFUSED_MAX = timedelta(seconds=10)
 REFUSED_PATIENCE = timedelta(seconds=60)
+CONFIRM_WINDOW = 500  # publishes awaiting their confirms at most, on one channel (decision 76)
 Waiter = Callable[[float], bool]  # wait this many seconds, servicing the connection; False: give up now (stopping)
 
 
@@ -182,6 +183,9 @@ class Confirms:
 
     def _send(self, indexes: list[int], sends: Sequence[Send]) -> None:
         for index in indexes:
+            while len(self._unconfirmed) >= CONFIRM_WINDOW:  # a sliding window: confirms come back while we send
+                self._check_open()
+                self._service(0.002)
             send = sends[index]
             self._published += 1
             self._unconfirmed[self._published] = _Unconfirmed(index, send)
@@ -189,9 +193,12 @@ class Confirms:
 
     def _await(self) -> None:
         while self._unconfirmed:
-            if not self.channel.is_open:
-                raise pika.exceptions.ChannelWrongStateError("channel closed while publishes awaited their confirms")
+            self._check_open()
             self._service(0.002)
+
+    def _check_open(self) -> None:
+        if not self.channel.is_open:
+            raise pika.exceptions.ChannelWrongStateError("channel closed while publishes awaited their confirms")
 
     def _service(self, seconds: float) -> None:
         self.channel.connection.process_data_events(time_limit=seconds)
