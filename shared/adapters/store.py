@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import (
     BigInteger,
@@ -555,6 +555,21 @@ class Store:
         return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered}
 
     # --- publisher: what Planner holds ----------------------------------------------------------
+    def delivered_many(self, keys: Mapping[str, Sequence[str]]) -> dict[str, dict[str, DeliveredRecord]]:
+        """What Planner is known to hold for these keys, by mailbox (lower case): one query per 500 keys (decision 78)."""
+        wanted = {(mailbox.lower(), origin_id) for mailbox, origin_ids in keys.items() for origin_id in origin_ids}
+        result: dict[str, dict[str, DeliveredRecord]] = {mailbox.lower(): {} for mailbox in keys}
+        pairs = sorted(wanted)
+        c = delivered_events.c
+        with self.engine.connect() as conn:
+            for start in range(0, len(pairs), 500):
+                chunk = pairs[start : start + 500]
+                query = select(delivered_events).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
+                for r in conn.execute(query):
+                    if (r.mailbox, r.origin_id) in wanted:
+                        result[r.mailbox][r.origin_id] = _delivered_record(r)
+        return result
+
     def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRecord]:
         mailbox = mailbox.lower()
         query = select(delivered_events).where(delivered_events.c.mailbox == mailbox)
@@ -566,11 +581,7 @@ class Store:
             for chunk in chunks:
                 q = query if chunk is None else query.where(delivered_events.c.origin_id.in_(list(chunk)))
                 for r in conn.execute(q):
-                    result[r.origin_id] = DeliveredRecord(
-                        r.mailbox, r.origin_id, r.version, r.present, _interval(r.start_at, r.end_at),
-                        r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
-                        bool(r.maybe_held), _interval(r.maybe_start_at, r.maybe_end_at),
-                    )
+                    result[r.origin_id] = _delivered_record(r)
         return result
 
     def explain_rows(self, mailbox: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -586,47 +597,69 @@ class Store:
         self.record_delivered_many(mailbox, [(change, correlation_id) for change in changes])
 
     def record_delivered_many(self, mailbox: str, changes: Sequence[tuple[DeliveredChange, str | None]]) -> None:
-        """Changes with their correlation ids, applied in order, in one transaction and a few statements (decision 78).
+        """Changes with their correlation ids, applied in order, in one transaction (see ``record_delivered_batch``)."""
+        self.record_delivered_batch([(mailbox, change, correlation_id) for change, correlation_id in changes])
+
+    def record_delivered_batch(
+        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None = None
+    ) -> None:
+        """(mailbox, change, correlation id) applied in order, and each mailbox's delivery outcome (``None``: delivered,
+        else the error), in one transaction and a few statements (decision 78).
 
         Each change writes only its own columns; several changes of one key merge in order (a later one's column
         wins), which is what applying them one after the other did. One SELECT per 500 keys finds the rows that
         exist; updates and inserts go out as one executemany per set of columns written.
         """
-        mailbox = mailbox.lower()
         now = now_utc()
-        merged: dict[str, dict[str, Any]] = {}
-        for change, correlation_id in changes:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for mailbox, change, correlation_id in changes:
             values = _delivered_values(change)
             if correlation_id is not None:
                 values["correlation_id"] = correlation_id
-            merged.setdefault(change.origin_id, {}).update(values)
-        if not merged:
-            return
+            merged.setdefault((mailbox.lower(), change.origin_id), {}).update(values)
         c = delivered_events.c
         with self.engine.begin() as conn:
             keys = list(merged)
-            existing: set[str] = set()
+            existing: set[tuple[str, str]] = set()
             for start in range(0, len(keys), 500):
-                query = select(c.origin_id).where(and_(c.mailbox == mailbox, c.origin_id.in_(keys[start : start + 500])))
-                existing.update(r.origin_id for r in conn.execute(query))
+                chunk = keys[start : start + 500]
+                query = select(c.mailbox, c.origin_id).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
+                existing.update((r.mailbox, r.origin_id) for r in conn.execute(query))
             updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for origin_id, values in merged.items():
+            for (mailbox, origin_id), values in merged.items():
                 values["updated_at"] = now
-                if origin_id in existing:
-                    updates.setdefault(tuple(sorted(values)), []).append({"k_origin_id": origin_id, **values})
+                if (mailbox, origin_id) in existing:
+                    updates.setdefault(tuple(sorted(values)), []).append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
                 else:
                     row = {"mailbox": mailbox, "origin_id": origin_id, "present": False, "version": 0, **values}
                     inserts.setdefault(tuple(sorted(row)), []).append(row)
             for columns, rows in updates.items():
                 statement = (
                     update(delivered_events)
-                    .where(and_(c.mailbox == mailbox, c.origin_id == bindparam("k_origin_id")))
+                    .where(and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id")))
                     .values({name: bindparam(name) for name in columns})
                 )
                 conn.execute(statement, rows)
             for rows in inserts.values():
                 conn.execute(insert(delivered_events), rows)
+            delivered = [{"k_address": m.lower(), "last_delivery_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is None]
+            failed = [
+                {"k_address": m.lower(), "last_error": e[:500], "last_error_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is not None
+            ]
+            for rows in (delivered, failed):
+                if rows:
+                    names = [name for name in rows[0] if not name.startswith("k_")]
+                    statement = update(mailboxes).where(mailboxes.c.address == bindparam("k_address")).values({n: bindparam(n) for n in names})
+                    conn.execute(statement, rows)
+
+
+def _delivered_record(r: Any) -> DeliveredRecord:
+    return DeliveredRecord(
+        r.mailbox, r.origin_id, r.version, r.present, _stored_interval(r.start_at, r.end_at),
+        r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
+        bool(r.maybe_held), _stored_interval(r.maybe_start_at, r.maybe_end_at),
+    )
 
 
 def _delivered_values(change: DeliveredChange) -> dict[str, Any]:

@@ -277,3 +277,19 @@ def test_delivered_changes_of_one_key_merge_in_order_and_new_keys_start_absent(s
     assert (rows["new"].version, rows["new"].present, rows["new"].maybe_held) == (4, False, False)
     assert (rows["new2"].version, rows["new2"].present, rows["new2"].maybe_interval) == (0, False, SPAN)
     assert {r["origin_id"]: r["correlation_id"] for r in store.explain_rows("a@k.dk")[1]} == {"old": "corr-2", "new": None, "new2": "corr-3"}
+
+
+def test_a_batch_of_receipts_for_several_mailboxes_is_read_and_written_at_once_with_each_mailboxs_outcome(store: Store) -> None:
+    for address in ("a@k.dk", "b@k.dk"):
+        store.add_mailbox(address)
+    store.record_delivered_batch(
+        [("A@k.dk", DeliveredChange("x", version=2, holding=Holding(True, SPAN)), "c1"), ("b@k.dk", DeliveredChange("x", version=5), "c2"),
+         ("b@k.dk", DeliveredChange("y", version=6), None)],
+        {"a@k.dk": None, "B@k.dk": "code 3: unknown resource"},
+    )
+    known = store.delivered_many({"a@k.dk": ["x", "y"], "B@K.dk": ["x"]})
+    assert set(known["a@k.dk"]) == {"x"} and set(known["b@k.dk"]) == {"x"}  # only the keys asked for
+    assert (known["a@k.dk"]["x"].present, known["a@k.dk"]["x"].interval, known["b@k.dk"]["x"].version) == (True, SPAN, 5)
+    rows = {m.address: m for m in store.list_mailboxes()}
+    assert rows["a@k.dk"].last_delivery_at is not None and rows["a@k.dk"].last_error is None
+    assert rows["b@k.dk"].last_delivery_at is None and rows["b@k.dk"].last_error == "code 3: unknown resource"
