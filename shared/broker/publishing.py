@@ -114,8 +114,8 @@ class Confirms:
     """A channel in confirm mode whose publishes are confirmed as a window, not one at a time (decision 76).
 
     pika's ``BlockingChannel.confirm_delivery`` waits for the broker's confirm after every publish: one round trip
-    per message. Here every message of a batch is sent first and the confirms are awaited once, as the broker sends
-    them (often one multiple-ack for many). A message counts as published only when its own confirm has arrived;
+    per message. Here a batch's messages are sent with up to ``CONFIRM_WINDOW`` awaiting their confirms (a sliding
+    window) and the rest are awaited once at the end, as the broker sends them (often one multiple-ack for many). A message counts as published only when its own confirm has arrived;
     a nack (a full queue) is sent again with growing waits (decision 56), and a message returned as unroutable
     (mandatory) raises ``UnroutableError`` as pika's own confirm mode does. All publishes on the channel must go
     through this object: the broker numbers confirms by the channel's publish count.
