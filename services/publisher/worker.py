@@ -165,26 +165,42 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
             continue
         by_mailbox[state.mailbox.lower()].append(i)
     jobs = [(mailbox, [(i, states[i]) for i in indexes]) for mailbox, indexes in by_mailbox.items()]
+    # What Planner holds for the whole batch in one read, and every receipt and outcome of the batch written in one
+    # transaction once its calls are done, before the consume loop acks (decision 78).
+    known = deps.store.delivered_many({mailbox: [state.origin_id for _, state in items] for mailbox, items in jobs})
     if deps.pool is not None and len(jobs) > 1:
-        outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], deps), jobs))
+        outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], known[job[0]], deps), jobs))
     else:
-        outcomes = [_deliver_mailbox(mailbox, items, deps) for mailbox, items in jobs]
-    for outcome in outcomes:
-        for i, result in outcome.items():
+        outcomes = [_deliver_mailbox(mailbox, items, known[mailbox], deps) for mailbox, items in jobs]
+    records: list[tuple[str, DeliveredChange, str | None]] = []
+    for (mailbox, _), outcome in zip(jobs, outcomes):
+        records.extend((mailbox, change, correlation_id) for change, correlation_id in outcome.records)
+        for i, result in outcome.results.items():
             results[i] = result
+    if jobs:
+        deps.store.record_delivered_batch(records, {mailbox: outcome.error for (mailbox, _), outcome in zip(jobs, outcomes)})
     return [r if r is not None else Done() for r in results]
 
 
-def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps: PublisherDeps) -> dict[int, Result]:
-    known = deps.store.delivered(mailbox, [state.origin_id for _, state in items])
-    results: dict[int, Result] = {}
+@dataclass
+class _Delivered:
+    """One mailbox's part of a batch: a result per message, what to record (in order), and its first error."""
+
+    results: dict[int, Result] = field(default_factory=dict)
+    records: list[tuple[DeliveredChange, str | None]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], known: dict[str, DeliveredRecord], deps: PublisherDeps) -> _Delivered:
+    done = _Delivered()
+    results = done.results
     pending: list[_Pending] = []
     for index, state in items:
         action = plan(state, known.get(state.origin_id))
         if isinstance(action, NoChange):
             with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
                 if remember_version(state, known.get(state.origin_id), action):
-                    deps.store.record_delivered(mailbox, [DeliveredChange(state.origin_id, version=state.version)], state.correlation_id)
+                    done.records.append((DeliveredChange(state.origin_id, version=state.version), state.correlation_id))
                 log.info("busy_time_unchanged", reason=action.reason, version=state.version)
             results[index] = Done()
         else:
@@ -197,25 +213,24 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], deps:
             group = [p for p in pending if p.send.operation == operation]
             size = deps.settings.planner.batch_size
             for start in range(0, len(group), size):
-                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, results))
+                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, done))
         pending = next_round
     for p in pending:
         results[p.index] = Transient(f"Planner kept answering {p.attempts} for this event")
     failed = [r for r in results.values() if isinstance(r, BaseException)]
-    deps.store.record_delivery_outcome(mailbox, str(failed[0])[:500] if failed else None)
-    return results
+    done.error = str(failed[0])[:500] if failed else None
+    return done
 
 
-def _call(
-    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, results: dict[int, Result]
-) -> list[_Pending]:
+def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered) -> list[_Pending]:
+    results = done.results
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
     try:
         with metrics.planner_call(operation):  # latency and errors by kind (shared/metrics.py)
             outcome = call(events)
     except ContentError as exc:  # about what some events carry, not about Planner: the guard does not hear of it
-        return _content_error(mailbox, operation, group, known, deps, results, exc)
+        return _content_error(mailbox, operation, group, known, deps, done, exc)
     except Transient as exc:
         deps.guard.failure(exc.reason)
         for p in group:
@@ -223,7 +238,7 @@ def _call(
             # Sent, answer lost: Planner may have applied it, so a later absent state still deletes it (decision 68).
             maybe = maybe_applied(p.send, exc.code)
             if maybe is not None:
-                deps.store.record_delivered(mailbox, [maybe], p.state.correlation_id)
+                done.records.append((maybe, p.state.correlation_id))
         log.warning("planner_call_failed", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
         return []
     except Permanent as exc:
@@ -246,7 +261,7 @@ def _call(
                 metrics.planner_receipt(operation, receipt.code)
                 log.info("planner_receipt", operation=operation, code=receipt.code, action=answer.action, reference=outcome.reference)
             if answer.record is not None:
-                deps.store.record_delivered(mailbox, [answer.record], state.correlation_id)
+                done.records.append((answer.record, state.correlation_id))
             settled = answer.outcome
             if isinstance(settled, Delivered):
                 log.info("busy_time_delivered", operation=operation, version=state.version)
@@ -265,21 +280,21 @@ def _call(
 
 
 def _content_error(
-    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, results: dict[int, Result], exc: ContentError
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered, exc: ContentError
 ) -> list[_Pending]:
     """Dead-letter only the events at fault and call again with the others; split the call when it does not say which."""
     bad = [p for p in group if p.send.origin_id in exc.problems]
     if not bad and len(group) > 1:
         half = len(group) // 2
-        return [*_call(mailbox, operation, group[:half], known, deps, results), *_call(mailbox, operation, group[half:], known, deps, results)]
+        return [*_call(mailbox, operation, group[:half], known, deps, done), *_call(mailbox, operation, group[half:], known, deps, done)]
     for p in bad or group:
         problem = exc.problems.get(p.send.origin_id)
         reason = f"{operation_name(operation)}: {problem}" if problem else exc.reason
-        results[p.index] = Permanent(reason, code=exc.code)
+        done.results[p.index] = Permanent(reason, code=exc.code)
         with correlation(p.state.correlation_id, mailbox=mailbox, origin_id=p.state.origin_id):
             log.error("busy_time_unsendable", operation=operation, reason=reason)
     rest = [p for p in group if p not in bad] if bad else []
-    return _call(mailbox, operation, rest, known, deps, results) if rest else []
+    return _call(mailbox, operation, rest, known, deps, done) if rest else []
 
 
 def operation_name(operation: Operation) -> str:
@@ -332,9 +347,10 @@ def build(settings: Settings) -> Consumer:
     guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
     pool = DaemonPool(settings.planner.parallel_calls, "planner-call")
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
-    # A large batch lets a burst group per mailbox (one call of up to batch_size events each).
+    # A large batch lets a burst group per mailbox (one call of up to batch_size events each); the prefetch holds the
+    # next batch ready while one is delivered.
     options = ConsumerOptions(
-        prefetch=settings.planner.max_batch_messages,
+        prefetch=2 * settings.planner.max_batch_messages,
         batch_size=settings.planner.max_batch_messages,
         linger=settings.planner.linger,
         handler_deadline=HANDLER_DEADLINE,

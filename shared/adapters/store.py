@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import (
     BigInteger,
@@ -268,6 +268,21 @@ def _interval(start: datetime | None, end: datetime | None) -> Interval | None:
     return Interval(start=start, end=end) if start is not None and end is not None else None
 
 
+def _stored_interval(start: datetime | None, end: datetime | None) -> Interval | None:
+    """An interval the store wrote from a valid ``Interval`` (UTC, end after start): built without validating again."""
+    return Interval.model_construct(start=start, end=end) if start is not None and end is not None else None
+
+
+@dataclass(frozen=True)
+class DesiredWrite:
+    """One message's decisions for ``Store.save_desired_many``: its mailbox's rows and the snapshot part it completes."""
+
+    mailbox: str
+    rows: Sequence[DesiredRecord]
+    correlation_id: str | None = None
+    snapshot_part: tuple[str, int, int | None] | None = None
+
+
 class Store:
     """Queries over the tables above. One instance per process; safe to share between threads."""
 
@@ -410,12 +425,20 @@ class Store:
 
     # --- transformer: desired states -----------------------------------------------------------
     def desired(self, mailbox: str) -> dict[str, DesiredRecord]:
+        return self.desired_many([mailbox])[mailbox.lower()]
+
+    def desired_many(self, mailboxes: Iterable[str]) -> dict[str, dict[str, DesiredRecord]]:
+        """What was last decided, per mailbox (lower case) and key: one query per 500 mailboxes (decision 78)."""
+        names = sorted({mailbox.lower() for mailbox in mailboxes})
+        result: dict[str, dict[str, DesiredRecord]] = {name: {} for name in names}
+        c = desired_states.c
+        columns = (c.mailbox, c.origin_id, c.uid, c.source_item_id, c.version, c.start_at, c.end_at, c.seen_in_snapshot)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox.lower()))
-            return {
-                r.origin_id: DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _interval(r.start_at, r.end_at), r.seen_in_snapshot)
-                for r in rows
-            }
+            for start in range(0, len(names), 500):
+                for r in conn.execute(select(*columns).where(c.mailbox.in_(names[start : start + 500]))):
+                    interval = _stored_interval(r.start_at, r.end_at)
+                    result[r.mailbox][r.origin_id] = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, interval, r.seen_in_snapshot)
+        return result
 
     def save_desired(
         self,
@@ -425,23 +448,40 @@ class Store:
         snapshot_part: tuple[str, int, int | None] | None = None,
     ) -> None:
         """Upsert rows, never lowering a key's version, and record a snapshot part, in one transaction."""
-        mailbox = mailbox.lower()
+        self.save_desired_many([DesiredWrite(mailbox, list(rows), correlation_id, snapshot_part)])
+
+    def save_desired_many(self, writes: Sequence[DesiredWrite]) -> None:
+        """Several messages' ``save_desired`` in one transaction and a few statements (decision 78).
+
+        One SELECT per 500 keys finds the rows that exist; new keys are inserted with one executemany, existing
+        ones updated with one executemany whose WHERE carries the version check (compare-and-set: a row newer
+        than the update is left as it is, even if written since the SELECT). The newest row per key wins, and of
+        equal versions the later write. Snapshot parts not yet recorded are inserted.
+        """
         now = now_utc()
-        latest: dict[str, DesiredRecord] = {}
-        for row in rows:  # the newest row per key wins inside one call, too
-            if row.origin_id not in latest or latest[row.origin_id].version <= row.version:
-                latest[row.origin_id] = row
+        latest: dict[tuple[str, str], tuple[DesiredRecord, str | None]] = {}
+        parts: dict[tuple[str, int], tuple[str, int | None]] = {}
+        for write in writes:
+            mailbox = write.mailbox.lower()
+            for row in write.rows:
+                key = (mailbox, row.origin_id)
+                if key not in latest or latest[key][0].version <= row.version:
+                    latest[key] = (row, write.correlation_id)
+            if write.snapshot_part is not None:
+                snapshot_id, part, total = write.snapshot_part
+                parts.setdefault((snapshot_id, part), (mailbox, total))
+        c = desired_states.c
         with self.engine.begin() as conn:
-            existing: dict[str, int] = {}
+            existing: dict[tuple[str, str], int] = {}
             keys = list(latest)
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
-                query = select(desired_states.c.origin_id, desired_states.c.version).where(
-                    and_(desired_states.c.mailbox == mailbox, desired_states.c.origin_id.in_(chunk))
+                query = select(c.mailbox, c.origin_id, c.version).where(
+                    and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk]))
                 )
-                existing.update({r.origin_id: r.version for r in conn.execute(query)})
+                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(query)})
             inserts, updates = [], []
-            for origin_id, row in latest.items():
+            for (mailbox, origin_id), (row, correlation_id) in latest.items():
                 values = {
                     "uid": row.uid,
                     "source_item_id": row.source_item_id,
@@ -452,24 +492,32 @@ class Store:
                     "correlation_id": correlation_id,
                     "updated_at": now,
                 }
-                if origin_id not in existing:
+                if (mailbox, origin_id) not in existing:
                     inserts.append({"mailbox": mailbox, "origin_id": origin_id, **values})
-                elif existing[origin_id] <= row.version:
-                    updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
+                elif existing[(mailbox, origin_id)] <= row.version:
+                    updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, "k_version": row.version, **values})
             if inserts:
                 conn.execute(insert(desired_states), inserts)
             if updates:
                 statement = (
                     update(desired_states)
-                    .where(and_(desired_states.c.mailbox == bindparam("k_mailbox"), desired_states.c.origin_id == bindparam("k_origin_id")))
+                    .where(and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id"), c.version <= bindparam("k_version")))
                     .values({name: bindparam(name) for name in updates[0] if not name.startswith("k_")})
                 )
                 conn.execute(statement, updates)
-            if snapshot_part is not None:
-                snapshot_id, part, total = snapshot_part
-                part_key = and_(snapshot_parts.c.snapshot_id == snapshot_id, snapshot_parts.c.part == part)
-                if conn.execute(select(snapshot_parts.c.part).where(part_key)).first() is None:
-                    conn.execute(insert(snapshot_parts).values(snapshot_id=snapshot_id, part=part, mailbox=mailbox, total_parts=total, received_at=now))
+            if parts:
+                ids = sorted({snapshot_id for snapshot_id, _ in parts})
+                recorded = {
+                    (r.snapshot_id, r.part)
+                    for r in conn.execute(select(snapshot_parts.c.snapshot_id, snapshot_parts.c.part).where(snapshot_parts.c.snapshot_id.in_(ids)))
+                }
+                new_parts = [
+                    {"snapshot_id": snapshot_id, "part": part, "mailbox": mailbox, "total_parts": total, "received_at": now}
+                    for (snapshot_id, part), (mailbox, total) in parts.items()
+                    if (snapshot_id, part) not in recorded
+                ]
+                if new_parts:
+                    conn.execute(insert(snapshot_parts), new_parts)
 
     def snapshot_progress(self, snapshot_id: str) -> tuple[set[int], int | None]:
         """The parts of a snapshot recorded so far, and its total once the final part is recorded."""
@@ -507,6 +555,21 @@ class Store:
         return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered}
 
     # --- publisher: what Planner holds ----------------------------------------------------------
+    def delivered_many(self, keys: Mapping[str, Sequence[str]]) -> dict[str, dict[str, DeliveredRecord]]:
+        """What Planner is known to hold for these keys, by mailbox (lower case): one query per 500 keys (decision 78)."""
+        wanted = {(mailbox.lower(), origin_id) for mailbox, origin_ids in keys.items() for origin_id in origin_ids}
+        result: dict[str, dict[str, DeliveredRecord]] = {mailbox.lower(): {} for mailbox in keys}
+        pairs = sorted(wanted)
+        c = delivered_events.c
+        with self.engine.connect() as conn:
+            for start in range(0, len(pairs), 500):
+                chunk = pairs[start : start + 500]
+                query = select(delivered_events).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
+                for r in conn.execute(query):
+                    if (r.mailbox, r.origin_id) in wanted:
+                        result[r.mailbox][r.origin_id] = _delivered_record(r)
+        return result
+
     def delivered(self, mailbox: str, origin_ids: Sequence[str] | None = None) -> dict[str, DeliveredRecord]:
         mailbox = mailbox.lower()
         query = select(delivered_events).where(delivered_events.c.mailbox == mailbox)
@@ -518,11 +581,7 @@ class Store:
             for chunk in chunks:
                 q = query if chunk is None else query.where(delivered_events.c.origin_id.in_(list(chunk)))
                 for r in conn.execute(q):
-                    result[r.origin_id] = DeliveredRecord(
-                        r.mailbox, r.origin_id, r.version, r.present, _interval(r.start_at, r.end_at),
-                        r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
-                        bool(r.maybe_held), _interval(r.maybe_start_at, r.maybe_end_at),
-                    )
+                    result[r.origin_id] = _delivered_record(r)
         return result
 
     def explain_rows(self, mailbox: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -535,20 +594,72 @@ class Store:
 
     def record_delivered(self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None) -> None:
         """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0."""
-        mailbox = mailbox.lower()
-        now = now_utc()
-        with self.engine.begin() as conn:
-            for change in changes:
-                values = _delivered_values(change)
-                values["updated_at"] = now
-                if correlation_id is not None:
-                    values["correlation_id"] = correlation_id
-                key = and_(delivered_events.c.mailbox == mailbox, delivered_events.c.origin_id == change.origin_id)
-                if not conn.execute(update(delivered_events).where(key).values(**values)).rowcount:
-                    values.setdefault("present", False)
-                    values.setdefault("version", 0)
-                    conn.execute(insert(delivered_events).values(mailbox=mailbox, origin_id=change.origin_id, **values))
+        self.record_delivered_many(mailbox, [(change, correlation_id) for change in changes])
 
+    def record_delivered_many(self, mailbox: str, changes: Sequence[tuple[DeliveredChange, str | None]]) -> None:
+        """Changes with their correlation ids, applied in order, in one transaction (see ``record_delivered_batch``)."""
+        self.record_delivered_batch([(mailbox, change, correlation_id) for change, correlation_id in changes])
+
+    def record_delivered_batch(
+        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None = None
+    ) -> None:
+        """(mailbox, change, correlation id) applied in order, and each mailbox's delivery outcome (``None``: delivered,
+        else the error), in one transaction and a few statements (decision 78).
+
+        Each change writes only its own columns; several changes of one key merge in order (a later one's column
+        wins), which is what applying them one after the other did. One SELECT per 500 keys finds the rows that
+        exist; updates and inserts go out as one executemany per set of columns written.
+        """
+        now = now_utc()
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for mailbox, change, correlation_id in changes:
+            values = _delivered_values(change)
+            if correlation_id is not None:
+                values["correlation_id"] = correlation_id
+            merged.setdefault((mailbox.lower(), change.origin_id), {}).update(values)
+        c = delivered_events.c
+        with self.engine.begin() as conn:
+            keys = list(merged)
+            existing: set[tuple[str, str]] = set()
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                query = select(c.mailbox, c.origin_id).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
+                existing.update((r.mailbox, r.origin_id) for r in conn.execute(query))
+            updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for (mailbox, origin_id), values in merged.items():
+                values["updated_at"] = now
+                if (mailbox, origin_id) in existing:
+                    updates.setdefault(tuple(sorted(values)), []).append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
+                else:
+                    row = {"mailbox": mailbox, "origin_id": origin_id, "present": False, "version": 0, **values}
+                    inserts.setdefault(tuple(sorted(row)), []).append(row)
+            for columns, rows in updates.items():
+                statement = (
+                    update(delivered_events)
+                    .where(and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id")))
+                    .values({name: bindparam(name) for name in columns})
+                )
+                conn.execute(statement, rows)
+            for rows in inserts.values():
+                conn.execute(insert(delivered_events), rows)
+            delivered = [{"k_address": m.lower(), "last_delivery_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is None]
+            failed = [
+                {"k_address": m.lower(), "last_error": e[:500], "last_error_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is not None
+            ]
+            for rows in (delivered, failed):
+                if rows:
+                    names = [name for name in rows[0] if not name.startswith("k_")]
+                    statement = update(mailboxes).where(mailboxes.c.address == bindparam("k_address")).values({n: bindparam(n) for n in names})
+                    conn.execute(statement, rows)
+
+
+def _delivered_record(r: Any) -> DeliveredRecord:
+    return DeliveredRecord(
+        r.mailbox, r.origin_id, r.version, r.present, _stored_interval(r.start_at, r.end_at),
+        r.planner_event_id, r.planner_resource_id, r.planner_originated, r.last_code, r.last_message,
+        bool(r.maybe_held), _stored_interval(r.maybe_start_at, r.maybe_end_at),
+    )
 
 
 def _delivered_values(change: DeliveredChange) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 import pika
 import pika.exceptions
@@ -40,9 +40,11 @@ from shared.broker.publishing import (
     FIRST_FAILURE,
     REASON,
     RETRY_COUNT,
+    Confirms,
     Message,
     Outgoing,
     PublishRefused,
+    Send,
     copy_properties,
     publish_confirmed,
     queue_of,
@@ -64,12 +66,28 @@ RECONNECT_BASE = timedelta(milliseconds=500)
 ISOLATION_BUDGET = timedelta(seconds=60)  # probing a failed batch message by message stops after this (a slow store)
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Together(Generic[T]):
+    """A record step that runs together with the same ``run``'s steps of its batch: ``run(items)`` once (one
+    transaction) instead of once per message (decision 78). If that call fails, each message's step runs alone,
+    so only the messages that fail by themselves fail (decision 50)."""
+
+    run: Callable[[Sequence[T]], None]
+    item: T
+
+    def __call__(self) -> None:
+        self.run([self.item])
+
+
 @dataclass(frozen=True)
 class Done:
     """Success: publish these, then run ``record`` (after the confirms), then ack."""
 
     publish: Sequence[Outgoing] = ()
-    record: Callable[[], None] | None = None
+    record: Callable[[], None] | None = None  # a ``Together`` runs with its batch's others
 
 
 Result = Done | BaseException
@@ -197,8 +215,8 @@ class Consumer:
         connection = self._connection = open_connection(self.broker, self.stage.name)
         try:
             channel = connection.channel()
-            channel.confirm_delivery()
             self.topology.declare(channel)
+            confirms = Confirms(channel)  # every publish on this channel is confirmed, a batch's at once (decision 76)
             channel.basic_qos(prefetch_count=self.options.prefetch)
             consumer_tag = channel.basic_consume(self.stage.work_queue(), self._on_message)
             self.counters.connected = True
@@ -207,7 +225,7 @@ class Consumer:
                 connection.process_data_events(time_limit=self.options.idle_poll)
                 self.counters.beat_at = time.time()
                 if self._in_flight is not None and self._in_flight.future.done():
-                    self._settle(channel)
+                    self._settle(confirms)
                 if self._stop.is_set():
                     if self._in_flight is not None and time.monotonic() - self._stop_asked < self.options.stop_grace.total_seconds():
                         continue
@@ -226,7 +244,7 @@ class Consumer:
                     log.info("worker_stopping", stage=self.stage.name, returned_unacked=returned)
                     return
                 if self._in_flight is None and self._ready():
-                    self._dispatch(channel)
+                    self._dispatch(confirms)
         finally:
             self._connection = None
             self._buffer.clear()
@@ -286,7 +304,7 @@ class Consumer:
             return True
         return time.monotonic() - self._buffer[0].received >= self.options.linger.total_seconds()
 
-    def _dispatch(self, channel: BlockingChannel) -> None:
+    def _dispatch(self, confirms: Confirms) -> None:
         batch, self._buffer = self._buffer[: self.options.batch_size], self._buffer[self.options.batch_size :]
         decoded: list[_Delivery] = []
         inbound: list[Inbound] = []
@@ -296,9 +314,10 @@ class Consumer:
                 message = self.options.decoder(delivery.body)
             except Exception as exc:  # noqa: BLE001 - every decode failure is dead-lettered with its reason
                 try:
-                    self._fail(channel, delivery, exc)
+                    self._divert(confirms, delivery, exc)
                 except PublishRefused:  # stopping while the dead-letter queue is full: it stays unacked
                     return
+                confirms.channel.basic_ack(delivery.tag)
                 continue
             decoded.append(delivery)
             inbound.append(Inbound(message, delivery.tag, delivery.redelivered, attempt))
@@ -361,45 +380,94 @@ class Consumer:
             raise RuntimeError(f"handler returned {len(results)} results for {expected} messages")
         return results
 
-    def _settle(self, channel: BlockingChannel) -> None:
+    def _settle(self, confirms: Confirms) -> None:
+        """Apply a batch's results: publish every output and await the confirms once, record, then ack.
+
+        Per message the order stays publish, confirm, record, ack (decision 18); what is batched is the waiting
+        (one confirm window for all outputs, decision 76), the record steps that can run together (one call for
+        the batch, decision 78, each message alone again if that call fails) and the ack (one multiple-ack,
+        decision 77). A message whose outputs were not all confirmed is never recorded nor acked as done: it goes
+        up the retry ladder (or stays unacked when stopping).
+        """
         assert self._in_flight is not None
         in_flight, self._in_flight = self._in_flight, None
-        for delivery, item, result in zip(in_flight.deliveries, in_flight.inbound, in_flight.future.result()):
+        batch = list(zip(in_flight.deliveries, in_flight.inbound, in_flight.future.result()))
+        failures: dict[int, BaseException] = {n: result for n, (_, _, result) in enumerate(batch) if not isinstance(result, Done)}
+        sends: list[Send] = []
+        owners: list[int] = []
+        for n, (_, _, result) in enumerate(batch):
+            if isinstance(result, Done):
+                for out in result.publish:
+                    queue = queue_of(self.topology, out.exchange, out.routing_key)
+                    sends.append(Send(out.exchange, out.routing_key, encode(out.message), out.properties(), queue))
+                    owners.append(n)
+        outcomes = confirms.publish(sends, patience=self.options.refused_patience, wait=self._wait) if sends else []
+        unsettled: set[int] = set()
+        for n, outcome in zip(owners, outcomes):
+            if outcome is None or n in failures or n in unsettled:
+                continue
+            if not isinstance(outcome, PublishRefused):
+                raise outcome  # unroutable: a channel error, as from pika's own confirm mode
+            if self._stop.is_set():
+                unsettled.add(n)  # stopping while a queue is full: it stays unacked, the broker redelivers it
+            else:
+                failures[n] = Transient(f"publish refused: {outcome}")
+        done = {n: result for n, (_, _, result) in enumerate(batch) if isinstance(result, Done) and n not in failures and n not in unsettled}
+        self.metrics.published(sum(len(result.publish) for result in done.values()))
+        failures.update(self._record(batch, done))
+        for n, error in sorted(failures.items()):
+            delivery, item, _ = batch[n]
             with correlation(item.message.correlation_id, stage=self.stage.name):
                 try:
-                    self._apply(channel, delivery, result)
-                except PublishRefused:  # stopping while a queue is full: this and the rest stay unacked
+                    self._divert(confirms, delivery, error)
+                except PublishRefused:  # stopping while the retry or dead-letter queue is full: it stays unacked
                     log.info("settling_interrupted", stage=self.stage.name)
-                    return
+                    unsettled.add(n)
+        settled = [batch[n][0].tag for n in range(len(batch)) if n not in unsettled]
+        if settled and len(settled) == len(batch):
+            # Every tag below this batch's is settled already (batches are settled whole and in order, decode
+            # failures at dispatch), so one multiple-ack settles exactly this batch (decision 77).
+            confirms.channel.basic_ack(max(settled), multiple=True)
+        else:
+            for tag in settled:
+                confirms.channel.basic_ack(tag)
+        for n in done:
+            if n not in failures and n not in unsettled:
+                self.counters.handled += 1
+                self.metrics.handled()
 
-    def _apply(self, channel: BlockingChannel, delivery: _Delivery, result: Result) -> None:
-        if not isinstance(result, Done):
-            self._fail(channel, delivery, result)
-            return
-        try:
-            for out in result.publish:
-                queue = queue_of(self.topology, out.exchange, out.routing_key)
-                publish_confirmed(
-                    channel, out.exchange, out.routing_key, encode(out.message), out.properties(),
-                    queue=queue, patience=self.options.refused_patience, wait=self._wait,
-                )
-            self.metrics.published(len(result.publish))
-            if result.record is not None:
-                result.record()
-        except PublishRefused as exc:
-            if self._stop.is_set():
-                raise
-            self._fail(channel, delivery, Transient(f"publish refused: {exc}"))
-            return
-        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. the store is down: retry the message later
-            log.warning("apply_failed", error=type(exc).__name__, detail=str(exc)[:200])
-            self._fail(channel, delivery, exc)
-            return
-        channel.basic_ack(delivery.tag)
-        self.counters.handled += 1
-        self.metrics.handled()
+    def _record(self, batch: list[tuple[_Delivery, Inbound, Result]], done: dict[int, Done]) -> dict[int, BaseException]:
+        """Run the record steps of the messages done, together where they can be; the failures, per message."""
+        failures: dict[int, BaseException] = {}
+        together: dict[Any, list[tuple[int, Any]]] = {}
+        alone: list[int] = []
+        for n, result in done.items():
+            if isinstance(result.record, Together):
+                together.setdefault(result.record.run, []).append((n, result.record.item))
+            elif result.record is not None:
+                alone.append(n)
+        for run, entries in together.items():
+            members = [n for n, _ in entries]
+            try:
+                run([item for _, item in entries])
+            except Exception as exc:  # noqa: BLE001 - find the messages whose record fails alone
+                log.warning("record_failed", stage=self.stage.name, size=len(members), error=type(exc).__name__, detail=str(exc)[:200], isolating=len(members) > 1)
+                if len(members) > 1:
+                    alone.extend(members)
+                else:
+                    failures[members[0]] = exc
+        for n in sorted(alone):
+            record, item = done[n].record, batch[n][1]
+            with correlation(item.message.correlation_id, stage=self.stage.name):
+                try:
+                    if record is not None:
+                        record()
+                except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store is down: retry the message later
+                    log.warning("apply_failed", error=type(exc).__name__, detail=str(exc)[:200])
+                    failures[n] = exc
+        return failures
 
     def _wait(self, seconds: float) -> bool:
         """Wait for a refused publish's next try, servicing the connection and beating; False once stop is asked."""
@@ -415,7 +483,8 @@ class Consumer:
                 time.sleep(min(left, 0.5))
         return False
 
-    def _fail(self, channel: BlockingChannel, delivery: _Delivery, error: BaseException) -> None:
+    def _divert(self, confirms: Confirms, delivery: _Delivery, error: BaseException) -> None:
+        """A failed message's copy to its retry tier or the dead-letter queue, confirmed; the caller acks."""
         attempt = retry_count(delivery.properties)
         outcome = retry.decide(error, attempt, self.topology.ladder)
         self.metrics.failed(error)
@@ -428,7 +497,7 @@ class Consumer:
             headers[RETRY_COUNT] = attempt + 1
             target = self.stage.retry_queue(outcome.delay)
             # never given up while running: there is nowhere else to put the message (decision 56)
-            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
+            publish_confirmed(confirms, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.retried += 1
             self.metrics.retried()
             log.warning("message_retry_scheduled", attempt=attempt + 1, delay_s=outcome.delay.total_seconds(), queue=target, reason=outcome.reason)
@@ -436,11 +505,10 @@ class Consumer:
             headers[RETRY_COUNT] = attempt
             headers["x-dead-lettered-at"] = now
             target = self.stage.dead_letter_queue()
-            publish_confirmed(channel, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
+            publish_confirmed(confirms, "", target, delivery.body, copy_properties(delivery.properties, headers), queue=target, patience=None, wait=self._wait)
             self.counters.dead_lettered += 1
             self.metrics.dead_lettered()
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
-        channel.basic_ack(delivery.tag)
 
     def _abandon_in_flight(self) -> None:
         """After a lost connection the broker redelivers everything; forget local state.

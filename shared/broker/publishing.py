@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pika
 import pika.exceptions
@@ -69,6 +69,7 @@ class Outgoing:
 REFUSED_BASE = timedelta(milliseconds=500)
 REFUSED_MAX = timedelta(seconds=10)
 REFUSED_PATIENCE = timedelta(seconds=60)
+CONFIRM_WINDOW = 500  # publishes awaiting their confirms at most, on one channel (decision 76)
 Waiter = Callable[[float], bool]  # wait this many seconds, servicing the connection; False: give up now (stopping)
 
 
@@ -91,8 +92,145 @@ def queue_of(topology: Topology | None, exchange: str, routing_key: str) -> str:
     return f"{exchange}/{routing_key}"
 
 
+@dataclass(frozen=True)
+class Send:
+    """One publish on a ``Confirms`` channel: persistent properties given, mandatory always."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: BasicProperties
+    queue: str = ""  # for logs; derived from the exchange and key when empty
+
+
+@dataclass
+class _Unconfirmed:
+    index: int
+    send: Send
+    returned: bool = False
+
+
+class Confirms:
+    """A channel in confirm mode whose publishes are confirmed as a window, not one at a time (decision 76).
+
+    pika's ``BlockingChannel.confirm_delivery`` waits for the broker's confirm after every publish: one round trip
+    per message. Here a batch's messages are sent with up to ``CONFIRM_WINDOW`` awaiting their confirms (a sliding
+    window) and the rest are awaited once at the end, as the broker sends them (often one multiple-ack for many). A message counts as published only when its own confirm has arrived;
+    a nack (a full queue) is sent again with growing waits (decision 56), and a message returned as unroutable
+    (mandatory) raises ``UnroutableError`` as pika's own confirm mode does. All publishes on the channel must go
+    through this object: the broker numbers confirms by the channel's publish count.
+    """
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+        self._published = 0  # the broker's sequence number of the last publish on this channel
+        self._unconfirmed: dict[int, _Unconfirmed] = {}  # by sequence number, in publish order
+        self._nacked: list[_Unconfirmed] = []
+        self._returned: list[_Unconfirmed] = []
+        selected: list[bool] = []
+        # pika's own Channel under the blocking one: its confirm mode hands over each ack/nack without waiting per
+        # publish, and its basic_publish queues the frames without a trip round the I/O loop per message.
+        impl = self._impl = channel._impl
+        impl.add_on_return_callback(self._on_return)
+        impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True))
+        while not selected:
+            self._service(0.01)
+
+    def publish(
+        self,
+        sends: Sequence[Send],
+        *,
+        patience: timedelta | None = REFUSED_PATIENCE,
+        wait: Waiter | None = None,
+    ) -> list[BaseException | None]:
+        """Publish all, wait for every confirm once; per message None (confirmed) or why not.
+
+        A refused (nacked) message is published again after a growing wait, logged ``publish_refused``, until
+        ``patience`` (never, when None) runs out or ``wait`` says stop: then its outcome is ``PublishRefused``.
+        Connection and channel failures raise: nothing of the batch may then be taken as published.
+        """
+        outcomes: list[BaseException | None] = [None] * len(sends)
+        todo = list(range(len(sends)))
+        refused = 0
+        started = time.monotonic()
+        while todo:
+            self._send(todo, sends)
+            self._await()
+            for entry in self._returned:
+                outcomes[entry.index] = pika.exceptions.UnroutableError([])
+            nacked = [entry.index for entry in self._nacked]
+            self._returned, self._nacked = [], []
+            if not nacked:
+                break
+            refused += 1
+            delay = exponential_backoff(refused, REFUSED_BASE, REFUSED_MAX).total_seconds()
+            give_up = patience is not None and time.monotonic() + delay - started > patience.total_seconds()
+            first = sends[nacked[0]]
+            target = first.queue or queue_of(None, first.exchange, first.routing_key)
+            log.warning(
+                "publish_refused", queue=target, exchange=first.exchange, routing_key=first.routing_key,
+                attempt=refused, messages=len(nacked), retry_in_s=None if give_up else delay,
+            )
+            if give_up or not (wait or self._sleep)(delay):
+                for index in nacked:
+                    send = sends[index]
+                    outcomes[index] = PublishRefused(send.queue or queue_of(None, send.exchange, send.routing_key), refused)
+                break
+            todo = nacked
+        if refused and any(outcome is None for outcome in outcomes):
+            log.info("publish_accepted", queue=sends[0].queue or queue_of(None, sends[0].exchange, sends[0].routing_key), attempts=refused + 1)
+        return outcomes
+
+    def _send(self, indexes: list[int], sends: Sequence[Send]) -> None:
+        for index in indexes:
+            while len(self._unconfirmed) >= CONFIRM_WINDOW:  # a sliding window: confirms come back while we send
+                self._check_open()
+                self._service(0.002)
+            send = sends[index]
+            self._published += 1
+            self._unconfirmed[self._published] = _Unconfirmed(index, send)
+            self._impl.basic_publish(send.exchange, send.routing_key, send.body, send.properties, mandatory=True)
+
+    def _await(self) -> None:
+        while self._unconfirmed:
+            self._check_open()
+            self._service(0.002)
+
+    def _check_open(self) -> None:
+        if not self.channel.is_open:
+            raise pika.exceptions.ChannelWrongStateError("channel closed while publishes awaited their confirms")
+
+    def _service(self, seconds: float) -> None:
+        self.channel.connection.process_data_events(time_limit=seconds)
+
+    def _sleep(self, seconds: float) -> bool:
+        self.channel.connection.sleep(seconds)
+        return True
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        nack = isinstance(method, pika.spec.Basic.Nack)
+        tags = [method.delivery_tag] if not method.multiple else [t for t in self._unconfirmed if t <= method.delivery_tag]
+        for tag in tags:
+            entry = self._unconfirmed.pop(tag, None)
+            if entry is None:
+                continue
+            if nack:
+                self._nacked.append(entry)
+            elif entry.returned:
+                self._returned.append(entry)
+
+    def _on_return(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+        """A mandatory message no queue took; it comes before its confirm, so it is still unconfirmed."""
+        for entry in self._unconfirmed.values():
+            send = entry.send
+            if not entry.returned and send.exchange == method.exchange and send.routing_key == method.routing_key and send.body == body:
+                entry.returned = True
+                return
+
+
 def publish_confirmed(
-    channel: BlockingChannel,
+    confirms: Confirms,
     exchange: str,
     routing_key: str,
     body: bytes,
@@ -102,38 +240,11 @@ def publish_confirmed(
     patience: timedelta | None = REFUSED_PATIENCE,
     wait: Waiter | None = None,
 ) -> None:
-    """Publish persistent + mandatory on a confirm channel; raises if unroutable or the connection fails.
-
-    A nack (the queue refused it) is retried with growing waits, logged ``publish_refused``; after ``patience``
-    (never, when None) or when ``wait`` says stop, ``PublishRefused`` is raised. ``wait`` defaults to sleeping on the
-    channel's connection, which keeps its heartbeats going.
-    """
-    refused = 0
-    started = time.monotonic()
-    target = queue or queue_of(None, exchange, routing_key)
-    while True:
-        try:
-            channel.basic_publish(exchange=exchange, routing_key=routing_key, body=body, properties=properties, mandatory=True)
-            if refused:
-                log.info("publish_accepted", queue=target, attempts=refused + 1)
-            return
-        except pika.exceptions.NackError:
-            refused += 1
-        delay = exponential_backoff(refused, REFUSED_BASE, REFUSED_MAX).total_seconds()
-        give_up = patience is not None and time.monotonic() + delay - started > patience.total_seconds()
-        log.warning("publish_refused", queue=target, exchange=exchange, routing_key=routing_key, attempt=refused, retry_in_s=None if give_up else delay)
-        if give_up:
-            raise PublishRefused(target, refused)
-        if not (wait or _sleeper(channel))(delay):
-            raise PublishRefused(target, refused)
-
-
-def _sleeper(channel: BlockingChannel) -> Waiter:
-    def sleep(seconds: float) -> bool:
-        channel.connection.sleep(seconds)
-        return True
-
-    return sleep
+    """Publish one message persistent + mandatory and wait for its confirm; raises if refused past ``patience``,
+    unroutable, or when the connection fails (decision 56)."""
+    outcome = confirms.publish([Send(exchange, routing_key, body, properties, queue or "")], patience=patience, wait=wait)[0]
+    if outcome is not None:
+        raise outcome
 
 
 def copy_properties(original: BasicProperties, headers: dict[str, Any]) -> BasicProperties:
@@ -166,41 +277,57 @@ class Publisher:
         self.topology = topology
         self.keepalive_every = max(0.5, min(5.0, broker.heartbeat / 4))
         self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._confirms: Confirms | None = None
         self._lock = threading.RLock()
         self._keeper: threading.Event | None = None  # set to stop the keeper thread of the open connection
 
-    def _ensure(self) -> BlockingChannel:
+    def _ensure(self) -> Confirms:
         """The open channel, after servicing the connection; a connection found dead is replaced first."""
-        if self._connection is not None and self._channel is not None and self._channel.is_open:
+        if self._connection is not None and self._confirms is not None and self._confirms.channel.is_open:
             try:
                 self._connection.process_data_events(time_limit=0)  # heartbeats, and news of a close
             except _DEAD as exc:
                 log.info("publisher_connection_replaced", connection=self.name, error=type(exc).__name__)
                 self._drop()
-        if self._connection is None or self._channel is None or not self._channel.is_open or not self._connection.is_open:
+        if self._connection is None or self._confirms is None or not self._confirms.channel.is_open or not self._connection.is_open:
             self._drop()
             self._connection = open_connection(self.broker, self.name)
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-            self.topology.declare(self._channel)
+            channel = self._connection.channel()
+            self.topology.declare(channel)
+            self._confirms = Confirms(channel)
             self._start_keeper()
-        return self._channel
+        return self._confirms
 
     def publish(self, outgoing: Outgoing) -> None:
-        body, properties = encode(outgoing.message), outgoing.properties()
-        queue = queue_of(self.topology, outgoing.exchange, outgoing.routing_key)
+        self.publish_many([outgoing])
+
+    def publish_many(self, outgoing: Sequence[Outgoing]) -> None:
+        """Publish all and wait for their confirms once (decision 76); returns when every one is confirmed.
+
+        Raises ``PublishRefused`` when the broker kept refusing one (decision 56), or the connection's error; then
+        some of them may be in the queue already, and publishing all again is harmless (decision 6).
+        """
+        sends = [
+            Send(out.exchange, out.routing_key, encode(out.message), out.properties(), queue_of(self.topology, out.exchange, out.routing_key))
+            for out in outgoing
+        ]
+        if not sends:
+            return
         with self._lock:
             for attempt in (1, 2):
-                channel = self._ensure()
+                confirms = self._ensure()
                 try:
-                    publish_confirmed(channel, outgoing.exchange, outgoing.routing_key, body, properties, queue=queue)
-                    return
+                    outcomes = confirms.publish(sends)
                 except _DEAD as exc:  # died between the check and the publish: once more on a fresh connection
                     self._drop()
                     if attempt == 2:
                         raise
                     log.info("publisher_connection_replaced", connection=self.name, error=type(exc).__name__)
+                    continue
+                failed = next((outcome for outcome in outcomes if outcome is not None), None)
+                if failed is not None:
+                    raise failed
+                return
 
     def close(self) -> None:
         with self._lock:
@@ -212,10 +339,10 @@ class Publisher:
                     self._connection.close()
                 except _DEAD:
                     pass
-            self._connection = self._channel = None
+            self._connection, self._confirms = None, None
 
     def _drop(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
+        connection, self._connection, self._confirms = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
                 connection.close()

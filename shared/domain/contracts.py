@@ -313,7 +313,8 @@ def decode(body: bytes, organizer_is_planner: OrganizerRule | None = None) -> Me
         raise MalformedMessage(f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"not JSON: {exc}") from None
-    if _depth(raw) > MAX_DEPTH:
+    # Nesting deeper than MAX_DEPTH needs more opening brackets than that; counting them is cheap, walking is not.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
         raise MalformedMessage(f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(raw, dict):
         raise MalformedMessage("not a JSON object")

@@ -7,14 +7,16 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import pika
+import pika.exceptions
 import pytest
 import requests
 from structlog.testing import capture_logs
 
-from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result
-from shared.broker.publishing import Outgoing, Publisher
+from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result, Together
+from shared.broker.publishing import Confirms, Outgoing, Publisher, Send
 from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, encode
@@ -239,3 +241,61 @@ def test_a_producers_connection_survives_an_idle_period_longer_than_its_heartbea
         wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 2, 10, what="both changes queued")
     finally:
         publisher.close()
+
+
+def test_record_steps_of_a_batch_run_together_once_and_a_failing_one_is_found_and_fails_alone(settings: Settings, topology: Topology) -> None:
+    calls: list[list[str]] = []
+
+    def save(items: Sequence[str]) -> None:  # one call (one transaction) for the batch; refuses the poison
+        calls.append(list(items))
+        if any(item.startswith("corr-3-") for item in items):
+            raise Permanent("the store refuses this one")
+
+    gate = threading.Event()
+
+    def handler(batch: list[Inbound]) -> list[Result]:
+        gate.wait(30)
+        results: list[Result] = []
+        for inbound in batch:
+            cid = inbound.message.correlation_id
+            state = BusyTimeState(correlation_id=cid, mailbox="anne@kommune.dk", origin_id=cid, version=1, interval=None)
+            results.append(Done(publish=[Outgoing(topology.busy_exchange, topology.busy_key("anne@kommune.dk"), state)], record=Together(save, cid)))
+        return results
+
+    messages = [change(n) for n in range(1, 6)]
+    publisher = Publisher(settings.broker, topology)
+    publisher.publish_many([Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages])
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), handler, ConsumerOptions(prefetch=10, batch_size=5, linger=timedelta(seconds=2)))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        gate.set()
+        wait_for(lambda: consumer.counters.handled == 4 and consumer.counters.dead_lettered == 1, 20, what="the batch settled")
+        ids = [m.correlation_id for m in messages]
+        assert calls[0] == ids  # the whole batch in one call first
+        assert sorted(map(tuple, calls[1:])) == sorted((cid,) for cid in ids)  # then each alone, to find the one at fault
+        dead = drain(topology.stage("transformer").dead_letter_queue(), timeout=10)
+        assert [props.correlation_id for props, _ in dead] == [messages[2].correlation_id]
+        assert "the store refuses this one" in dead[0][0].headers["x-plannersync-reason"]
+        wait_for(lambda: queue_depth(topology, topology.stage("transformer").work_queue()) == 0, 10, what="every message acked")
+    finally:
+        consumer.stop()
+        thread.join(15)
+        publisher.close()
+
+
+def test_a_batch_of_publishes_is_confirmed_at_once_and_an_unroutable_one_fails_alone(settings: Settings, topology: Topology) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.amqp_url()))
+    try:
+        confirms = Confirms(connection.channel())
+        queue = topology.stage("publisher").work_queue()
+        props = pika.BasicProperties(delivery_mode=2)
+        sends = [Send("", queue, f"m{n}".encode(), props) for n in range(300)]
+        sends.insert(150, Send("", f"no-such-queue-{uuid.uuid4().hex[:6]}", b"lost", props))
+        outcomes = confirms.publish(sends)
+        assert [n for n, outcome in enumerate(outcomes) if outcome is not None] == [150]
+        assert isinstance(outcomes[150], pika.exceptions.UnroutableError)
+        assert queue_depth(topology, queue) == 300
+        assert confirms.publish([Send("", queue, b"after", props)]) == [None]  # the channel goes on
+    finally:
+        connection.close()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
-from shared.adapters.store import SCHEMA_VERSION, Store, ddl, make_engine, open_store, schema_version, upgrade
+from shared.adapters.store import SCHEMA_VERSION, DesiredWrite, Store, ddl, desired_states, make_engine, open_store, schema_version, upgrade
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, Holding, ReceiptFacts
 from shared.domain.mailbox_reads import SyncPosition
@@ -225,3 +227,69 @@ def test_many_rows_are_saved_in_one_call_with_the_newest_per_key_winning(store: 
     saved = store.desired("a@k.dk")
     assert len(saved) == 1201 and saved["n1199"].seen_in_snapshot == "snap"
     assert (saved["k"].version, saved["k"].interval) == (9, None)
+
+
+def test_a_batch_of_writes_is_one_transaction_where_the_newest_version_of_each_key_wins_across_mailboxes(store: Store) -> None:
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 7, SPAN, None)])
+    store.save_desired_many([
+        DesiredWrite("A@k.dk", [DesiredRecord("k", "u", None, 6, None, None)], "corr-older"),   # older than stored: ignored
+        DesiredWrite("b@k.dk", [DesiredRecord("k", "u", None, 3, SPAN, None)], "corr-b", ("s1", 1, None)),
+        DesiredWrite("b@k.dk", [DesiredRecord("k", "u", None, 4, None, None)], "corr-b2", ("s1", 2, 2)),
+        DesiredWrite("b@k.dk", [DesiredRecord("k", "u", None, 2, SPAN, None)], "corr-b3", ("s1", 2, 2)),  # older in the batch
+    ])
+    known = store.desired_many(["a@k.dk", "B@K.DK", "nobody@k.dk"])
+    assert (known["a@k.dk"]["k"].version, known["a@k.dk"]["k"].interval) == (7, SPAN)
+    assert (known["b@k.dk"]["k"].version, known["b@k.dk"]["k"].interval) == (4, None)
+    assert known["nobody@k.dk"] == {}
+    assert store.snapshot_progress("s1") == ({1, 2}, 2)
+    assert store.explain_rows("b@k.dk")[0][0]["correlation_id"] == "corr-b2"
+
+
+def test_a_conditional_update_leaves_a_row_written_newer_since_the_batch_read_it(store: Store) -> None:
+    store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 5, None, None)])
+    written: list[bool] = []
+
+    def newer_write_first(conn: Any, cursor: Any, statement: str, *_: Any) -> None:  # another writer, between SELECT and UPDATE
+        if statement.startswith("UPDATE desired_states") and not written:
+            written.append(True)
+            with store.engine.connect() as other:
+                other.execute(desired_states.update().values(version=9, start_at=SPAN.start, end_at=SPAN.end))
+                other.commit()
+
+    event.listen(store.engine, "before_cursor_execute", newer_write_first)
+    try:
+        store.save_desired_many([DesiredWrite("a@k.dk", [DesiredRecord("k", "u", None, 8, None, None)])])  # read version 5
+    finally:
+        event.remove(store.engine, "before_cursor_execute", newer_write_first)
+    assert written and (store.desired("a@k.dk")["k"].version, store.desired("a@k.dk")["k"].interval) == (9, SPAN)
+
+
+def test_delivered_changes_of_one_key_merge_in_order_and_new_keys_start_absent(store: Store) -> None:
+    store.record_delivered("a@k.dk", [DeliveredChange("old", version=2, holding=Holding(True, SPAN))])
+    store.record_delivered_many("A@k.dk", [
+        (DeliveredChange("old", maybe_sent=SPAN), "corr-1"),
+        (DeliveredChange("old", version=3, holding=Holding(False, None)), "corr-2"),   # later: clears the maybe
+        (DeliveredChange("new", version=4), None),
+        (DeliveredChange("new2", maybe_sent=SPAN), "corr-3"),
+    ])
+    rows = store.delivered("a@k.dk")
+    assert (rows["old"].version, rows["old"].present, rows["old"].maybe_held) == (3, False, False)
+    assert (rows["new"].version, rows["new"].present, rows["new"].maybe_held) == (4, False, False)
+    assert (rows["new2"].version, rows["new2"].present, rows["new2"].maybe_interval) == (0, False, SPAN)
+    assert {r["origin_id"]: r["correlation_id"] for r in store.explain_rows("a@k.dk")[1]} == {"old": "corr-2", "new": None, "new2": "corr-3"}
+
+
+def test_a_batch_of_receipts_for_several_mailboxes_is_read_and_written_at_once_with_each_mailboxs_outcome(store: Store) -> None:
+    for address in ("a@k.dk", "b@k.dk"):
+        store.add_mailbox(address)
+    store.record_delivered_batch(
+        [("A@k.dk", DeliveredChange("x", version=2, holding=Holding(True, SPAN)), "c1"), ("b@k.dk", DeliveredChange("x", version=5), "c2"),
+         ("b@k.dk", DeliveredChange("y", version=6), None)],
+        {"a@k.dk": None, "B@k.dk": "code 3: unknown resource"},
+    )
+    known = store.delivered_many({"a@k.dk": ["x", "y"], "B@K.dk": ["x"]})
+    assert set(known["a@k.dk"]) == {"x"} and set(known["b@k.dk"]) == {"x"}  # only the keys asked for
+    assert (known["a@k.dk"]["x"].present, known["a@k.dk"]["x"].interval, known["b@k.dk"]["x"].version) == (True, SPAN, 5)
+    rows = {m.address: m for m in store.list_mailboxes()}
+    assert rows["a@k.dk"].last_delivery_at is not None and rows["a@k.dk"].last_error is None
+    assert rows["b@k.dk"].last_delivery_at is None and rows["b@k.dk"].last_error == "code 3: unknown resource"
