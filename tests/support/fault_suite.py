@@ -88,6 +88,7 @@ class Driver:
 
     def __init__(self, ews: RunningExchangeSim, mailboxes: list[str], seed: int, prefix: str) -> None:
         self.control = ews.control_url
+        self.ews = ews
         self.mailboxes = mailboxes
         self.rng = random.Random(seed)
         self.model = CalendarModel()
@@ -206,7 +207,15 @@ class Driver:
     def clear_ews_faults(self) -> None:
         self.http.delete(f"{self.control}/faults", timeout=10).raise_for_status()
 
-    def invalidate_sync_states(self, mailbox: str) -> None:
+    def invalidate_sync_states(self, mailbox: str, timeout: float = 30.0) -> None:
+        """Exchange rejects every sync state handed out so far (a mailbox move). Only a state handed out can be
+        rejected, so this first waits (``timeout`` at most) for the mailbox's first successful SyncFolderItems: on
+        a loaded machine the first reads may still be running when the scenario gets here."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not any(
+            call["outcome"] == "NoError" for call in self.ews.state.call_log("SyncFolderItems", mailbox.lower())
+        ):
+            time.sleep(0.1)   # the poll interval of this bounded wait
         self.http.post(f"{self.control}/mailboxes/{mailbox}/invalidate-sync-states", timeout=10).raise_for_status()
 
 
