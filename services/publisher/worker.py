@@ -226,6 +226,14 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
     results = done.results
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
+    if operation == "create":
+        # Written ahead: from the moment the call leaves, Planner may hold these events. If the receipt cannot be
+        # stored afterwards (the database cut), the retry finds them "maybe held" and updates instead of creating
+        # them again; no call goes out unless this write succeeded (decision 84 in docs/decisions.md).
+        ahead = [(mailbox, maybe, p.state.correlation_id) for p in group if (maybe := maybe_applied(p.send)) is not None]
+        deps.store.record_delivered_batch(ahead)
+    # the maybes this call wrote ahead, which Planner's own answer (a fault code, a receipt that created nothing) clears
+    fresh = {p.send.origin_id for p in group if operation == "create" and not ((k := known.get(p.send.origin_id)) is not None and k.maybe_held)}
     try:
         with metrics.planner_call(operation):  # latency and errors by kind (shared/metrics.py)
             outcome = call(events)
@@ -239,12 +247,16 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
             maybe = maybe_applied(p.send, exc.code)
             if maybe is not None:
                 done.records.append((maybe, p.state.correlation_id))
+            elif p.send.origin_id in fresh:   # Planner's own fault code: this create applied nothing
+                done.records.append((DeliveredChange(p.send.origin_id, maybe_cleared=True), p.state.correlation_id))
         log.warning("planner_call_failed", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
         return []
     except Permanent as exc:
         deps.guard.success()
         for p in group:
             results[p.index] = exc
+            if p.send.origin_id in fresh:
+                done.records.append((DeliveredChange(p.send.origin_id, maybe_cleared=True), p.state.correlation_id))
         log.error("planner_call_rejected", mailbox=mailbox, operation=operation, events=len(group), reason=exc.reason)
         return []
     deps.guard.success()
@@ -262,6 +274,9 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
                 log.info("planner_receipt", operation=operation, code=receipt.code, action=answer.action, reference=outcome.reference)
             if answer.record is not None:
                 done.records.append((answer.record, state.correlation_id))
+            if receipt is not None and state.origin_id in fresh and (answer.record is None or answer.record.holding is None):
+                # Planner answered for this event and holds nothing from this create (15, 16, 3, ...)
+                done.records.append((DeliveredChange(state.origin_id, maybe_cleared=True), state.correlation_id))
             settled = answer.outcome
             if isinstance(settled, Delivered):
                 log.info("busy_time_delivered", operation=operation, version=state.version)

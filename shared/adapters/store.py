@@ -671,6 +671,8 @@ def _delivered_values(change: DeliveredChange) -> dict[str, Any]:
         interval = change.holding.interval
         values.update(present=change.holding.present, start_at=interval.start if interval else None, end_at=interval.end if interval else None)
         values.update(maybe_held=False, maybe_start_at=None, maybe_end_at=None)  # what Planner holds is known now
+    if change.maybe_cleared:
+        values.update(maybe_held=False, maybe_start_at=None, maybe_end_at=None)
     if change.maybe_sent is not None:
         values.update(maybe_held=True, maybe_start_at=change.maybe_sent.start, maybe_end_at=change.maybe_sent.end)
     if change.planner_originated is not None:

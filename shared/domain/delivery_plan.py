@@ -82,7 +82,7 @@ class DeliveredChange:
 
     ``maybe_sent`` records that Planner *may* hold the event at that interval (a call whose outcome is unknown);
     it never touches ``version``, ``present`` or the held interval. A ``holding`` is what Planner is known to
-    hold, so writing one settles (clears) any such maybe.
+    hold, so writing one settles (clears) any such maybe; so does ``maybe_cleared``.
     """
 
     origin_id: str
@@ -93,6 +93,7 @@ class DeliveredChange:
     planner_resource_id: str | None = None
     receipt: ReceiptFacts | None = None
     maybe_sent: Interval | None = None
+    maybe_cleared: bool = False   # Planner's own answer says the call that wrote the maybe applied nothing (decision 84)
 
 
 def plan(desired: BusyTimeState, known: DeliveredRecord | None) -> Action:
