@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.adapters.graph import GraphReader, GraphSyncReader  # noqa: E402
+from shared.adapters.graph import DeltaResult, DeltaRound, GraphReader, GraphSyncReader  # noqa: E402
 from shared.config import BusySettings  # noqa: E402
 from shared.domain.busy_rules import sync_window  # noqa: E402
 from shared.domain.contracts import CalendarChange, CalendarSnapshot  # noqa: E402
@@ -110,6 +110,22 @@ def main(argv: list[str]) -> int:
     first, first_tokens, first_changes = section("first", poll_all)
     idle, _, _ = section("idle", poll_all)
 
+    def poll_batched() -> int:
+        """What the change producer does with due Graph mailboxes (decision 72): their delta rounds through $batch."""
+        now = datetime.now(timezone.utc)
+        window = sync_window(now, policy)
+        changes = 0
+        for start in range(0, len(mailboxes), settings.batch_size):
+            rounds = [DeltaRound(m, p.sync_state if (p := positions.sync_position(m)) else None, window) for m in mailboxes[start : start + settings.batch_size]]
+            for mailbox, outcome in reader.sync_many(rounds).items():
+                if isinstance(outcome, DeltaResult):
+                    positions.save_sync_position(mailbox, outcome.delta_link, now, full=False, backend="graph")
+                    changes += len(outcome.changes)
+        return changes
+
+    batched_idle, _, _ = section("idle, batched", poll_batched)
+    batched_http = sum(1 for c in sim.state.call_log() if c["endpoint"] == "batch")
+
     def edits() -> int:
         found = 0
         for n in range(args.edits):
@@ -135,6 +151,8 @@ def main(argv: list[str]) -> int:
     print(f"Graph requests, {args.mailboxes} mailboxes x {args.items} instances, page size {args.page_size} (counted at the simulator)")
     print(f"  first read     {first} requests for {first_changes} instances ({first / args.mailboxes:.1f} per mailbox), {first_tokens} token request(s)")
     print(f"  idle poll      {idle} requests per poll of {args.mailboxes} mailboxes ({idle / args.mailboxes:.2f} per mailbox)")
+    print(f"  idle, $batch   {batched_http} HTTP requests per poll of {args.mailboxes} mailboxes ({batched_http / args.mailboxes:.2f} per mailbox;"
+          f" {batched_idle - batched_http} delta reads inside them), batch size {settings.batch_size} (decision 72)")
     print(f"  per change     {edit_calls} requests for {args.edits} edits found as {edit_changes} changes in {polls} mailbox polls:"
           f" {(edit_calls - polls) / args.edits:.2f} beyond the idle polls per change, {edit_calls / args.edits:.1f} per edit including"
           f" a poll of every mailbox")
