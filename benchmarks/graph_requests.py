@@ -21,7 +21,7 @@ import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from zoneinfo import ZoneInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +86,8 @@ def main(argv: list[str]) -> int:
     published: list[Any] = []
     policy = BusySettings().policy()
 
-    def publish(message: CalendarChange | CalendarSnapshot) -> None:
-        published.append(message)
+    def publish(messages: Sequence[CalendarChange | CalendarSnapshot]) -> None:
+        published.extend(messages)
 
     def poll_all() -> int:
         changes = 0

@@ -5,8 +5,11 @@
   of losing it. ``publish_sync`` is its second half, for changes read elsewhere (several Graph mailboxes' delta
   pages read together through ``$batch``).
 - ``snapshot_mailbox``: the whole window is read before the first part is published, so a read that fails half
-  way publishes nothing, and a publish that fails half way never sends the final part; an incomplete snapshot
-  never makes the transformer delete anything.
+  way publishes nothing; a publish that fails half way may leave some parts queued, and an incomplete snapshot
+  (not every part recorded) never makes the transformer delete anything.
+
+``publish`` takes all of a pass's messages at once and returns when every one is confirmed, in order, one
+confirm wait for all of them (decision 76), not one round trip per message.
 - ``rebase_mailbox``: Graph's snapshot: a new delta round over the window is the whole window; its items are
   published as a snapshot, then the round's delta link is saved, so the changes that follow are read over the new
   window (decision 67 in docs/decisions.md).
@@ -19,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from threading import Lock
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 from shared.domain.contracts import (
     CalendarChange,
@@ -66,7 +69,7 @@ def sync_mailbox(
     mailbox: str,
     reader: SyncReader,
     positions: SyncPositions,
-    publish: Callable[[CalendarChange], None],
+    publish: Callable[[Sequence[CalendarChange]], None],
     window: Interval,
     observed_at: datetime,
     new_id: Callable[[], str],
@@ -88,7 +91,7 @@ def publish_sync(
     full: bool,
     reader: ViewReader,
     positions: SyncPositions,
-    publish: Callable[[CalendarChange], None],
+    publish: Callable[[Sequence[CalendarChange]], None],
     window: Interval,
     observed_at: datetime,
     new_id: Callable[[], str],
@@ -99,8 +102,8 @@ def publish_sync(
     if any(c.item is not None and c.item.item_type == "master" for c in changes):
         occurrences = series_occurrences(reader.view(mailbox, window))
     messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, backend)
-    for message in messages:
-        publish(message)
+    if messages:
+        publish(messages)
     positions.save_sync_position(mailbox, new_state, observed_at, full=full, backend=backend)
     return PassResult(len(messages), full)
 
@@ -108,7 +111,7 @@ def publish_sync(
 def snapshot_mailbox(
     mailbox: str,
     reader: ViewReader,
-    publish: Callable[[CalendarSnapshot], None],
+    publish: Callable[[Sequence[CalendarSnapshot]], None],
     window: Interval,
     observed_at: datetime,
     part_size: int,
@@ -117,8 +120,7 @@ def snapshot_mailbox(
 ) -> int:
     """Read the whole window, then publish its parts; return the number of items."""
     items = reader.view(mailbox, window)
-    for part in snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, source):
-        publish(part)
+    publish(snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, source))
     return len(items)
 
 
@@ -126,7 +128,7 @@ def rebase_mailbox(
     mailbox: str,
     reader: RebaseReader,
     positions: SyncPositions,
-    publish: Callable[[CalendarSnapshot], None],
+    publish: Callable[[Sequence[CalendarSnapshot]], None],
     window: Interval,
     observed_at: datetime,
     part_size: int,
@@ -135,8 +137,7 @@ def rebase_mailbox(
     """A Graph mailbox's snapshot: a new delta round over ``window`` published as a snapshot, then its delta link
     saved (backend "graph"); return the number of items. Nothing is saved unless every part was published."""
     items, delta_link = reader.rebase(mailbox, window)
-    for part in snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, "graph"):
-        publish(part)
+    publish(snapshot_parts(mailbox, items, window, observed_at, part_size, snapshot_id, "graph"))
     positions.save_sync_position(mailbox, delta_link, observed_at, full=True, backend="graph")
     return len(items)
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Callable, Sequence
 
 from shared.adapters.ews import EwsConnection
 from shared.adapters.ews import classify as classify_ews
@@ -243,18 +243,24 @@ class ChangeProducer:
             self.local.publisher = publisher
         return publisher
 
-    def _publish(self, message: CalendarChange | CalendarSnapshot) -> None:
-        key = self.topology.change_key(message.mailbox) if isinstance(message, CalendarChange) else self.topology.snapshot_key(message.mailbox)
+    def _publish(self, messages: Sequence[CalendarChange | CalendarSnapshot]) -> None:
+        """All of one read's messages, in order, one confirm wait for all (decision 76)."""
+        outgoing = [
+            Outgoing(self.topology.calendar_exchange,
+                     self.topology.change_key(m.mailbox) if isinstance(m, CalendarChange) else self.topology.snapshot_key(m.mailbox), m)
+            for m in messages
+        ]
         try:
-            self._publisher().publish(Outgoing(self.topology.calendar_exchange, key, message))
+            self._publisher().publish_many(outgoing)
         except PublishRefused:
             raise  # backpressure: the connection is fine; the mailbox's read is retried (decision 56)
         except Exception:
             self._publisher().close()
             raise
-        if isinstance(message, CalendarChange):  # the start of the correlation trail: Exchange item id -> Planner receipt
-            with correlation(message.correlation_id):
-                log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
+        for message in messages:
+            if isinstance(message, CalendarChange):  # the start of the correlation trail: Exchange item id -> Planner receipt
+                with correlation(message.correlation_id):
+                    log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
 
     def _groups(self, due: list[str]) -> list[list[str]]:
         """Due mailboxes as read tasks: each EWS mailbox alone; Graph mailboxes up to ``graph.batch_size`` together,

@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from shared.adapters.ews import EwsConnection
 from shared.adapters.ews import classify as classify_ews
@@ -106,12 +106,13 @@ def run_snapshots(
     local = threading.local()
     publishers: list[Publisher] = []   # one per pool thread, closed when the run ends
 
-    def publish(part: CalendarSnapshot) -> None:
+    def publish(parts: Sequence[CalendarSnapshot]) -> None:
+        """All parts of one mailbox's snapshot, one confirm wait for all (decision 76)."""
         publisher = getattr(local, "publisher", None)
         if publisher is None:
             publisher = local.publisher = Publisher(settings.broker, topology)
             publishers.append(publisher)
-        publisher.publish(Outgoing(topology.calendar_exchange, topology.snapshot_key(part.mailbox), part))
+        publisher.publish_many([Outgoing(topology.calendar_exchange, topology.snapshot_key(part.mailbox), part) for part in parts])
 
     def one(mailbox: str) -> SnapshotResult:
         observed_at = clock()

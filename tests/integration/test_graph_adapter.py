@@ -390,12 +390,12 @@ def test_sync_mailbox_runs_over_graph_with_the_delta_link_as_sync_state(sim: Run
     graph, positions, published = reader(sim, pki, app), Positions({}), []
     w, ids = window(), iter(range(1000))
     observed = datetime.now(UTC)
-    result = sync_mailbox(ANNE, GraphSyncReader(graph, w), positions, published.append, w, observed, lambda: f"c{next(ids)}", backend="graph")
+    result = sync_mailbox(ANNE, GraphSyncReader(graph, w), positions, published.extend, w, observed, lambda: f"c{next(ids)}", backend="graph")
     assert result.published == 4 and result.full_resync
     assert all(isinstance(m, CalendarChange) and m.source == "graph" and m.change == "upsert" for m in published)
     assert positions.saved[ANNE].sync_state is not None and "$deltatoken=" in positions.saved[ANNE].sync_state  # type: ignore[operator]
     add(sim, ANNE, start=at(3, 9))
-    result = sync_mailbox(ANNE, GraphSyncReader(graph, w), positions, published.append, w, observed, lambda: f"c{next(ids)}", backend="graph")
+    result = sync_mailbox(ANNE, GraphSyncReader(graph, w), positions, published.extend, w, observed, lambda: f"c{next(ids)}", backend="graph")
     assert result.published == 1 and not result.full_resync
     no_canary([m.model_dump(mode="json") for m in published])
 

@@ -4,6 +4,7 @@ the order of publish and record that makes a failed pass repeat instead of losin
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -61,9 +62,9 @@ def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
     exchange = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
     published: list[object] = []
 
-    def publish(message: object) -> None:
+    def publish(messages: Sequence[object]) -> None:
         assert store.state == "state-1"  # not yet advanced
-        published.append(message)
+        published.extend(messages)
 
     result = sync_mailbox("a@k.dk", exchange, store, publish, WINDOW, T, new_ids())
     assert exchange.states == ["state-1"] and len(published) == 1 and store.state == "state-2"
@@ -73,7 +74,7 @@ def test_the_sync_state_is_saved_only_after_every_change_is_published() -> None:
 def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
     store = FakeStore("state-1")
 
-    def publish(message: object) -> None:
+    def publish(messages: Sequence[object]) -> None:
         raise ConnectionError("broker gone")
 
     with pytest.raises(ConnectionError):
@@ -84,13 +85,13 @@ def test_a_failed_publish_leaves_the_sync_state_so_the_read_repeats() -> None:
 def test_a_snapshot_whose_read_fails_publishes_nothing() -> None:
     published: list[object] = []
     with pytest.raises(ConnectionError):
-        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.append, WINDOW, T, 100, "s1")
+        snapshot_mailbox("a@k.dk", FakeExchange([], [], fail_view=True), published.extend, WINDOW, T, 100, "s1")
     assert published == []
 
 
 def test_a_state_written_by_the_other_reader_is_not_continued_the_mailbox_is_read_in_full() -> None:
     store = FakeStore("ews-sync-state", backend="ews")  # the mailbox moved to Exchange Online
     reader = FakeExchange([SyncChange("upsert", "id0", item(0))], [])
-    result = sync_mailbox("a@k.dk", reader, store, lambda message: None, WINDOW, T, new_ids(), backend="graph")
+    result = sync_mailbox("a@k.dk", reader, store, lambda messages: None, WINDOW, T, new_ids(), backend="graph")
     assert reader.states == [None] and result.full_resync
     assert (store.state, store.backend, store.full) == ("state-2", "graph", [True])
