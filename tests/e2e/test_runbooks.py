@@ -23,6 +23,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -366,3 +367,120 @@ def test_the_postgresql_backup_and_restore_of_the_runbook_bring_back_the_state(p
     restored = Store.connect(pg_url)
     assert [row.address for row in restored.list_mailboxes()] == ["kept@jobcenter.dk"]   # the state as it was at the backup
     restored.engine.dispose()
+
+
+# --- the lines that cannot run here (no Docker, no systemd): what they name must exist ------------------------------
+
+COMPOSE_SUBCOMMANDS = {"up", "down", "ps", "logs", "run", "exec", "restart", "stop", "start", "pull", "build", "config", "cp", "images", "top", "kill", "rm", "create"}
+COMPOSE_VALUE_OPTIONS = {"-v", "--volume", "-e", "--env", "--entrypoint", "-u", "--user", "-w", "--workdir", "--tail", "-p", "--project-name", "-f", "--file",
+                         "--profile", "--env-file", "--name", "-t", "--timeout", "--scale", "--index", "--since"}
+SYSTEMCTL_UNIT_VERBS = {"start", "stop", "restart", "status", "enable", "disable", "is-active", "reload", "cat", "show", "reset-failed", "kill", "edit"}
+EXTERNAL_UNITS = {"rabbitmq-server", "rabbitmq-server.service", "postgresql", "postgresql.service", "docker", "docker.service", "systemd-journald"}
+
+
+def _tool_commands(tool: str) -> list[tuple[str, list[str]]]:
+    """(where, argv) of every simple command in any runbook's code blocks whose first word is ``tool``."""
+    found = []
+    for path in sorted((ROOT / "runbooks").glob("*.md")):
+        for number, line in fenced_lines(path.read_text()):
+            for argv in _simple_commands(line.split(" #")[0]):
+                if argv and argv[0] == tool:
+                    found.append((f"{path.relative_to(ROOT)}:{number}", argv))
+    return found
+
+
+def _compose_services() -> set[str]:
+    import yaml
+
+    return set(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+
+
+def _unit_exists(unit: str) -> bool:
+    if unit in EXTERNAL_UNITS:
+        return True
+    name = unit if "." in unit else unit + ".service"
+    if "@" in name:   # an instance of a template: plannersync-health@publisher.timer -> plannersync-health@.timer
+        name = name.split("@", 1)[0] + "@." + name.rsplit(".", 1)[1]
+    return (ROOT / "deploy" / "systemd" / name).exists()
+
+
+def compose_problems(where: str, argv: list[str], services: set[str]) -> list[str]:
+    """What is wrong with one ``docker compose ...`` line: an unknown subcommand or service."""
+    if argv[:2] != ["docker", "compose"]:
+        return [f"{where}: {' '.join(argv)}: only `docker compose` is used in the runbooks"]
+    rest, i = argv[2:], 0
+    while i < len(rest) and rest[i].startswith("-"):   # global options
+        i += 2 if rest[i] in COMPOSE_VALUE_OPTIONS else 1
+    if i >= len(rest) or rest[i] not in COMPOSE_SUBCOMMANDS:
+        return [f"{where}: {' '.join(argv)}: no known compose subcommand"]
+    sub, args, i = rest[i], rest[i + 1 :], 0
+    positional: list[str] = []
+    while i < len(args):
+        if args[i].startswith("-"):
+            i += 2 if args[i] in COMPOSE_VALUE_OPTIONS else 1
+            continue
+        positional.append(args[i])
+        if sub in ("run", "exec"):   # the service, then its command
+            break
+        i += 1
+    if sub == "cp":
+        positional = [p.split(":", 1)[0] for p in positional if ":" in p]
+    return [f"{where}: {' '.join(argv)}: no service {name!r} in compose.yaml" for name in positional if name not in services]
+
+
+def systemd_problems(where: str, argv: list[str]) -> list[str]:
+    """What is wrong with one ``systemctl`` or ``journalctl`` line: a unit that is not shipped in deploy/systemd."""
+    if argv[0] == "journalctl":
+        units = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("-u", "--unit")]
+    else:
+        verbs = [word for word in argv[1:] if not word.startswith("-")]
+        units = verbs[1:] if verbs and verbs[0] in SYSTEMCTL_UNIT_VERBS else []
+    return [f"{where}: {' '.join(argv)}: no unit {unit!r} in deploy/systemd" for unit in units if "*" not in unit and not _unit_exists(unit)]
+
+
+def setting_problems(where: str, name: str) -> list[str]:
+    """A ``PLANNERSYNC_...`` variable that names no setting (``_FILE`` reads a secret file for the setting)."""
+    from shared.config import Settings
+
+    parts = name.removeprefix("PLANNERSYNC_").lower().split("__")
+    fields: dict[str, Any] = dict(Settings.model_fields)
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        field = fields.get(part) or (fields.get(part.removesuffix("_file")) if last else None)
+        if field is None:
+            return [f"{where}: {name} names no setting"]
+        annotation = field.annotation
+        fields = dict(getattr(annotation, "model_fields", {})) if not last else fields
+    return []
+
+
+def test_every_docker_systemctl_and_journalctl_line_names_what_exists() -> None:
+    """Docker and systemd are not on this machine; their runbook lines are checked against compose.yaml and deploy/systemd."""
+    services = _compose_services()
+    docker, systemctl, journalctl = _tool_commands("docker"), _tool_commands("systemctl"), _tool_commands("journalctl")
+    assert len(docker) >= 20 and len(systemctl) >= 10, (len(docker), len(systemctl))   # the runbooks still have them
+    problems = [p for where, argv in docker for p in compose_problems(where, argv, services)]
+    problems += [p for where, argv in systemctl + journalctl for p in systemd_problems(where, argv)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_plannersync_variable_in_a_runbook_names_a_setting() -> None:
+    names = sorted({(f"runbooks/{path.name}", match) for path in (ROOT / "runbooks").glob("*.md")
+                    for match in re.findall(r"\bPLANNERSYNC_[A-Z0-9_]+", path.read_text()) if not match.endswith("_")})
+    assert len(names) > 40
+    problems = [p for where, name in names for p in setting_problems(where, name)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checks_of_lines_that_cannot_run_catch_what_does_not_exist() -> None:
+    services = _compose_services()
+    assert compose_problems("x", ["docker", "compose", "restart", "publiser"], services)
+    assert compose_problems("x", ["docker", "compose", "frobnicate"], services)
+    assert not compose_problems("x", ["docker", "compose", "--profile", "demo", "up", "-d", "publisher", "planner-sim"], services)
+    assert compose_problems("x", ["docker", "compose", "run", "--rm", "-v", "a:b", "publishr", "config", "check"], services)
+    assert systemd_problems("x", ["systemctl", "restart", "plannersync-publiser.service"])
+    assert not systemd_problems("x", ["systemctl", "start", "plannersync-health@publisher.timer", "plannersync.target"])
+    assert systemd_problems("x", ["journalctl", "-u", "plannersync-nothing"])
+    assert setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_P13")
+    assert setting_problems("x", "PLANNERSYNC_PLANER__ENDPOINT")
+    assert not setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_PASSPHRASE_FILE")
