@@ -302,7 +302,7 @@ class ChangeProducer:
                 with correlation(None, mailbox=address):
                     self._failed(address, "graph", self._classify("graph", exc), full=False)
             return
-        moved = [a for a, p in positions.items() if p is None or p.backend != "graph"]   # a full read alone (decisions 66, 85)
+        moved = [a for a, p in positions.items() if p is not None and p.backend != "graph"]
         rounds = [DeltaRound(a, p.sync_state if p is not None else None, window) for a, p in positions.items() if a not in moved]
         for address in moved:
             self._read(address)
@@ -335,11 +335,6 @@ class ChangeProducer:
                     # meanwhile; unchanged busy times give Planner no call (decisions 49 and 66 in docs/decisions.md)
                     log.info("mailbox_read_by_new_backend", backend=backend, previous=stored.backend)
                     full = True
-                elif stored is None and not full:
-                    # no state saved yet: a first read, or one that published part of its changes and then failed. A read
-                    # from nothing shows only what exists, so a snapshot beside it says what was deleted since
-                    # (decision 85 in docs/decisions.md)
-                    full = True
                 if backend == "graph":
                     reader = self._graph_reader()
                     if full:   # a new delta round over the window, published as a snapshot, then its link saved
@@ -350,10 +345,10 @@ class ChangeProducer:
                         result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph")
                         published, full_read = result.published, result.full_resync
                 else:
-                    if full:   # the snapshot first: if it fails, no sync state is saved and the next read is full again
+                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
+                    if result.full_resync and full:
                         items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, part_size, _new_id())
                         log.info("mailbox_resynced", items=items, backend=backend)
-                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
                     published, full_read = result.published, result.full_resync
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
                 self._failed(address, backend, self._classify(backend, exc), full)

@@ -200,7 +200,7 @@ def test_organizer_and_attendee_canaries_are_nowhere_and_planner_invitations_are
     items = calendar_items(messages)
     flags = {(i["uid"], i["organizer_is_planner"]) for i in items}
     assert flags == {(citizen.uid, False), (invitation.uid, True)}, flags
-    assert {json.loads(b)["type"] for b in messages} >= {"calendar_snapshot", "busy_time_state"}   # a Graph first read is a snapshot (decision 85)
+    assert {json.loads(b)["type"] for b in messages} >= {"calendar_change", "calendar_snapshot", "busy_time_state"}
 
     # and no organizer or attendee is anywhere
     logs = "\n".join(proc.log() for proc in processes) + resync.stdout + resync.stderr

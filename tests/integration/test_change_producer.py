@@ -110,18 +110,17 @@ def test_health_says_running_and_counts_the_reads_after_the_first_sync(settings:
         wait_for(lambda: running.producer.health().facts["subscribed"] == 2, 20, what="both mailboxes subscribed")
 
 
-def test_a_change_made_while_the_producer_was_stopped_is_found_without_another_snapshot(
+def test_a_change_made_while_the_producer_was_stopped_is_found_without_a_snapshot(
     settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector
 ) -> None:
     config = producer_settings(settings, ews)
     with Running(config):
         wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first sync of both mailboxes")
-    first_reads = {m.snapshot_id for m in collector.poll() if m.type == "calendar_snapshot"}   # a first read has one (decision 85)
     item = add_item(ews, BO, start=_future(3, 13), end=_future(3, 14))
     with Running(config):
         changes = wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made while stopped")
     assert changes[0].mailbox == BO
-    assert len(first_reads) == 2 and {m.snapshot_id for m in collector.poll() if m.type == "calendar_snapshot"} == first_reads
+    assert not [m for m in collector.poll() if m.type == "calendar_snapshot"]
 
 
 @pytest.mark.parametrize(
