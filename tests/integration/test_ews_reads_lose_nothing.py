@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
+import psycopg
 import pytest
 import requests
 
@@ -25,6 +26,7 @@ from services.change_producer.worker import build
 from shared.adapters.store import Store, upgrade
 from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
+from shared.domain.contracts import CalendarSnapshot
 from simulators.exchange.server import RunningExchangeSim, start_server
 from tests.support.producers import CPH, Collector, producer_settings
 from tests.support.tcp_proxy import TcpProxy
@@ -82,6 +84,66 @@ def test_a_broker_cut_during_the_first_read_loses_no_appointment(settings: Setti
         collector.close()
     assert published == {spec["uid"] for spec in specs}
     assert store.sync_position(ANNE) is not None  # the retried read finished and recorded its state
+
+
+@pytest.mark.open_defect
+def test_an_appointment_deleted_after_a_failed_first_read_published_it_is_deleted_by_the_retried_read(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim, pg_url: str, pg_admin: Any,
+) -> None:
+    """The first read publishes its changes and then cannot save its sync state (the database connection is cut while
+    the write waits), so the retry reads from nothing. An appointment already published is deleted before the
+    retry. A read from nothing shows only what exists: without a snapshot beside it the deletion is never said and
+    the busy time stays in Planner until the nightly snapshot (found by the fault suite's SIGKILL scenario under
+    load). The retried first read must publish a complete snapshot without it.
+
+    Open defect: publishing a snapshot with every first read fixed this test but made the fault suite's broker-cut
+    and two-jobcentre scenarios leave events in Planner (an early snapshot part redelivered after later changes), so
+    that change was taken back; run with --open-defects."""
+    day = (datetime.now(CPH) + timedelta(days=1)).date()
+    specs = [
+        {"uid": f"first-read-{n}", "start": f"{day + timedelta(days=n // 8)}T{8 + n % 8:02d}:00", "end": f"{day + timedelta(days=n // 8)}T{8 + n % 8:02d}:30",
+         "status": "Busy", "timezone": "Romance Standard Time"}
+        for n in range(20)
+    ]
+    requests.post(f"{ews.control_url}/mailboxes/{ANNE}/items", json={"items": specs}, timeout=30).raise_for_status()
+    store = Store.connect(pg_url)
+    upgrade(store.engine)
+    store.add_mailbox(ANNE)
+    database = pg_url.rsplit("/", 1)[1]
+    config = load_settings(environ={}, **{**producer_settings(settings, ews).model_dump(mode="python"), "database": {"url": pg_url}})
+    collector = Collector(topology)
+    locker = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    producer = build(config)
+    thread = threading.Thread(target=producer.run, daemon=True)
+
+    def changed() -> list[str]:
+        return [m.item.uid for m in collector.poll() if m.type == "calendar_change" and m.item is not None]
+
+    try:
+        with locker.transaction():   # reads go on, writes of sync states wait
+            locker.execute("LOCK TABLE exchange_sync IN EXCLUSIVE MODE")
+            thread.start()
+            wait_for(lambda: len(changed()) >= len(specs), 30, what="the first read's changes on the broker")
+            waiting = wait_for(lambda: pg_admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (database,)).fetchall(),
+                30, what="the sync state's write waiting")
+            gone = specs[0]["uid"]
+            requests.delete(f"{ews.control_url}/mailboxes/{ANNE}/items/{gone}", timeout=10).raise_for_status()
+            for (pid,) in waiting:
+                pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: store.sync_position(ANNE) is not None, 60, what="the retried read to save its state")
+        snapshots = [m for m in collector.poll() if isinstance(m, CalendarSnapshot)]
+    finally:
+        producer.stop()
+        thread.join(20)
+        collector.close()
+        locker.close()
+    finals = [m for m in snapshots if m.final]
+    assert finals, "the retried first read published no snapshot: the deletion is never said"
+    parts = [m for m in snapshots if m.snapshot_id == finals[-1].snapshot_id]
+    in_snapshot = {item.uid for part in parts for item in part.items}
+    assert len(parts) == finals[-1].total_parts
+    assert in_snapshot == {spec["uid"] for spec in specs} - {gone}
 
 
 def test_sync_states_invalidated_by_a_mailbox_move_lead_to_a_real_full_read_and_a_snapshot(
