@@ -101,12 +101,14 @@ def publish_confirmed(
     queue: str | None = None,
     patience: timedelta | None = REFUSED_PATIENCE,
     wait: Waiter | None = None,
+    reopen: Callable[[], BlockingChannel] | None = None,
 ) -> None:
     """Publish persistent + mandatory on a confirm channel; raises if unroutable or the connection fails.
 
     A nack (the queue refused it) is retried with growing waits, logged ``publish_refused``; after ``patience``
     (never, when None) or when ``wait`` says stop, ``PublishRefused`` is raised. ``wait`` defaults to sleeping on the
-    channel's connection, which keeps its heartbeats going.
+    channel's connection, which keeps its heartbeats going. With ``reopen`` each retry goes out on the channel it
+    returns (decision 82 in docs/decisions.md).
     """
     refused = 0
     started = time.monotonic()
@@ -126,6 +128,8 @@ def publish_confirmed(
             raise PublishRefused(target, refused)
         if not (wait or _sleeper(channel))(delay):
             raise PublishRefused(target, refused)
+        if reopen is not None:
+            channel = reopen()
 
 
 def _sleeper(channel: BlockingChannel) -> Waiter:
@@ -194,13 +198,23 @@ class Publisher:
             for attempt in (1, 2):
                 channel = self._ensure()
                 try:
-                    publish_confirmed(channel, outgoing.exchange, outgoing.routing_key, body, properties, queue=queue)
+                    publish_confirmed(channel, outgoing.exchange, outgoing.routing_key, body, properties, queue=queue, reopen=self._reopen)
                     return
                 except _DEAD as exc:  # died between the check and the publish: once more on a fresh connection
                     self._drop()
                     if attempt == 2:
                         raise
                     log.info("publisher_connection_replaced", connection=self.name, error=type(exc).__name__)
+
+    def _reopen(self) -> BlockingChannel:
+        """A fresh channel on the same connection for the retry after a nack: on RabbitMQ 3.10 a channel that first
+        published to a quorum queue during its leader election keeps nacking for about a minute (decision 82 in docs/decisions.md)."""
+        assert self._connection is not None
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        return self._channel
 
     def close(self) -> None:
         with self._lock:
