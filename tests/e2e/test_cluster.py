@@ -14,6 +14,10 @@ surviving nodes, and the test asserts what the fault suite asserts (Planner equa
 wrong and duplicate calls 0; no worker died), that every worker's log shows it connected again to another node,
 and, once the killed node is back (the dead-letter queues are classic queues on that node, decision 81), that no
 message was dead-lettered.
+
+A second test (``--soak``, expected to fail for now) kills the node that holds the dead-letter queues and sends
+poison messages: they must wait for that node without stopping the stage, and only they may be dead-lettered.
+Today good messages delivered in the same batch are dead-lettered with them (decision 81).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import requests
 from shared.broker.topology import from_settings
 from simulators.exchange.server import start_server
 from simulators.planner.server import RunningPlannerSim
-from tests.support.fault_suite import STAGES, BrokerAt, Driver, Pipeline, Report, Tally, account, enrol, pipeline_env, settle
+from tests.support.fault_suite import STAGES, BrokerAt, Driver, Pipeline, Report, Tally, account, enrol, pipeline_env, planner_held, poison_bodies, settle
 from tests.support.processes import WorkerProcess
 from tests.support.rabbit_node import Cluster, OwnNode
 from tests.support.settings import settings_from_env
@@ -77,6 +81,8 @@ def nodes_reached(log_dir: Path, worker: str, since: int = 0) -> list[str]:
 def queue_info(node: OwnNode, queue: str) -> dict[str, Any]:
     url = f"{node.management_url}/api/queues/{urllib.parse.quote('/', safe='')}/{urllib.parse.quote(queue, safe='')}"
     response = requests.get(url, auth=("guest", "guest"), timeout=10)
+    if response.status_code == 404:  # not declared yet
+        return {}
     response.raise_for_status()
     return dict(response.json())
 
@@ -160,6 +166,70 @@ def test_a_node_killed_under_load_loses_nothing_and_the_workers_reconnect_to_the
         assert not tally.problems(), f"{tally.line()}\n{tally.problems()}"
         assert tally.observed["workers_reconnected_elsewhere"] == len(STAGES), after
         assert held_at_kill < tally.expected, "the kill came after the work was done: it proves nothing"
+    finally:
+        if pipeline is not None:
+            pipeline.stop_all()
+        driver.close()
+        ews.stop()
+        exchangelib.protocol.close_connections()
+
+
+@pytest.mark.soak  # waits for RabbitMQ's own at-least-once dead-lettering to retry once the node is back (minutes)
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(reason="decision 81: good messages delivered in the same batch as a poison message reach the delivery limit with it "
+                   "and are dead-lettered too (10 and 16 held for 7 poison messages in two runs); open in issue 12", strict=False)
+def test_poison_messages_while_the_dead_letter_queues_node_is_down_wait_for_it_and_the_rest_flows(
+    cluster: Cluster, worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report,
+) -> None:
+    """Decision 81: the classic dead-letter queues live on the node that declared them. With that node down, poison
+    messages cannot be dead-lettered; they must wait (not be lost, not stop the stage), and be in the dead-letter
+    queue once the node is back, while every other change reaches Planner meanwhile."""
+    first, second, _third = cluster.nodes
+    if first not in cluster.up():  # the test before left it down (it failed before bringing it back)
+        first.start()
+    addresses = [f"cw{n:02d}.cluster-dlq@jobcenter.dk" for n in range(4)]
+    ews = start_server(users={"svc": "pw"}, minute_seconds=2.0, keepalive_seconds=0.5, mailboxes=addresses)
+    driver = Driver(ews, addresses, seed=32, prefix="cluster-32")
+    pipeline: Pipeline | None = None
+    try:
+        env = pipeline_env(worker_env, None, planner_sim.url, ews, BrokerAt(first.amqp_port, first.management_url),
+                           PLANNERSYNC_BROKER__HOSTS=cluster.hosts())
+        topology = from_settings(settings_from_env(env).broker, settings_from_env(env).retry)
+        enrol(env["PLANNERSYNC_DATABASE__URL"], addresses)
+        driver.seed(4)
+        pipeline = Pipeline(env, tmp_path, processes)
+        pipeline.start()
+        dlq = topology.stage("transformer").dead_letter_queue()
+        wait_for("the dead-letter queue declared", lambda: queue_info(second, dlq).get("node") is not None, 60)
+        assert queue_info(second, dlq)["node"] == first.name  # declared by the workers, through the first node
+
+        first.kill()
+        broker = BrokerAt(second.amqp_port, second.management_url)
+        transformer_in = topology.stage("transformer").work_queue()
+        wait_for("a new leader of the transformer's queue", lambda: queue_info(second, transformer_in).get("leader") not in (None, first.name), 30)
+        poison = poison_bodies(addresses[0])
+        broker.publish_raw(topology.calendar_exchange, topology.change_key(addresses[0]), poison)
+        pace_for(driver, 8.0)  # the other changes go on
+        # the transformer's queue keeps the poison messages (at-least-once dead-lettering waits for the target), so
+        # the publisher's queues and Planner say when the rest has gone through
+        work = [topology.stage("publisher").work_queue()] + [topology.stage(s).retry_queue(d) for s in ("transformer", "publisher") for d in topology.tiers()]
+        settled_in = settle(planner_sim, broker, work, driver.model.expected(), SETTLE_DEADLINE)
+        planner_while_down = planner_held(planner_sim) == driver.model.expected()
+        # the dead letters the queue keeps for its target (the management API's figures are sampled every few seconds)
+        wait_for("the poison messages held by the transformer's queue", lambda: (queue_info(second, transformer_in).get("messages_dlx") or 0) >= len(poison), 30)
+        held = queue_info(second, transformer_in)["messages_dlx"]
+        assert held == len(poison), f"the transformer's queue holds {held} dead letters, not only the {len(poison)} poison messages"
+
+        first.start()  # RabbitMQ retries forwarding held dead letters every few minutes
+        wait_for("the poison messages in the dead-letter queue", lambda: broker.depths([dlq])[dlq] >= len(poison), 400)
+        tally = account(Tally("cluster-dlq-node-down", observed={}), driver, planner_sim, broker, topology.dead_letter_queues(), pipeline,
+                        allowed_dead_letters={dlq: set(poison)})
+        tally.settled_in = settled_in
+        tally.observed.update({"dlq_node_killed": 1, "poison_published": len(poison), "held_while_down": held, "planner_equal_while_down": int(planner_while_down)})
+        report(tally.line())
+        assert not tally.problems(), f"{tally.line()}\n{tally.problems()}"
+        assert planner_while_down, "the other changes did not reach Planner while the dead-letter queue's node was down"
+        assert tally.observed["dead_lettered_on_purpose:transformer"] == len(poison)
     finally:
         if pipeline is not None:
             pipeline.stop_all()
