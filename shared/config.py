@@ -95,9 +95,16 @@ class _SecretFiles(BaseModel):
         return {key: value for key, value in data.items() if not key.endswith("_file") or key[:-5] not in cls.model_fields}
 
 
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
+
+
 class BrokerSettings(_SecretFiles):
     host: str = "127.0.0.1"
     port: int = Field(5672, ge=1, le=65535)
+    hosts: CsvList = Field(
+        default_factory=list,
+        description="the nodes of a RabbitMQ cluster as host or host:port, comma-separated, tried in this order; when set, host is not used and port is the default port",
+    )
     vhost: str = "/"
     user: str = "guest"
     password: SecretStr = SecretStr("guest")
@@ -127,19 +134,47 @@ class BrokerSettings(_SecretFiles):
             self.port = 5671
         return self
 
-    def amqp_url(self) -> str:
+    @model_validator(mode="after")
+    def _hosts(self) -> BrokerSettings:  # after _tls_files: an entry without a port takes the TLS default
+        for entry in self.hosts:
+            match = _ADDRESS.match(entry)
+            if match is None or not 1 <= int(match.group(2) or self.port) <= 65535:
+                raise ValueError(f"hosts: {entry!r} is not host or host:port (several are separated by commas)")
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every node to try, in order: ``hosts`` when set (decision 80 in docs/decisions.md), else ``host``:``port``."""
+        out = []
+        for entry in self.hosts:
+            match = _ADDRESS.match(entry)
+            assert match is not None  # checked in _hosts
+            out.append((match.group(1).strip("[]"), int(match.group(2) or self.port)))
+        return out or [(self.host, self.port)]
+
+    def amqp_url(self, address: tuple[str, int] | None = None) -> str:
+        """The URL of ``address`` (default: the first node), with the credentials."""
+        host, port = address or self.addresses()[0]
         vhost = quote(self.vhost, safe="")
         user = quote(self.user, safe="")
         password = quote(self.password.get_secret_value(), safe="")
-        return f"{'amqps' if self.tls else 'amqp'}://{user}:{password}@{self.host}:{self.port}/{vhost}"
+        return f"{'amqps' if self.tls else 'amqp'}://{user}:{password}@{_url_host(host)}:{port}/{vhost}"
 
     def where(self) -> str:
-        """``host:port`` (and the virtual host when it is not ``/``), for messages to the operator."""
-        return f"{'amqps' if self.tls else 'amqp'}://{self.host}:{self.port}" + ("" if self.vhost == "/" else f"/{self.vhost}")
+        """``host:port`` of every node (and the virtual host when it is not ``/``), for messages to the operator."""
+        nodes = ",".join(f"{_url_host(host)}:{port}" for host, port in self.addresses())
+        return f"{'amqps' if self.tls else 'amqp'}://{nodes}" + ("" if self.vhost == "/" else f"/{self.vhost}")
+
+    def address_settings(self) -> str:
+        """The variables that say where the broker is, for messages to the operator."""
+        return "PLANNERSYNC_BROKER__HOSTS" if self.hosts else "PLANNERSYNC_BROKER__HOST, PLANNERSYNC_BROKER__PORT"
 
     def management_verify(self) -> bool | str:
         """What requests verifies an https management URL against: the configured bundle, else the system store."""
         return str(self.ca_bundle) if self.ca_bundle is not None else True
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class DatabaseSettings(_SecretFiles):

@@ -11,6 +11,12 @@ one is configured (decision 46 in docs/decisions.md).
 A connection that cannot be opened raises ``BrokerUnreachable`` or ``BrokerRefused``: subclasses of pika's
 ``AMQPConnectionError`` (so every reconnect loop still catches them) whose text is one line for the operator,
 naming where the broker was looked for and which setting to check (decision 44 in docs/decisions.md).
+
+With ``hosts`` (the nodes of a cluster) the nodes are tried one after the other in the configured order, each
+with its own parameters (its own TLS server name); the first that accepts is used and logged as
+``broker_connected`` with the node, and only when none does is ``BrokerUnreachable`` raised, naming each node's
+failure. A refused user or virtual host is raised at once: users and permissions are the same on every node
+of a cluster (decision 80 in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import pika
 import pika.exceptions
 
 from shared.config import BrokerSettings
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class BrokerUnavailable(pika.exceptions.AMQPConnectionError):  # type: ignore[misc]  # pika is untyped
@@ -55,36 +64,54 @@ def tls_context(broker: BrokerSettings) -> ssl.SSLContext:
     return context
 
 
-def connection_parameters(broker: BrokerSettings, name: str) -> pika.URLParameters:
-    params = pika.URLParameters(broker.amqp_url())
+def connection_parameters(broker: BrokerSettings, name: str, address: tuple[str, int] | None = None) -> pika.URLParameters:
+    """The parameters for one node (default: the first configured)."""
+    address = address or broker.addresses()[0]
+    params = pika.URLParameters(broker.amqp_url(address))
     params.heartbeat = broker.heartbeat
     params.blocked_connection_timeout = broker.blocked_connection_timeout.total_seconds()
     params.client_properties = {"connection_name": f"{broker.prefix}.{name}"}
     if broker.tls:
-        params.ssl_options = pika.SSLOptions(tls_context(broker), server_hostname=broker.host)
+        params.ssl_options = pika.SSLOptions(tls_context(broker), server_hostname=address[0])
     return params
 
 
 def open_connection(broker: BrokerSettings, name: str) -> pika.BlockingConnection:
-    """A blocking connection named ``<prefix>.<name>``; ``BrokerUnreachable``/``BrokerRefused`` when there is none."""
+    """A blocking connection named ``<prefix>.<name>`` to the first node that accepts; ``BrokerUnreachable``/``BrokerRefused`` when there is none.
+
+    The nodes are tried here one by one rather than by handing pika the sequence: pika starts its whole cycle
+    over when a host name does not resolve, so a node with an unknown name would hide the others.
+    """
+    addresses = broker.addresses()
     where = broker.where()
-    try:
-        return pika.BlockingConnection(connection_parameters(broker, name))
-    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError):
-        raise BrokerRefused(
-            f"the broker at {where} refused user {broker.user!r}: wrong user or password (PLANNERSYNC_BROKER__USER, PLANNERSYNC_BROKER__PASSWORD)"
-        ) from None
-    except pika.exceptions.ProbableAccessDeniedError:
-        raise BrokerRefused(
-            f"the broker at {where} refused user {broker.user!r} access to virtual host {broker.vhost!r} "
-            "(PLANNERSYNC_BROKER__VHOST, or the user's permissions)"
-        ) from None
-    except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerUnreachable(f"cannot reach the broker at {where}: {_why(exc)} (PLANNERSYNC_BROKER__HOST, PLANNERSYNC_BROKER__PORT)") from exc
-    except ssl.SSLError as exc:
-        raise BrokerUnreachable(f"TLS with the broker at {where} failed: {_why(exc)} (PLANNERSYNC_BROKER__CA_BUNDLE, PLANNERSYNC_BROKER__HOST)") from exc
-    except OSError as exc:  # an unknown host name (socket.gaierror), no route, ...
-        raise BrokerUnreachable(f"cannot reach the broker at {where}: {_why(exc)} (PLANNERSYNC_BROKER__HOST, PLANNERSYNC_BROKER__PORT)") from exc
+    failures: list[str] = []
+    for address in addresses:
+        try:
+            connection = pika.BlockingConnection(connection_parameters(broker, name, address))
+        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError):
+            raise BrokerRefused(
+                f"the broker at {where} refused user {broker.user!r}: wrong user or password (PLANNERSYNC_BROKER__USER, PLANNERSYNC_BROKER__PASSWORD)"
+            ) from None
+        except pika.exceptions.ProbableAccessDeniedError:
+            raise BrokerRefused(
+                f"the broker at {where} refused user {broker.user!r} access to virtual host {broker.vhost!r} "
+                "(PLANNERSYNC_BROKER__VHOST, or the user's permissions)"
+            ) from None
+        except (pika.exceptions.AMQPConnectionError, ssl.SSLError, OSError) as exc:  # OSError: an unknown host name (socket.gaierror), no route, ...
+            if len(addresses) == 1:
+                raise BrokerUnreachable(_unreachable(broker, where, exc)) from exc
+            failures.append(f"{address[0]}:{address[1]} {_why(exc)}")
+            continue
+        if len(addresses) > 1:
+            log.info("broker_connected", connection=f"{broker.prefix}.{name}", node=f"{address[0]}:{address[1]}", nodes_down=len(failures))
+        return connection
+    raise BrokerUnreachable(f"cannot reach any broker node of {where}: {'; '.join(failures)} ({broker.address_settings()})")
+
+
+def _unreachable(broker: BrokerSettings, where: str, exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with the broker at {where} failed: {_why(exc)} (PLANNERSYNC_BROKER__CA_BUNDLE, {broker.address_settings().split(',')[0]})"
+    return f"cannot reach the broker at {where}: {_why(exc)} ({broker.address_settings()})"
 
 
 def _why(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Collection, Protocol
+from typing import Any, Collection, Literal, Protocol
 from urllib.parse import quote
 
 import pika
@@ -208,14 +208,21 @@ class Topology:
         for name, kind in self.exchanges():
             channel.exchange_declare(exchange=name, exchange_type=kind, durable=True)
         legacy = []
+        unavailable = set()
         for name in self.queues():
-            if name in self.dead_letter_queues() and not _declare_on_probe(channel, name, self.queue_arguments(name)):
-                legacy.append(name)
-                log.warning("dead_letter_queue_is_quorum", queue=name, fix="plannersync topology apply (moves its messages into a classic queue)")
+            if name in self.dead_letter_queues():
+                outcome = _declare_on_probe(channel, name, self.queue_arguments(name))
+                if outcome == "other_type":
+                    legacy.append(name)
+                    log.warning("dead_letter_queue_is_quorum", queue=name, fix="plannersync topology apply (moves its messages into a classic queue)")
+                elif outcome == "node_down":  # it exists, with its binding; dead letters wait for its node (decision 81 in docs/decisions.md)
+                    unavailable.add(name)
+                    log.warning("dead_letter_queue_unavailable", queue=name, reason="the cluster node that holds it is down; dead letters wait until it is back")
                 continue
             channel.queue_declare(queue=name, durable=True, arguments=self.queue_arguments(name))
         for exchange, queue, key in self.bindings():
-            channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
+            if queue not in unavailable:
+                channel.queue_bind(queue=queue, exchange=exchange, routing_key=key)
         return legacy
 
     def definitions(self, user: str | None = None, password: str | None = None) -> dict[str, Any]:
@@ -270,24 +277,29 @@ def _exact(name: str) -> str:
     return f"^{re.escape(name)}$"
 
 
-def _declare_on_probe(channel: Any, queue: str, arguments: dict[str, Any]) -> bool:
-    """Declare ``queue`` on a channel of its own; False when it exists with another type (the broker closes that channel).
+def _declare_on_probe(channel: Any, queue: str, arguments: dict[str, Any]) -> Literal["declared", "other_type", "node_down"]:
+    """Declare ``queue`` on a channel of its own (the broker closes a channel whose declare fails).
 
+    ``other_type`` when it exists with another type; ``node_down`` when it is a classic queue whose cluster node is
+    down (404 "home node ... is down or inaccessible"): it exists, but cannot be declared until that node is back.
     Only a real pika channel has a connection to open the probe on; anything else declares directly.
     """
     connection = getattr(channel, "connection", None)
     if not isinstance(connection, pika.BlockingConnection):
-        return True
+        channel.queue_declare(queue=queue, durable=True, arguments=arguments)
+        return "declared"
     probe = connection.channel()
     try:
         probe.queue_declare(queue=queue, durable=True, arguments=arguments)
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code == 406:  # PRECONDITION_FAILED: inequivalent x-queue-type
-            return False
+            return "other_type"
+        if exc.reply_code == 404 and "home node" in str(exc.reply_text) and "down or inaccessible" in str(exc.reply_text):
+            return "node_down"
         raise
     if probe.is_open:
         probe.close()
-    return True
+    return "declared"
 
 
 def migrate_dead_letter_queues(connection: pika.BlockingConnection, topology: Topology) -> dict[str, int]:
@@ -301,7 +313,10 @@ def migrate_dead_letter_queues(connection: pika.BlockingConnection, topology: To
     channel.confirm_delivery()
     for dlq in topology.dead_letter_queues():
         holding = f"{dlq}.migrating"
-        if _declare_on_probe(channel, dlq, dict(CLASSIC)):
+        outcome = _declare_on_probe(channel, dlq, dict(CLASSIC))
+        if outcome == "node_down":
+            raise RuntimeError(f"{dlq}: the cluster node that holds it is down; start that node and run this again")
+        if outcome == "declared":
             if _exists(connection, holding):
                 moved[dlq] = _move_all(channel, holding, dlq)
                 channel.queue_delete(holding, if_empty=True)

@@ -417,10 +417,11 @@ class Pipeline:
         return out
 
 
-def pipeline_env(base: dict[str, str], broker_proxy: TcpProxy, planner_url: str, ews: RunningExchangeSim, broker: BrokerAt, **extra: str) -> dict[str, str]:
+def pipeline_env(base: dict[str, str], broker_proxy: TcpProxy | None, planner_url: str, ews: RunningExchangeSim, broker: BrokerAt, **extra: str) -> dict[str, str]:
+    """The workers' environment; without ``broker_proxy`` they reach ``broker`` directly (or the nodes ``extra`` names)."""
     return {
         **base,
-        "PLANNERSYNC_BROKER__PORT": str(broker_proxy.port),
+        "PLANNERSYNC_BROKER__PORT": str(broker_proxy.port if broker_proxy is not None else broker.port),
         "PLANNERSYNC_BROKER__MANAGEMENT_URL": broker.management,
         "PLANNERSYNC_BROKER__RECONNECT_MAX_DELAY": "1s",
         "PLANNERSYNC_BROKER__HEARTBEAT": "5",

@@ -234,3 +234,31 @@ def test_tls_to_the_broker_is_configured_in_the_broker_settings(pki: Any) -> Non
 def test_config_check_names_a_broker_client_key_that_does_not_match(pki: Any) -> None:
     done = _config_check({"PLANNERSYNC_BROKER__TLS": "true", "PLANNERSYNC_BROKER__CLIENT_CERT": str(pki.client_cert), "PLANNERSYNC_BROKER__CLIENT_KEY": str(pki.rogue_server_key)})
     assert done.returncode == 2 and "PLANNERSYNC_BROKER__CLIENT_KEY: " in done.stderr and "is not the private key of the certificate" in done.stderr
+
+
+# --- the nodes of a cluster (decision 80) ------------------------------------------------------------------------
+
+
+def test_the_nodes_of_a_cluster_are_listed_in_hosts_and_tried_in_that_order() -> None:
+    broker = load_settings(environ={"PLANNERSYNC_BROKER__HOSTS": "rmq1:5672, rmq2:5673,rmq3,[::1]:5674"}).broker
+    assert broker.addresses() == [("rmq1", 5672), ("rmq2", 5673), ("rmq3", 5672), ("::1", 5674)]
+    assert broker.where() == "amqp://rmq1:5672,rmq2:5673,rmq3:5672,[::1]:5674"
+    assert broker.amqp_url(("::1", 5674)) == "amqp://guest:guest@[::1]:5674/%2F"
+
+
+def test_without_hosts_the_one_broker_is_host_and_port_as_before() -> None:
+    broker = load_settings(environ={"PLANNERSYNC_BROKER__HOST": "rabbit", "PLANNERSYNC_BROKER__PORT": "5673"}).broker
+    assert broker.addresses() == [("rabbit", 5673)]
+    assert broker.amqp_url() == "amqp://guest:guest@rabbit:5673/%2F" and broker.where() == "amqp://rabbit:5673"
+
+
+def test_a_node_without_a_port_takes_the_tls_port_when_tls_is_on() -> None:
+    broker = load_settings(environ={"PLANNERSYNC_BROKER__TLS": "true", "PLANNERSYNC_BROKER__HOSTS": "rmq1,rmq2:15671"}).broker
+    assert broker.addresses() == [("rmq1", 5671), ("rmq2", 15671)]
+    assert broker.amqp_url().startswith("amqps://")
+
+
+@pytest.mark.parametrize("value", ["rmq1:notaport", "rmq1:70000", "amqp://rmq1:5672", "rmq1 rmq2"])
+def test_a_malformed_node_is_named_with_its_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="PLANNERSYNC_BROKER__HOSTS: .*is not host or host:port"):
+        load_settings(environ={"PLANNERSYNC_BROKER__HOSTS": value})
