@@ -24,7 +24,9 @@ from shared.broker.topology import (
 from shared.config import Settings
 from tests.support.broker import BROKER_HOST, MANAGEMENT
 from tests.support.database import PG_ADMIN, pg_database_url
+from tests.support.graph import AppCertificate, write_app_certificate
 from tests.support.settings import FAST_LADDER, settings_from_env
+from tests.support.tls import ThrowawayPKI, write_pki
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -113,3 +115,15 @@ def pg_url(pg_admin: Any) -> Iterator[str]:
     pg_admin.execute(f'CREATE DATABASE "{name}"')
     yield pg_database_url(name)
     pg_admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
+    """A throwaway CA with a server and a client certificate, one per test module (a module may define its own)."""
+    return write_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> AppCertificate:
+    """A Graph app registration's certificate (RSA, no passphrase), one per test module (a module may define its own)."""
+    return write_app_certificate(tmp_path_factory.mktemp("app"))

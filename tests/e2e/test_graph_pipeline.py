@@ -37,25 +37,15 @@ from simulators.planner.server import RunningPlannerSim
 from simulators.planner.server import start_server as start_planner
 from tests.e2e.test_exchange_to_planner import dst_weekends
 from tests.support.broker import BROKER_HOST
-from tests.support.graph import AppCertificate, graph_env, with_graph, write_app_certificate
+from tests.support.graph import AppCertificate, graph_env, with_graph
 from tests.support.processes import PLANNERSYNC, WorkerProcess
 from tests.support.producers import CPH, producer_settings
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 from tests.support.waiting import wait_for
 
 ANNE, BO, CARL, DORTE = "anne@kommune.example", "bo@kommune.example", "carl@kommune.example", "dorte@kommune.example"
 OUTLOOK_UID = "040000008200E00074C5B7101A82E00800000000A0A742E5073DDA01000000000000000010000000998F8D5FA0E3F44D9B1C7C0B6E1A1B2C"
 PLANNER_ORGANIZER = "planner@jobcenter.example"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> AppCertificate:
-    return write_app_certificate(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture

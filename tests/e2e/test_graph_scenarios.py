@@ -37,9 +37,9 @@ from simulators.graph.server import RunningGraphSim
 from simulators.graph.server import start_server as start_graph
 from simulators.planner.server import RunningPlannerSim
 from simulators.planner.server import start_server as start_planner
-from tests.support.graph import AppCertificate, with_graph, write_app_certificate
+from tests.support.graph import AppCertificate, with_graph
 from tests.support.producers import CPH, producer_settings
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 from tests.unit.domain.test_transform_core import NOW, SCENARIOS, WINDOW, Scenario
 
 TABLE_MONDAY = date(2026, 3, 16)   # NOW's day in the table
@@ -143,16 +143,6 @@ class Twins:
 
 def held(planner: RunningPlannerSim, mailbox: str) -> dict[str, tuple[datetime, datetime]]:
     return {e.origin_id: (e.start, e.end) for e in planner.state.events(mailbox)}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> AppCertificate:
-    return write_app_certificate(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture

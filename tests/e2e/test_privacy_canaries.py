@@ -39,24 +39,14 @@ from simulators.graph.server import RunningGraphSim
 from simulators.graph.server import start_server as start_graph
 from simulators.planner.server import RunningPlannerSim
 from tests.support.broker import BROKER_HOST
-from tests.support.graph import AppCertificate, graph_env, write_app_certificate
+from tests.support.graph import AppCertificate, graph_env
 from tests.support.processes import PLANNERSYNC, WorkerProcess
 from tests.support.producers import CPH
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 from tests.support.waiting import wait_for
 
 MAILBOX = "anne@kommune.example"
 PLANNER_ORGANIZER = "planner@jobcenter.example"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> AppCertificate:
-    return write_app_certificate(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from simulators.exchange.server import start_server as start_ews
 from simulators.graph.server import RunningGraphSim
 from simulators.graph.server import start_server as start_graph
 from tests.support.graph import graph_settings
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 
 ANNE, BO = "anne@kommune.example", "bo@kommune.example"
 
@@ -37,11 +37,6 @@ def errors(backend: str, call: str, kind: str) -> float:
 def window() -> Interval:
     now = datetime.now(UTC)
     return Interval(start=now, end=now + timedelta(days=30))
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

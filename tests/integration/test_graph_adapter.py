@@ -46,7 +46,7 @@ from simulators.exchange.server import start_server as start_ews
 from simulators.graph.faults import parse_fault
 from simulators.graph.server import RunningGraphSim, start_server
 from tests.support.graph import AppCertificate, graph_settings, write_app_certificate
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 
 ANNE, BO, CARL = "anne@kommune.example", "bo@kommune.example", "carl@kommune.example"
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -54,11 +54,6 @@ SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 CANARIES = ("CANARY-SUBJECT-91c", "CANARY-BODY-4be", "CANARY-LOCATION-77d")
 POLICY = BusySettings().policy()
 OUTLOOK_UID = "040000008200E00074C5B7101A82E00800000000A0A742E5073DDA01000000000000000010000000998F8D5FA0E3F44D9B1C7C0B6E1A1B2C"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -25,22 +25,12 @@ from simulators.exchange.server import start_server as start_ews
 from simulators.graph.faults import parse_fault
 from simulators.graph.server import RunningGraphSim
 from simulators.graph.server import start_server as start_graph
-from tests.support.graph import AppCertificate, with_graph, write_app_certificate
+from tests.support.graph import AppCertificate, with_graph
 from tests.support.producers import CPH, Collector, producer_settings
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 from tests.support.waiting import wait_for
 
 ANNE, BO, CARL, DORTE = "anne@kommune.example", "bo@kommune.example", "carl@kommune.example", "dorte@kommune.example"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> AppCertificate:
-    return write_app_certificate(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture

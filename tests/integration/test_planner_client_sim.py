@@ -25,7 +25,7 @@ from simulators.planner.server import RunningPlannerSim, SimTLS, start_server
 from simulators.planner.state import SimResource
 from tests.support.dripping_server import DrippingServer, DripTLS
 from tests.support.planner_control import SimControl
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,11 +37,6 @@ RESOURCES = [
 ]
 QUICK = RetrySettings(quick_attempts=3, quick_max_wait="20ms")
 T0 = datetime(2026, 5, 4, 7, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

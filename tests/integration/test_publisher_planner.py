@@ -40,7 +40,7 @@ from simulators.planner.state import SimResource
 from tests.support.broker import MANAGEMENT, drain, queue_depth
 from tests.support.dripping_server import DrippingServer
 from tests.support.planner_control import SimControl
-from tests.support.tls import ThrowawayPKI, write_pki
+from tests.support.tls import ThrowawayPKI
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,11 +94,6 @@ def holds(*states: BusyTimeState) -> Held:
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPKI:
-    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
