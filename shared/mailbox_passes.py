@@ -4,6 +4,8 @@
   is published (confirmed) *before* the new sync state is saved, so a crash in between repeats the read instead
   of losing it. ``publish_sync`` is its second half, for changes read elsewhere (several Graph mailboxes' delta
   pages read together through ``$batch``).
+- ``resync_mailbox``: a read from nothing and a snapshot of the window read after it, published together, then the
+  state saved: for a mailbox whose sync state was refused, or whose first read may have published and then failed.
 - ``snapshot_mailbox``: the whole window is read before the first part is published, so a read that fails half
   way publishes nothing; a publish that fails half way may leave some parts queued, and an incomplete snapshot
   (not every part recorded) never makes the transformer delete anything.
@@ -106,6 +108,34 @@ def publish_sync(
         publish(messages)
     positions.save_sync_position(mailbox, new_state, observed_at, full=full, backend=backend)
     return PassResult(len(messages), full)
+
+
+def resync_mailbox(
+    mailbox: str,
+    reader: SyncReader,
+    positions: SyncPositions,
+    publish: Callable[[Sequence[CalendarChange | CalendarSnapshot]], None],
+    window: Interval,
+    observed_at: datetime,
+    new_id: Callable[[], str],
+    part_size: int,
+    backend: Backend = "ews",
+) -> tuple[PassResult, int]:
+    """A read from nothing with a snapshot beside it; return the pass and the number of items in the snapshot.
+
+    The read from nothing comes first and the window's view after it, so whatever is deleted between the two is said
+    by the next read from the state saved here (the other order loses it: the view sees an item that the read's state
+    already counts as gone). The changes and the snapshot's parts are published together, then the state is saved:
+    a failure anywhere saves nothing, and the next read is this one again (decision 85 in docs/decisions.md).
+    """
+    changes, new_state = reader.sync(mailbox, None)
+    view = reader.view(mailbox, window)
+    occurrences = series_occurrences(view) if any(c.item is not None and c.item.item_type == "master" for c in changes) else {}
+    messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, backend)
+    parts = snapshot_parts(mailbox, view, window, observed_at, part_size, new_id(), backend)
+    publish([*messages, *parts])
+    positions.save_sync_position(mailbox, new_state, observed_at, full=True, backend=backend)
+    return PassResult(len(messages), True), len(view)
 
 
 def snapshot_mailbox(

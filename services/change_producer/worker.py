@@ -49,7 +49,7 @@ from shared.domain.read_schedule import Schedule, Timing
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
-from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, snapshot_mailbox, sync_mailbox
+from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, resync_mailbox, sync_mailbox
 from shared.workers import Health, WorkerWedged
 
 log = get_logger(__name__)
@@ -302,7 +302,10 @@ class ChangeProducer:
                 with correlation(None, mailbox=address):
                     self._failed(address, "graph", self._classify("graph", exc), full=False)
             return
+        # a mailbox that moved from EWS, or whose earlier first read may have published and then failed, is read alone
+        # in full (decisions 66 and 85 in docs/decisions.md); a first read is marked before it can publish anything
         moved = [a for a, p in positions.items() if p is not None and p.backend != "graph"]
+        moved += [a for a, p in positions.items() if p is None and not self.store.mark_first_read(a, "graph", observed_at)]
         rounds = [DeltaRound(a, p.sync_state if p is not None else None, window) for a, p in positions.items() if a not in moved]
         for address in moved:
             self._read(address)
@@ -335,6 +338,11 @@ class ChangeProducer:
                     # meanwhile; unchanged busy times give Planner no call (decisions 49 and 66 in docs/decisions.md)
                     log.info("mailbox_read_by_new_backend", backend=backend, previous=stored.backend)
                     full = True
+                elif stored is None and not full and not self.store.mark_first_read(address, backend, observed_at):
+                    # an earlier first read began and never saved its state: it may have published items deleted
+                    # since, which a read from nothing cannot say, so a snapshot goes with it (decision 85)
+                    log.info("mailbox_first_read_retried", backend=backend)
+                    full = True
                 if backend == "graph":
                     reader = self._graph_reader()
                     if full:   # a new delta round over the window, published as a snapshot, then its link saved
@@ -344,11 +352,12 @@ class ChangeProducer:
                     else:
                         result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph")
                         published, full_read = result.published, result.full_resync
+                elif full:   # a read from nothing and a snapshot read after it, then the state (decision 85)
+                    result, items = resync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, part_size)
+                    log.info("mailbox_resynced", items=items, backend=backend)
+                    published, full_read = result.published, result.full_resync
                 else:
-                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, full=full)
-                    if result.full_resync and full:
-                        items = snapshot_mailbox(address, self.exchange, self._publish, window, observed_at, part_size, _new_id())
-                        log.info("mailbox_resynced", items=items, backend=backend)
+                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id)
                     published, full_read = result.published, result.full_resync
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
                 self._failed(address, backend, self._classify(backend, exc), full)

@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
@@ -395,13 +396,13 @@ class Store:
     # --- exchange sync state -----------------------------------------------------------------
     def sync_position(self, mailbox: str) -> SyncPosition | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower())).first()
+            row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower(), exchange_sync.c.sync_state.is_not(None))).first()
         return SyncPosition(row.sync_state, row.last_sync_at, row.last_full_sync_at, row.backend or "ews") if row else None
 
     def sync_positions(self) -> dict[str, SyncPosition]:
         """Every mailbox's sync position, by address (one query, for the status page)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(exchange_sync)).all()
+            rows = conn.execute(select(exchange_sync).where(exchange_sync.c.sync_state.is_not(None))).all()
         return {r.mailbox: SyncPosition(r.sync_state, r.last_sync_at, r.last_full_sync_at, r.backend or "ews") for r in rows}
 
     def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None:
@@ -410,6 +411,23 @@ class Store:
         if full:
             values["last_full_sync_at"] = read_at
         self._upsert_sync(mailbox, values)
+
+    def mark_first_read(self, mailbox: str, backend: Backend, started_at: datetime) -> bool:
+        """Before a read from nothing of a mailbox with no sync position: a row with no sync state says one began.
+
+        True when this call wrote the mark: the first read of this mailbox. False when a mark (or a row) was there
+        already: an earlier first read began and never saved a state, so it may have published changes and then
+        failed, and this read must say what was deleted since (decision 85 in docs/decisions.md). ``sync_position``
+        does not see a mark."""
+        mailbox = mailbox.lower()
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(exchange_sync.c.mailbox).where(exchange_sync.c.mailbox == mailbox)).first() is not None:
+                    return False
+                conn.execute(insert(exchange_sync).values(mailbox=mailbox, backend=backend, sync_state=None, updated_at=started_at))
+        except IntegrityError:
+            return False   # another reader marked it in between
+        return True
 
     def record_full_read(self, mailbox: str, read_at: datetime) -> None:
         """A whole window was read and published (a snapshot); the incremental state is left as it is."""

@@ -183,6 +183,16 @@ def test_exchange_sync_state_is_saved_and_replaced(store: Store) -> None:
     assert store.sync_position("nobody@k.dk") is None
 
 
+def test_a_first_read_is_marked_once_and_the_mark_is_no_sync_position(store: Store) -> None:
+    began = datetime(2026, 12, 1, 8, tzinfo=timezone.utc)
+    assert store.mark_first_read("New@k.dk", "ews", began) is True       # the first read of this mailbox
+    assert store.sync_position("new@k.dk") is None and store.sync_positions() == {}
+    assert store.mark_first_read("new@k.dk", "ews", began) is False      # an earlier first read never saved a state
+    store.save_sync_position("new@k.dk", "H4sI-state-1", began, full=True)
+    assert store.sync_position("new@k.dk") == SyncPosition("H4sI-state-1", began, began)
+    assert store.mark_first_read("new@k.dk", "ews", began) is False
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
