@@ -331,6 +331,10 @@ class ExchangeSettings(_SecretFiles):
     failure_backoff_max: Duration = Field(timedelta(hours=1), description="slowest retry of a failing mailbox")
     unavailable_retry: Duration = Field(timedelta(minutes=2), description="first retry of an unavailable mailbox (doubles)")
     transient_retry: Duration = Field(timedelta(seconds=2), description="first retry after a transient Exchange error (doubles)")
+    call_deadline: Duration = Field(
+        timedelta(seconds=120), ge=timedelta(seconds=1),
+        description="hard total time of one EWS request, a dripping answer included; streams are bounded by stream_silence_timeout instead (decision 86)",
+    )
     read_stuck_after: Duration = Field(
         timedelta(minutes=15), ge=timedelta(seconds=1),
         description="a mailbox read still running after this long is wedged: health turns red and the producer exits to be restarted",

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
+from shared.adapters.deadline import in_flight as calls_in_flight
 from shared.adapters.ews import EwsConnection
 from shared.adapters.ews import classify as classify_ews
 from shared.adapters.graph import DeltaRound, GraphReader, GraphSyncReader, operator_detail
@@ -144,6 +145,9 @@ class ChangeProducer:
         }
         if stuck:
             return Health("read_stuck", self.beat_at, ok=False, facts={**facts, "stuck_reads": len(stuck), "oldest_read_s": round(max(stuck.values()))})
+        overdue = [call for call in calls_in_flight() if call.overdue]   # past its deadline and not cut: a bug (decision 86)
+        if overdue:
+            return Health("exchange_call_overdue", self.beat_at, ok=False, facts={**facts, "exchange_call_overdue_s": round(overdue[0].running_s, 1)})
         return Health("running", self.beat_at, facts=facts)
 
     def _stuck_reads(self) -> dict[str, float]:

@@ -14,7 +14,9 @@ Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 - The session pool is sized for the open streams plus the worker threads (default pool size is 1), and keeps
   that size: exchangelib shrinks it on ErrorServerBusy under a lock it then waits on, which deadlocks every
   read once all sessions are in use (``_keep_pool_size``, decision 69).
-- A configured CA bundle wins over ``REQUESTS_CA_BUNDLE`` (``_CaBundleAdapter``).
+- A configured CA bundle wins over ``REQUESTS_CA_BUNDLE``, and every request but a stream has a hard total deadline
+  (``_EwsAdapter``): a server that drips its answer within the read timeout is cut, the session retired, and the
+  read fails like any transient fault (decision 86).
 - ``Folder.get_events`` never advances the watermark while MoreEvents is true: we page ourselves.
 """
 
@@ -25,6 +27,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
+import requests
 import requests.adapters
 from exchangelib import (
     BASIC,
@@ -47,6 +50,8 @@ from exchangelib.services import GetStreamingEvents
 from exchangelib.util import TNS
 
 from shared import metrics
+from shared.adapters.deadline import DeadlineAdapter, deadline
+from shared.adapters.deadline import current as current_deadline
 from shared.config import ExchangeSettings
 from shared.domain.busy_rules import organizer_flag
 from shared.domain.contracts import CalendarItem, Interval
@@ -109,17 +114,28 @@ def _xml_instant(elem: Any, name: str) -> datetime | None:
 BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _CalendarItemWithInstants
 
 
-class _CaBundleAdapter(requests.adapters.HTTPAdapter):
-    """Verifies against the configured CA bundle, or the system store; REQUESTS_CA_BUNDLE has no say.
+class _EwsAdapter(DeadlineAdapter):
+    """Verifies against the configured CA bundle, or the system store (REQUESTS_CA_BUNDLE has no say), and runs
+    every request that is not a stream under a hard total deadline, its body included (decision 86).
 
-    exchangelib builds its sessions itself, so the bundle is a class attribute set by ``EwsConnection``:
-    one Exchange configuration per process (the producers each have one).
+    exchangelib builds its sessions itself, so the bundle and the deadline are class attributes set by
+    ``EwsConnection``: one Exchange configuration per process (the producers each have one). requests reads a
+    body after the adapter's ``send`` returns; here it is read inside the deadline, and requests finds it read.
     """
 
     ca_bundle: str | None = None
+    call_deadline: float | None = None
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         super().cert_verify(conn, url, self.ca_bundle or _system_trust(), cert)
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if stream or self.call_deadline is None or current_deadline() is not None:
+            return super().send(request, stream=stream, **kwargs)
+        with deadline(self.call_deadline, "EWS request"):
+            response = super().send(request, stream=stream, **kwargs)
+            _ = response.content
+        return response
 
 
 def _system_trust() -> str | bool:
@@ -159,6 +175,8 @@ def classify(error: BaseException) -> SourceFault:
         ),
     ):
         return SourceFault("mailbox_unavailable", name)
+    if "DeadlineExceeded" in str(error):   # exchangelib re-raises a cut request as ErrorTimeoutExpired (decision 86)
+        return SourceFault("transient", "DeadlineExceeded: no complete EWS answer within its deadline")
     if isinstance(error, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)) or name in {"ErrorTimeoutExpired"}:
         return SourceFault("stream_broken", name)
     return SourceFault("transient", f"{name}: {str(error)[:200]}")
@@ -224,8 +242,9 @@ class EwsConnection:
 
     def __init__(self, settings: ExchangeSettings, zone: str, pool_size: int, planner_organizers: frozenset[str] = frozenset()) -> None:
         """``planner_organizers``: Planner's organizer addresses, lower-cased (``BusyPolicy.planner_organizers``)."""
-        _CaBundleAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
-        BaseProtocol.HTTP_ADAPTER_CLS = _CaBundleAdapter
+        _EwsAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
+        _EwsAdapter.call_deadline = settings.call_deadline.total_seconds()
+        BaseProtocol.HTTP_ADAPTER_CLS = _EwsAdapter
         self.settings = settings
         self.planner_organizers = planner_organizers
         self.zone = EWSTimeZone(zone)

@@ -10,6 +10,7 @@ kinds:
   invalid_sync_state     SyncFolderItems answers ErrorInvalidSyncStateData (with an empty SyncState)
   response_error         any operation answers an Error ResponseMessage with "code"
   latency                the response is delayed by "latency_ms"
+  drip                   the answer's headers (with its Content-Length) go at once, its body 64 bytes every "interval_ms"
   stream_expire          an open stream reports its subscription gone ("code", default ErrorSubscriptionNotFound)
   stream_silent          an open stream stops sending anything (no keep-alives) but stays open
   stream_cut             an open stream is cut in the middle of a chunk
@@ -26,7 +27,7 @@ from typing import Any
 
 KINDS = (
     "server_busy", "http_503", "impersonation_denied", "nonexistent_mailbox", "mailbox_move", "soap_fault",
-    "invalid_sync_state", "response_error", "latency", "stream_expire", "stream_silent", "stream_cut",
+    "invalid_sync_state", "response_error", "latency", "drip", "stream_expire", "stream_silent", "stream_cut",
 )
 SOAP_FAULT_CODES = {
     "server_busy": "ErrorServerBusy",
@@ -53,6 +54,7 @@ class Fault:
     back_off_ms: int = 5000
     retry_after: int = 2
     latency_ms: int = 0
+    interval_ms: int = 1000
     after_seconds: float = 0.5
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -71,7 +73,7 @@ class Fault:
             "operations": sorted(self.operations) if self.operations else None, "remaining": self.remaining,
             "seconds_left": None if self.until is None else max(0.0, round(self.until - time.monotonic(), 3)),
             "code": self.code, "back_off_ms": self.back_off_ms, "retry_after": self.retry_after,
-            "latency_ms": self.latency_ms, "after_seconds": self.after_seconds,
+            "latency_ms": self.latency_ms, "interval_ms": self.interval_ms, "after_seconds": self.after_seconds,
         }
 
 
@@ -97,6 +99,7 @@ def parse_fault(spec: dict[str, Any]) -> Fault:
         back_off_ms=int(spec.get("back_off_ms", 5000)),
         retry_after=int(spec.get("retry_after", 2)),
         latency_ms=int(spec.get("latency_ms", 0)),
+        interval_ms=int(spec.get("interval_ms", 1000)),
         after_seconds=float(spec.get("after_seconds", 0.5)),
     )
 

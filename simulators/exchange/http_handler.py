@@ -79,20 +79,29 @@ class EwsHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None, drip: Fault | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if drip is None:
+            self.wfile.write(body)
+            return
+        try:   # a server that never stops answering: every piece arrives well within any read timeout
+            for at in range(0, len(body), 64):
+                self.wfile.write(body[at : at + 64])
+                self.wfile.flush()
+                time.sleep(drip.interval_ms / 1000)
+        except OSError:
+            self.close_connection = True   # the client gave up (its deadline cut the connection)
 
     def _json(self, status: int, payload: Any) -> None:
         self._send(status, json.dumps(payload, default=str).encode(), "application/json; charset=utf-8")
 
-    def _xml(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self._send(status, body, "text/xml; charset=utf-8", headers)
+    def _xml(self, status: int, body: bytes, headers: dict[str, str] | None = None, drip: Fault | None = None) -> None:
+        self._send(status, body, "text/xml; charset=utf-8", headers, drip)
 
     def _user(self) -> str | None:
         header = self.headers.get("Authorization", "")
@@ -157,6 +166,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         op, mailbox = request.operation, request.mailbox(user)
         taken = state.faults.take(op, mailbox, _NON_STREAM_KINDS)
         forced: str | None = None
+        drip = next((flt for flt in taken if flt.kind == "drip"), None)
         for flt in taken:
             if flt.kind == "latency":
                 time.sleep(flt.latency_ms / 1000)
@@ -200,7 +210,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         headers = {}
         if op == "Subscribe":
             headers["Set-Cookie"] = f"X-BackEndOverrideCookie=SIMBE01~{mailbox}; path=/; HttpOnly"
-        self._xml(200, envelope(root), headers)
+        self._xml(200, envelope(root), headers, drip)
 
     def _soap_fault(self, op: str, mailbox: str | None, flt: Fault) -> None:
         code = flt.code or SOAP_FAULT_CODES.get(flt.kind, "ErrorInternalServerError")
