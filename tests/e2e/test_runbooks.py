@@ -32,6 +32,9 @@ from plannersync.workers import WORKERS
 from shared.health import write_health
 from shared.workers import Health
 from tests.support.processes import PLANNERSYNC
+from tests.support.runbooks import EXERCISED, FILE_RUNBOOKS, FILE_TOOLS, NOT_RUN, Line, command_lines, fenced_lines, lines_of, shell_argvs
+from tests.support.runbooks import kind_of as kind_of_command
+from tests.support.runbooks import simple_commands as _simple_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = sorted((ROOT / "runbooks").glob("*.md"))
@@ -69,56 +72,6 @@ class Command:
 
     def __str__(self) -> str:
         return f"{self.where}: plannersync {shlex.join(self.words)}"
-
-
-def fenced_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, logical line) inside fenced code blocks; a trailing backslash joins the next line."""
-    lines: list[tuple[int, str]] = []
-    inside, pending, start = False, "", 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        if raw.lstrip().startswith("```"):
-            inside, pending = not inside, ""
-            continue
-        if not inside:
-            continue
-        if not pending:
-            start = number
-        if raw.rstrip().endswith("\\"):
-            pending += raw.rstrip()[:-1] + " "
-            continue
-        lines.append((start, pending + raw))
-        pending = ""
-    return lines
-
-
-def _simple_commands(line: str) -> list[list[str]]:
-    line = re.sub(r"(?<!\S)\d*>&\d+(?!\S)", " ", line)  # 2>&1 is one redirection, not a `&` between commands
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
-    lexer.whitespace_split = True
-    lexer.commenters = "#"
-    commands: list[list[str]] = [[]]
-    for token in lexer:
-        if token in (";", "&&", "||", "|", "&"):
-            commands.append([])
-        else:
-            commands[-1].append(token)
-    return [_without_redirections(c) for c in commands if c]
-
-
-def _without_redirections(words: list[str]) -> list[str]:
-    """The words of a command without its redirections (``> file``, ``2>&1``, ``</dev/null``): the shell's, not ours."""
-    kept: list[str] = []
-    skip_next = False
-    for word in words:
-        if skip_next:
-            skip_next = False
-        elif re.fullmatch(r"<[^<>\s]+>", word):  # a placeholder such as <message-id>, not a redirection
-            kept.append(word)
-        elif re.fullmatch(r"\d*(>>?|<)", word):
-            skip_next = True  # the file name follows
-        elif not re.fullmatch(r"\d*(>>?|<)\S+", word):
-            kept.append(word)
-    return kept
 
 
 def _plannersync_words(tokens: list[str]) -> tuple[str, ...] | None:
@@ -299,8 +252,8 @@ def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_tempo
 
 # --- the standard tools of the backup, upgrade and certificate runbooks, on temporary copies -----------------------
 
-TOOL_RUNBOOKS = ("backup.md", "upgrade.md", "certificate.md")
-TOOLS = ("sqlite3", "openssl", "find", "install -d")  # what runs here; `install -o plannersync`, systemctl, docker do not
+TOOL_RUNBOOKS = FILE_RUNBOOKS
+TOOLS = FILE_TOOLS  # what runs here; `install -o plannersync`, systemctl, docker do not (tests/support/runbooks.py)
 
 
 def tool_lines() -> list[tuple[str, str]]:
@@ -484,3 +437,32 @@ def test_the_checks_of_lines_that_cannot_run_catch_what_does_not_exist() -> None
     assert setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_P13")
     assert setting_problems("x", "PLANNERSYNC_PLANER__ENDPOINT")
     assert not setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_PASSPHRASE_FILE")
+
+
+# --- every command line of every runbook: exercised, or it says why not (tests/support/runbooks.py) ----------------
+
+
+def unexercised(lines: list[Line]) -> list[str]:
+    """The simple commands no rule of ``kind_of`` knows."""
+    return [f"{line.where}: {' '.join(argv)}" for line in lines for argv in shell_argvs(line) if kind_of_command(line, argv) is None]
+
+
+def test_every_runbook_command_line_is_exercised_or_says_why_not() -> None:
+    """Each simple command of each bash/sh/powershell line has one kind, and each kind either names the test that
+    runs or checks it, or is one of the few that cannot run here (printed, so a review sees them)."""
+    lines = command_lines()
+    assert len(lines) > 150, len(lines)
+    assert not unexercised(lines), "a runbook command that nothing exercises (add a rule in tests/support/runbooks.py):\n" + "\n".join(unexercised(lines))
+    kinds = {kind_of_command(line, argv) for line in lines for argv in shell_argvs(line)}
+    assert kinds <= set(EXERCISED) | set(NOT_RUN), kinds
+    assert {"plannersync", "broker", "cluster", "network", "powershell", "sqlcmd"} <= kinds
+    for kind in NOT_RUN:
+        print(f"not run here ({kind}: {NOT_RUN[kind]}):")
+        for line in lines_of(kind):
+            print(f"  {line.where}: {line.text.strip()}")
+
+
+def test_a_command_of_a_tool_no_rule_knows_is_caught() -> None:
+    lines = [Line("runbooks/broker.md:1", "bash", "rabbitmqadmin list queues && rabbitmqctl list_queues"), Line("runbooks/daily.md:2", "sh", "telnet db01 1433")]
+    assert unexercised(lines) == ["runbooks/broker.md:1: rabbitmqadmin list queues", "runbooks/daily.md:2: telnet db01 1433"]
+    assert not unexercised([Line("runbooks/exchange.md:3", "powershell", "Get-Mailbox anne")])
