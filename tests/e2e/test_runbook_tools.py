@@ -269,10 +269,11 @@ def test_the_secret_file_lines_write_what_was_typed_readable_by_the_owner_or_gro
     (tmp_path / "etc/plannersync/secrets").mkdir(parents=True)
     for line in lines:
         text = line.text.replace("/etc/plannersync/", f"{tmp_path}/etc/plannersync/")
-        done = run_line(text, cwd=tmp_path, stdin=SECRET + "\n")
-        assert done.returncode == 0, failure(line, text, done)
         written = Path(re.findall(r">\s*(\S+?)\s*\)?\s*(?:#.*)?$", text)[0])
         written = written if written.is_absolute() else tmp_path / written
+        written.parent.mkdir(parents=True, exist_ok=True)  # as the runbook's steps before it leave it
+        done = run_line(text, cwd=tmp_path, stdin=SECRET + "\n")
+        assert done.returncode == 0, failure(line, text, done)
         content = written.read_text()
         if "read -rsp" in text:
             assert content == SECRET + "\n", (line.where, content)

@@ -50,6 +50,10 @@ PLACEHOLDERS = {
 # compose services that run the plannersync image (its ENTRYPOINT is `plannersync`): `docker compose run --rm publisher
 # config check` is `plannersync config check`
 IMAGE_SERVICES = {*WORKERS, "db-upgrade", "broker-definitions", "planner-sim", "exchange-sim"}
+# compose.jobcentres.yaml (decision 88): the same services once per jobcentre, jc-101-publisher and so on
+IMAGE_SERVICES |= {f"{jc}-{name}" for jc in ("jc-101", "jc-102") for name in IMAGE_SERVICES if name not in ("planner-sim", "exchange-sim")}
+# compose's own options before its subcommand that take a value (`docker compose -f compose.jobcentres.yaml run ...`)
+COMPOSE_GLOBAL_VALUES = {"-f", "--file", "-p", "--project-name", "--profile", "--env-file"}
 # options of `docker compose run` that take a value (the word after them is not the service)
 COMPOSE_RUN_VALUES = {"-v", "--volume", "-e", "--env", "-u", "--user", "-w", "--workdir", "--name", "-p", "--publish", "-l", "--label"}
 # (words) -> run for real: they read and print, change nothing outside the temporary state directory
@@ -86,6 +90,11 @@ def _plannersync_words(tokens: list[str]) -> tuple[str, ...] | None:
         return None
     if Path(words[0]).name == "plannersync":
         return tuple(words[1:])
+    if words[:2] == ["docker", "compose"]:  # compose's own options do not change what runs
+        rest = words[2:]
+        while rest and rest[0].startswith("-"):
+            rest = rest[2:] if rest[0] in COMPOSE_GLOBAL_VALUES else rest[1:]
+        words = ["docker", "compose", *rest]
     if words[:3] == ["docker", "compose", "run"]:
         rest = words[3:]
         while rest and rest[0].startswith("-"):
@@ -342,10 +351,10 @@ def _tool_commands(tool: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _compose_services() -> set[str]:
+def _compose_services(compose_file: str = "compose.yaml") -> set[str]:
     import yaml
 
-    return set(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+    return set(yaml.safe_load((ROOT / compose_file).read_text())["services"])
 
 
 def _unit_exists(unit: str) -> bool:
@@ -361,8 +370,13 @@ def compose_problems(where: str, argv: list[str], services: set[str]) -> list[st
     """What is wrong with one ``docker compose ...`` line: an unknown subcommand or service."""
     if argv[:2] != ["docker", "compose"]:
         return [f"{where}: {' '.join(argv)}: only `docker compose` is used in the runbooks"]
-    rest, i = argv[2:], 0
-    while i < len(rest) and rest[i].startswith("-"):   # global options
+    rest, i, compose_file = argv[2:], 0, "compose.yaml"
+    while i < len(rest) and rest[i].startswith("-"):   # global options; -f names the file whose services count
+        if rest[i] in ("-f", "--file") and i + 1 < len(rest):
+            compose_file = rest[i + 1]
+            if not (ROOT / compose_file).exists():
+                return [f"{where}: {' '.join(argv)}: no compose file {compose_file}"]
+            services = _compose_services(compose_file)
         i += 2 if rest[i] in COMPOSE_VALUE_OPTIONS else 1
     if i >= len(rest) or rest[i] not in COMPOSE_SUBCOMMANDS:
         return [f"{where}: {' '.join(argv)}: no known compose subcommand"]
@@ -378,7 +392,7 @@ def compose_problems(where: str, argv: list[str], services: set[str]) -> list[st
         i += 1
     if sub == "cp":
         positional = [p.split(":", 1)[0] for p in positional if ":" in p]
-    return [f"{where}: {' '.join(argv)}: no service {name!r} in compose.yaml" for name in positional if name not in services]
+    return [f"{where}: {' '.join(argv)}: no service {name!r} in {compose_file}" for name in positional if name not in services]
 
 
 def systemd_problems(where: str, argv: list[str]) -> list[str]:
@@ -431,6 +445,9 @@ def test_the_checks_of_lines_that_cannot_run_catch_what_does_not_exist() -> None
     assert compose_problems("x", ["docker", "compose", "frobnicate"], services)
     assert not compose_problems("x", ["docker", "compose", "--profile", "demo", "up", "-d", "publisher", "planner-sim"], services)
     assert compose_problems("x", ["docker", "compose", "run", "--rm", "-v", "a:b", "publishr", "config", "check"], services)
+    assert not compose_problems("x", ["docker", "compose", "-f", "compose.jobcentres.yaml", "logs", "jc-102-publisher"], services)
+    assert compose_problems("x", ["docker", "compose", "-f", "compose.jobcentres.yaml", "logs", "publisher"], services)   # not in that file
+    assert compose_problems("x", ["docker", "compose", "-f", "compose.jobcenters.yaml", "ps"], services)
     assert systemd_problems("x", ["systemctl", "restart", "plannersync-publiser.service"])
     assert not systemd_problems("x", ["systemctl", "start", "plannersync-health@publisher.timer", "plannersync.target"])
     assert systemd_problems("x", ["journalctl", "-u", "plannersync-nothing"])

@@ -151,7 +151,7 @@ def test_every_path_is_on_a_volume_or_secret_the_service_mounts(compose_file: st
             assert box.covers(command[command.index(flag) + 1]), f"{service}: {flag} {command[command.index(flag) + 1]} is not mounted"
 
 
-@pytest.mark.parametrize(("compose_file", "service"), [p for p in EVERY if COMPOSE_FILES[p.values[0]]["services"][p.values[1]]["command"][0] != "sim"])  # type: ignore[index]
+@pytest.mark.parametrize(("compose_file", "service"), [p for p in EVERY if COMPOSE_FILES[p.values[0]]["services"][p.values[1]]["command"][0] != "sim"])
 def test_each_service_loads_its_settings_exactly_as_its_container_would(compose_file: str, service: str, tmp_path: Path) -> None:
     box = container(service, compose_file)
     assert unknown_variables(box.env) == [] and unknown_variables(box.hints) == []
