@@ -32,6 +32,9 @@ from plannersync.workers import WORKERS
 from shared.health import write_health
 from shared.workers import Health
 from tests.support.processes import PLANNERSYNC
+from tests.support.runbooks import EXERCISED, FILE_RUNBOOKS, FILE_TOOLS, NOT_RUN, Line, command_lines, fenced_lines, lines_of, shell_argvs
+from tests.support.runbooks import kind_of as kind_of_command
+from tests.support.runbooks import simple_commands as _simple_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOKS = sorted((ROOT / "runbooks").glob("*.md"))
@@ -47,6 +50,10 @@ PLACEHOLDERS = {
 # compose services that run the plannersync image (its ENTRYPOINT is `plannersync`): `docker compose run --rm publisher
 # config check` is `plannersync config check`
 IMAGE_SERVICES = {*WORKERS, "db-upgrade", "broker-definitions", "planner-sim", "exchange-sim"}
+# compose.jobcentres.yaml (decision 88): the same services once per jobcentre, jc-101-publisher and so on
+IMAGE_SERVICES |= {f"{jc}-{name}" for jc in ("jc-101", "jc-102") for name in IMAGE_SERVICES if name not in ("planner-sim", "exchange-sim")}
+# compose's own options before its subcommand that take a value (`docker compose -f compose.jobcentres.yaml run ...`)
+COMPOSE_GLOBAL_VALUES = {"-f", "--file", "-p", "--project-name", "--profile", "--env-file"}
 # options of `docker compose run` that take a value (the word after them is not the service)
 COMPOSE_RUN_VALUES = {"-v", "--volume", "-e", "--env", "-u", "--user", "-w", "--workdir", "--name", "-p", "--publish", "-l", "--label"}
 # (words) -> run for real: they read and print, change nothing outside the temporary state directory
@@ -71,56 +78,6 @@ class Command:
         return f"{self.where}: plannersync {shlex.join(self.words)}"
 
 
-def fenced_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, logical line) inside fenced code blocks; a trailing backslash joins the next line."""
-    lines: list[tuple[int, str]] = []
-    inside, pending, start = False, "", 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        if raw.lstrip().startswith("```"):
-            inside, pending = not inside, ""
-            continue
-        if not inside:
-            continue
-        if not pending:
-            start = number
-        if raw.rstrip().endswith("\\"):
-            pending += raw.rstrip()[:-1] + " "
-            continue
-        lines.append((start, pending + raw))
-        pending = ""
-    return lines
-
-
-def _simple_commands(line: str) -> list[list[str]]:
-    line = re.sub(r"(?<!\S)\d*>&\d+(?!\S)", " ", line)  # 2>&1 is one redirection, not a `&` between commands
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
-    lexer.whitespace_split = True
-    lexer.commenters = "#"
-    commands: list[list[str]] = [[]]
-    for token in lexer:
-        if token in (";", "&&", "||", "|", "&"):
-            commands.append([])
-        else:
-            commands[-1].append(token)
-    return [_without_redirections(c) for c in commands if c]
-
-
-def _without_redirections(words: list[str]) -> list[str]:
-    """The words of a command without its redirections (``> file``, ``2>&1``, ``</dev/null``): the shell's, not ours."""
-    kept: list[str] = []
-    skip_next = False
-    for word in words:
-        if skip_next:
-            skip_next = False
-        elif re.fullmatch(r"<[^<>\s]+>", word):  # a placeholder such as <message-id>, not a redirection
-            kept.append(word)
-        elif re.fullmatch(r"\d*(>>?|<)", word):
-            skip_next = True  # the file name follows
-        elif not re.fullmatch(r"\d*(>>?|<)\S+", word):
-            kept.append(word)
-    return kept
-
-
 def _plannersync_words(tokens: list[str]) -> tuple[str, ...] | None:
     """The arguments a shell command gives plannersync, or None when it does not run plannersync."""
     words = list(tokens)
@@ -133,6 +90,11 @@ def _plannersync_words(tokens: list[str]) -> tuple[str, ...] | None:
         return None
     if Path(words[0]).name == "plannersync":
         return tuple(words[1:])
+    if words[:2] == ["docker", "compose"]:  # compose's own options do not change what runs
+        rest = words[2:]
+        while rest and rest[0].startswith("-"):
+            rest = rest[2:] if rest[0] in COMPOSE_GLOBAL_VALUES else rest[1:]
+        words = ["docker", "compose", *rest]
     if words[:3] == ["docker", "compose", "run"]:
         rest = words[3:]
         while rest and rest[0].startswith("-"):
@@ -299,8 +261,8 @@ def test_the_read_only_runbook_commands_run_against_the_local_broker_and_a_tempo
 
 # --- the standard tools of the backup, upgrade and certificate runbooks, on temporary copies -----------------------
 
-TOOL_RUNBOOKS = ("backup.md", "upgrade.md", "certificate.md")
-TOOLS = ("sqlite3", "openssl", "find", "install -d")  # what runs here; `install -o plannersync`, systemctl, docker do not
+TOOL_RUNBOOKS = FILE_RUNBOOKS
+TOOLS = FILE_TOOLS  # what runs here; `install -o plannersync`, systemctl, docker do not (tests/support/runbooks.py)
 
 
 def tool_lines() -> list[tuple[str, str]]:
@@ -389,10 +351,10 @@ def _tool_commands(tool: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _compose_services() -> set[str]:
+def _compose_services(compose_file: str = "compose.yaml") -> set[str]:
     import yaml
 
-    return set(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+    return set(yaml.safe_load((ROOT / compose_file).read_text())["services"])
 
 
 def _unit_exists(unit: str) -> bool:
@@ -408,8 +370,13 @@ def compose_problems(where: str, argv: list[str], services: set[str]) -> list[st
     """What is wrong with one ``docker compose ...`` line: an unknown subcommand or service."""
     if argv[:2] != ["docker", "compose"]:
         return [f"{where}: {' '.join(argv)}: only `docker compose` is used in the runbooks"]
-    rest, i = argv[2:], 0
-    while i < len(rest) and rest[i].startswith("-"):   # global options
+    rest, i, compose_file = argv[2:], 0, "compose.yaml"
+    while i < len(rest) and rest[i].startswith("-"):   # global options; -f names the file whose services count
+        if rest[i] in ("-f", "--file") and i + 1 < len(rest):
+            compose_file = rest[i + 1]
+            if not (ROOT / compose_file).exists():
+                return [f"{where}: {' '.join(argv)}: no compose file {compose_file}"]
+            services = _compose_services(compose_file)
         i += 2 if rest[i] in COMPOSE_VALUE_OPTIONS else 1
     if i >= len(rest) or rest[i] not in COMPOSE_SUBCOMMANDS:
         return [f"{where}: {' '.join(argv)}: no known compose subcommand"]
@@ -425,7 +392,7 @@ def compose_problems(where: str, argv: list[str], services: set[str]) -> list[st
         i += 1
     if sub == "cp":
         positional = [p.split(":", 1)[0] for p in positional if ":" in p]
-    return [f"{where}: {' '.join(argv)}: no service {name!r} in compose.yaml" for name in positional if name not in services]
+    return [f"{where}: {' '.join(argv)}: no service {name!r} in {compose_file}" for name in positional if name not in services]
 
 
 def systemd_problems(where: str, argv: list[str]) -> list[str]:
@@ -478,9 +445,41 @@ def test_the_checks_of_lines_that_cannot_run_catch_what_does_not_exist() -> None
     assert compose_problems("x", ["docker", "compose", "frobnicate"], services)
     assert not compose_problems("x", ["docker", "compose", "--profile", "demo", "up", "-d", "publisher", "planner-sim"], services)
     assert compose_problems("x", ["docker", "compose", "run", "--rm", "-v", "a:b", "publishr", "config", "check"], services)
+    assert not compose_problems("x", ["docker", "compose", "-f", "compose.jobcentres.yaml", "logs", "jc-102-publisher"], services)
+    assert compose_problems("x", ["docker", "compose", "-f", "compose.jobcentres.yaml", "logs", "publisher"], services)   # not in that file
+    assert compose_problems("x", ["docker", "compose", "-f", "compose.jobcenters.yaml", "ps"], services)
     assert systemd_problems("x", ["systemctl", "restart", "plannersync-publiser.service"])
     assert not systemd_problems("x", ["systemctl", "start", "plannersync-health@publisher.timer", "plannersync.target"])
     assert systemd_problems("x", ["journalctl", "-u", "plannersync-nothing"])
     assert setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_P13")
     assert setting_problems("x", "PLANNERSYNC_PLANER__ENDPOINT")
     assert not setting_problems("x", "PLANNERSYNC_PLANNER__CLIENT_CERT_PASSPHRASE_FILE")
+
+
+# --- every command line of every runbook: exercised, or it says why not (tests/support/runbooks.py) ----------------
+
+
+def unexercised(lines: list[Line]) -> list[str]:
+    """The simple commands no rule of ``kind_of`` knows."""
+    return [f"{line.where}: {' '.join(argv)}" for line in lines for argv in shell_argvs(line) if kind_of_command(line, argv) is None]
+
+
+def test_every_runbook_command_line_is_exercised_or_says_why_not() -> None:
+    """Each simple command of each bash/sh/powershell line has one kind, and each kind either names the test that
+    runs or checks it, or is one of the few that cannot run here (printed, so a review sees them)."""
+    lines = command_lines()
+    assert len(lines) > 150, len(lines)
+    assert not unexercised(lines), "a runbook command that nothing exercises (add a rule in tests/support/runbooks.py):\n" + "\n".join(unexercised(lines))
+    kinds = {kind_of_command(line, argv) for line in lines for argv in shell_argvs(line)}
+    assert kinds <= set(EXERCISED) | set(NOT_RUN), kinds
+    assert {"plannersync", "broker", "cluster", "network", "powershell", "sqlcmd"} <= kinds
+    for kind in NOT_RUN:
+        print(f"not run here ({kind}: {NOT_RUN[kind]}):")
+        for line in lines_of(kind):
+            print(f"  {line.where}: {line.text.strip()}")
+
+
+def test_a_command_of_a_tool_no_rule_knows_is_caught() -> None:
+    lines = [Line("runbooks/broker.md:1", "bash", "rabbitmqadmin list queues && rabbitmqctl list_queues"), Line("runbooks/daily.md:2", "sh", "telnet db01 1433")]
+    assert unexercised(lines) == ["runbooks/broker.md:1: rabbitmqadmin list queues", "runbooks/daily.md:2: telnet db01 1433"]
+    assert not unexercised([Line("runbooks/exchange.md:3", "powershell", "Get-Mailbox anne")])

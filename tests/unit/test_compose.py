@@ -1,4 +1,5 @@
-"""compose.yaml cannot be run here (no Docker), so every service is checked the way its container would see it.
+"""compose.yaml and compose.jobcentres.yaml cannot be run here (no Docker), so every service is checked the way its
+container would see it.
 
 For each service built from this repository: its env files (in order) and ``environment``, the secrets it mounts
 at ``/run/secrets/<name>`` and the volumes it mounts, and nothing else (decision 47 in docs/decisions.md). Its
@@ -9,6 +10,7 @@ does not mount, fails, the commented production lines of its env files included.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,9 +23,18 @@ from plannersync.cli import parser
 from shared.config import Settings, check_files, load_settings, sqlite_path, unknown_variables
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+COMPOSE_FILES: dict[str, dict[str, Any]] = {name: yaml.safe_load((ROOT / name).read_text()) for name in ("compose.yaml", "compose.jobcentres.yaml")}
+COMPOSE: dict[str, Any] = COMPOSE_FILES["compose.yaml"]
 SERVICES: dict[str, Any] = COMPOSE["services"]
-OURS = [name for name, spec in SERVICES.items() if str(spec.get("image", "")).startswith("plannersync") or "build" in spec]
+
+
+def ours(compose: dict[str, Any]) -> list[str]:
+    return [name for name, spec in compose["services"].items() if str(spec.get("image", "")).startswith("plannersync") or "build" in spec]
+
+
+OURS = ours(COMPOSE)
+# (compose file, service) of every service built from this repository, in both files
+EVERY = [pytest.param(file, name, id=f"{file}:{name}") for file, compose in COMPOSE_FILES.items() for name in ours(compose)]
 SECTION_FILES = {"broker": "broker.env", "database": "database.env", "exchange": "exchange.env", "planner": "planner.env"}
 
 
@@ -61,8 +72,9 @@ def _env_lines(path: Path, commented: bool) -> dict[str, str]:
     return found
 
 
-def container(service: str) -> Container:
-    spec = SERVICES[service]
+def container(service: str, compose_file: str = "compose.yaml") -> Container:
+    compose = COMPOSE_FILES[compose_file]
+    spec = compose["services"][service]
     files = spec.get("env_file") or []
     env_files = [ROOT / (entry if isinstance(entry, str) else entry["path"]) for entry in ([files] if isinstance(files, str) else files)]
     env: dict[str, str] = {}
@@ -78,7 +90,7 @@ def container(service: str) -> Container:
     for entry in spec.get("secrets") or []:
         name = entry if isinstance(entry, str) else entry["source"]
         target = name if isinstance(entry, str) else entry.get("target", name)
-        secrets[target if target.startswith("/") else f"/run/secrets/{target}"] = ROOT / COMPOSE["secrets"][name]["file"]
+        secrets[target if target.startswith("/") else f"/run/secrets/{target}"] = ROOT / compose["secrets"][name]["file"]
     mounts = {}
     for volume in spec.get("volumes") or []:
         source, target = volume.split(":")[:2]
@@ -108,45 +120,45 @@ def as_seen_by(box: Container, tmp_path: Path) -> dict[str, str]:
     return {key: rewrite(value) for key, value in box.env.items()}
 
 
-@pytest.mark.parametrize("service", OURS)
-def test_every_plannersync_service_runs_a_real_subcommand_and_builds_the_image(service: str) -> None:
-    spec = SERVICES[service]
+@pytest.mark.parametrize(("compose_file", "service"), EVERY)
+def test_every_plannersync_service_runs_a_real_subcommand_and_builds_the_image(compose_file: str, service: str) -> None:
+    spec = COMPOSE_FILES[compose_file]["services"][service]
     args = parser().parse_args(spec["command"])
     assert callable(args.func)
     assert "build" in spec, f"{service} would pull plannersync:latest from a registry instead of building it"
 
 
-@pytest.mark.parametrize("service", OURS)
-def test_every_file_variable_names_a_secret_the_service_mounts(service: str) -> None:
-    box = container(service)
+@pytest.mark.parametrize(("compose_file", "service"), EVERY)
+def test_every_file_variable_names_a_secret_the_service_mounts(compose_file: str, service: str) -> None:
+    box = container(service, compose_file)
     for origin, variables in (("", box.env), ("commented production line ", box.hints)):
         for name, value in variables.items():
             if name.endswith("_FILE"):
                 assert value in box.secrets, f"{service}: {origin}{name}={value} names a secret it does not mount (it mounts {sorted(box.secrets)})"
 
 
-@pytest.mark.parametrize("service", OURS)
-def test_every_path_is_on_a_volume_or_secret_the_service_mounts(service: str) -> None:
-    box = container(service)
+@pytest.mark.parametrize(("compose_file", "service"), EVERY)
+def test_every_path_is_on_a_volume_or_secret_the_service_mounts(compose_file: str, service: str) -> None:
+    box = container(service, compose_file)
     for origin, variables in (("", box.env), ("commented production line ", box.hints)):
         for name, value in variables.items():
             path = str(sqlite_path(value)) if value.startswith("sqlite:///") else value
             if path.startswith("/"):
                 assert box.covers(path), f"{service}: {origin}{name}={value} is not on a volume or secret it mounts ({sorted(box.mounts)})"
-    command = SERVICES[service]["command"]
+    command = COMPOSE_FILES[compose_file]["services"][service]["command"]
     for flag in ("-o", "--output", "--password-file"):
         if flag in command:
             assert box.covers(command[command.index(flag) + 1]), f"{service}: {flag} {command[command.index(flag) + 1]} is not mounted"
 
 
-@pytest.mark.parametrize("service", [name for name in OURS if SERVICES[name]["command"][0] not in ("sim",)])
-def test_each_service_loads_its_settings_exactly_as_its_container_would(service: str, tmp_path: Path) -> None:
-    box = container(service)
+@pytest.mark.parametrize(("compose_file", "service"), [p for p in EVERY if COMPOSE_FILES[p.values[0]]["services"][p.values[1]]["command"][0] != "sim"])
+def test_each_service_loads_its_settings_exactly_as_its_container_would(compose_file: str, service: str, tmp_path: Path) -> None:
+    box = container(service, compose_file)
     assert unknown_variables(box.env) == [] and unknown_variables(box.hints) == []
     settings = load_settings(environ=as_seen_by(box, tmp_path))
     errors, _warnings = check_files(settings)
     assert errors == [], f"{service}: {errors}"
-    if SERVICES[service]["command"][:2] == ["topology", "export"]:
+    if COMPOSE_FILES[compose_file]["services"][service]["command"][:2] == ["topology", "export"]:
         return  # keeps no state: writes the definitions file only (checked above and below)
     for what, path in container_paths(settings).items():
         assert str(path).startswith(str(tmp_path / "volumes")), f"{service}: its {what} {path} is not on a mounted volume"
@@ -253,7 +265,119 @@ def test_the_image_copies_every_package_the_project_installs() -> None:
 
 def test_the_image_has_the_directories_the_volumes_are_mounted_on() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for service in OURS:
-        for target, source in container(service).mounts.items():
+    for compose_file, service in (p.values for p in EVERY):
+        for target, source in container(str(service), str(compose_file)).mounts.items():
             if not source.startswith("./"):
                 assert target in dockerfile, f"{service} mounts the volume {source} at {target}, which the image does not create (owned by its user)"
+
+
+# --- compose.jobcentres.yaml: several jobcentres, one set of workers each (decision 88 in docs/decisions.md) --------
+
+JOBCENTRES_FILE = "compose.jobcentres.yaml"
+JOBCENTRES = COMPOSE_FILES[JOBCENTRES_FILE]["services"]
+
+
+def jobcentres() -> list[str]:
+    """The jobcentres of compose.jobcentres.yaml: the ``jc-NNN`` of its ``jc-NNN-<role>`` services."""
+    return sorted({m.group(1) for name in JOBCENTRES if (m := re.match(r"^(jc-\d+)-", name))})
+
+
+def seen(service: str, tmp_path: Path) -> Settings:
+    return load_settings(environ=as_seen_by(container(service, JOBCENTRES_FILE), tmp_path))
+
+
+def test_each_jobcentre_runs_every_worker_with_its_healthcheck_after_its_schema_and_the_broker() -> None:
+    from plannersync.workers import WORKERS
+
+    assert jobcentres() == sorted(path.name for path in (ROOT / "deploy" / "jobcentres").iterdir()), "one deploy/jobcentres/<jc>/ per jobcentre, and back"
+    assert len(jobcentres()) >= 2
+    for jc in jobcentres():
+        assert JOBCENTRES[f"{jc}-db-upgrade"]["command"] == ["db", "upgrade"]
+        assert JOBCENTRES[f"{jc}-broker-definitions"]["command"][:2] == ["topology", "export"]
+        for worker in WORKERS:
+            spec = JOBCENTRES[f"{jc}-{worker}"]
+            assert spec["command"] == ["run", worker]
+            args = parser().parse_args(spec["healthcheck"]["test"][2:])
+            assert args.func.__name__ == "cmd_health" and args.worker == worker
+            if worker != "status-page":
+                assert spec["depends_on"][f"{jc}-db-upgrade"]["condition"] == "service_completed_successfully"
+                assert spec["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        assert JOBCENTRES["rabbitmq"]["depends_on"][f"{jc}-broker-definitions"]["condition"] == "service_completed_successfully"
+        for service in JOBCENTRES:  # a jobcentre's containers read only that jobcentre's files and secrets
+            if service.startswith(f"{jc}-"):
+                box = container(service, JOBCENTRES_FILE)
+                others = [p for p in box.env_files + list(box.secrets.values()) if "jobcentres" in p.parts and jc not in p.parts]
+                assert not others, f"{service} reads another jobcentre's {others}"
+
+
+def test_each_jobcentres_services_agree_on_their_settings_and_no_two_jobcentres_share_any(tmp_path: Path) -> None:
+    """Within a jobcentre every service loads the same vhost, prefix, broker user, database and health directory, and
+    its Planner workers the same jobcentre number and certificate; across jobcentres none of these is shared (nor the
+    certificate's content, nor the status page's port on the host)."""
+    import hashlib
+
+    from plannersync.workers import WORKERS
+
+    per_jobcentre: dict[str, dict[str, set[str]]] = {}
+    for jc in jobcentres():
+        values: dict[str, set[str]] = {key: set() for key in ("vhost", "prefix", "user", "database", "health_dir", "number", "certificate", "page_port")}
+        for worker in [*WORKERS, "db-upgrade"]:
+            settings = seen(f"{jc}-{worker}", tmp_path)
+            paths = container_paths(settings)
+            values["database"].add(str(paths["database"]))
+            values["health_dir"].add(str(paths["health_dir"]))
+            if worker != "db-upgrade":
+                values["vhost"].add(settings.broker.vhost)
+                values["prefix"].add(settings.broker.prefix)
+                values["user"].add(settings.broker.user)
+            if worker in ("publisher", "reconciler", "resource-sync"):
+                values["number"].add(str(settings.planner.jobcenter_number))
+                assert settings.planner.client_cert_p12 is not None
+                values["certificate"].add(hashlib.sha256(settings.planner.client_cert_p12.read_bytes()).hexdigest())
+        definitions = seen(f"{jc}-broker-definitions", tmp_path).broker
+        assert (definitions.vhost, definitions.prefix, definitions.user) == (next(iter(values["vhost"])), next(iter(values["prefix"])), next(iter(values["user"])))
+        values["page_port"] = {port.split(":")[1] for port in JOBCENTRES[f"{jc}-status-page"]["ports"]}
+        for key, found in values.items():
+            assert len(found) == 1, f"{jc}: its services disagree on {key}: {found}"
+        per_jobcentre[jc] = values
+    for key in ("vhost", "prefix", "user", "database", "health_dir", "number", "certificate", "page_port"):
+        every = [next(iter(values[key])) for values in per_jobcentre.values()]
+        assert len(set(every)) == len(every), f"two jobcentres share a {key}: {every}"
+
+
+def test_the_broker_imports_the_definitions_every_jobcentre_writes(tmp_path: Path) -> None:
+    """Each jobcentre's broker-definitions writes its own file into the directory RabbitMQ imports at boot; the files
+    (written here by the real `plannersync topology export` with each container's settings) hold disjoint vhosts,
+    users and queues, each user with permissions on its own vhost only."""
+    import json
+    import subprocess
+    import sys
+
+    conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq-jobcentres.conf").read_text()
+    assert "definitions.import_backend = local_filesystem" in conf and "load_definitions" not in conf.replace("do NOT use load_definitions", "")
+    directory = PurePosixPath(re.search(r"^definitions\.local\.path = (\S+)$", conf, re.M).group(1))  # type: ignore[union-attr]
+    rabbit = container("rabbitmq", JOBCENTRES_FILE)
+    assert rabbit.mounts["/etc/rabbitmq/rabbitmq.conf"] == "./deploy/rabbitmq/rabbitmq-jobcentres.conf"
+    volume = rabbit.mounts[str(directory)]
+    seen_names: set[str] = set()
+    for jc in jobcentres():
+        service = f"{jc}-broker-definitions"
+        box = container(service, JOBCENTRES_FILE)
+        command = JOBCENTRES[service]["command"]
+        written = PurePosixPath(command[command.index("-o") + 1])
+        mount = next(target for target, source in box.mounts.items() if source == volume)
+        assert written.parent == PurePosixPath(mount) and written.suffix == ".json"  # straight into the imported directory
+        environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}, **as_seen_by(box, tmp_path), "HOME": str(tmp_path)}
+        out = tmp_path / "volumes" / volume / written.name
+        args = [a.replace(str(written), str(out)) for a in command]
+        args[args.index("--password-file") + 1] = str(box.secrets[args[args.index("--password-file") + 1]])
+        done = subprocess.run([str(Path(sys.executable).with_name("plannersync")), *args], env=environ, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        definitions = json.loads(out.read_text())
+        vhost = seen(service, tmp_path).broker.vhost
+        assert [v["name"] for v in definitions["vhosts"]] == [vhost]
+        assert [(p["user"], p["vhost"]) for p in definitions["permissions"]] == [(seen(service, tmp_path).broker.user, vhost)]
+        names = {q["name"] for q in definitions["queues"]} | {e["name"] for e in definitions["exchanges"]}
+        assert names and all(name.startswith(seen(service, tmp_path).broker.prefix + ".") for name in names)
+        assert not names & seen_names, "two jobcentres declare the same queue or exchange"
+        seen_names |= names
