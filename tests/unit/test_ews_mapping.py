@@ -43,3 +43,20 @@ def test_the_organizer_is_read_as_a_flag_only(organizer: Mailbox | None, flag: b
 
 def test_without_planner_addresses_no_organizer_is_planners() -> None:
     assert to_calendar_item(ews_item(Mailbox(email_address="noreply@planner.star.dk"))).organizer_is_planner is False
+
+
+def test_a_whole_body_is_handed_to_the_parser_in_large_slices_and_a_stream_is_left_to_requests() -> None:
+    """exchangelib parses from ``iter_content()`` (a byte per step by default); a body already read goes in 64 KiB
+    slices (decision 93), a stream's body not yet read is left to requests."""
+    import io
+
+    from shared.adapters.ews import _WholeBodyResponse
+
+    body = bytes(range(256)) * 800   # 204,800 bytes
+    whole = _WholeBodyResponse()
+    whole._content, whole._content_consumed = body, True  # type: ignore[attr-defined]
+    slices = list(whole.iter_content())
+    assert b"".join(slices) == body and len(slices) == 4
+    stream = _WholeBodyResponse()
+    stream.raw = io.BytesIO(body[:10])
+    assert list(stream.iter_content()) == [bytes([b]) for b in body[:10]]
