@@ -95,9 +95,27 @@ class _CalendarItemWithInstants(EwsCalendarItem):
     @classmethod
     def from_xml(cls, elem: Any, account: Any) -> Any:
         raw_start, raw_end = _xml_instant(elem, "Start"), _xml_instant(elem, "End")  # before from_xml clears elem
-        item = super().from_xml(elem=elem, account=account)
+        if getattr(_our_reads, "active", False):
+            # our own reads: only the fields requested (``FIELDS``) are parsed, with exchangelib's own field parsers;
+            # the other fifty-odd are not looked for (decision 93). ``start``/``end`` stay datetimes on all-day
+            # items: ``to_calendar_item`` takes the instants above.
+            kwargs = {f.name: f.from_xml(elem=elem, account=account) for f in _requested_fields()}
+            cls._clear(elem)
+            item = cls(account=account, **kwargs)
+        else:
+            item = super().from_xml(elem=elem, account=account)
         item.raw_start, item.raw_end = raw_start, raw_end
         return item
+
+
+_our_reads = threading.local()   # set while EwsConnection reads; other exchangelib users in the process are unaffected
+_REQUESTED: list[Any] = []
+
+
+def _requested_fields() -> list[Any]:
+    if not _REQUESTED:
+        _REQUESTED.extend(f for f in _CalendarItemWithInstants.FIELDS if f.name in {"_id", *FIELDS})
+    return _REQUESTED
 
 
 def _xml_instant(elem: Any, name: str) -> datetime | None:
@@ -312,6 +330,7 @@ class EwsConnection:
         calendar = self.account(mailbox).calendar
         collection = FolderCollection(account=calendar.account, folders=[calendar])
         changes = []
+        _our_reads.active = True
         try:
             for change_type, item in collection.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
                 if change_type in ("create", "update"):
@@ -320,6 +339,8 @@ class EwsConnection:
                     changes.append(SyncChange("delete", item.id, None))
         except SyncCompleted as completed:
             return changes, str(completed.sync_state)
+        finally:
+            _our_reads.active = False
         raise RuntimeError("SyncFolderItems ended without a sync state")  # exchangelib always raises SyncCompleted
 
     @metrics.timed_exchange_call("ews", "view", lambda error: classify(error).kind)
@@ -328,6 +349,13 @@ class EwsConnection:
         calendar = self.account(mailbox).calendar
         found: dict[str, CalendarItem] = {}
         pending = [(window.start, window.end)]
+        _our_reads.active = True
+        try:
+            return self._view(calendar, found, pending)
+        finally:
+            _our_reads.active = False
+
+    def _view(self, calendar: Any, found: dict[str, CalendarItem], pending: list[tuple[datetime, datetime]]) -> list[CalendarItem]:
         while pending:
             start, end = pending.pop()
             page = list(calendar.view(start=start.astimezone(self.zone), end=end.astimezone(self.zone), max_items=VIEW_CAP).only(*FIELDS))

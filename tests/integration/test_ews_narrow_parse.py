@@ -1,0 +1,92 @@
+"""Our reads parse only the fields they request, and read exactly what exchangelib's full parse reads (decision 93).
+
+The oracle is exchangelib itself: the same mailbox read through exchangelib's own ``sync_items`` and ``view`` (the
+full parse of every field, since the narrowing is only on inside ``EwsConnection``'s reads) and mapped by the same
+``to_calendar_item`` must give the same items as ``EwsConnection.sync`` and ``EwsConnection.view``. The mailbox holds
+what the busy rules care about: a series with a moved and a deleted occurrence, an all-day OOF item on the spring DST
+Sunday, a free lunch, Planner's invitation, a tentative private meeting, a cancelled meeting, items in other zones.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Iterator
+from zoneinfo import ZoneInfo
+
+import exchangelib.protocol
+import pytest
+from exchangelib.folders.collections import FolderCollection, SyncCompleted
+
+from shared.adapters.ews import FIELDS, EwsConnection, to_calendar_item
+from shared.config import ExchangeSettings
+from shared.domain.contracts import CalendarItem, Interval
+from simulators.exchange.server import RunningExchangeSim, start_server
+
+CPH = ZoneInfo("Europe/Copenhagen")
+ANNE = "anne@jobcenter.dk"
+PLANNER = frozenset({"planner@jobcenter.example"})
+
+
+@pytest.fixture
+def ews() -> Iterator[RunningExchangeSim]:
+    sim = start_server(users={"svc": "pw"}, mailboxes=[ANNE])
+    store = sim.state.store
+    today = datetime.now(CPH).date()
+
+    def at(days: int, hour: int, minute: int = 0) -> str:
+        return datetime.combine(today + timedelta(days=days), datetime.min.time()).replace(hour=hour, minute=minute).isoformat()
+
+    series = store.add(ANNE, {"uid": "040000008200E00074C5B7101A82E00800000000", "start": at(1, 9), "end": at(1, 9, 15),
+                              "recurrence": {"pattern": "daily", "count": 6}})
+    store.modify_occurrence(ANNE, series.key, {"index": 2, "start": at(2, 11), "end": at(2, 11, 30)})
+    store.delete_occurrence(ANNE, series.key, {"index": 4})
+    spring = datetime(today.year + (1 if today.month > 3 else 0), 3, 31)
+    dst_sunday = spring - timedelta(days=(spring.weekday() + 1) % 7)
+    store.add(ANNE, {"start": dst_sunday.date().isoformat(), "all_day": True, "status": "OOF", "uid": "oof-dst"})
+    store.add(ANNE, {"start": at(3, 12), "end": at(3, 12, 30), "status": "Free"})
+    store.add(ANNE, {"uid": "20261019T070000Z-4711@kalender", "start": at(3, 14), "end": at(3, 15), "organizer": "Planner@Jobcenter.example"})
+    store.add(ANNE, {"start": at(4, 15), "end": at(4, 16), "status": "Tentative", "sensitivity": "Private"})
+    store.add(ANNE, {"start": at(5, 8), "end": at(5, 9), "cancelled": True})
+    store.add(ANNE, {"start": at(6, 8), "end": at(6, 9), "timezone": "GMT Standard Time"})
+    store.add(ANNE, {"start": at(7, 8), "end": at(7, 9), "timezone": "Pacific Standard Time", "status": "WorkingElsewhere"})
+    yield sim
+    sim.stop()
+    exchangelib.protocol.close_connections()
+
+
+def _connection(ews: RunningExchangeSim) -> EwsConnection:
+    return EwsConnection(ExchangeSettings(endpoint=ews.url, username="svc", password="pw"), "Europe/Copenhagen", 2, PLANNER)
+
+
+def test_a_sync_read_parses_the_same_items_as_exchangelibs_full_parse(ews: RunningExchangeSim) -> None:
+    connection = _connection(ews)
+    changes, _state = connection.sync(ANNE, None)
+    ours = {c.item_id: c.item for c in changes}
+    calendar = connection.account(ANNE).calendar
+    full: dict[str, CalendarItem] = {}
+    try:
+        for change_type, item in FolderCollection(account=calendar.account, folders=[calendar]).sync_items(sync_state=None, only_fields=FIELDS):
+            assert change_type == "create"
+            full[item.id] = to_calendar_item(item, PLANNER)
+    except SyncCompleted:
+        pass
+    assert len(ours) == len(full) == 8   # the series' master (its exceptions travel with it) and seven singles
+    assert ours == full
+    assert {i.item_type for i in ours.values() if i is not None} == {"master", "single"}
+    assert sum(1 for i in ours.values() if i is not None and i.organizer_is_planner) == 1
+    connection.close()
+
+
+def test_a_view_parses_the_same_items_as_exchangelibs_full_parse(ews: RunningExchangeSim) -> None:
+    connection = _connection(ews)
+    window = Interval(start=datetime.now(UTC) - timedelta(days=1), end=datetime.now(UTC) + timedelta(days=400))
+    ours = {i.item_id: i for i in connection.view(ANNE, window)}
+    calendar = connection.account(ANNE).calendar
+    zone = connection.zone
+    full = {item.id: to_calendar_item(item, PLANNER)
+            for item in calendar.view(start=window.start.astimezone(zone), end=window.end.astimezone(zone)).only(*FIELDS)}
+    assert len(ours) == len(full) == 12   # five occurrences (one moved, one deleted of six) and seven singles
+    assert ours == full
+    oof = [i for i in ours.values() if i.uid == "oof-dst"]
+    assert oof and oof[0].all_day and oof[0].start is not None and oof[0].end is not None and oof[0].end - oof[0].start == timedelta(hours=23)
+    connection.close()
