@@ -226,6 +226,8 @@ class EwsConnection:
         """``planner_organizers``: Planner's organizer addresses, lower-cased (``BusyPolicy.planner_organizers``)."""
         _CaBundleAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
         BaseProtocol.HTTP_ADAPTER_CLS = _CaBundleAdapter
+        # which process calls: Exchange's (IIS) logs tell the replicas apart, and so does the simulator's call log
+        BaseProtocol.USERAGENT = f"plannersync ({settings.replica()})"
         self.settings = settings
         self.planner_organizers = planner_organizers
         self.zone = EWSTimeZone(zone)
