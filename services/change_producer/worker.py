@@ -245,7 +245,7 @@ class ChangeProducer:
         return bool(added or removed)
 
     def _lease_pass(self) -> None:
-        """Renew, give back and take leases (decision 91 in docs/decisions.md), then read what is held."""
+        """Renew, give back and take leases (decision 91 in docs/decisions.md), then schedule what is held."""
         with self.lock:
             enrolled = set(self.backends)
             reading = {address for address, state in self.schedule.mailboxes.items() if state.running}
@@ -269,7 +269,7 @@ class ChangeProducer:
 
     def _leave(self) -> None:
         with self.lock:
-            reading = {address for address, started in self.in_flight.items()}
+            reading = set(self.in_flight)
         try:
             self.leases.leave(reading)
         except Exception as exc:  # noqa: BLE001 - they expire on their own
@@ -333,7 +333,7 @@ class ChangeProducer:
         except Exception as exc:  # noqa: BLE001 - the store down: the read fails like any read that cannot reach it
             for address in addresses:
                 with correlation(None, mailbox=address):
-                    self._failed(address, self.backend_of(address), SourceFault("transient", f"lease not checked: {type(exc).__name__}"), full=True)
+                    self._failed(address, self.backend_of(address), SourceFault("transient", f"lease not checked: {type(exc).__name__}"), full=False)
             return
         if len(held) < len(addresses):
             self._follow()   # lost to another replica: no longer scheduled here
