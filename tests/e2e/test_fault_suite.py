@@ -589,7 +589,7 @@ def producer_replicas(rig: Rig, seed_per_mailbox: int) -> Tally:
                and (entry := json.loads(line)).get("event") == "leases_changed"]
     takeovers = sum(1 for entry in changes if first in (entry.get("taken_over_from") or []))   # the second's, from the killed first
     lost = sum(entry.get("lost", 0) for entry in changes)   # the stalled second, at its first pass after resuming
-    rig.report(f"fault-suite producer-replicas: SyncFolderItems by replica {reads}")
+    rig.report(f"fault-suite {rig.name}: SyncFolderItems by replica {reads}")
     tally = rig.finish(lambda: {"replicas": len(clients), "sigkilled": rig.pipeline.kills, "stalled": 1, "stopped_cleanly": 1,
                                 "taken_over_after_expiry": takeovers, "lost_by_the_stalled": lost,
                                 "orphaned_by_the_kill": len(orphaned), "handed_over_by_the_stop": len(handed_over)})
@@ -601,8 +601,12 @@ def producer_replicas(rig: Rig, seed_per_mailbox: int) -> Tally:
     return tally
 
 
-def test_change_producer_replicas_join_and_leave_and_no_mailbox_is_read_by_two_at_once(rig_factory: Callable[..., Rig], topology: Topology) -> None:
-    rig = rig_factory("producer-replicas", mailboxes=10, seed=51, PLANNERSYNC_EXCHANGE__LEASE_TTL="3s")
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_change_producer_replicas_join_and_leave_and_no_mailbox_is_read_by_two_at_once(
+    database: str, rig_factory: Callable[..., Rig], topology: Topology, request: pytest.FixtureRequest,
+) -> None:
+    url = request.getfixturevalue("pg_url") if database == "postgresql" else None
+    rig = rig_factory(f"producer-replicas-{database}", mailboxes=10, seed=51, database_url=url, PLANNERSYNC_EXCHANGE__LEASE_TTL="3s")
     producer_replicas(rig, seed_per_mailbox=4)
 
 

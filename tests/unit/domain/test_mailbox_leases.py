@@ -162,7 +162,7 @@ def test_whatever_replicas_come_and_go_none_takes_a_held_mailbox_or_gives_back_o
             if action == "leave":
                 store.stop(name, now)   # a crash leaves its heartbeat and its leases to expire
         elif action == "enrol":
-            enrolled.append(f"extra{len(enrolled)}@jobcenter.dk")
+            enrolled.append(f"extra{len(steps)}-{len(store.rows)}-{now.timestamp()}@jobcenter.dk")
         elif action == "remove" and len(enrolled) > 1:
             enrolled.pop(n % len(enrolled))
         elif action == "read" and name in running:
