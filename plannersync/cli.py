@@ -581,6 +581,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "mailbox": m["mailbox"],
                 "enabled": "yes" if m["enabled"] else "no",
                 "reader": m["backend"] or "default",
+                "read by": m["read_by"],
                 "exchange": m["exchange"],
                 "last change seen": m["last_sync_at"],
                 "last snapshot": m["last_full_sync_at"],

@@ -1,6 +1,7 @@
 """What ``plannersync status`` and the status page (``plannersync run status-page``) show: one collection, two views.
 
-Per mailbox: its reader (backend; None = the configured default), its state with Exchange and the detail, the last
+Per mailbox: its reader (backend; None = the configured default), the change-producer replica holding its lease
+(``read_by``; None when no replica holds one now, decision 91), its state with Exchange and the detail, the last
 change seen (last_sync_at), the last snapshot (last_full_sync_at), the last delivery to Planner, the busy times
 Planner holds (present delivered rows) and the last error with its time. Per stage: the work queue's depth, each
 retry tier and the dead-letter queue (management API). The Planner certificate's expiry and every worker's health
@@ -27,6 +28,8 @@ def collect_status(settings: Settings, store: Store, certificate_file: Callable[
     """Everything ``status`` and the status page show. ``certificate_file``: read the Planner certificate's expiry
     from the file when the publisher does not report it (the command line, run with the secrets; the page never)."""
     synced = store.sync_positions()
+    now = datetime.now(timezone.utc)
+    readers = {lease.mailbox: lease.owner for lease in store.leases() if lease.held_at(now)}
     mailboxes = []
     for row in store.list_mailboxes():
         sync = synced.get(row.address)
@@ -36,6 +39,7 @@ def collect_status(settings: Settings, store: Store, certificate_file: Callable[
                 "mailbox": row.address,
                 "enabled": row.enabled,
                 "backend": row.backend,  # None: the configured default reader (decision 49)
+                "read_by": readers.get(row.address),  # the change-producer replica holding its lease (decision 91)
                 "status": row.status,
                 "status_detail": row.status_detail,
                 "exchange": row.status + (f" ({row.status_detail})" if row.status_detail else ""),

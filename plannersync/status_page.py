@@ -315,13 +315,13 @@ def _mailboxes_html(mailboxes: list[dict[str, Any]], by_status: dict[str, int]) 
         backend = m["backend"] or "default"
         rows.append(
             f'<tr data-mailbox="{_e(m["mailbox"])}">{_cell("mailbox", m["mailbox"])}{_cell("enabled", "yes" if m["enabled"] else "no")}'
-            f'{_cell("backend", backend)}{_cell("status", m["status"])}{_cell("status_detail", m["status_detail"] or "")}'
+            f'{_cell("backend", backend)}{_cell("read_by", m["read_by"] or "")}{_cell("status", m["status"])}{_cell("status_detail", m["status_detail"] or "")}'
             f'{_cell("last_sync_at", _when(m["last_sync_at"]))}{_cell("last_full_sync_at", _when(m["last_full_sync_at"]))}'
             f'{_cell("last_delivery_at", _when(m["last_delivery_at"]))}{_cell("busy_times_held", m["busy_times_held"], "n")}'
             f'{_cell("last_error", m["last_error"] or "", css)}{_cell("last_error_at", _when(m["last_error_at"]) if m["last_error"] else "")}</tr>'
         )
     head = (
-        "<tr><th>mailbox</th><th>enabled</th><th>reader</th><th>state</th><th>detail</th><th>last change seen</th>"
+        "<tr><th>mailbox</th><th>enabled</th><th>reader</th><th>read by</th><th>state</th><th>detail</th><th>last change seen</th>"
         "<th>last snapshot</th><th>last delivery</th><th>busy times held</th><th>last error</th><th>at</th></tr>"
     )
     return f'<h2>Mailboxes</h2>\n<p id="mailbox-summary">{_e(summary)}</p>\n<table id="mailboxes">{head}\n' + "\n".join(rows) + "</table>"

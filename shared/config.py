@@ -345,6 +345,38 @@ class ExchangeSettings(_SecretFiles):
     default_backend: Literal["ews", "graph"] = Field(
         "ews", description="reader of a mailbox enrolled without --backend: ews (on-premises Exchange) or graph (Exchange Online, PLANNERSYNC_GRAPH__*)"
     )
+    replica_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:@-]{1,100}$",
+        description="this change producer's name among its replicas (decision 91); unset: <hostname>:<pid> of the running process",
+    )
+    lease_ttl: Duration | None = Field(
+        None, ge=timedelta(seconds=1),
+        description="how long a replica's lease on a mailbox lasts unrenewed (renewed every third of it); unset: a quarter of safety_sync_interval, at most 60s",
+    )
+
+    @model_validator(mode="after")
+    def _lease_ttl(self) -> ExchangeSettings:
+        # a dead replica's mailboxes are taken over within one lease TTL (and one renewal pass): that must be well
+        # inside the safety interval, so no mailbox goes unread longer than the safety interval (decision 91)
+        if self.lease_ttl is None:
+            self.lease_ttl = max(timedelta(seconds=1), min(timedelta(seconds=60), self.safety_sync_interval / 4))
+        if self.lease_ttl * 4 / 3 >= self.safety_sync_interval:
+            raise ValueError(
+                f"lease_ttl: {self.lease_ttl.total_seconds():g}s plus a renewal pass (a third of it) must be shorter than "
+                f"safety_sync_interval ({self.safety_sync_interval.total_seconds():g}s)"
+            )
+        return self
+
+    def replica(self) -> str:
+        """This process's replica id: ``replica_id``, else ``<hostname>:<pid>`` (unique among live processes)."""
+        import socket
+
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def lease(self) -> timedelta:
+        """The lease TTL, derived from the safety interval when not set (``_lease_ttl``)."""
+        assert self.lease_ttl is not None  # set by _lease_ttl
+        return self.lease_ttl
 
 
 class ReconcileSettings(BaseModel):

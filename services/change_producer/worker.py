@@ -19,6 +19,12 @@ Failures are per mailbox (``schedule.failed``): throttling waits as long as Exch
 unavailable mailbox (impersonation denied, not found, being moved) is retried slowly with its status
 recorded, an invalid sync state makes a full re-read plus a snapshot (so deletions are found too).
 
+Replicas (decision 91 in docs/decisions.md): any number of change producers may run; each reads only the mailboxes it
+holds a lease on in the store (``leases.MailboxLeases``), takes its fair share, gives back what is above it when another
+replica comes, and takes over the mailboxes of one that stops renewing. The scheduler runs a lease pass every third of
+``exchange.lease_ttl``; every read is fenced (the store must still say the mailbox is this replica's), and only held
+mailboxes are scheduled, subscribed and read. With one replica it holds every mailbox.
+
 ``health()`` reports the scheduler's last pass (``beat_at``) and counts: mailboxes followed, subscribed,
 failing, reads done. A read still running after ``exchange.read_stuck_after`` is wedged (no Exchange call lasts
 that long): health turns red at once and ``run`` raises ``WorkerWedged``, so the process exits and its supervisor
@@ -52,6 +58,8 @@ from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
 from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, resync_mailbox, sync_mailbox
 from shared.workers import Health, WorkerWedged
+
+from .leases import MailboxLeases
 
 log = get_logger(__name__)
 
@@ -117,6 +125,7 @@ class ChangeProducer:
         self.reads = 0                   # successful mailbox reads since start (under ``lock``)
         self.in_flight: dict[str, float] = {}   # mailbox -> time.monotonic() its read started (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
+        self.leases = MailboxLeases(store, ex.replica(), ex.lease(), clock)
 
     @property
     def exchange(self) -> EwsConnection:
@@ -137,7 +146,10 @@ class ChangeProducer:
             backends = list(self.backends.values())
         stuck = self._stuck_reads()
         facts = {
-            "mailboxes": len(states),
+            "replica": self.leases.me,
+            "replicas": self.leases.live,   # live change-producer replicas at the last lease pass
+            "enrolled": len(backends),
+            "mailboxes": len(states),       # the ones this replica holds and reads
             "subscribed": sum(1 for state in states if state.subscribed),
             "failing": sum(1 for state in states if state.status in FAILING_STATUSES),
             "reads": reads,
@@ -165,15 +177,20 @@ class ChangeProducer:
             notifier = [threading.Thread(target=self._stream_group, args=(i,), name=f"ews-stream-{i}", daemon=True) for i in range(ex.streaming_connections)]
         else:
             notifier = [threading.Thread(target=self._pull_loop, name="ews-pull", daemon=True)]
-        next_reload = 0.0
-        log.info("change_producer_started", subscription=ex.subscription, workers=ex.sync_workers, default_backend=ex.default_backend)
+        next_reload = next_lease = 0.0
+        log.info("change_producer_started", subscription=ex.subscription, workers=ex.sync_workers, default_backend=ex.default_backend,
+                 replica=self.leases.me, lease_ttl_s=ex.lease().total_seconds())
         for thread in notifier:
             thread.start()
         while not self.stopping.is_set():
             self.beat_at = time.time()
             if time.monotonic() >= next_reload:
-                self._reload_mailboxes()
+                if self._reload_mailboxes():
+                    next_lease = 0.0   # an enrolment or removal: the leases follow at once
                 next_reload = time.monotonic() + ex.mailbox_reload_interval.total_seconds()
+            if time.monotonic() >= next_lease:
+                self._lease_pass()
+                next_lease = time.monotonic() + ex.lease().total_seconds() / 3
             now = self.clock()
             with self.lock:
                 due = self.schedule.due(now)
@@ -186,24 +203,27 @@ class ChangeProducer:
                 for address, seconds in sorted(stuck.items()):
                     log.error("mailbox_read_stuck", mailbox=address, running_s=round(seconds), limit_s=self.settings.exchange.read_stuck_after.total_seconds())
                 self.pool.shutdown(wait=False, cancel_futures=True)
+                self._leave()
                 raise WorkerWedged(f"{len(stuck)} mailbox read(s) stuck for more than {self.settings.exchange.read_stuck_after}; exiting to be restarted")
             self.wake.wait(0.5)
             self.wake.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self._leave()
         log.info("worker_stopped", stage="change_producer")
 
     # --- membership ----------------------------------------------------------------------------------
-    def _reload_mailboxes(self) -> None:
+    def _reload_mailboxes(self) -> bool:
+        """Follow enrolments and removals in the store; True when the enrolled set changed."""
         default = self.settings.exchange.default_backend
         try:
             enrolled: dict[str, Backend] = {row.address: row.backend or default for row in self.store.list_mailboxes(enabled_only=True)}
         except Exception as exc:  # noqa: BLE001 - the store being down must not stop notifications
             log.warning("mailbox_reload_failed", error=type(exc).__name__)
-            return
+            return False
         with self.lock:
-            added, removed = self.schedule.set_members(set(enrolled))
-            moved = {a: (self.backends[a], b) for a, b in enrolled.items() if a in self.backends and self.backends[a] != b}
             was = dict(self.backends)
+            added, removed = set(enrolled) - set(was), set(was) - set(enrolled)
+            moved = {a: (was[a], b) for a, b in enrolled.items() if a in was and was[a] != b}
             self.backends = dict(enrolled)
             for address in moved:
                 self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
@@ -225,6 +245,39 @@ class ChangeProducer:
         streamed = sum(1 for b in enrolled.values() if b == "ews")
         if ex.subscription == "streaming" and (added or removed or moved) and streamed > capacity:
             log.warning("streaming_capacity_exceeded", enrolled=streamed, capacity=capacity, polled_every_s=ex.unsubscribed_poll_interval.total_seconds())
+        self._follow()
+        return bool(added or removed)
+
+    def _lease_pass(self) -> None:
+        """Renew, give back and take leases (decision 91 in docs/decisions.md), then schedule what is held."""
+        with self.lock:
+            enrolled = set(self.backends)
+            reading = {address for address, state in self.schedule.mailboxes.items() if state.running}
+        try:
+            self.leases.take_part(enrolled, reading)
+        except Exception as exc:  # noqa: BLE001 - the store down: reads are fenced by it too, so none goes on unfenced
+            log.warning("lease_pass_failed", error=type(exc).__name__)
+            return
+        self._follow()
+
+    def _follow(self) -> None:
+        """Schedule (and subscribe) exactly the enrolled mailboxes this replica holds."""
+        held = self.leases.holding()
+        with self.lock:
+            joined, left = self.schedule.set_members(set(self.backends) & held)
+        if self.ews.built is not None:
+            for address in left:
+                self.ews.built.forget(address)
+        if joined or left:
+            self.wake.set()
+
+    def _leave(self) -> None:
+        with self.lock:
+            reading = set(self.in_flight)
+        try:
+            self.leases.leave(reading)
+        except Exception as exc:  # noqa: BLE001 - they expire on their own
+            log.warning("leases_not_released", error=type(exc).__name__)
 
     def backend_of(self, address: str) -> Backend:
         with self.lock:
@@ -278,7 +331,19 @@ class ChangeProducer:
         return alone + [graph[i : i + size] for i in range(0, len(graph), size)]
 
     def _timed_read(self, addresses: list[str]) -> None:
-        """One scheduled read task, timed for the wedge check (``_stuck_reads``)."""
+        """One scheduled read task, fenced by the leases and timed for the wedge check (``_stuck_reads``)."""
+        try:
+            held = self.leases.fence(addresses)
+        except Exception as exc:  # noqa: BLE001 - the store down: the read fails like any read that cannot reach it
+            for address in addresses:
+                with correlation(None, mailbox=address):
+                    self._failed(address, self.backend_of(address), SourceFault("transient", f"lease not checked: {type(exc).__name__}"), full=False)
+            return
+        if len(held) < len(addresses):
+            self._follow()   # lost to another replica: no longer scheduled here
+            addresses = [address for address in addresses if address in held]
+            if not addresses:
+                return
         started = time.monotonic()
         with self.lock:
             self.in_flight.update({address: started for address in addresses})

@@ -283,6 +283,8 @@ class EwsConnection:
         _EwsAdapter.ca_bundle = str(settings.ca_bundle) if settings.ca_bundle else None
         _EwsAdapter.call_deadline = settings.call_deadline.total_seconds()
         BaseProtocol.HTTP_ADAPTER_CLS = _EwsAdapter
+        # which process calls: Exchange's (IIS) logs tell the replicas apart, and so does the simulator's call log
+        BaseProtocol.USERAGENT = f"plannersync ({settings.replica()})"
         self.settings = settings
         self.planner_organizers = planner_organizers
         self.zone = EWSTimeZone(zone)

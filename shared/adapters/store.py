@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exc,
     insert,
     or_,
     select,
@@ -36,11 +37,13 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
+from shared.domain.mailbox_leases import Lease, ReplicaBeat
 from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
-SCHEMA_VERSION = 4  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
-# 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost)
+SCHEMA_VERSION = 6  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
+# 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost);
+# 6: producer_replicas and mailbox_leases (change-producer replicas split the mailboxes, decision 91)
 metadata = MetaData()
 
 
@@ -172,6 +175,33 @@ delivered_events = Table(
 )
 
 
+REPLICA = 100
+
+# Change-producer replicas (schema 6, decision 91 in docs/decisions.md): each beats here while it runs ...
+producer_replicas = Table(
+    "producer_replicas",
+    metadata,
+    Column("replica", String(REPLICA), primary_key=True),
+    Column("incarnation", String(32), nullable=False),  # one process under this id; its successor has another
+    Column("host", String(255)),
+    Column("process_key", String(100)),  # boot id and pid namespace: on the same key, a gone pid is a gone process
+    Column("pid", Integer),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+)
+
+# ... and reads only the mailboxes it holds a lease on here; a released lease has no owner.
+mailbox_leases = Table(
+    "mailbox_leases",
+    metadata,
+    Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("owner", String(REPLICA)),
+    Column("epoch", Integer, nullable=False),  # acquisitions so far
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("acquired_at", UtcDateTime),
+)
+
+
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -250,6 +280,25 @@ def _migrate(engine: Engine, current: int) -> None:
             op.add_column("delivered_events", Column("maybe_held", Boolean))
             op.add_column("delivered_events", Column("maybe_start_at", UtcDateTime))
             op.add_column("delivered_events", Column("maybe_end_at", UtcDateTime))
+        if current < 6:
+            op.create_table(
+                "producer_replicas",
+                Column("replica", String(REPLICA), primary_key=True),
+                Column("incarnation", String(32), nullable=False),
+                Column("host", String(255)),
+                Column("process_key", String(100)),
+                Column("pid", Integer),
+                Column("started_at", UtcDateTime, nullable=False),
+                Column("expires_at", UtcDateTime, nullable=False),
+            )
+            op.create_table(
+                "mailbox_leases",
+                Column("mailbox", String(MAILBOX), primary_key=True),
+                Column("owner", String(REPLICA)),
+                Column("epoch", Integer, nullable=False),
+                Column("expires_at", UtcDateTime, nullable=False),
+                Column("acquired_at", UtcDateTime),
+            )
 
 
 @dataclass(frozen=True)
@@ -440,6 +489,114 @@ class Store:
             found = conn.execute(update(exchange_sync).where(exchange_sync.c.mailbox == mailbox).values(**values)).rowcount
             if not found:
                 conn.execute(insert(exchange_sync).values(mailbox=mailbox, **values))
+
+    # --- change-producer replicas and mailbox leases (schema 6, decision 91) ----------------------
+    # Each step is one conditional statement, so replicas deciding at the same moment cannot both hold a mailbox:
+    # the database serialises the UPDATEs of one row (SQLite one writer; PostgreSQL and SQL Server row locks, the
+    # WHERE evaluated again on the row as committed), and an INSERT of a row that exists fails on the primary key.
+    def replica_beats(self) -> list[ReplicaBeat]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(producer_replicas)).all()
+        return [ReplicaBeat(r.replica, r.incarnation, r.expires_at, r.host, r.process_key, r.pid) for r in rows]
+
+    def beat_replica(self, beat: ReplicaBeat, started_at: datetime, replacing: str | None = None) -> bool:
+        """Write this process's heartbeat: its own row (or a new one), or, with ``replacing``, the row another
+        incarnation left; False when the row turned out to be someone else's (the id is in use)."""
+        values = {"incarnation": beat.incarnation, "host": beat.host, "process_key": beat.process_key, "pid": beat.pid, "expires_at": beat.expires_at}
+        key = and_(producer_replicas.c.replica == beat.replica, producer_replicas.c.incarnation == (replacing or beat.incarnation))
+        with self.engine.begin() as conn:
+            if conn.execute(update(producer_replicas).where(key).values(**values, **({"started_at": started_at} if replacing else {}))).rowcount:
+                return True
+        if replacing is not None:
+            return False
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(producer_replicas).values(replica=beat.replica, started_at=started_at, **values))
+        except exc.IntegrityError:
+            return False
+        return True
+
+    def forget_replica(self, replica: str, incarnation: str) -> None:
+        """A replica stopping: its heartbeat goes, so the others count it out at once."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(producer_replicas).where(and_(producer_replicas.c.replica == replica, producer_replicas.c.incarnation == incarnation)))
+
+    def leases(self) -> list[Lease]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(mailbox_leases)).all()
+        return [Lease(r.mailbox, r.owner, r.expires_at, r.epoch) for r in rows]
+
+    def acquire_leases(self, mailboxes: Sequence[str], owner: str, expires_at: datetime, now: datetime) -> dict[str, int]:
+        """Take each mailbox that is free (released, or its lease expired: its holder stopped renewing) or has no lease
+        row yet; return the ones taken with their new epoch. One conditional UPDATE per mailbox, all in one
+        transaction; the rows that do not exist yet are inserted together, or one by one when another replica inserted
+        one of them first (its primary key refuses the second)."""
+        names = sorted({m.lower() for m in mailboxes})
+        c = mailbox_leases.c
+        taken: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for name in names:
+                free = and_(c.mailbox == name, or_(c.owner.is_(None), c.expires_at <= now))
+                if conn.execute(update(mailbox_leases).where(free).values(owner=owner, epoch=c.epoch + 1, expires_at=expires_at, acquired_at=now)).rowcount:
+                    taken[name] = 0
+            rest = [name for name in names if name not in taken]
+            existing: set[str] = set()
+            for start in range(0, len(names), 500):
+                chunk = names[start : start + 500]
+                for r in conn.execute(select(c.mailbox, c.epoch).where(c.mailbox.in_(chunk))):
+                    existing.add(r.mailbox)
+                    if r.mailbox in taken:
+                        taken[r.mailbox] = r.epoch
+        new = [name for name in rest if name not in existing]
+        if not new:
+            return taken
+        values = {"owner": owner, "epoch": 1, "expires_at": expires_at, "acquired_at": now}
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(mailbox_leases), [{"mailbox": name, **values} for name in new])
+            return {**taken, **{name: 1 for name in new}}
+        except exc.IntegrityError:
+            pass
+        for name in new:  # another replica inserted one of them meanwhile: each alone, the first insert wins
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(mailbox_leases).values(mailbox=name, **values))
+                taken[name] = 1
+            except exc.IntegrityError:
+                continue
+        return taken
+
+    def renew_leases(self, owner: str, expires_at: datetime) -> int:
+        """Every lease ``owner`` still holds now lasts until ``expires_at``; one taken over meanwhile is not its own."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(update(mailbox_leases).where(mailbox_leases.c.owner == owner).values(expires_at=expires_at)).rowcount)
+
+    def hold_leases(self, owner: str, mailboxes: Sequence[str], expires_at: datetime) -> set[str]:
+        """The fence before a read: of ``mailboxes``, the ones ``owner`` still holds, each extended to ``expires_at``."""
+        names = sorted({m.lower() for m in mailboxes})
+        c = mailbox_leases.c
+        held: set[str] = set()
+        with self.engine.begin() as conn:
+            for start in range(0, len(names), 500):
+                chunk = names[start : start + 500]
+                mine = and_(c.owner == owner, c.mailbox.in_(chunk))
+                if conn.execute(update(mailbox_leases).where(mine).values(expires_at=expires_at)).rowcount == len(chunk):
+                    held.update(chunk)
+                else:
+                    held.update(conn.execute(select(c.mailbox).where(mine)).scalars())
+        return held
+
+    def release_leases(self, owner: str, mailboxes: Sequence[str] | None, now: datetime) -> int:
+        """Give back ``mailboxes`` (None: every one ``owner`` holds); another replica may take them at once."""
+        c = mailbox_leases.c
+        names = None if mailboxes is None else sorted({m.lower() for m in mailboxes})
+        chunks: list[list[str] | None] = [None] if names is None else [names[i : i + 500] for i in range(0, len(names), 500)]
+        released = 0
+        with self.engine.begin() as conn:
+            for chunk in chunks:
+                mine = c.owner == owner if chunk is None else and_(c.owner == owner, c.mailbox.in_(chunk))
+                released += conn.execute(update(mailbox_leases).where(mine).values(owner=None, expires_at=now)).rowcount
+        return released
 
     # --- transformer: desired states -----------------------------------------------------------
     def desired(self, mailbox: str) -> dict[str, DesiredRecord]:

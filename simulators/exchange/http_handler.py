@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
@@ -75,6 +76,12 @@ class EwsHandler(BaseHTTPRequestHandler):
         pass  # structured logs only
 
     # plumbing --------------------------------------------------------------------------------------------------
+    _started: datetime | None = None   # when the request being handled arrived
+
+    def _record(self, operation: str, mailbox: str | None, outcome: str) -> None:
+        """A call in the log, with when it arrived and which client (User-Agent) sent it."""
+        self.server.state.record(operation, mailbox, outcome, self._started, self.headers.get("User-Agent"))
+
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
@@ -122,6 +129,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._started = datetime.now(UTC)
         if self.path.startswith("/_sim/"):
             return self._control("GET")
         if self.path.lower().startswith(EWS_PATH):
@@ -140,6 +148,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         self._control("DELETE") if self.path.startswith("/_sim/") else self._send(405, b"", "text/plain")
 
     def do_POST(self) -> None:  # noqa: N802
+        self._started = datetime.now(UTC)
         if self.path.startswith("/_sim/"):
             return self._control("POST")
         if not self.path.lower().startswith(EWS_PATH):
@@ -148,7 +157,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         self._ews()
 
     def _unauthorized(self) -> None:
-        self.server.state.record("-", None, "401")
+        self._record("-", None, "401")
         self._send(401, b"401 - Unauthorized\n", "text/plain", {"WWW-Authenticate": 'Basic realm="EWS simulator"'})
 
     # EWS -------------------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         try:
             request = SoapRequest(raw)
         except (etree.XMLSyntaxError, ValueError) as exc:
-            state.record("-", None, "ErrorSchemaValidation")
+            self._record("-", None, "ErrorSchemaValidation")
             return self._xml(500, fault("ErrorSchemaValidation", f"The request failed schema validation: {exc}"))
         op, mailbox = request.operation, request.mailbox(user)
         taken = state.faults.take(op, mailbox, _NON_STREAM_KINDS)
@@ -174,7 +183,7 @@ class EwsHandler(BaseHTTPRequestHandler):
             if flt.kind in SOAP_FAULT_CODES or flt.kind == "soap_fault":
                 return self._soap_fault(op, mailbox, flt)
             if flt.kind == "http_503":
-                state.record(op, mailbox, "503")
+                self._record(op, mailbox, "503")
                 return self._send(503, b"Service Unavailable\n", "text/plain",
                                   {"Retry-After": str(flt.retry_after), "Connection": "close"})
             if flt.kind == "invalid_sync_state":
@@ -182,7 +191,7 @@ class EwsHandler(BaseHTTPRequestHandler):
             elif flt.kind == "response_error":
                 forced = flt.code
         if op not in MAILBOX_FREE and (mailbox is None or state.store.mailbox(mailbox) is None):
-            state.record(op, mailbox, "ErrorNonExistentMailbox")
+            self._record(op, mailbox, "ErrorNonExistentMailbox")
             return self._xml(500, fault("ErrorNonExistentMailbox", "The SMTP address has no mailbox associated "
                                         "with it."))
         log.info("exchange_sim_request", operation=op, mailbox=mailbox)
@@ -190,7 +199,7 @@ class EwsHandler(BaseHTTPRequestHandler):
             return self._stream(request, mailbox)
         handler = OPERATIONS.get(op)
         if handler is None:
-            state.record(op, mailbox, "ErrorInvalidRequest")
+            self._record(op, mailbox, "ErrorInvalidRequest")
             return self._xml(500, fault("ErrorInvalidRequest", f"The simulator does not implement {op}."))
         ctx = Context(state.store, state.subs, mailbox or "", state.settings.view_limit, state.settings.events_page,
                       forced)
@@ -203,10 +212,10 @@ class EwsHandler(BaseHTTPRequestHandler):
                     root = handler(request.payload, ctx)
             except Exception as exc:  # a simulator bug must not look like a hang to the client
                 log.exception("exchange_sim_operation_failed", operation=op, mailbox=mailbox)
-                state.record(op, mailbox, "ErrorInternalServerError")
+                self._record(op, mailbox, "ErrorInternalServerError")
                 return self._xml(500, fault("ErrorInternalServerError", f"{type(exc).__name__}: {exc}"))
         codes = {c.text for c in root.iter(m("ResponseCode"))}
-        state.record(op, mailbox, ",".join(sorted(codes)) or "NoError")
+        self._record(op, mailbox, ",".join(sorted(codes)) or "NoError")
         headers = {}
         if op == "Subscribe":
             headers["Set-Cookie"] = f"X-BackEndOverrideCookie=SIMBE01~{mailbox}; path=/; HttpOnly"
@@ -220,7 +229,7 @@ class EwsHandler(BaseHTTPRequestHandler):
             "ErrorNonExistentMailbox": "The SMTP address has no mailbox associated with it.",
             "ErrorMailboxMoveInProgress": "The mailbox is being moved. Try again later.",
         }
-        self.server.state.record(op, mailbox, code)
+        self._record(op, mailbox, code)
         back_off = flt.back_off_ms if code == "ErrorServerBusy" else None
         self._xml(500, fault(code, texts.get(code, code), back_off))
 
@@ -229,7 +238,7 @@ class EwsHandler(BaseHTTPRequestHandler):
         sids = [e.text or "" for e in request.payload.iter(t("SubscriptionId"))]
         minutes = int(request.payload.findtext(m("ConnectionTimeout")) or "30")
         stream_faults = state.faults.take("GetStreamingEvents", mailbox, STREAM_KINDS)
-        state.record("GetStreamingEvents", mailbox, "NoError")
+        self._record("GetStreamingEvents", mailbox, "NoError")
         self.close_connection = True
 
         def start_response() -> None:

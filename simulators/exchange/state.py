@@ -17,8 +17,10 @@ from .subscriptions import Subscriptions
 class Call:
     operation: str
     mailbox: str | None
-    time: datetime
+    time: datetime  # when the answer was ready
     outcome: str  # NoError, a fault kind, or an HTTP status
+    started: datetime | None = None  # when the request arrived (its headers were read)
+    client: str | None = None  # the request's User-Agent: which client (which replica) called
 
 
 @dataclass
@@ -46,14 +48,15 @@ class SimState:
         self.subs = Subscriptions(self.store, self.settings.minute_seconds)
         self._calls_lock = threading.Lock()
 
-    def record(self, operation: str, mailbox: str | None, outcome: str) -> None:
+    def record(self, operation: str, mailbox: str | None, outcome: str, started: datetime | None = None, client: str | None = None) -> None:
         with self._calls_lock:
-            self.calls.append(Call(operation, mailbox, datetime.now(UTC), outcome))
+            self.calls.append(Call(operation, mailbox, datetime.now(UTC), outcome, started, client))
 
     def call_log(self, operation: str | None = None, mailbox: str | None = None) -> list[dict[str, Any]]:
         with self._calls_lock:
             return [
-                {"operation": c.operation, "mailbox": c.mailbox, "time": c.time.isoformat(), "outcome": c.outcome}
+                {"operation": c.operation, "mailbox": c.mailbox, "time": c.time.isoformat(), "outcome": c.outcome,
+                 "started": c.started.isoformat() if c.started else None, "client": c.client}
                 for c in self.calls
                 if (operation is None or c.operation == operation) and (mailbox is None or c.mailbox == mailbox)
             ]

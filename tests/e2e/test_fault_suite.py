@@ -16,7 +16,11 @@ RabbitMQ node of the suite's own, which it restarts in the middle (the shared br
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator
 import exchangelib.protocol
 import pytest
 
+from shared.adapters.store import Store
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from simulators.exchange.server import RunningExchangeSim, start_server
@@ -475,6 +480,134 @@ def test_two_transformers_and_two_publishers_on_the_same_queues_lose_reorder_and
     rig.pipeline.start(*STAGES, "transformer#2", "publisher#2")
     rig.pace(200, {60: lambda: rig.pipeline.sigkill("transformer#2"), 130: lambda: rig.pipeline.sigkill("publisher")}, pause=(0.002, 0.02))
     rig.finish(lambda: {"transformers": 2, "publishers": 2, "killed": rig.pipeline.kills})
+
+
+def reads_overlapping_across_clients(calls: list[dict[str, Any]]) -> list[str]:
+    """Pairs of SyncFolderItems calls of one mailbox by two different clients (replicas) that were in the EWS
+    simulator at the same time: each call from when it arrived (``started``) to when its answer was ready (``time``)."""
+    by_mailbox: dict[str, list[tuple[datetime, datetime, str]]] = {}
+    for call in calls:
+        if call["started"] is None or call["client"] is None:
+            continue
+        span = (datetime.fromisoformat(call["started"]), datetime.fromisoformat(call["time"]), call["client"])
+        by_mailbox.setdefault(call["mailbox"], []).append(span)
+    overlaps = []
+    for mailbox, spans in by_mailbox.items():
+        spans.sort()
+        for i, (start, end, client) in enumerate(spans):
+            for other_start, other_end, other_client in spans[i + 1 :]:
+                if other_start >= end:
+                    break   # sorted by start: no later call can overlap this one
+                if other_client != client:
+                    overlaps.append(f"{mailbox}: {client} {start.time()}-{end.time()} and {other_client} {other_start.time()}-{other_end.time()}")
+    return overlaps
+
+
+def producer_replicas(rig: Rig, seed_per_mailbox: int) -> Tally:
+    """Change-producer replicas come and go while the calendars are edited (issue 12, decision 91): one reads every
+    mailbox; a second joins and they share them; the first is SIGKILLed (not restarted) and the second takes its
+    mailboxes over once their leases expire; a third joins and they share again; the second stalls (SIGSTOP) past its
+    leases, the third takes them, the second resumes (SIGCONT: its queued reads are fenced out) and they share again;
+    the second stops cleanly (SIGTERM) and the third takes everything at its next pass. Each phase is edited until the leases in the store show it done
+    (with a deadline). Planner must end equal to the calendars, and the EWS simulator's call log must show no two
+    SyncFolderItems of one mailbox by two replicas at the same time."""
+    mailboxes = rig.driver.mailboxes
+    share = -(-len(mailboxes) // 2)
+    store = Store.connect(rig.pipeline.env["PLANNERSYNC_DATABASE__URL"])
+    host = socket.gethostname()
+
+    def replica(name: str) -> str:   # the default replica id: <hostname>:<pid>
+        return f"{host}:{rig.pipeline.pid(name)}"
+
+    def holders() -> dict[str, int]:
+        now = datetime.now(timezone.utc)
+        counts: dict[str, int] = {}
+        for lease in store.leases():
+            if lease.held_at(now) and lease.mailbox in mailboxes and lease.owner is not None:
+                counts[lease.owner] = counts.get(lease.owner, 0) + 1
+        return counts
+
+    def held_by(who: str) -> set[str]:
+        now = datetime.now(timezone.utc)
+        return {lease.mailbox for lease in store.leases() if lease.owner == who and lease.held_at(now)}
+
+    def alone(who: str) -> bool:
+        return holders() == {who: len(mailboxes)}
+
+    def shared(*who: str) -> bool:
+        held = holders()
+        return set(held) == set(who) and sum(held.values()) == len(mailboxes) and max(held.values()) <= share
+
+    def edit_until(done: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Random edits, paced as ``Rig.pace`` does, until ``done`` (a deadline, not a measure)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"{what}: leases held {holders()}"
+            for _ in range(5):
+                time.sleep(rig.driver.rng.uniform(0.01, 0.05))
+                rig.driver.edit()
+
+    try:
+        rig.driver.seed(seed_per_mailbox)
+        rig.pipeline.start()
+        first = replica("change-producer")
+        edit_until(lambda: alone(first), "one replica reading every mailbox")
+        rig.pipeline.start("change-producer#2")
+        second = replica("change-producer#2")
+        edit_until(lambda: shared(first, second), "a second replica taking its share")
+        rig.pace(30)
+        killed_at, orphaned = datetime.now(timezone.utc), held_by(first)
+        rig.pipeline.kill("change-producer")
+        edit_until(lambda: alone(second), "the survivor taking over the SIGKILLed replica's mailboxes")
+        rig.pace(30)
+        rig.pipeline.start("change-producer#3")
+        third = replica("change-producer#3")
+        edit_until(lambda: shared(second, third), "a third replica taking its share")
+        rig.pace(30)
+        os.kill(rig.pipeline.pid("change-producer#2"), signal.SIGSTOP)
+        try:
+            edit_until(lambda: alone(third), "the third taking over the stalled replica's mailboxes")
+        finally:
+            os.kill(rig.pipeline.pid("change-producer#2"), signal.SIGCONT)
+        edit_until(lambda: shared(second, third), "the resumed replica taking its share again")
+        rig.pace(30)
+        stopped_at, handed_over = datetime.now(timezone.utc), held_by(second)
+        assert rig.pipeline.stop("change-producer#2") == 0
+        edit_until(lambda: alone(third), "the last replica taking over the stopped one's mailboxes")
+        rig.pace(40)
+    finally:
+        store.engine.dispose()
+
+    calls = rig.ews.state.call_log("SyncFolderItems")
+    clients = {name: f"plannersync ({who})" for name, who in (("first", first), ("second", second), ("third", third))}
+    reads = {name: sum(1 for call in calls if call["client"] == client) for name, client in clients.items()}
+
+    def read_after(client: str, moment: datetime) -> set[str]:
+        return {call["mailbox"] for call in calls if call["client"] == client and datetime.fromisoformat(call["started"]) > moment}
+
+    changes = [entry for line in (rig.pipeline.log_dir / "replica-2" / "change-producer.log").read_text().splitlines() if line.startswith("{")
+               and (entry := json.loads(line)).get("event") == "leases_changed"]
+    takeovers = sum(1 for entry in changes if first in (entry.get("taken_over_from") or []))   # the second's, from the killed first
+    lost = sum(entry.get("lost", 0) for entry in changes)   # the stalled second, at its first pass after resuming
+    rig.report(f"fault-suite {rig.name}: SyncFolderItems by replica {reads}")
+    tally = rig.finish(lambda: {"replicas": len(clients), "sigkilled": rig.pipeline.kills, "stalled": 1, "stopped_cleanly": 1,
+                                "taken_over_after_expiry": takeovers, "lost_by_the_stalled": lost,
+                                "orphaned_by_the_kill": len(orphaned), "handed_over_by_the_stop": len(handed_over)})
+    # the mailboxes of the replica that went were read by the one that took them, after it went
+    assert orphaned and orphaned <= read_after(clients["second"], killed_at), orphaned - read_after(clients["second"], killed_at)
+    assert handed_over and handed_over <= read_after(clients["third"], stopped_at), handed_over - read_after(clients["third"], stopped_at)
+    overlaps = reads_overlapping_across_clients(calls)
+    assert not overlaps, f"{len(overlaps)} SyncFolderItems of one mailbox by two replicas at once: {overlaps[:5]}"
+    return tally
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_change_producer_replicas_join_and_leave_and_no_mailbox_is_read_by_two_at_once(
+    database: str, rig_factory: Callable[..., Rig], topology: Topology, request: pytest.FixtureRequest,
+) -> None:
+    url = request.getfixturevalue("pg_url") if database == "postgresql" else None
+    rig = rig_factory(f"producer-replicas-{database}", mailboxes=10, seed=51, database_url=url, PLANNERSYNC_EXCHANGE__LEASE_TTL="3s")
+    producer_replicas(rig, seed_per_mailbox=4)
 
 
 def lost_answers(rig: Rig, seed_per_mailbox: int) -> Tally:

@@ -53,6 +53,8 @@ def seed(database_url: str, health_dir: Path) -> None:
     store.set_mailbox_status(BO, "failing", "ErrorImpersonateUserDenied")
     store.set_mailbox_status(CE, "new", MARKUP)
     store.save_sync_position(ANNE, "sync-state-1", now - timedelta(minutes=2), full=True)
+    store.acquire_leases([ANNE], "cp-host:4242", now + timedelta(minutes=10), now)   # a change-producer replica reads it
+    store.acquire_leases([BO], "cp-host:4343", now - timedelta(minutes=1), now - timedelta(minutes=2))   # expired: nobody
     start = now + timedelta(days=1)
     changes = [
         DeliveredChange(f"uid-{i}", version=1, holding=Holding(True, Interval(start=start + timedelta(hours=i), end=start + timedelta(hours=i, minutes=30))))
@@ -105,7 +107,8 @@ def test_the_page_shows_each_mailbox_its_stages_and_workers_in_a_real_browser(pa
     dom = browser.dump_dom(page["url"])
     tree = lxml_html.fromstring(dom)
     assert cell(tree, ANNE, "status") == "streaming" and cell(tree, ANNE, "status_detail") == "subscribed"
-    assert cell(tree, ANNE, "backend") == "default"
+    assert cell(tree, ANNE, "backend") == "default" and cell(tree, ANNE, "read_by") == "cp-host:4242"
+    assert cell(tree, BO, "read_by") == "" and cell(tree, CE, "read_by") == ""
     assert cell(tree, ANNE, "busy_times_held") == "3"  # present rows only, the absent one not
     assert cell(tree, ANNE, "last_sync_at").endswith("UTC") and cell(tree, ANNE, "last_full_sync_at").endswith("UTC")
     assert cell(tree, ANNE, "last_delivery_at").endswith("UTC") and cell(tree, ANNE, "last_error") == ""
@@ -139,7 +142,9 @@ def test_the_json_endpoint_and_the_cli_show_the_same(page: dict[str, Any]) -> No
     assert response.headers["Content-Type"] == "application/json"
     data = response.json()
     anne = next(m for m in data["mailboxes"] if m["mailbox"] == ANNE)
-    assert (anne["backend"], anne["status"], anne["busy_times_held"]) == (None, "streaming", 3)
+    assert (anne["backend"], anne["status"], anne["busy_times_held"], anne["read_by"]) == (None, "streaming", 3, "cp-host:4242")
+    served = lxml_html.fromstring(requests.get(page["url"], timeout=5).text)   # the page as served, without a browser
+    assert cell(served, ANNE, "read_by") == "cp-host:4242" and cell(served, BO, "read_by") == ""
     assert data["stages"]["publisher"]["dead_letters"]["ready"] == 1
     assert data["mailboxes_by_status"] == {"failing": 1, "new": 1, "streaming": 1}
     done = subprocess.run([PLANNERSYNC, "status", "--json"], env=page["env"], capture_output=True, text=True, timeout=60)
@@ -151,9 +156,9 @@ def test_the_json_endpoint_and_the_cli_show_the_same(page: dict[str, Any]) -> No
     table = subprocess.run([PLANNERSYNC, "status"], env=page["env"], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     header = next(line for line in table.stdout.splitlines() if line.strip().startswith("mailbox"))
-    assert "reader" in header and "busy times" in header and "last snapshot" in header
+    assert "reader" in header and "read by" in header and "busy times" in header and "last snapshot" in header
     anne_line = next(line for line in table.stdout.splitlines() if ANNE in line)
-    assert " default " in anne_line and "streaming (subscribed)" in anne_line
+    assert " default " in anne_line and " cp-host:4242 " in anne_line and "streaming (subscribed)" in anne_line
     assert "dead letters 1" in table.stdout
 
 

@@ -29,11 +29,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_upgrade_is_idempotent(store: Store) -> None:
-    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 4
+    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 6
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_a_database_made_by_schema_1_is_upgraded_in_place_to_4_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'v1.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
     engine = make_engine(url)
     with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 1 created
@@ -48,7 +48,7 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_4_and_keeps_its_row
     store = Store(engine)
     with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
         open_store(url, auto_upgrade=False)
-    assert upgrade(engine) == 4 and schema_version(engine) == 4
+    assert upgrade(engine) == 6 and schema_version(engine) == 6
     (anne,) = store.list_mailboxes()
     assert (anne.address, anne.status, anne.backend) == ("anne@k.dk", "active", None)
     assert store.sync_position("anne@k.dk") == SyncPosition("H4sI-v1-state", None, None, "ews")  # schema 1 states were EWS states
@@ -56,19 +56,22 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_4_and_keeps_its_row
     assert store.add_rule("deny", "Bo@K.dk") and store.rules("deny")[0][0] == "bo@k.dk"  # schema 3: the allow/deny lists
     store.record_delivered("anne@k.dk", [DeliveredChange("uid-1", maybe_sent=SPAN)])  # schema 4: what Planner may hold
     assert store.delivered("anne@k.dk")["uid-1"].maybe_interval == SPAN
-    assert upgrade(engine) == 4  # and again: nothing to do
+    assert store.acquire_leases(["anne@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"anne@k.dk": 1}  # schema 6: leases
+    assert upgrade(engine) == 6  # and again: nothing to do
     assert store.rules("deny")[0][0] == "bo@k.dk"
 
 
 def test_a_database_at_schema_2_gains_the_allow_and_deny_lists(store: Store) -> None:
     from sqlalchemy import text
 
-    with store.engine.begin() as conn:  # back to what schema 2 had: no mailbox_rules table, no maybe_* columns
+    with store.engine.begin() as conn:  # back to what schema 2 had: no mailbox_rules table, no maybe_* columns, no leases
         conn.execute(text("DROP TABLE mailbox_rules"))
+        conn.execute(text("DROP TABLE producer_replicas"))
+        conn.execute(text("DROP TABLE mailbox_leases"))
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
         conn.execute(text("UPDATE schema_info SET version = 2"))
-    assert upgrade(store.engine) == 4 and schema_version(store.engine) == 4
+    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
     assert store.rules("allow") == [] and store.add_rule("allow", "anne@k.dk")
 
 
@@ -76,13 +79,102 @@ def test_a_database_at_schema_3_gains_what_planner_may_hold_and_keeps_its_delive
     from sqlalchemy import text
 
     store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
-    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns
+    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns, no leases
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
+        conn.execute(text("DROP TABLE producer_replicas"))
+        conn.execute(text("DROP TABLE mailbox_leases"))
         conn.execute(text("UPDATE schema_info SET version = 3"))
-    assert upgrade(store.engine) == 4 and schema_version(store.engine) == 4
+    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
     row = store.delivered("a@k.dk")["uid-1"]
     assert (row.version, row.present, row.interval, row.maybe_held, row.maybe_interval) == (3, True, SPAN, False, None)
+
+
+def test_a_database_at_schema_4_gains_the_producer_leases_and_keeps_its_rows(store: Store) -> None:
+    from sqlalchemy import inspect, text
+
+    store.add_mailbox("a@k.dk")
+    store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
+    with store.engine.begin() as conn:  # back to what schema 4 had: no replicas, no leases
+        conn.execute(text("DROP TABLE producer_replicas"))
+        conn.execute(text("DROP TABLE mailbox_leases"))
+        conn.execute(text("UPDATE schema_info SET version = 4"))
+    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
+    assert {"producer_replicas", "mailbox_leases"} <= set(inspect(store.engine).get_table_names())
+    assert store.delivered("a@k.dk")["uid-1"].version == 3 and store.list_mailboxes()[0].address == "a@k.dk"
+    assert store.acquire_leases(["a@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"a@k.dk": 1}
+
+
+# --- change-producer leases (decision 91): each step one conditional statement --------------------------------
+LEASE = timedelta(seconds=60)
+
+
+def test_a_lease_is_taken_only_when_free_or_expired_and_each_taking_counts_an_epoch(store: Store) -> None:
+    assert store.acquire_leases(["A@k.dk", "b@k.dk"], "one", T + LEASE, T) == {"a@k.dk": 1, "b@k.dk": 1}
+    assert store.acquire_leases(["a@k.dk", "b@k.dk", "c@k.dk"], "two", T + LEASE, T + timedelta(seconds=30)) == {"c@k.dk": 1}
+    assert store.acquire_leases(["a@k.dk"], "two", T + 2 * LEASE, T + LEASE) == {"a@k.dk": 2}   # expired: "one" stopped renewing
+    assert store.release_leases("one", ["b@k.dk"], T + LEASE) == 1
+    assert store.acquire_leases(["b@k.dk"], "two", T + 2 * LEASE, T + LEASE) == {"b@k.dk": 2}     # released: free at once
+    leases = {lease.mailbox: lease for lease in store.leases()}
+    assert {m: (lease.owner, lease.epoch) for m, lease in leases.items()} == {"a@k.dk": ("two", 2), "b@k.dk": ("two", 2), "c@k.dk": ("two", 1)}
+
+
+def test_renewing_and_fencing_touch_only_the_leases_still_held(store: Store) -> None:
+    store.acquire_leases(["a@k.dk", "b@k.dk"], "one", T + LEASE, T)
+    store.acquire_leases(["b@k.dk"], "two", T + 2 * LEASE, T + LEASE)   # "one" stalled past its lease on b
+    assert store.renew_leases("one", T + 3 * LEASE) == 1                 # a (expired too, but nobody took it), not b
+    assert store.hold_leases("one", ["a@k.dk", "B@k.dk"], T + 4 * LEASE) == {"a@k.dk"}
+    leases = {lease.mailbox: lease for lease in store.leases()}
+    assert (leases["a@k.dk"].owner, leases["a@k.dk"].expires_at) == ("one", T + 4 * LEASE)
+    assert (leases["b@k.dk"].owner, leases["b@k.dk"].expires_at) == ("two", T + 2 * LEASE)
+    assert store.release_leases("one", ["b@k.dk"], T) == 0             # never another replica's lease
+    assert store.release_leases("one", None, T + LEASE) == 1 and {lease.owner for lease in store.leases()} == {None, "two"}
+
+
+def test_a_replica_id_is_beaten_by_one_process_and_taken_over_only_on_purpose(store: Store) -> None:
+    from shared.domain.mailbox_leases import ReplicaBeat
+
+    first = ReplicaBeat("host:7", "inc-1", T + LEASE, "host", "boot:ns", 7)
+    assert store.beat_replica(first, T)
+    assert store.beat_replica(ReplicaBeat("host:7", "inc-1", T + 2 * LEASE, "host", "boot:ns", 7), T)   # its own row
+    assert not store.beat_replica(ReplicaBeat("host:7", "inc-2", T + LEASE, "host", "boot:ns", 9), T)   # in use
+    assert store.beat_replica(ReplicaBeat("host:7", "inc-2", T + 3 * LEASE, "host", "boot:ns", 9), T, replacing="inc-1")
+    assert not store.beat_replica(ReplicaBeat("host:7", "inc-1", T + 3 * LEASE, "host", "boot:ns", 7), T)  # the old one is out
+    (beat,) = store.replica_beats()
+    assert (beat.incarnation, beat.pid, beat.expires_at) == ("inc-2", 9, T + 3 * LEASE)
+    store.forget_replica("host:7", "inc-1")
+    assert len(store.replica_beats()) == 1
+    store.forget_replica("host:7", "inc-2")
+    assert store.replica_beats() == []
+
+
+def test_replicas_racing_for_the_same_mailboxes_each_get_some_and_no_mailbox_gets_two(store: Store) -> None:
+    import threading
+
+    mailboxes = [f"cw{n:02d}@k.dk" for n in range(40)]
+    url = store.engine.url.render_as_string(hide_password=False)
+    stores = [Store(make_engine(url)) for _ in range(4)]
+    results: dict[str, dict[str, int]] = {}
+    start = threading.Barrier(len(stores))
+
+    def race(name: str, own: Store) -> None:
+        start.wait()
+        taken: dict[str, int] = {}
+        for n in range(0, len(mailboxes), 5):   # in steps, so the replicas' statements interleave
+            taken.update(own.acquire_leases(mailboxes[n : n + 5] if name != "r0" else list(reversed(mailboxes))[n : n + 5], name, T + LEASE, T))
+        results[name] = taken
+
+    threads = [threading.Thread(target=race, args=(f"r{n}", own)) for n, own in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    claimed = [m for taken in results.values() for m in taken]
+    assert sorted(claimed) == sorted(mailboxes)   # every mailbox taken, and by one replica only
+    owners = {lease.mailbox: lease.owner for lease in store.leases()}
+    assert all(owners[m] == name for name, taken in results.items() for m in taken)
+    for own in stores:
+        own.engine.dispose()
 
 
 def test_what_planner_may_hold_is_recorded_apart_and_cleared_by_what_it_is_known_to_hold(store: Store) -> None:
@@ -196,7 +288,7 @@ def test_a_first_read_is_marked_once_and_the_mark_is_no_sync_position(store: Sto
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
-    assert len(statements) == 7 and all(s.startswith("CREATE TABLE") for s in statements)
+    assert len(statements) == 9 and all(s.startswith("CREATE TABLE") for s in statements)
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined

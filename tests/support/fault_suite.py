@@ -387,6 +387,20 @@ class Pipeline:
         self.kills += 1
         self.start(name)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL a worker and leave it dead (a replica that goes away for good); no longer counted by ``dead``."""
+        self.workers.pop(name).kill()
+        self.kills += 1
+
+    def stop(self, name: str) -> int:
+        """SIGTERM a worker (a replica leaving cleanly) and wait for it; returns its exit status."""
+        return self.workers.pop(name).stop()
+
+    def pid(self, name: str) -> int:
+        process = self.workers[name].process
+        assert process is not None
+        return process.pid
+
     def events(self, name: str) -> dict[str, int]:
         """How often each log event occurs in the worker's log (every incarnation writes to the same file)."""
         counts: dict[str, int] = {}

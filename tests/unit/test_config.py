@@ -262,3 +262,23 @@ def test_a_node_without_a_port_takes_the_tls_port_when_tls_is_on() -> None:
 def test_a_malformed_node_is_named_with_its_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="PLANNERSYNC_BROKER__HOSTS: .*is not host or host:port"):
         load_settings(environ={"PLANNERSYNC_BROKER__HOSTS": value})
+
+
+def test_the_lease_ttl_follows_the_safety_interval_unless_set_and_must_fit_inside_it() -> None:
+    assert load_settings(environ={}).exchange.lease() == timedelta(seconds=60)   # 15m / 4, at most 60 s
+    assert load_settings(environ={"PLANNERSYNC_EXCHANGE__SAFETY_SYNC_INTERVAL": "20s"}).exchange.lease() == timedelta(seconds=5)
+    assert load_settings(environ={"PLANNERSYNC_EXCHANGE__LEASE_TTL": "3s"}).exchange.lease() == timedelta(seconds=3)
+    with pytest.raises(ConfigError) as refused:   # a TTL plus a pass (a third of it) must stay inside the safety interval
+        load_settings(environ={"PLANNERSYNC_EXCHANGE__LEASE_TTL": "12m"})
+    assert refused.value.problems[0].startswith("PLANNERSYNC_EXCHANGE__LEASE_TTL: 720s plus a renewal pass")
+
+
+def test_a_replica_id_defaults_to_the_host_and_process_and_is_checked() -> None:
+    import os
+    import socket
+
+    assert load_settings(environ={}).exchange.replica() == f"{socket.gethostname()}:{os.getpid()}"
+    assert load_settings(environ={"PLANNERSYNC_EXCHANGE__REPLICA_ID": "cp-2"}).exchange.replica() == "cp-2"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"PLANNERSYNC_EXCHANGE__REPLICA_ID": "two words"})
+    assert refused.value.problems[0].startswith("PLANNERSYNC_EXCHANGE__REPLICA_ID:")
