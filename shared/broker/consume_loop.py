@@ -481,6 +481,7 @@ class Consumer:
         jitter); the tags kept. One deferred for longer than the budget is not kept: it goes up the ladder."""
         now = time.monotonic()
         kept: set[int] = set()
+        first_time = 0
         for delivery, result in deferred:
             since = delivery.deferred_since if delivery.deferred_since is not None else now
             if now - since > self.options.defer_budget.total_seconds():
@@ -489,10 +490,11 @@ class Consumer:
             wait = exponential_backoff(delivery.deferrals, self.options.defer_first_wait, timedelta(seconds=1)).total_seconds() * random.uniform(0.5, 1.5)
             self._held.append(_Held(delivery, now + wait))
             kept.add(delivery.tag)
-        if kept:
-            self.counters.deferred += len(kept)
+            first_time += delivery.deferrals == 1
+        if first_time:  # said once per message, not at every turn it waits
+            self.counters.deferred += first_time
             first = next(result for _, result in deferred if isinstance(result, Defer))
-            log.info("messages_deferred", stage=self.stage.name, messages=len(kept), reason=first.reason, waiting=len(self._held))
+            log.info("messages_deferred", stage=self.stage.name, messages=first_time, reason=first.reason, waiting=len(self._held))
         return kept
 
     def _record(self, batch: list[tuple[_Delivery, Inbound, Result]], done: dict[int, Done]) -> dict[int, BaseException]:
