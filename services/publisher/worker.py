@@ -23,10 +23,10 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from shared import metrics
-from shared.adapters.claims import Claims
+from shared.adapters.claims import Claims, replica_owner
 from shared.adapters.store import Store, open_store
 from shared.broker.consume_loop import (
     Consumer,
@@ -74,10 +74,10 @@ def planner_call_budget(settings: Settings) -> timedelta:
     return tries * attempt + (tries - 1) * settings.retry.quick_max_wait
 
 
-def key_claims(store: Store, settings: Settings) -> Claims:
+def key_claims(store: Store, settings: Settings, owner: tuple[str, IO[str] | None] | None = None) -> Claims:
     """The publisher's claims: each lasts two calls' budget and the margin, renewed before a call that would outlive it."""
     budget = planner_call_budget(settings)
-    return Claims(store, STAGE, ttl=2 * budget + CLAIM_MARGIN, call_budget=budget, margin=CLAIM_MARGIN)
+    return Claims(store, STAGE, ttl=2 * budget + CLAIM_MARGIN, call_budget=budget, margin=CLAIM_MARGIN, owner=owner)
 
 
 _T = TypeVar("_T")
@@ -403,7 +403,7 @@ def build(settings: Settings) -> Consumer:
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
     # A large batch lets a burst group per mailbox (one call of up to batch_size events each); the prefetch holds the
     # next batch ready while one is delivered.
-    deps.claims = key_claims(store, settings)
+    deps.claims = key_claims(store, settings, replica_owner(settings.status.health_dir, STAGE))
     options = ConsumerOptions(
         prefetch=2 * settings.planner.max_batch_messages,
         batch_size=settings.planner.max_batch_messages,

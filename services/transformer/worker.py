@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
-from shared.adapters.claims import Claims
+from shared.adapters.claims import Claims, replica_owner
 from shared.adapters.store import WHOLE_MAILBOX, DesiredWrite, Store, open_store
 from shared.broker.consume_loop import Consumer, ConsumerOptions, Defer, Done, Inbound, Result, Together
 from shared.broker.publishing import Outgoing
@@ -129,7 +129,8 @@ def build(settings: Settings) -> Consumer:
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     topology = from_settings(settings.broker, settings.retry)
     policy = settings.busy.policy()
-    deps = TransformerDeps(store, topology, policy)
+    claims = Claims(store, STAGE, CLAIM_TTL, owner=replica_owner(settings.status.health_dir, STAGE))
+    deps = TransformerDeps(store, topology, policy, claims=claims)
     # a backlog is read, confirmed and acked 500 at a time (decision 78)
     # a message of a mailbox another replica holds waits locally, past a claim left by a replica that died (decision 90)
     options = ConsumerOptions(prefetch=1000, batch_size=500, decoder=lambda body: decode_calendar(body, policy), defer_budget=2 * CLAIM_TTL)

@@ -7,23 +7,67 @@ that dies holding one blocks that key for at most that long. Before an outside c
 ``call_budget``, ``ready_for_call`` makes sure the claims outlast the call's end by ``margin``, renewing them all in one
 statement when they would not, and says when one was lost meanwhile (taken back by another replica after it
 expired: the call must not go out).
+
+The owner is the replica, not the process: ``replica_owner`` hands a restarted replica (after a crash or a SIGKILL)
+the owner id its previous process had, so its first batch takes back that process's leftover claims at once, as one
+replica always could; only another replica waits for them to expire.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
 from datetime import timedelta
-from typing import Iterable
+from pathlib import Path
+from typing import IO, Iterable
 
 from shared.adapters.store import ClaimKey, Store
+
+MAX_REPLICAS_PER_HOST = 32
+
+
+def replica_owner(directory: Path, stage: str) -> tuple[str, IO[str] | None]:
+    """This replica's owner id, and the open slot file that keeps it (keep it open while the process lives).
+
+    Slot files ``<stage>.replica-<n>.lock`` in ``directory`` (the health directory) each hold an owner id, made
+    of the host name and a random part when the slot is first used. A process takes the first slot no live process
+    holds (``flock``: the kernel lets go of it when the process dies, however it dies), so two replicas on one host
+    never share an id and a restarted one gets its predecessor's. Without a usable directory: a random id.
+    """
+    try:
+        import fcntl
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for slot in range(1, MAX_REPLICAS_PER_HOST + 1):
+            handle = open(directory / f"{stage}.replica-{slot}.lock", "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            handle.seek(0)
+            owner = handle.read().strip()[:64]
+            if not owner:
+                owner = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:16]}"
+                handle.write(owner)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return owner, handle
+    except (ImportError, OSError):
+        pass
+    return uuid.uuid4().hex, None
 
 
 class Claims:
     """The claims of one stage in one process; one batch at a time (the consume loop runs one handler at a time)."""
 
-    def __init__(self, store: Store, stage: str, ttl: timedelta, call_budget: timedelta = timedelta(0), margin: timedelta = timedelta(seconds=30)) -> None:
+    def __init__(
+        self, store: Store, stage: str, ttl: timedelta, call_budget: timedelta = timedelta(0), margin: timedelta = timedelta(seconds=30),
+        owner: tuple[str, IO[str] | None] | None = None,
+    ) -> None:
         if ttl <= call_budget + margin:
             raise ValueError("a claim must outlast an outside call and the margin after it")
         self.store = store
@@ -31,7 +75,8 @@ class Claims:
         self.ttl = ttl
         self.call_budget = call_budget
         self.margin = margin
-        self.owner = uuid.uuid4().hex  # this process, this start: a restarted replica is another owner
+        # ``replica_owner``'s: a restarted replica is the same owner; without one, this process alone
+        self.owner, self._slot = owner if owner is not None else (uuid.uuid4().hex, None)
         self._lock = threading.Lock()
         self._held = 0
         self._lost = False  # one of this batch's claims was lost: no more outside calls in this batch
