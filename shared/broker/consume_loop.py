@@ -336,7 +336,8 @@ class Consumer:
         now = time.monotonic()
         again = [held.delivery for held in self._held if held.due <= now][: self.options.batch_size]
         if again:
-            self._held = [held for held in self._held if held.delivery not in again]
+            tags = {delivery.tag for delivery in again}
+            self._held = [held for held in self._held if held.delivery.tag not in tags]
         room = self.options.batch_size - len(again)
         batch, self._buffer = again + self._buffer[:room], self._buffer[room:]
         decoded: list[_Delivery] = []

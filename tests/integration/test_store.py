@@ -212,7 +212,8 @@ def test_exchange_sync_state_is_saved_and_replaced(store: Store) -> None:
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
-    assert len(statements) == 8 and all(s.startswith("CREATE TABLE") for s in statements)
+    assert len(statements) == 9 and sum(s.startswith("CREATE TABLE") for s in statements) == 8
+    assert [s for s in statements if s.startswith("CREATE INDEX")] == ["CREATE INDEX ix_key_claims_owner ON key_claims (stage, owner)"]
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
