@@ -8,6 +8,11 @@ An event that cannot be sent at all (a content error) is dead-lettered alone and
 others; content errors never count towards the outage guard (decision 52 in docs/decisions.md). Health shows TLS
 failures towards Planner that have lasted minutes (decision 53) and a Planner call that outlived its deadline
 (decision 51).
+
+Replicas (decision 89): a batch first claims the event keys it is to judge, reads what Planner holds for the keys it
+got, and calls Planner only for those; a message whose key another replica holds is deferred (``Defer``: a moment
+later, in a later batch, decision 90). The receipts' write releases the claims in its own transaction, and a claim
+outlasts any Planner call made under it (``Claims.ready_for_call``).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 from shared import metrics
+from shared.adapters.claims import Claims, replica_owner
 from shared.adapters.store import Store, open_store
 from shared.broker.consume_loop import (
     Consumer,
     ConsumerOptions,
+    Defer,
     Done,
     Inbound,
     Pausable,
@@ -55,6 +62,22 @@ from shared.logs import correlation, get_logger
 
 log = get_logger(__name__)
 HANDLER_DEADLINE = timedelta(minutes=15)  # a batch running longer shows as handler_overdue in health (decision 51)
+STAGE = "publisher"
+CLAIM_MARGIN = timedelta(seconds=30)  # a claim outlasts the longest Planner call made under it by this much (decision 89)
+
+
+def planner_call_budget(settings: Settings) -> timedelta:
+    """The longest one Planner call can take: every quick try at its hard deadline (twice the timeout unless set,
+    decision 51), with the longest waits between them."""
+    attempt = settings.planner.call_deadline or 2 * settings.planner.timeout
+    tries = settings.retry.quick_attempts
+    return tries * attempt + (tries - 1) * settings.retry.quick_max_wait
+
+
+def key_claims(store: Store, settings: Settings, owner: tuple[str, IO[str] | None] | None = None) -> Claims:
+    """The publisher's claims: each lasts two calls' budget and the margin, renewed before a call that would outlive it."""
+    budget = planner_call_budget(settings)
+    return Claims(store, STAGE, ttl=2 * budget + CLAIM_MARGIN, call_budget=budget, margin=CLAIM_MARGIN, owner=owner)
 
 
 _T = TypeVar("_T")
@@ -137,6 +160,12 @@ class PublisherDeps:
     guard: OutageGuard
     event_factory: Any = None  # PlannerEvent constructor, injected so this module need not import zeep
     pool: Pool | None = None  # mailboxes delivered in parallel (one call per mailbox at a time)
+    claims: Claims | None = None  # None: made from the store and the settings at the first batch
+
+    def key_claims(self) -> Claims:
+        if self.claims is None:
+            self.claims = key_claims(self.store, self.settings)
+        return self.claims
 
 
 @dataclass
@@ -158,15 +187,19 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
             results[i] = Permanent(f"publisher takes busy_time_state messages, not {inbound.message.type}")
     positions = list(states)  # newest_per_key indexes the states alone; map back to positions in the batch
     newest = {positions[j] for j in newest_per_key(list(states.values())).values()}
+    claims = deps.key_claims()
+    claimed = claims.take((states[i].mailbox.lower(), states[i].origin_id) for i in newest) if newest else set()
     by_mailbox: dict[str, list[int]] = defaultdict(list)
     for i, state in states.items():
         if i not in newest:
             results[i] = Done()  # an older state of the same key in this batch: the newest decides
-            continue
-        by_mailbox[state.mailbox.lower()].append(i)
+        elif (state.mailbox.lower(), state.origin_id) not in claimed:
+            results[i] = Defer("another publisher is delivering this event key")
+        else:
+            by_mailbox[state.mailbox.lower()].append(i)
     jobs = [(mailbox, [(i, states[i]) for i in indexes]) for mailbox, indexes in by_mailbox.items()]
-    # What Planner holds for the whole batch in one read, and every receipt and outcome of the batch written in one
-    # transaction once its calls are done, before the consume loop acks (decision 78).
+    # What Planner holds for the whole batch in one read (after the claims), and every receipt and outcome of the batch
+    # written in one transaction once its calls are done, releasing the claims, before the consume loop acks (decisions 78, 89).
     known = deps.store.delivered_many({mailbox: [state.origin_id for _, state in items] for mailbox, items in jobs})
     if deps.pool is not None and len(jobs) > 1:
         outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], known[job[0]], deps), jobs))
@@ -178,7 +211,8 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
         for i, result in outcome.results.items():
             results[i] = result
     if jobs:
-        deps.store.record_delivered_batch(records, {mailbox: outcome.error for (mailbox, _), outcome in zip(jobs, outcomes)})
+        outcome_by_mailbox = {mailbox: outcome.error for (mailbox, _), outcome in zip(jobs, outcomes)}
+        deps.store.record_delivered_batch(records, outcome_by_mailbox, release=claims.release_with())
     return [r if r is not None else Done() for r in results]
 
 
@@ -226,6 +260,11 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
     results = done.results
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
+    if not deps.key_claims().ready_for_call():  # the claims would not outlast the call, and one was lost: no call (decision 89)
+        for p in group:
+            results[p.index] = Transient("the claim on this event key was lost before the Planner call")
+        log.warning("planner_call_skipped", mailbox=mailbox, operation=operation, events=len(group), reason="claim_lost")
+        return []
     if operation == "create":
         # Written ahead: from the moment the call leaves, Planner may hold these events. If the receipt cannot be
         # stored afterwards (the database cut), the retry finds them "maybe held" and updates instead of creating
@@ -364,11 +403,13 @@ def build(settings: Settings) -> Consumer:
     deps = PublisherDeps(settings, store, client, guard, PlannerEvent, pool)
     # A large batch lets a burst group per mailbox (one call of up to batch_size events each); the prefetch holds the
     # next batch ready while one is delivered.
+    deps.claims = key_claims(store, settings, replica_owner(settings.status.health_dir, STAGE))
     options = ConsumerOptions(
         prefetch=2 * settings.planner.max_batch_messages,
         batch_size=settings.planner.max_batch_messages,
         linger=settings.planner.linger,
         handler_deadline=HANDLER_DEADLINE,
+        defer_budget=deps.claims.ttl + CLAIM_MARGIN,  # a key waits locally past a claim left by a replica that died (decision 90)
     )
     consumer = Consumer(
         settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options, publisher_health(client.tls_trouble, in_flight, expiry)

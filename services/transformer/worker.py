@@ -5,16 +5,22 @@ Gather (what was last decided for the mailbox, which parts of a snapshot are rec
 snapshot), apply (publish the states that change something, then remember every decision, then ack: done
 by ``shared.broker.consume_loop``). Snapshot parts are remembered in the same transaction as their keys, so
 a snapshot counts as complete only when every part's effects are stored.
+
+Replicas (decision 89 in docs/decisions.md): a batch first claims its mailboxes, and decides only for the ones it got,
+reading what was decided for them after the claim; the others' messages are deferred (``Defer``: a moment later, in
+a later batch). The record step of a mailbox's last message releases the claim in its own transaction, so no other
+replica decides for a mailbox between a decision and its record.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
-from shared.adapters.store import DesiredWrite, Store, open_store
-from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result, Together
+from shared.adapters.claims import Claims, replica_owner
+from shared.adapters.store import WHOLE_MAILBOX, DesiredWrite, Store, open_store
+from shared.broker.consume_loop import Consumer, ConsumerOptions, Defer, Done, Inbound, Result, Together
 from shared.broker.publishing import Outgoing
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
@@ -30,6 +36,10 @@ from shared.domain.transform_core import (
 from shared.logs import correlation, get_logger
 
 log = get_logger(__name__)
+STAGE = "transformer"
+# How long a claim on a mailbox lasts: from the claim to the record step (a batch's decisions, its publishes and their
+# confirms, its writes), normally well under a second; a replica that died holding one blocks it this long (decision 89).
+CLAIM_TTL = timedelta(seconds=60)
 
 
 @dataclass
@@ -40,14 +50,24 @@ class TransformerDeps:
     topology: Topology
     policy: BusyPolicy
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    claims: Claims | None = None  # None: made from the store at the first batch
+
+    def mailbox_claims(self) -> Claims:
+        if self.claims is None:
+            self.claims = Claims(self.store, STAGE, CLAIM_TTL)
+        return self.claims
 
 
 def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
     """Transform a batch; each message's decision sees the decisions of earlier messages in the batch."""
-    # what was last decided for every mailbox of the batch: one read for the batch, not one per mailbox (decision 78)
-    overlay = deps.store.desired_many({m.message.mailbox for m in batch if isinstance(m.message, (CalendarChange, CalendarSnapshot))})
+    claims = deps.mailbox_claims()
+    wanted = {m.message.mailbox.lower() for m in batch if isinstance(m.message, (CalendarChange, CalendarSnapshot))}
+    claimed = {mailbox for mailbox, _ in claims.take((mailbox, WHOLE_MAILBOX) for mailbox in wanted)}
+    # what was last decided for every mailbox claimed: one read for the batch, after the claim (decisions 78 and 89)
+    overlay = deps.store.desired_many(claimed)
     progress: dict[str, tuple[set[int], int | None]] = {}  # snapshot id -> parts recorded or handled in this batch, total
     results: list[Result] = []
+    writes: dict[int, tuple[Decision, DesiredWrite]] = {}  # by position: built once the batch's last write per mailbox is known
     now = deps.clock()
     for inbound in batch:
         message = inbound.message
@@ -56,6 +76,9 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
                 results.append(Permanent(f"transformer takes calendar messages, not {message.type}"))
                 continue
             mailbox = message.mailbox.lower()
+            if mailbox not in claimed:
+                results.append(Defer("another transformer is deciding for this mailbox"))
+                continue
             known = overlay[mailbox]
             snapshot_part = None
             if isinstance(message, CalendarChange):
@@ -77,14 +100,21 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
                 log.warning("item_rejected", item_id=item_id[-24:], reason=reason)
             for state in decision.remember:
                 known[state.origin_id] = state
-            results.append(_apply(mailbox, message.correlation_id, decision, snapshot_part, deps))
+            writes[len(results)] = (decision, DesiredWrite(mailbox, list(decision.remember), message.correlation_id, snapshot_part))
+            results.append(Done())
             log.info("calendar_transformed", kind=message.type, emitted=len(decision.emit), remembered=len(decision.remember), rejected=len(decision.rejected))
+    last = {write.mailbox: index for index, (_, write) in writes.items()}  # positions ascend: the last write of each mailbox
+    if claimed - set(last):  # mailboxes whose messages were all refused: nothing to record, free them now
+        deps.store.release_claims(STAGE, claims.owner, [(mailbox, WHOLE_MAILBOX) for mailbox in claimed - set(last)])
+    for index, (decision, write) in writes.items():
+        if last[write.mailbox] == index:
+            write = replace(write, release=claims.release_with())  # once recorded, the mailbox is free for other replicas
+        results[index] = _apply(decision, write, deps)
     return results
 
 
-def _apply(mailbox: str, correlation_id: str, decision: Decision, snapshot_part: tuple[str, int, int | None] | None, deps: TransformerDeps) -> Done:
-    publish = [Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(mailbox), state) for state in decision.emit]
-    write = DesiredWrite(mailbox, list(decision.remember), correlation_id, snapshot_part)
+def _apply(decision: Decision, write: DesiredWrite, deps: TransformerDeps) -> Done:
+    publish = [Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(write.mailbox), state) for state in decision.emit]
     return Done(publish=publish, record=Together(deps.store.save_desired_many, write))  # the batch's writes in one transaction
 
 
@@ -99,7 +129,9 @@ def build(settings: Settings) -> Consumer:
     store = open_store(settings.database_url(), settings.database.auto_upgrade)
     topology = from_settings(settings.broker, settings.retry)
     policy = settings.busy.policy()
-    deps = TransformerDeps(store, topology, policy)
+    claims = Claims(store, STAGE, CLAIM_TTL, owner=replica_owner(settings.status.health_dir, STAGE))
+    deps = TransformerDeps(store, topology, policy, claims=claims)
     # a backlog is read, confirmed and acked 500 at a time (decision 78)
-    options = ConsumerOptions(prefetch=1000, batch_size=500, decoder=lambda body: decode_calendar(body, policy))
+    # a message of a mailbox another replica holds waits locally, past a claim left by a replica that died (decision 90)
+    options = ConsumerOptions(prefetch=1000, batch_size=500, decoder=lambda body: decode_calendar(body, policy), defer_budget=2 * CLAIM_TTL)
     return Consumer(settings.broker, topology, topology.stage("transformer"), lambda batch: handle(batch, deps), options)

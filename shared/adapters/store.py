@@ -8,7 +8,7 @@ content: ids, times, versions and receipt codes only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import (
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -42,7 +43,7 @@ from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.transform_core import DesiredRecord
 
 SCHEMA_VERSION = 6  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
-# 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost);
+# 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost); 5: key_claims;
 # 6: producer_replicas and mailbox_leases (change-producer replicas split the mailboxes, decision 91)
 metadata = MetaData()
 
@@ -175,6 +176,23 @@ delivered_events = Table(
 )
 
 
+# Schema 5: which replica works on a key right now (decision 89 in docs/decisions.md). A row is a live claim: inserted to
+# take it (the primary key makes the insert a compare-and-set in one statement), deleted to release it. A replica that
+# died leaves its rows until ``expires_at``. Only live claims are kept, so the table stays small.
+key_claims = Table(
+    "key_claims",
+    metadata,
+    Column("stage", String(16), primary_key=True),  # "transformer" (a whole mailbox) or "publisher" (one event key)
+    Column("mailbox", String(MAILBOX), primary_key=True),
+    Column("origin_id", String(ORIGIN), primary_key=True),  # WHOLE_MAILBOX ("") for a claim on a whole mailbox
+    Column("owner", String(64), nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    # an owner's claims are found without reading (and, on SQL Server, without waiting for) another owner's rows
+    Index("ix_key_claims_owner", "stage", "owner"),
+)
+WHOLE_MAILBOX = ""
+ClaimKey = tuple[str, str]  # (mailbox in lower case, origin id or WHOLE_MAILBOX)
+
 REPLICA = 100
 
 # Change-producer replicas (schema 6, decision 91 in docs/decisions.md): each beats here while it runs ...
@@ -280,6 +298,16 @@ def _migrate(engine: Engine, current: int) -> None:
             op.add_column("delivered_events", Column("maybe_held", Boolean))
             op.add_column("delivered_events", Column("maybe_start_at", UtcDateTime))
             op.add_column("delivered_events", Column("maybe_end_at", UtcDateTime))
+        if current < 5:
+            op.create_table(
+                "key_claims",
+                Column("stage", String(16), primary_key=True),
+                Column("mailbox", String(MAILBOX), primary_key=True),
+                Column("origin_id", String(ORIGIN), primary_key=True),
+                Column("owner", String(64), nullable=False),
+                Column("expires_at", UtcDateTime, nullable=False),
+            )
+            op.create_index("ix_key_claims_owner", "key_claims", ["stage", "owner"])
         if current < 6:
             op.create_table(
                 "producer_replicas",
@@ -331,6 +359,7 @@ class DesiredWrite:
     rows: Sequence[DesiredRecord]
     correlation_id: str | None = None
     snapshot_part: tuple[str, int, int | None] | None = None
+    release: tuple[str, str] | None = None  # (stage, owner): the mailbox's claim to release once written (decision 89)
 
 
 class Store:
@@ -631,11 +660,23 @@ class Store:
         One SELECT per 500 keys finds the rows that exist; new keys are inserted with one executemany, existing
         ones updated with one executemany whose WHERE carries the version check (compare-and-set: a row newer
         than the update is left as it is, even if written since the SELECT). The newest row per key wins, and of
-        equal versions the later write. Snapshot parts not yet recorded are inserted.
+        equal versions the later write. Snapshot parts not yet recorded are inserted. A key inserted by someone
+        else since the SELECT makes the insert fail: the whole write is done again, and that key is then an update
+        under the version check (decision 89). The claims the writes name are released in the same transaction.
         """
+        for attempt in range(3):
+            try:
+                self._save_desired_once(writes)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def _save_desired_once(self, writes: Sequence[DesiredWrite]) -> None:
         now = now_utc()
         latest: dict[tuple[str, str], tuple[DesiredRecord, str | None]] = {}
         parts: dict[tuple[str, int], tuple[str, int | None]] = {}
+        releases: list[dict[str, Any]] = []
         for write in writes:
             mailbox = write.mailbox.lower()
             for row in write.rows:
@@ -645,10 +686,12 @@ class Store:
             if write.snapshot_part is not None:
                 snapshot_id, part, total = write.snapshot_part
                 parts.setdefault((snapshot_id, part), (mailbox, total))
+            if write.release is not None:
+                releases.append({"k_stage": write.release[0], "k_mailbox": mailbox, "k_origin_id": WHOLE_MAILBOX, "k_owner": write.release[1]})
         c = desired_states.c
         with self.engine.begin() as conn:
             existing: dict[tuple[str, str], int] = {}
-            keys = list(latest)
+            keys = sorted(latest)  # rows written in one order by every replica: no lock cycle between two transactions
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
                 query = select(c.mailbox, c.origin_id, c.version).where(
@@ -656,7 +699,8 @@ class Store:
                 )
                 existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(query)})
             inserts, updates = [], []
-            for (mailbox, origin_id), (row, correlation_id) in latest.items():
+            for mailbox, origin_id in keys:
+                row, correlation_id = latest[(mailbox, origin_id)]
                 values = {
                     "uid": row.uid,
                     "source_item_id": row.source_item_id,
@@ -671,8 +715,6 @@ class Store:
                     inserts.append({"mailbox": mailbox, "origin_id": origin_id, **values})
                 elif existing[(mailbox, origin_id)] <= row.version:
                     updates.append({"k_mailbox": mailbox, "k_origin_id": origin_id, "k_version": row.version, **values})
-            if inserts:
-                conn.execute(insert(desired_states), inserts)
             if updates:
                 statement = (
                     update(desired_states)
@@ -680,6 +722,8 @@ class Store:
                     .values({name: bindparam(name) for name in updates[0] if not name.startswith("k_")})
                 )
                 conn.execute(statement, updates)
+            if inserts:
+                conn.execute(insert(desired_states), inserts)
             if parts:
                 ids = sorted({snapshot_id for snapshot_id, _ in parts})
                 recorded = {
@@ -688,11 +732,88 @@ class Store:
                 }
                 new_parts = [
                     {"snapshot_id": snapshot_id, "part": part, "mailbox": mailbox, "total_parts": total, "received_at": now}
-                    for (snapshot_id, part), (mailbox, total) in parts.items()
+                    for (snapshot_id, part), (mailbox, total) in sorted(parts.items())
                     if (snapshot_id, part) not in recorded
                 ]
                 if new_parts:
                     conn.execute(insert(snapshot_parts), new_parts)
+            if releases:
+                conn.execute(_release_one(), releases)
+
+    # --- claims: one replica at a time per key (decision 89) ---------------------------------------
+    def claim(self, stage: str, owner: str, keys: Iterable[ClaimKey], ttl: timedelta) -> set[ClaimKey]:
+        """Claim ``keys`` for ``owner`` for ``ttl`` from now; the keys claimed (those no live claim of another holds).
+
+        The owner's own claims left from earlier (a message whose record never ran) are released first, so an owner
+        must not run two of these at once. Normally this is one DELETE and one INSERT in one transaction; a key held
+        by another owner makes the insert fail, and then the claims held are read, the expired ones taken back
+        (a conditional DELETE), and the free keys inserted again. The insert is the compare-and-set: of two replicas
+        inserting one key, one gets a primary-key violation.
+        """
+        wanted = sorted({(mailbox.lower(), origin_id) for mailbox, origin_id in keys})
+        expires_at = now_utc() + ttl
+        rows = [{"stage": stage, "mailbox": m, "origin_id": o, "owner": owner, "expires_at": expires_at} for m, o in wanted]
+        c = key_claims.c
+        mine = and_(c.stage == stage, c.owner == owner)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(key_claims).where(mine))
+                if rows:
+                    conn.execute(insert(key_claims), rows)
+            return set(wanted)
+        except IntegrityError:
+            pass
+        for _ in range(3):
+            now = now_utc()
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(delete(key_claims).where(mine))
+                    held: dict[ClaimKey, datetime] = {}
+                    for start in range(0, len(wanted), 500):
+                        chunk = wanted[start : start + 500]
+                        query = select(c.mailbox, c.origin_id, c.expires_at).where(
+                            and_(c.stage == stage, c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_(sorted({o for _, o in chunk})))
+                        )
+                        held.update({(r.mailbox, r.origin_id): r.expires_at for r in conn.execute(query)})
+                    expired = [{"k_stage": stage, "k_mailbox": m, "k_origin_id": o, "k_now": now} for (m, o), until in sorted(held.items()) if until <= now]
+                    if expired:
+                        conn.execute(
+                            delete(key_claims).where(
+                                and_(c.stage == bindparam("k_stage"), c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id"),
+                                     c.expires_at <= bindparam("k_now"))
+                            ),
+                            expired,
+                        )
+                    free = {(m, o) for m, o in wanted if (m, o) not in held or held[(m, o)] <= now}
+                    taken = [row for row in rows if (row["mailbox"], row["origin_id"]) in free]
+                    if taken:
+                        conn.execute(insert(key_claims), taken)
+                return free
+            except IntegrityError:
+                continue  # one of them was taken meanwhile: look again
+        return set()
+
+    def renew_claims(self, stage: str, owner: str, ttl: timedelta) -> int:
+        """Make every claim ``owner`` holds last ``ttl`` from now, in one statement; how many it holds."""
+        statement = update(key_claims).where(and_(key_claims.c.stage == stage, key_claims.c.owner == owner)).values(expires_at=now_utc() + ttl)
+        with self.engine.begin() as conn:
+            return int(conn.execute(statement).rowcount)
+
+    def release_claims(self, stage: str, owner: str, keys: Iterable[ClaimKey] | None = None) -> None:
+        """Release the claims ``owner`` holds on ``keys`` (None: every one it holds)."""
+        with self.engine.begin() as conn:
+            if keys is None:
+                conn.execute(delete(key_claims).where(and_(key_claims.c.stage == stage, key_claims.c.owner == owner)))
+                return
+            rows = [{"k_stage": stage, "k_mailbox": m.lower(), "k_origin_id": o, "k_owner": owner} for m, o in sorted(keys)]
+            if rows:
+                conn.execute(_release_one(), rows)
+
+    def claims(self, stage: str) -> dict[ClaimKey, tuple[str, datetime]]:
+        """The live claims of a stage: key -> (owner, expiry); for tests and support."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(key_claims).where(key_claims.c.stage == stage)).all()
+        return {(r.mailbox, r.origin_id): (r.owner, r.expires_at) for r in rows}
 
     def snapshot_progress(self, snapshot_id: str) -> tuple[set[int], int | None]:
         """The parts of a snapshot recorded so far, and its total once the final part is recorded."""
@@ -727,7 +848,9 @@ class Store:
                     )
                 )
             ).rowcount
-        return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered}
+            # claims left by a replica that died, on keys no one has claimed since (decision 89)
+            claims = conn.execute(delete(key_claims).where(key_claims.c.expires_at < before)).rowcount
+        return {"snapshot_parts": parts, "desired_states": desired, "delivered_events": delivered, "key_claims": claims}
 
     # --- publisher: what Planner holds ----------------------------------------------------------
     def delivered_many(self, keys: Mapping[str, Sequence[str]]) -> dict[str, dict[str, DeliveredRecord]]:
@@ -776,15 +899,32 @@ class Store:
         self.record_delivered_batch([(mailbox, change, correlation_id) for change, correlation_id in changes])
 
     def record_delivered_batch(
-        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None = None
+        self,
+        changes: Sequence[tuple[str, DeliveredChange, str | None]],
+        outcomes: Mapping[str, str | None] | None = None,
+        release: tuple[str, str] | None = None,
     ) -> None:
         """(mailbox, change, correlation id) applied in order, and each mailbox's delivery outcome (``None``: delivered,
         else the error), in one transaction and a few statements (decision 78).
 
         Each change writes only its own columns; several changes of one key merge in order (a later one's column
         wins), which is what applying them one after the other did. One SELECT per 500 keys finds the rows that
-        exist; updates and inserts go out as one executemany per set of columns written.
+        exist; updates and inserts go out as one executemany per set of columns written, in key order (two replicas'
+        transactions then never wait on each other in a cycle). ``release`` (stage, owner): every claim that owner
+        holds is released in the same transaction, once the receipts are written (decision 89). A key inserted by
+        someone else since the SELECT makes the insert fail; the whole write is then done again, as updates.
         """
+        for attempt in range(3):
+            try:
+                self._record_delivered_once(changes, outcomes, release)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def _record_delivered_once(
+        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None, release: tuple[str, str] | None
+    ) -> None:
         now = now_utc()
         merged: dict[tuple[str, str], dict[str, Any]] = {}
         for mailbox, change, correlation_id in changes:
@@ -794,7 +934,7 @@ class Store:
             merged.setdefault((mailbox.lower(), change.origin_id), {}).update(values)
         c = delivered_events.c
         with self.engine.begin() as conn:
-            keys = list(merged)
+            keys = sorted(merged)
             existing: set[tuple[str, str]] = set()
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
@@ -802,7 +942,8 @@ class Store:
                 existing.update((r.mailbox, r.origin_id) for r in conn.execute(query))
             updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for (mailbox, origin_id), values in merged.items():
+            for mailbox, origin_id in keys:
+                values = merged[(mailbox, origin_id)]
                 values["updated_at"] = now
                 if (mailbox, origin_id) in existing:
                     updates.setdefault(tuple(sorted(values)), []).append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
@@ -818,15 +959,24 @@ class Store:
                 conn.execute(statement, rows)
             for rows in inserts.values():
                 conn.execute(insert(delivered_events), rows)
-            delivered = [{"k_address": m.lower(), "last_delivery_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is None]
-            failed = [
-                {"k_address": m.lower(), "last_error": e[:500], "last_error_at": now, "updated_at": now} for m, e in (outcomes or {}).items() if e is not None
-            ]
+            ordered = sorted((outcomes or {}).items())
+            delivered = [{"k_address": m.lower(), "last_delivery_at": now, "updated_at": now} for m, e in ordered if e is None]
+            failed = [{"k_address": m.lower(), "last_error": e[:500], "last_error_at": now, "updated_at": now} for m, e in ordered if e is not None]
             for rows in (delivered, failed):
                 if rows:
                     names = [name for name in rows[0] if not name.startswith("k_")]
                     statement = update(mailboxes).where(mailboxes.c.address == bindparam("k_address")).values({n: bindparam(n) for n in names})
                     conn.execute(statement, rows)
+            if release is not None:
+                conn.execute(delete(key_claims).where(and_(key_claims.c.stage == release[0], key_claims.c.owner == release[1])))
+
+
+def _release_one() -> Any:
+    """DELETE of one claim by key and owner, for an executemany of ``k_stage``, ``k_mailbox``, ``k_origin_id``, ``k_owner``."""
+    c = key_claims.c
+    return delete(key_claims).where(
+        and_(c.stage == bindparam("k_stage"), c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id"), c.owner == bindparam("k_owner"))
+    )
 
 
 def _delivered_record(r: Any) -> DeliveredRecord:
@@ -869,11 +1019,16 @@ def _delivered_values(change: DeliveredChange) -> dict[str, Any]:
 
 
 def ddl(dialect_name: str) -> list[str]:
-    """The CREATE statements for a dialect (``sqlite``, ``postgresql``, ``mssql``), for review and tests."""
-    from sqlalchemy.schema import CreateTable
+    """The CREATE statements for a dialect (``sqlite``, ``postgresql``, ``mssql``), for review and tests: each table,
+    then its indexes."""
+    from sqlalchemy.schema import CreateIndex, CreateTable
 
     dialect = _dialect(dialect_name)
-    return [str(CreateTable(table).compile(dialect=dialect)).strip() for table in metadata.sorted_tables]
+    statements = []
+    for table in metadata.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+        statements.extend(str(CreateIndex(index).compile(dialect=dialect)).strip() for index in sorted(table.indexes, key=lambda i: str(i.name)))
+    return statements
 
 
 def _dialect(name: str) -> Any:

@@ -16,7 +16,8 @@ only the messages that fail by themselves get a failure, with their own reason (
 docs/decisions.md). A handler still running after ``stop_grace`` is abandoned on stop (its messages go back
 unacked), and one running longer than ``handler_deadline`` shows in ``health()`` (decision 51). A refused
 publish (a full queue) is waited out with backoff while the loop keeps beating, never taken for a lost
-connection (decision 56).
+connection (decision 56). A message the handler defers (another replica works on its key) is kept unacked and handed
+to the handler again a moment later, without a retry tier and without counting as an attempt (decision 90).
 """
 
 from __future__ import annotations
@@ -90,7 +91,16 @@ class Done:
     record: Callable[[], None] | None = None  # a ``Together`` runs with its batch's others
 
 
-Result = Done | BaseException
+@dataclass(frozen=True)
+class Defer:
+    """Not now: another replica is working on this message's key (decision 89 in docs/decisions.md). The loop keeps
+    the message unacked and hands it to the handler again after a short wait, in a later batch; it is no failure and
+    no attempt. One deferred for longer than ``ConsumerOptions.defer_budget`` goes up the retry ladder (decision 90)."""
+
+    reason: str
+
+
+Result = Done | Defer | BaseException
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,16 @@ class _Delivery:
     properties: BasicProperties
     body: bytes
     received: float
+    deferred_since: float | None = None  # time.monotonic() of its first deferral (decision 90)
+    deferrals: int = 0
+
+
+@dataclass
+class _Held:
+    """A deferred message waiting for its next turn (``due``, time.monotonic())."""
+
+    delivery: _Delivery
+    due: float
 
 
 @dataclass
@@ -136,6 +156,8 @@ class ConsumerOptions:
     stop_grace: timedelta = timedelta(seconds=60)  # on stop, a batch still running after this is left unacked
     refused_patience: timedelta = timedelta(seconds=60)  # an output refused this long sends its message up the ladder
     decoder: Callable[[bytes], Message] = decode  # the transformer's also upgrades version-1 messages (decision 71)
+    defer_budget: timedelta = timedelta(minutes=5)  # a message deferred longer than this goes up the retry ladder (decision 90)
+    defer_first_wait: timedelta = timedelta(milliseconds=50)  # a deferred message's first wait; doubles up to a second
 
 
 @dataclass
@@ -148,6 +170,7 @@ class Counters:
     handled: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    deferred: int = 0
     paused_until: float = 0.0
     pause_reason: str = ""
 
@@ -175,6 +198,7 @@ class Consumer:
         self._stop = threading.Event()
         self._stop_asked = 0.0
         self._buffer: list[_Delivery] = []
+        self._held: list[_Held] = []  # deferred messages, unacked, waiting for their next batch (decision 90)
         self._in_flight: _InFlight | None = None
         self._orphan: Future[list[Result]] | None = None  # a handler whose connection died; no new batch until it ends
         self._connection: pika.BlockingConnection | None = None
@@ -239,8 +263,9 @@ class Consumer:
                             grace_s=self.options.stop_grace.total_seconds(),
                         )  # its messages stay unacked: the broker redelivers them
                     channel.basic_cancel(consumer_tag)
-                    returned = len(self._buffer)
+                    returned = len(self._buffer) + len(self._held)
                     self._buffer.clear()  # unacked: the broker returns them when the channel closes
+                    self._held.clear()
                     log.info("worker_stopping", stage=self.stage.name, returned_unacked=returned)
                     return
                 if self._in_flight is None and self._ready():
@@ -248,6 +273,7 @@ class Consumer:
         finally:
             self._connection = None
             self._buffer.clear()
+            self._held.clear()
             try:
                 if connection.is_open:
                     connection.close()
@@ -269,6 +295,7 @@ class Consumer:
             "handled": counters.handled,
             "retried": counters.retried,
             "dead_lettered": counters.dead_lettered,
+            "deferred": counters.deferred,
         }
         if paused:
             facts["paused_until"] = datetime.fromtimestamp(counters.paused_until, timezone.utc).isoformat()
@@ -294,18 +321,25 @@ class Consumer:
         self.metrics.received()
 
     def _ready(self) -> bool:
-        if not self._buffer or time.time() < self.counters.paused_until:
+        due = bool(self._held) and min(held.due for held in self._held) <= time.monotonic()
+        if not (self._buffer or due) or time.time() < self.counters.paused_until:
             return False
         if self._orphan is not None:
             if not self._orphan.done():
                 return False  # one handler at a time, even one whose results can no longer be acked
             self._orphan = None
-        if len(self._buffer) >= self.options.batch_size:
+        if due or len(self._buffer) >= self.options.batch_size:
             return True
         return time.monotonic() - self._buffer[0].received >= self.options.linger.total_seconds()
 
     def _dispatch(self, confirms: Confirms) -> None:
-        batch, self._buffer = self._buffer[: self.options.batch_size], self._buffer[self.options.batch_size :]
+        now = time.monotonic()
+        again = [held.delivery for held in self._held if held.due <= now][: self.options.batch_size]
+        if again:
+            tags = {delivery.tag for delivery in again}
+            self._held = [held for held in self._held if held.delivery.tag not in tags]
+        room = self.options.batch_size - len(again)
+        batch, self._buffer = again + self._buffer[:room], self._buffer[room:]
         decoded: list[_Delivery] = []
         inbound: list[Inbound] = []
         for delivery in batch:
@@ -392,7 +426,13 @@ class Consumer:
         assert self._in_flight is not None
         in_flight, self._in_flight = self._in_flight, None
         batch = list(zip(in_flight.deliveries, in_flight.inbound, in_flight.future.result()))
-        failures: dict[int, BaseException] = {n: result for n, (_, _, result) in enumerate(batch) if not isinstance(result, Done)}
+        held = self._hold([(delivery, result) for delivery, _, result in batch if isinstance(result, Defer)])
+        failures: dict[int, BaseException] = {}
+        for n, (delivery, _, result) in enumerate(batch):
+            if isinstance(result, BaseException):
+                failures[n] = result
+            elif isinstance(result, Defer) and delivery.tag not in held:
+                failures[n] = Transient(f"deferred for longer than {self.options.defer_budget}: {result.reason}")
         sends: list[Send] = []
         owners: list[int] = []
         for n, (_, _, result) in enumerate(batch):
@@ -423,10 +463,11 @@ class Consumer:
                 except PublishRefused:  # stopping while the retry or dead-letter queue is full: it stays unacked
                     log.info("settling_interrupted", stage=self.stage.name)
                     unsettled.add(n)
-        settled = [batch[n][0].tag for n in range(len(batch)) if n not in unsettled]
-        if settled and len(settled) == len(batch):
+        settled = [batch[n][0].tag for n in range(len(batch)) if n not in unsettled and batch[n][0].tag not in held]
+        if settled and len(settled) == len(batch) and not self._held:
             # Every tag below this batch's is settled already (batches are settled whole and in order, decode
-            # failures at dispatch), so one multiple-ack settles exactly this batch (decision 77).
+            # failures at dispatch, no deferred message waiting), so one multiple-ack settles exactly this batch
+            # (decision 77).
             confirms.channel.basic_ack(max(settled), multiple=True)
         else:
             for tag in settled:
@@ -435,6 +476,27 @@ class Consumer:
             if n not in failures and n not in unsettled:
                 self.counters.handled += 1
                 self.metrics.handled()
+
+    def _hold(self, deferred: list[tuple[_Delivery, Result]]) -> set[int]:
+        """Keep deferred messages for a later batch, each after its own short wait (50 ms, doubling to a second, with
+        jitter); the tags kept. One deferred for longer than the budget is not kept: it goes up the ladder."""
+        now = time.monotonic()
+        kept: set[int] = set()
+        first_time = 0
+        for delivery, result in deferred:
+            since = delivery.deferred_since if delivery.deferred_since is not None else now
+            if now - since > self.options.defer_budget.total_seconds():
+                continue
+            delivery.deferred_since, delivery.deferrals = since, delivery.deferrals + 1
+            wait = exponential_backoff(delivery.deferrals, self.options.defer_first_wait, timedelta(seconds=1)).total_seconds() * random.uniform(0.5, 1.5)
+            self._held.append(_Held(delivery, now + wait))
+            kept.add(delivery.tag)
+            first_time += delivery.deferrals == 1
+        if first_time:  # said once per message, not at every turn it waits
+            self.counters.deferred += first_time
+            first = next(result for _, result in deferred if isinstance(result, Defer))
+            log.info("messages_deferred", stage=self.stage.name, messages=first_time, reason=first.reason, waiting=len(self._held))
+        return kept
 
     def _record(self, batch: list[tuple[_Delivery, Inbound, Result]], done: dict[int, Done]) -> dict[int, BaseException]:
         """Run the record steps of the messages done, together where they can be; the failures, per message."""
@@ -517,6 +579,7 @@ class Consumer:
         new batch starts until it has ended.
         """
         self._buffer.clear()
+        self._held.clear()
         if self._in_flight is not None:
             self._orphan = self._in_flight.future
             self._in_flight = None

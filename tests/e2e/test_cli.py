@@ -150,7 +150,8 @@ def test_topology_export_writes_the_definitions_compose_renders_at_boot(tmp_path
 
 def test_ddl_for_sql_server_is_printed_for_review() -> None:
     done = run("db", "ddl", "mssql", env={"PATH": "/usr/bin:/bin", **THIS_CODE})
-    assert done.returncode == 0 and done.stdout.count("CREATE TABLE") == 9 and "DATETIME2" in done.stdout
+    assert done.returncode == 0 and done.stdout.count("CREATE TABLE") == 10 and "DATETIME2" in done.stdout
+    assert "CREATE INDEX ix_key_claims_owner ON key_claims (stage, owner);" in done.stdout
 
 
 def test_resync_publishes_a_snapshot_of_an_enrolled_mailbox(worker_env: dict[str, str], topology: object) -> None:

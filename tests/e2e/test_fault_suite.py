@@ -467,14 +467,14 @@ def test_two_jobcentres_side_by_side_on_one_broker_and_one_planner_each_end_equa
         assert theirs and {call.organisation for call in theirs} == {number}, (rig.name, {call.organisation for call in theirs})
 
 
-@pytest.mark.open_defect
 def test_two_transformers_and_two_publishers_on_the_same_queues_lose_reorder_and_double_nothing(rig_factory: Callable[..., Rig], topology: Topology) -> None:
-    """N replicas (issue 12): a second transformer and a second publisher consume the same queues while the calendars
-    are edited fast (the same appointments again and again), and one replica of each is SIGKILLed on the way.
+    """N replicas (issue 12, decisions 41, 89 and 90): a second transformer and a second publisher consume the same
+    queues while the calendars are edited fast (the same appointments again and again), and one replica of each is
+    SIGKILLed on the way (the claims it held block their mailboxes and event keys until they expire).
 
-    Open defect: in about one run of two, an appointment created and then deleted stays in Planner (extra 1-2): two
-    replicas handle the same item's create and delete at once, and the older one's state wins. One replica per stage
-    is what is supported until issue 12 lands compare-and-set writes or per-key partitions (decision 41)."""
+    Before the claims, about one run in two ended with an appointment created and then deleted still in Planner, or
+    at the wrong times: a transformer decided a delete from a store that did not show the other one's create yet, and
+    two publishers sent one key's calls at once, the older landing last."""
     rig = rig_factory("replicas", mailboxes=8, seed=41)
     rig.driver.seed(5)
     rig.pipeline.start(*STAGES, "transformer#2", "publisher#2")

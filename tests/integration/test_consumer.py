@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pika
 import pika.exceptions
@@ -15,7 +15,7 @@ import pytest
 import requests
 from structlog.testing import capture_logs
 
-from shared.broker.consume_loop import Consumer, ConsumerOptions, Done, Inbound, Result, Together
+from shared.broker.consume_loop import Consumer, ConsumerOptions, Defer, Done, Inbound, Result, Together
 from shared.broker.publishing import Confirms, Outgoing, Publisher, Send
 from shared.broker.topology import Topology
 from shared.config import Settings
@@ -299,3 +299,85 @@ def test_a_batch_of_publishes_is_confirmed_at_once_and_an_unroutable_one_fails_a
         assert confirms.publish([Send("", queue, b"after", props)]) == [None]  # the channel goes on
     finally:
         connection.close()
+
+
+def deferring_handler(topology: Topology, defer: dict[str, int], seen: list[tuple[str, int]]) -> Callable[[list[Inbound]], list[Result]]:
+    """Defers each message named in ``defer`` that many times (``-1``: always), handles the rest; notes what it saw."""
+
+    def handler(batch: list[Inbound]) -> list[Result]:
+        results: list[Result] = []
+        for inbound in batch:
+            cid = inbound.message.correlation_id
+            seen.append((cid, inbound.retry_count))
+            if defer.get(cid, 0):
+                defer[cid] -= 1
+                results.append(Defer("another replica holds this key"))
+                continue
+            state = BusyTimeState(correlation_id=cid, mailbox="anne@kommune.dk", origin_id=cid, version=1, interval=None)
+            results.append(Done(publish=[Outgoing(topology.busy_exchange, topology.busy_key("anne@kommune.dk"), state)]))
+        return results
+
+    return handler
+
+
+def test_a_deferred_message_waits_in_the_loop_and_is_handled_later_without_a_retry_tier_or_an_attempt(settings: Settings, topology: Topology) -> None:
+    messages = [change(n) for n in range(1, 11)]
+    first = messages[0].correlation_id
+    seen: list[tuple[str, int]] = []
+    handler = deferring_handler(topology, {first: 3}, seen)
+    publisher = Publisher(settings.broker, topology)
+    publisher.publish_many([Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages[:5]])
+    options = ConsumerOptions(prefetch=20, batch_size=5, linger=timedelta(seconds=1), defer_first_wait=timedelta(seconds=1))
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), handler, options)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            wait_for(lambda: consumer.counters.handled == 4, 20, what="the first batch handled but its deferred message")
+            # a whole later batch settles while the first message waits: it is acked message by message
+            publisher.publish_many([Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages[5:]])
+            wait_for(lambda: consumer.counters.handled == 10, 20, what="every message handled")
+            assert [n for cid, n in seen if cid == first] == [0] * 4  # handed over four times, never counted as an attempt
+            assert consumer.counters.retried == 0 and consumer.counters.dead_lettered == 0 and consumer.health().facts["deferred"] == 1
+            assert len(drain(topology.stage("publisher").work_queue(), timeout=10, count=10)) == 10  # each published once
+            # Its later neighbours were acked while it waited, one by one: a multiple-ack would have acked it early, and
+            # its own ack would then have made the broker close the channel (an unknown delivery tag), consumer and all,
+            # and a message sent afterwards would never be handled.
+            later = change(11)
+            send(publisher, topology, later)
+            wait_for(lambda: consumer.counters.handled == 11, 10, what="a message sent after the deferred one was acked")
+            assert consumers_of(topology.stage("transformer").work_queue()) == 1
+        finally:
+            consumer.stop()
+            thread.join(15)
+            publisher.close()
+    assert sum(1 for e in logs if e["event"] == "messages_deferred") == 1  # said once, not at every turn
+    assert queue_depth(topology, topology.stage("transformer").work_queue()) == 0
+
+
+def consumers_of(queue: str) -> int:
+    """Consumers on ``queue`` now (a passive declare: exact, unlike the management API's sampled figures)."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672, credentials=pika.PlainCredentials("guest", "guest")))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+    finally:
+        connection.close()
+
+
+def test_a_message_deferred_past_the_budget_climbs_the_retry_ladder(settings: Settings, topology: Topology) -> None:
+    message = change(7)
+    seen: list[tuple[str, int]] = []
+    handler = deferring_handler(topology, {message.correlation_id: -1}, seen)
+    publisher = Publisher(settings.broker, topology)
+    send(publisher, topology, message)
+    options = ConsumerOptions(prefetch=10, batch_size=5, defer_budget=timedelta(milliseconds=300))
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), handler, options)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: any(n == 1 for _, n in seen), 20, what="the message back from its first retry tier")
+        assert consumer.counters.retried >= 1 and consumer.counters.handled == 0
+    finally:
+        consumer.stop()
+        thread.join(15)
+        publisher.close()

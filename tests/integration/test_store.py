@@ -57,8 +57,33 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_row
     store.record_delivered("anne@k.dk", [DeliveredChange("uid-1", maybe_sent=SPAN)])  # schema 4: what Planner may hold
     assert store.delivered("anne@k.dk")["uid-1"].maybe_interval == SPAN
     assert store.acquire_leases(["anne@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"anne@k.dk": 1}  # schema 6: leases
+    assert store.claim("publisher", "me", [("anne@k.dk", "uid-1")], timedelta(minutes=1)) == {("anne@k.dk", "uid-1")}  # schema 5
     assert upgrade(engine) == 6  # and again: nothing to do
     assert store.rules("deny")[0][0] == "bo@k.dk"
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_made_by_schema_4_gains_the_claims_and_leases_tables_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v4.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 4 created
+        for statement in (FIXTURES / f"schema-v4-{dialect}.sql").read_text().split(";"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+        conn.exec_driver_sql("INSERT INTO schema_info (id, version, upgraded_at) VALUES (1, 4, '2026-11-01 00:00:00')")
+        conn.exec_driver_sql(
+            "INSERT INTO delivered_events (mailbox, origin_id, version, present, planner_originated, updated_at, maybe_held)"
+            " VALUES ('anne@k.dk', 'uid-1', 7, true, false, '2026-11-01 00:00:00', true)"
+        )
+    store = Store(engine)
+    with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
+        open_store(url, auto_upgrade=False)
+    assert upgrade(engine) == 6 and schema_version(engine) == 6
+    row = store.delivered("anne@k.dk")["uid-1"]
+    assert (row.version, row.present, row.maybe_held) == (7, True, True)
+    assert store.claim("transformer", "me", [("anne@k.dk", "")], timedelta(minutes=1)) == {("anne@k.dk", "")}
+    assert store.claim("transformer", "another", [("anne@k.dk", "")], timedelta(minutes=1)) == set()
+    assert store.acquire_leases(["anne@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"anne@k.dk": 1}  # schema 6
 
 
 def test_a_database_at_schema_2_gains_the_allow_and_deny_lists(store: Store) -> None:
@@ -68,6 +93,7 @@ def test_a_database_at_schema_2_gains_the_allow_and_deny_lists(store: Store) -> 
         conn.execute(text("DROP TABLE mailbox_rules"))
         conn.execute(text("DROP TABLE producer_replicas"))
         conn.execute(text("DROP TABLE mailbox_leases"))
+        conn.execute(text("DROP TABLE key_claims"))
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
         conn.execute(text("UPDATE schema_info SET version = 2"))
@@ -79,7 +105,8 @@ def test_a_database_at_schema_3_gains_what_planner_may_hold_and_keeps_its_delive
     from sqlalchemy import text
 
     store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
-    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns, no leases
+    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns, no claims, no leases
+        conn.execute(text("DROP TABLE key_claims"))
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
         conn.execute(text("DROP TABLE producer_replicas"))
@@ -288,7 +315,8 @@ def test_a_first_read_is_marked_once_and_the_mark_is_no_sync_position(store: Sto
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
-    assert len(statements) == 9 and all(s.startswith("CREATE TABLE") for s in statements)
+    assert len(statements) == 11 and sum(s.startswith("CREATE TABLE") for s in statements) == 10
+    assert [s for s in statements if s.startswith("CREATE INDEX")] == ["CREATE INDEX ix_key_claims_owner ON key_claims (stage, owner)"]
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
@@ -297,7 +325,7 @@ def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
 def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originated_ones(store: Store) -> None:
     from sqlalchemy import update as sql_update
 
-    from shared.adapters.store import delivered_events, desired_states, snapshot_parts
+    from shared.adapters.store import delivered_events, desired_states, key_claims, snapshot_parts
 
     long_ago = T - timedelta(days=60)
     future = Interval(start=T + timedelta(days=400), end=T + timedelta(days=400, hours=1))
@@ -314,8 +342,13 @@ def test_pruning_forgets_only_old_absent_or_past_rows_and_never_planner_originat
         conn.execute(sql_update(desired_states).where(desired_states.c.origin_id != "absent-new").values(updated_at=long_ago))
         conn.execute(sql_update(delivered_events).values(updated_at=long_ago))
         conn.execute(sql_update(snapshot_parts).values(received_at=long_ago))
+    store.claim("publisher", "a-replica-that-died", [("a@k.dk", "gone-old")], timedelta(minutes=1))
+    store.claim("publisher", "a-live-replica", [("a@k.dk", "absent-new")], timedelta(days=1000))
+    with store.engine.begin() as conn:
+        conn.execute(sql_update(key_claims).where(key_claims.c.owner == "a-replica-that-died").values(expires_at=long_ago))
     counts = store.prune(T - timedelta(days=30))
-    assert counts == {"snapshot_parts": 1, "desired_states": 1, "delivered_events": 1}
+    assert counts == {"snapshot_parts": 1, "desired_states": 1, "delivered_events": 1, "key_claims": 1}
+    assert list(store.claims("publisher")) == [("a@k.dk", "absent-new")]
     assert sorted(store.desired("a@k.dk")) == ["absent-new", "busy-future-old"]
     assert sorted(store.delivered("a@k.dk")) == ["echo-old", "held-future-old", "maybe-future-old"]
     assert store.snapshot_progress("old-snapshot") == (set(), None)
@@ -395,3 +428,68 @@ def test_a_batch_of_receipts_for_several_mailboxes_is_read_and_written_at_once_w
     rows = {m.address: m for m in store.list_mailboxes()}
     assert rows["a@k.dk"].last_delivery_at is not None and rows["a@k.dk"].last_error is None
     assert rows["b@k.dk"].last_delivery_at is None and rows["b@k.dk"].last_error == "code 3: unknown resource"
+
+
+def test_a_key_is_claimed_by_one_owner_until_released_or_expired(store: Store) -> None:
+    minute = timedelta(minutes=1)
+    assert store.claim("publisher", "a", [("A@k.dk", "x"), ("a@k.dk", "y")], minute) == {("a@k.dk", "x"), ("a@k.dk", "y")}
+    assert store.claim("publisher", "b", [("a@k.dk", "y"), ("a@k.dk", "z")], minute) == {("a@k.dk", "z")}  # y is a's
+    assert store.claim("transformer", "b", [("a@k.dk", "y")], minute) == {("a@k.dk", "y")}  # another stage's claims are apart
+    assert store.claim("publisher", "a", [("a@k.dk", "x")], minute) == {("a@k.dk", "x")}  # a's earlier claims are released first
+    assert store.claim("publisher", "b", [("a@k.dk", "y")], minute) == {("a@k.dk", "y")}  # so y is free now
+    store.release_claims("publisher", "b", [("a@k.dk", "y")])
+    assert {key: owner for key, (owner, _) in store.claims("publisher").items()} == {("a@k.dk", "x"): "a"}
+    assert store.claim("publisher", "c", [("a@k.dk", "x")], minute) == set()
+    assert store.renew_claims("publisher", "a", timedelta(seconds=-1)) == 1  # as if a died a while ago
+    assert store.claim("publisher", "c", [("a@k.dk", "x")], minute) == {("a@k.dk", "x")}  # an expired claim is taken back
+
+
+def test_claims_are_released_with_the_receipts_and_with_the_decisions_that_end_them(store: Store) -> None:
+    minute = timedelta(minutes=1)
+    store.claim("publisher", "a", [("a@k.dk", "x")], minute)
+    store.record_delivered_batch([("a@k.dk", DeliveredChange("x", maybe_sent=SPAN), None)])  # a write ahead keeps the claim
+    assert ("a@k.dk", "x") in store.claims("publisher")
+    store.record_delivered_batch([("a@k.dk", DeliveredChange("x", version=3, holding=Holding(True, SPAN)), None)], release=("publisher", "a"))
+    assert store.claims("publisher") == {} and store.delivered("a@k.dk")["x"].present
+    store.claim("transformer", "t", [("a@k.dk", ""), ("b@k.dk", "")], minute)
+    store.save_desired_many([
+        DesiredWrite("a@k.dk", [DesiredRecord("k", "u", None, 1, SPAN, None)]),
+        DesiredWrite("A@k.dk", [DesiredRecord("k", "u", None, 2, SPAN, None)], release=("transformer", "t")),
+    ])
+    assert list(store.claims("transformer")) == [("b@k.dk", "")] and store.desired("a@k.dk")["k"].version == 2
+
+
+def test_of_many_owners_claiming_the_same_keys_at_once_each_key_goes_to_exactly_one(store: Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    keys = [("a@k.dk", f"k{n}") for n in range(40)]
+    start = Barrier(4)
+
+    def claim(owner: str) -> set[tuple[str, str]]:
+        start.wait()
+        return store.claim("publisher", owner, keys[::-1] if owner in ("o1", "o3") else keys, timedelta(minutes=1))
+
+    with ThreadPoolExecutor(4) as pool:
+        won = dict(zip(["o0", "o1", "o2", "o3"], pool.map(claim, ["o0", "o1", "o2", "o3"])))
+    assert sum(len(keys_won) for keys_won in won.values()) == len(keys) and set().union(*won.values()) == set(keys)
+    assert {key: owner for key, (owner, _) in store.claims("publisher").items()} == {key: o for o, ks in won.items() for key in ks}
+
+
+def test_a_key_inserted_by_another_writer_since_the_batch_read_it_is_written_as_an_update_under_the_version_check(store: Store) -> None:
+    inserted: list[bool] = []
+
+    def other_insert_first(conn: Any, cursor: Any, statement: str, *_: Any) -> None:  # another replica, between SELECT and INSERT
+        if statement.startswith("INSERT INTO desired_states") and not inserted:
+            inserted.append(True)
+            with store.engine.connect() as other:
+                other.execute(desired_states.insert().values(mailbox="a@k.dk", origin_id="k", uid="u", version=9, updated_at=T))
+                other.commit()
+
+    event.listen(store.engine, "before_cursor_execute", other_insert_first)
+    try:
+        store.save_desired_many([DesiredWrite("a@k.dk", [DesiredRecord("k", "u", None, 8, SPAN, None), DesiredRecord("j", "u", None, 8, SPAN, None)])])
+    finally:
+        event.remove(store.engine, "before_cursor_execute", other_insert_first)
+    saved = store.desired("a@k.dk")
+    assert inserted and (saved["k"].version, saved["k"].interval) == (9, None) and saved["j"].version == 8
