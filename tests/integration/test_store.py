@@ -122,12 +122,13 @@ def test_a_database_at_schema_4_gains_the_producer_leases_and_keeps_its_rows(sto
 
     store.add_mailbox("a@k.dk")
     store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
-    with store.engine.begin() as conn:  # back to what schema 4 had: no replicas, no leases
+    with store.engine.begin() as conn:  # back to what schema 4 had: no claims, no replicas, no leases
+        conn.execute(text("DROP TABLE key_claims"))
         conn.execute(text("DROP TABLE producer_replicas"))
         conn.execute(text("DROP TABLE mailbox_leases"))
         conn.execute(text("UPDATE schema_info SET version = 4"))
     assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
-    assert {"producer_replicas", "mailbox_leases"} <= set(inspect(store.engine).get_table_names())
+    assert {"key_claims", "producer_replicas", "mailbox_leases"} <= set(inspect(store.engine).get_table_names())
     assert store.delivered("a@k.dk")["uid-1"].version == 3 and store.list_mailboxes()[0].address == "a@k.dk"
     assert store.acquire_leases(["a@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"a@k.dk": 1}
 
