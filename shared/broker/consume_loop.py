@@ -16,7 +16,8 @@ only the messages that fail by themselves get a failure, with their own reason (
 docs/decisions.md). A handler still running after ``stop_grace`` is abandoned on stop (its messages go back
 unacked), and one running longer than ``handler_deadline`` shows in ``health()`` (decision 51). A refused
 publish (a full queue) is waited out with backoff while the loop keeps beating, never taken for a lost
-connection (decision 56).
+connection (decision 56), and sent again on a fresh publishing channel; deliveries are acked on the channel that
+delivered them, which is never replaced within a session (decision 82).
 """
 
 from __future__ import annotations
@@ -216,7 +217,9 @@ class Consumer:
         try:
             channel = connection.channel()
             self.topology.declare(channel)
-            confirms = Confirms(channel)  # every publish on this channel is confirmed, a batch's at once (decision 76)
+            # every publish is confirmed, a batch's at once (decision 76); a nacked one is sent again on a fresh channel
+            # of this connection, while consuming and acking stay on this one, confirms.channel (decision 82)
+            confirms = Confirms(channel)
             channel.basic_qos(prefetch_count=self.options.prefetch)
             consumer_tag = channel.basic_consume(self.stage.work_queue(), self._on_message)
             self.counters.connected = True
