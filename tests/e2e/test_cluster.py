@@ -1,5 +1,5 @@
 """A node of a 3-node RabbitMQ cluster killed under load loses nothing, and the workers carry on on the others
-(issue 12; decisions 80 and 81 in docs/decisions.md).
+(issue 12; decisions 80 to 82 in docs/decisions.md).
 
 The test starts three RabbitMQ nodes of its own on free ports (``tests/support/rabbit_node.py``'s ``Cluster``: own
 names, data and Erlang cookie, joined with ``rabbitmqctl join_cluster``; the shared broker is never touched), and
@@ -103,10 +103,6 @@ def pace_for(driver: Driver, seconds: float) -> None:
         driver.edit()
 
 
-@pytest.mark.open_defect   # see the comment below; run with --open-defects
-# Passed 4 of 4 on the single-publish path with decision 82's fresh-channel retry. Since the batched confirms (decision
-# 76) a channel that kept the dead quorum leader nacks every publish for about a minute (decision 82), and the
-# pipeline does not settle within the test's 120 s: carrying the fresh-channel retry into `Confirms` is open (issue 12).
 def test_a_node_killed_under_load_loses_nothing_and_the_workers_reconnect_to_the_others(
     cluster: Cluster, worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report,
 ) -> None:
