@@ -1,5 +1,5 @@
 """A node of a 3-node RabbitMQ cluster killed under load loses nothing, and the workers carry on on the others
-(issue 12; decisions 80 to 82 in docs/decisions.md).
+(issue 12; decisions 80 to 82 and 87 in docs/decisions.md).
 
 The test starts three RabbitMQ nodes of its own on free ports (``tests/support/rabbit_node.py``'s ``Cluster``: own
 names, data and Erlang cookie, joined with ``rabbitmqctl join_cluster``; the shared broker is never touched), and
@@ -15,9 +15,9 @@ wrong and duplicate calls 0; no worker died), that every worker's log shows it c
 and, once the killed node is back (the dead-letter queues are classic queues on that node, decision 81), that no
 message was dead-lettered.
 
-A second test (``--soak``, expected to fail for now) kills the node that holds the dead-letter queues and sends
-poison messages: they must wait for that node without stopping the stage, and only they may be dead-lettered.
-Today good messages delivered in the same batch are dead-lettered with them (decision 81).
+A second test (``--soak``) kills the node that holds the dead-letter queues and sends poison messages: they must
+wait for that node without stopping the stage, and only they may be dead-lettered, not the good messages delivered
+in the same batch (decisions 81 and 87).
 """
 
 from __future__ import annotations
@@ -176,8 +176,6 @@ def test_a_node_killed_under_load_loses_nothing_and_the_workers_reconnect_to_the
 
 @pytest.mark.soak  # waits for RabbitMQ's own at-least-once dead-lettering to retry once the node is back (minutes)
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(reason="decision 81: good messages delivered in the same batch as a poison message reach the delivery limit with it "
-                   "and are dead-lettered too (10 and 16 held for 7 poison messages in two runs); open in issue 12", strict=False)
 def test_poison_messages_while_the_dead_letter_queues_node_is_down_wait_for_it_and_the_rest_flows(
     cluster: Cluster, worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report,
 ) -> None:
