@@ -190,11 +190,6 @@ class Confirms:
         """The channel given and the one publishes go on are both open."""
         return bool(self.channel.is_open and self._lane.channel.is_open)
 
-    @property
-    def publishing_channel(self) -> int:
-        """The number of the channel publishes go on now (for logs)."""
-        return int(self._lane.channel.channel_number)
-
     def publish(
         self,
         sends: Sequence[Send],

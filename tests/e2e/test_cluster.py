@@ -87,6 +87,14 @@ def queue_info(node: OwnNode, queue: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+def bound(node: OwnNode, exchange: str, queue: str) -> bool:
+    """Whether ``queue`` is bound to ``exchange`` (the management API of ``node``)."""
+    vhost = urllib.parse.quote('/', safe='')
+    url = f"{node.management_url}/api/bindings/{vhost}/e/{urllib.parse.quote(exchange, safe='')}/q/{urllib.parse.quote(queue, safe='')}"
+    response = requests.get(url, auth=("guest", "guest"), timeout=10)
+    return response.status_code == 200 and bool(response.json())
+
+
 def wait_for(what: str, check: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -200,6 +208,9 @@ def test_poison_messages_while_the_dead_letter_queues_node_is_down_wait_for_it_a
         dlq = topology.stage("transformer").dead_letter_queue()
         wait_for("the dead-letter queue declared", lambda: queue_info(second, dlq).get("node") is not None, 60)
         assert queue_info(second, dlq)["node"] == first.name  # declared by the workers, through the first node
+        # and bound: a worker declares every queue before any binding, and a kill in between would leave the queue
+        # unbound once its node is back (no worker reconnects then to bind it), so dead letters could never reach it
+        wait_for("the dead-letter queue bound", lambda: bound(second, topology.dead_letter_exchange, dlq), 60)
 
         first.kill()
         broker = BrokerAt(second.amqp_port, second.management_url)
