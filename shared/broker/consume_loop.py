@@ -16,8 +16,10 @@ only the messages that fail by themselves get a failure, with their own reason (
 docs/decisions.md). A handler still running after ``stop_grace`` is abandoned on stop (its messages go back
 unacked), and one running longer than ``handler_deadline`` shows in ``health()`` (decision 51). A refused
 publish (a full queue) is waited out with backoff while the loop keeps beating, never taken for a lost
-connection (decision 56). A message the handler defers (another replica works on its key) is kept unacked and handed
-to the handler again a moment later, without a retry tier and without counting as an attempt (decision 90).
+connection (decision 56), and sent again on a fresh publishing channel; deliveries are acked on the channel that
+delivered them, which is never replaced within a session (decision 82). A message the handler defers (another replica
+works on its key) is kept unacked and handed to the handler again a moment later, without a retry tier and without
+counting as an attempt (decision 90).
 """
 
 from __future__ import annotations
@@ -240,7 +242,9 @@ class Consumer:
         try:
             channel = connection.channel()
             self.topology.declare(channel)
-            confirms = Confirms(channel)  # every publish on this channel is confirmed, a batch's at once (decision 76)
+            # every publish is confirmed, a batch's at once (decision 76); a nacked one is sent again on a fresh channel
+            # of this connection, while consuming and acking stay on this one, confirms.channel (decision 82)
+            confirms = Confirms(channel)
             channel.basic_qos(prefetch_count=self.options.prefetch)
             consumer_tag = channel.basic_consume(self.stage.work_queue(), self._on_message)
             self.counters.connected = True
@@ -351,6 +355,9 @@ class Consumer:
                     self._divert(confirms, delivery, exc)
                 except PublishRefused:  # stopping while the dead-letter queue is full: it stays unacked
                     return
+                except pika.exceptions.UnroutableError:
+                    self._give_back(confirms, delivery)  # the dead-letter queue's node is down (decision 81)
+                    continue
                 confirms.channel.basic_ack(delivery.tag)
                 continue
             decoded.append(delivery)
@@ -455,6 +462,7 @@ class Consumer:
         done = {n: result for n, (_, _, result) in enumerate(batch) if isinstance(result, Done) and n not in failures and n not in unsettled}
         self.metrics.published(sum(len(result.publish) for result in done.values()))
         failures.update(self._record(batch, done))
+        given_back: set[int] = set()
         for n, error in sorted(failures.items()):
             delivery, item, _ = batch[n]
             with correlation(item.message.correlation_id, stage=self.stage.name):
@@ -463,7 +471,9 @@ class Consumer:
                 except PublishRefused:  # stopping while the retry or dead-letter queue is full: it stays unacked
                     log.info("settling_interrupted", stage=self.stage.name)
                     unsettled.add(n)
-        settled = [batch[n][0].tag for n in range(len(batch)) if n not in unsettled and batch[n][0].tag not in held]
+                except pika.exceptions.UnroutableError:  # the dead-letter queue's node is down (decision 81)
+                    given_back.add(n)
+        settled = [batch[n][0].tag for n in range(len(batch)) if n not in unsettled and n not in given_back and batch[n][0].tag not in held]
         if settled and len(settled) == len(batch) and not self._held:
             # Every tag below this batch's is settled already (batches are settled whole and in order, decode
             # failures at dispatch, no deferred message waiting), so one multiple-ack settles exactly this batch
@@ -472,6 +482,8 @@ class Consumer:
         else:
             for tag in settled:
                 confirms.channel.basic_ack(tag)
+        for n in sorted(given_back):
+            self._give_back(confirms, batch[n][0])
         for n in done:
             if n not in failures and n not in unsettled:
                 self.counters.handled += 1
@@ -571,6 +583,18 @@ class Consumer:
             self.counters.dead_lettered += 1
             self.metrics.dead_lettered()
             log.error("message_dead_lettered", attempts=attempt + 1, queue=target, reason=outcome.reason)
+
+    def _give_back(self, confirms: Confirms, delivery: _Delivery) -> None:
+        """A message whose copy no queue took goes back to its work queue alone; its batch-mates are acked.
+
+        Its copy to the dead-letter queue is returned unroutable while the cluster node holding that classic queue is
+        down (decision 81 in docs/decisions.md). Requeued, it is delivered again, and at the work queue's delivery
+        limit the broker dead-letters it itself and keeps it (at-least-once) until the dead-letter queue is back.
+        Ending the session instead would send the whole batch back with it, and its good messages would reach the
+        delivery limit too.
+        """
+        log.warning("message_given_back", stage=self.stage.name, reason="its copy was unroutable: the dead-letter queue's node down?")
+        confirms.channel.basic_nack(delivery.tag, requeue=True)
 
     def _abandon_in_flight(self) -> None:
         """After a lost connection the broker redelivers everything; forget local state.

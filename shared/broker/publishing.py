@@ -5,8 +5,9 @@ either routed to a durable queue or the publish raises. The consume loop publish
 dead letters through ``publish`` on its own channel; producers and tools use ``Publisher``.
 
 A publish the broker refuses (nacks: a full queue with ``overflow=reject-publish``) is backpressure, not a broken
-connection: it is retried on the same channel with growing waits and logged ``publish_refused`` with the queue;
-only after ``patience`` does it raise ``PublishRefused`` (decision 56 in docs/decisions.md).
+connection: it is retried with growing waits and logged ``publish_refused`` with the queue; only after ``patience``
+does it raise ``PublishRefused`` (decision 56 in docs/decisions.md). Each retry goes on a fresh channel of the same
+connection, since a channel can also keep nacking after a quorum queue's leader died (decision 82).
 
 A ``Publisher`` keeps its connection alive between publishes (a keeper thread services it, so heartbeats flow),
 finds a connection the broker closed before it publishes, and replaces it (decision 54).
@@ -110,31 +111,84 @@ class _Unconfirmed:
     returned: bool = False
 
 
-class Confirms:
-    """A channel in confirm mode whose publishes are confirmed as a window, not one at a time (decision 76).
+class _Lane:
+    """One confirm-mode channel's publishes: its own sequence numbers, its own confirms and returns.
 
-    pika's ``BlockingChannel.confirm_delivery`` waits for the broker's confirm after every publish: one round trip
-    per message. Here a batch's messages are sent with up to ``CONFIRM_WINDOW`` awaiting their confirms (a sliding
-    window) and the rest are awaited once at the end, as the broker sends them (often one multiple-ack for many). A message counts as published only when its own confirm has arrived;
-    a nack (a full queue) is sent again with growing waits (decision 56), and a message returned as unroutable
-    (mandatory) raises ``UnroutableError`` as pika's own confirm mode does. All publishes on the channel must go
-    through this object: the broker numbers confirms by the channel's publish count.
+    The broker numbers confirms per channel, from 1 on each new channel, so everything that hangs on those numbers
+    lives here, and the callbacks of a channel only ever touch their own lane (a late confirm of an old channel
+    can never settle a publish of a new one).
     """
 
     def __init__(self, channel: BlockingChannel) -> None:
         self.channel = channel
-        self._published = 0  # the broker's sequence number of the last publish on this channel
-        self._unconfirmed: dict[int, _Unconfirmed] = {}  # by sequence number, in publish order
-        self._nacked: list[_Unconfirmed] = []
-        self._returned: list[_Unconfirmed] = []
+        self.published = 0  # the broker's sequence number of the last publish on this channel
+        self.unconfirmed: dict[int, _Unconfirmed] = {}  # by sequence number, in publish order
+        self.nacked: list[_Unconfirmed] = []
+        self.returned: list[_Unconfirmed] = []
         selected: list[bool] = []
         # pika's own Channel under the blocking one: its confirm mode hands over each ack/nack without waiting per
         # publish, and its basic_publish queues the frames without a trip round the I/O loop per message.
-        impl = self._impl = channel._impl
+        impl = self.impl = channel._impl
         impl.add_on_return_callback(self._on_return)
         impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True))
         while not selected:
-            self._service(0.01)
+            if not channel.is_open:
+                raise pika.exceptions.ChannelWrongStateError("channel closed before confirm mode was selected")
+            channel.connection.process_data_events(time_limit=0.01)
+
+    def send(self, index: int, send: Send) -> None:
+        self.published += 1
+        self.unconfirmed[self.published] = _Unconfirmed(index, send)
+        self.impl.basic_publish(send.exchange, send.routing_key, send.body, send.properties, mandatory=True)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        nack = isinstance(method, pika.spec.Basic.Nack)
+        tags = [method.delivery_tag] if not method.multiple else [t for t in self.unconfirmed if t <= method.delivery_tag]
+        for tag in tags:
+            entry = self.unconfirmed.pop(tag, None)
+            if entry is None:
+                continue
+            if nack:
+                self.nacked.append(entry)
+            elif entry.returned:
+                self.returned.append(entry)
+
+    def _on_return(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
+        """A mandatory message no queue took; it comes before its confirm, so it is still unconfirmed."""
+        for entry in self.unconfirmed.values():
+            send = entry.send
+            if not entry.returned and send.exchange == method.exchange and send.routing_key == method.routing_key and send.body == body:
+                entry.returned = True
+                return
+
+
+class Confirms:
+    """Publishes confirmed as a window, not one at a time (decision 76), on a channel in confirm mode.
+
+    pika's ``BlockingChannel.confirm_delivery`` waits for the broker's confirm after every publish: one round trip
+    per message. Here a batch's messages are sent with up to ``CONFIRM_WINDOW`` awaiting their confirms (a sliding
+    window) and the rest are awaited once at the end, as the broker sends them (often one multiple-ack for many). A
+    message counts as published only when its own confirm has arrived; a message returned as unroutable (mandatory)
+    raises ``UnroutableError`` as pika's own confirm mode does.
+
+    A nack (a full queue, or a channel that kept a dead quorum leader) is sent again after a growing wait (decision
+    56) on a fresh channel of the same connection (decision 82 in docs/decisions.md): on RabbitMQ 3.10 a channel
+    that first published to a quorum queue during its leader election keeps nacking. ``channel``, the channel
+    given, is never replaced nor closed here: the consume loop consumes and acks on it, and delivery tags belong to
+    the channel that delivered them. Publishes go on ``channel`` until the first nack, then on the latest fresh
+    one; a fresh channel is closed when the next replaces it (all its confirms are in by then). All publishes on
+    these channels must go through this object: the broker numbers confirms by each channel's publish count.
+    """
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+        self._lane = _Lane(channel)
+
+    @property
+    def is_open(self) -> bool:
+        """The channel given and the one publishes go on are both open."""
+        return bool(self.channel.is_open and self._lane.channel.is_open)
 
     def publish(
         self,
@@ -145,21 +199,23 @@ class Confirms:
     ) -> list[BaseException | None]:
         """Publish all, wait for every confirm once; per message None (confirmed) or why not.
 
-        A refused (nacked) message is published again after a growing wait, logged ``publish_refused``, until
-        ``patience`` (never, when None) runs out or ``wait`` says stop: then its outcome is ``PublishRefused``.
-        Connection and channel failures raise: nothing of the batch may then be taken as published.
+        A refused (nacked) message is published again on a fresh channel after a growing wait, logged
+        ``publish_refused``, until ``patience`` (never, when None) runs out or ``wait`` says stop: then its outcome
+        is ``PublishRefused``. Connection and channel failures raise: nothing of the batch may then be taken as
+        published.
         """
         outcomes: list[BaseException | None] = [None] * len(sends)
         todo = list(range(len(sends)))
         refused = 0
         started = time.monotonic()
         while todo:
-            self._send(todo, sends)
-            self._await()
-            for entry in self._returned:
+            lane = self._lane
+            self._send(lane, todo, sends)
+            self._await(lane)
+            for entry in lane.returned:
                 outcomes[entry.index] = pika.exceptions.UnroutableError([])
-            nacked = [entry.index for entry in self._nacked]
-            self._returned, self._nacked = [], []
+            nacked = [entry.index for entry in lane.nacked]
+            lane.returned, lane.nacked = [], []
             if not nacked:
                 break
             refused += 1
@@ -169,35 +225,52 @@ class Confirms:
             target = first.queue or queue_of(None, first.exchange, first.routing_key)
             log.warning(
                 "publish_refused", queue=target, exchange=first.exchange, routing_key=first.routing_key,
-                attempt=refused, messages=len(nacked), retry_in_s=None if give_up else delay,
+                attempt=refused, messages=len(nacked), channel=lane.channel.channel_number, retry_in_s=None if give_up else delay,
             )
             if give_up or not (wait or self._sleep)(delay):
                 for index in nacked:
                     send = sends[index]
                     outcomes[index] = PublishRefused(send.queue or queue_of(None, send.exchange, send.routing_key), refused)
                 break
+            self._renew()
             todo = nacked
         if refused and any(outcome is None for outcome in outcomes):
-            log.info("publish_accepted", queue=sends[0].queue or queue_of(None, sends[0].exchange, sends[0].routing_key), attempts=refused + 1)
+            log.info(
+                "publish_accepted", queue=sends[0].queue or queue_of(None, sends[0].exchange, sends[0].routing_key),
+                attempts=refused + 1, channel=self._lane.channel.channel_number,
+            )
         return outcomes
 
-    def _send(self, indexes: list[int], sends: Sequence[Send]) -> None:
-        for index in indexes:
-            while len(self._unconfirmed) >= CONFIRM_WINDOW:  # a sliding window: confirms come back while we send
-                self._check_open()
-                self._service(0.002)
-            send = sends[index]
-            self._published += 1
-            self._unconfirmed[self._published] = _Unconfirmed(index, send)
-            self._impl.basic_publish(send.exchange, send.routing_key, send.body, send.properties, mandatory=True)
+    def _renew(self) -> None:
+        """Publish on a fresh channel of the same connection from now on (decision 82 in docs/decisions.md).
 
-    def _await(self) -> None:
-        while self._unconfirmed:
-            self._check_open()
+        The channel given stays open and untouched (its consumer and unacked deliveries are the consume loop's);
+        an earlier fresh channel is closed, its confirms all in. The new channel is opened before the old is closed,
+        so the two never share a channel number.
+        """
+        old = self._lane
+        self._lane = _Lane(self.channel.connection.channel())
+        if old.channel is not self.channel and old.channel.is_open:
+            try:
+                old.channel.close()
+            except (pika.exceptions.AMQPError, OSError):  # closing a channel that is going anyway: nothing waits on it
+                pass
+
+    def _send(self, lane: _Lane, indexes: list[int], sends: Sequence[Send]) -> None:
+        for index in indexes:
+            while len(lane.unconfirmed) >= CONFIRM_WINDOW:  # a sliding window: confirms come back while we send
+                self._check_open(lane)
+                self._service(0.002)
+            lane.send(index, sends[index])
+
+    def _await(self, lane: _Lane) -> None:
+        while lane.unconfirmed:
+            self._check_open(lane)
             self._service(0.002)
 
-    def _check_open(self) -> None:
-        if not self.channel.is_open:
+    @staticmethod
+    def _check_open(lane: _Lane) -> None:
+        if not lane.channel.is_open:
             raise pika.exceptions.ChannelWrongStateError("channel closed while publishes awaited their confirms")
 
     def _service(self, seconds: float) -> None:
@@ -206,27 +279,6 @@ class Confirms:
     def _sleep(self, seconds: float) -> bool:
         self.channel.connection.sleep(seconds)
         return True
-
-    def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        nack = isinstance(method, pika.spec.Basic.Nack)
-        tags = [method.delivery_tag] if not method.multiple else [t for t in self._unconfirmed if t <= method.delivery_tag]
-        for tag in tags:
-            entry = self._unconfirmed.pop(tag, None)
-            if entry is None:
-                continue
-            if nack:
-                self._nacked.append(entry)
-            elif entry.returned:
-                self._returned.append(entry)
-
-    def _on_return(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
-        """A mandatory message no queue took; it comes before its confirm, so it is still unconfirmed."""
-        for entry in self._unconfirmed.values():
-            send = entry.send
-            if not entry.returned and send.exchange == method.exchange and send.routing_key == method.routing_key and send.body == body:
-                entry.returned = True
-                return
 
 
 def publish_confirmed(
@@ -283,13 +335,13 @@ class Publisher:
 
     def _ensure(self) -> Confirms:
         """The open channel, after servicing the connection; a connection found dead is replaced first."""
-        if self._connection is not None and self._confirms is not None and self._confirms.channel.is_open:
+        if self._connection is not None and self._confirms is not None and self._confirms.is_open:
             try:
                 self._connection.process_data_events(time_limit=0)  # heartbeats, and news of a close
             except _DEAD as exc:
                 log.info("publisher_connection_replaced", connection=self.name, error=type(exc).__name__)
                 self._drop()
-        if self._connection is None or self._confirms is None or not self._confirms.channel.is_open or not self._connection.is_open:
+        if self._connection is None or self._confirms is None or not self._confirms.is_open or not self._connection.is_open:
             self._drop()
             self._connection = open_connection(self.broker, self.name)
             channel = self._connection.channel()

@@ -1,5 +1,5 @@
 """A node of a 3-node RabbitMQ cluster killed under load loses nothing, and the workers carry on on the others
-(issue 12; decisions 80 and 81 in docs/decisions.md).
+(issue 12; decisions 80 to 82 and 87 in docs/decisions.md).
 
 The test starts three RabbitMQ nodes of its own on free ports (``tests/support/rabbit_node.py``'s ``Cluster``: own
 names, data and Erlang cookie, joined with ``rabbitmqctl join_cluster``; the shared broker is never touched), and
@@ -15,9 +15,9 @@ wrong and duplicate calls 0; no worker died), that every worker's log shows it c
 and, once the killed node is back (the dead-letter queues are classic queues on that node, decision 81), that no
 message was dead-lettered.
 
-A second test (``--soak``, expected to fail for now) kills the node that holds the dead-letter queues and sends
-poison messages: they must wait for that node without stopping the stage, and only they may be dead-lettered.
-Today good messages delivered in the same batch are dead-lettered with them (decision 81).
+A second test (``--soak``) kills the node that holds the dead-letter queues and sends poison messages: they must
+wait for that node without stopping the stage, and only they may be dead-lettered, not the good messages delivered
+in the same batch (decisions 81 and 87).
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ def queue_info(node: OwnNode, queue: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+def bound(node: OwnNode, exchange: str, queue: str) -> bool:
+    """Whether ``queue`` is bound to ``exchange`` (the management API of ``node``)."""
+    vhost = urllib.parse.quote('/', safe='')
+    url = f"{node.management_url}/api/bindings/{vhost}/e/{urllib.parse.quote(exchange, safe='')}/q/{urllib.parse.quote(queue, safe='')}"
+    response = requests.get(url, auth=("guest", "guest"), timeout=10)
+    return response.status_code == 200 and bool(response.json())
+
+
 def wait_for(what: str, check: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -103,10 +111,6 @@ def pace_for(driver: Driver, seconds: float) -> None:
         driver.edit()
 
 
-@pytest.mark.open_defect   # see the comment below; run with --open-defects
-# Passed 4 of 4 on the single-publish path with decision 82's fresh-channel retry. Since the batched confirms (decision
-# 76) a channel that kept the dead quorum leader nacks every publish for about a minute (decision 82), and the
-# pipeline does not settle within the test's 120 s: carrying the fresh-channel retry into `Confirms` is open (issue 12).
 def test_a_node_killed_under_load_loses_nothing_and_the_workers_reconnect_to_the_others(
     cluster: Cluster, worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report,
 ) -> None:
@@ -180,8 +184,6 @@ def test_a_node_killed_under_load_loses_nothing_and_the_workers_reconnect_to_the
 
 @pytest.mark.soak  # waits for RabbitMQ's own at-least-once dead-lettering to retry once the node is back (minutes)
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(reason="decision 81: good messages delivered in the same batch as a poison message reach the delivery limit with it "
-                   "and are dead-lettered too (10 and 16 held for 7 poison messages in two runs); open in issue 12", strict=False)
 def test_poison_messages_while_the_dead_letter_queues_node_is_down_wait_for_it_and_the_rest_flows(
     cluster: Cluster, worker_env: dict[str, str], planner_sim: RunningPlannerSim, processes: list[WorkerProcess], tmp_path: Path, report: Report,
 ) -> None:
@@ -206,6 +208,9 @@ def test_poison_messages_while_the_dead_letter_queues_node_is_down_wait_for_it_a
         dlq = topology.stage("transformer").dead_letter_queue()
         wait_for("the dead-letter queue declared", lambda: queue_info(second, dlq).get("node") is not None, 60)
         assert queue_info(second, dlq)["node"] == first.name  # declared by the workers, through the first node
+        # and bound: a worker declares every queue before any binding, and a kill in between would leave the queue
+        # unbound once its node is back (no worker reconnects then to bind it), so dead letters could never reach it
+        wait_for("the dead-letter queue bound", lambda: bound(second, topology.dead_letter_exchange, dlq), 60)
 
         first.kill()
         broker = BrokerAt(second.amqp_port, second.management_url)

@@ -28,7 +28,7 @@ from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology
 from shared.config import DatabaseSettings, Settings
 from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, CalendarSnapshot, Interval, encode
-from shared.domain.retry import Transient
+from shared.domain.retry import Permanent, Transient
 from tests.support.broker import BROKER_HOST, MANAGEMENT, drain, publish_raw, queue_depth
 from tests.support.waiting import wait_for
 
@@ -62,6 +62,7 @@ class Forwarder:
         self.seen: list[str] = []
         self.recorded: list[str] = []
         self.fail_once: dict[str, BaseException] = {}
+        self.fail_always: dict[str, BaseException] = {}
 
     def __call__(self, batch: list[Inbound]) -> list[Result]:
         results: list[Result] = []
@@ -70,6 +71,9 @@ class Forwarder:
             self.seen.append(cid)
             if cid in self.fail_once:
                 results.append(self.fail_once.pop(cid))
+                continue
+            if cid in self.fail_always:
+                results.append(self.fail_always[cid])
                 continue
             state = BusyTimeState(correlation_id=cid, mailbox=MAILBOX, origin_id=cid, version=1, interval=None)
             out = Outgoing(self.topology.busy_exchange, self.topology.busy_key(MAILBOX), state)
@@ -157,6 +161,56 @@ def test_a_poison_message_fails_alone_and_the_good_messages_of_its_batch_go_thro
     assert consumer.counters.retried == len(topology.ladder)  # only the poison message climbed the ladder
     assert consumer.counters.dead_lettered == 1
     assert queue_depth(topology, stage.dead_letter_queue()) == 0
+
+
+def _publish_all(exchange: str, routing_key: str, bodies: list[bytes]) -> None:
+    """Publish ``bodies`` back to back on one confirming channel, as a producer's read does (they arrive together)."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    finally:
+        connection.close()
+
+
+def _queue_info(queue: str) -> dict[str, Any]:
+    response = requests.get(f"{MANAGEMENT}/api/queues/%2F/{quote(queue, safe='')}", auth=("guest", "guest"), timeout=10)
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def test_poison_messages_that_cannot_be_dead_lettered_go_back_alone_and_their_batch_mates_are_handled_once(settings: Settings, topology: Topology) -> None:
+    """Decision 81: while the cluster node holding a classic dead-letter queue is down, a worker's copy to it is
+    returned unroutable. On one node a deleted dead-letter queue answers the same. The poison messages (one
+    malformed, one a permanent failure) must go back to the work queue alone, and the good messages of their batch
+    be handled, confirmed, recorded and acked once, in the same session (not redelivered with them until the
+    delivery limit dead-letters them too)."""
+    stage = topology.stage("transformer")
+    forwarder = Forwarder(topology)
+    good = [change(n) for n in range(1, 7)]
+    refused = change(99)
+    forwarder.fail_always[refused.correlation_id] = Permanent("Planner code 3: unknown resource")
+    bodies = [encode(m) for m in good[:3]] + [b"not json at all", encode(refused)] + [encode(m) for m in good[3:]]
+    consumer = Consumer(settings.broker, topology, stage, forwarder, ConsumerOptions(prefetch=20, batch_size=10, linger=timedelta(milliseconds=300)))
+    with capture_logs() as logs, consuming(consumer):
+        connection = pika.BlockingConnection(pika.ConnectionParameters(BROKER_HOST))
+        connection.channel().queue_delete(stage.dead_letter_queue())
+        connection.close()
+        _publish_all(topology.calendar_exchange, topology.change_key(MAILBOX), bodies)
+        wanted = sorted(m.correlation_id for m in good)
+        wait_for(lambda: sorted(forwarder.recorded) == wanted, 30, what="the good messages handled")
+        # the broker stops delivering the two at the work queue's delivery limit and keeps them for the dead-letter queue
+        wait_for(lambda: forwarder.seen.count(refused.correlation_id) > settings.broker.delivery_limit, 60, what="the delivery limit reached")
+        wait_for(lambda: _queue_info(stage.work_queue()).get("messages_dlx") == 2, 60, what="both poison messages kept by the work queue")
+
+    assert sorted(cid for cid in forwarder.seen if cid != refused.correlation_id) == wanted  # each good one once
+    states = drain(topology.stage("publisher").work_queue(), timeout=10, count=len(good) + 1)
+    assert sorted(json.loads(body)["correlation_id"] for _, body in states) == wanted
+    assert _events(logs, "broker_connection_lost") == []  # one session throughout
+    assert len(_events(logs, "message_given_back")) >= 2 * settings.broker.delivery_limit
+    assert consumer.counters.dead_lettered == 0 and consumer.counters.retried == 0
 
 
 # --------------------------------------------------------------------------------------------- malformed input
