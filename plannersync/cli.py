@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,14 @@ def _configure_logs(settings: Settings, service: str) -> None:
 
 
 # --- run ----------------------------------------------------------------------------------
+ALL_WORKERS = "all"   # every worker but the status page, in one process (decision 94)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    names = _worker_names(args.worker)
+    if len(names) > 1:
+        return _run_together(names, args)
+    args.worker = names[0]
     settings = _settings()
     _configure_logs(settings, args.worker)
     from shared.health import HealthReporter
@@ -93,6 +101,99 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_names(given: list[str]) -> list[str]:
+    """The workers named on the command line, ``all`` expanded, each once, in the registry's order."""
+    wanted = set(given)
+    if ALL_WORKERS in wanted:
+        wanted |= {name for name in WORKERS if name != "status-page"}
+    return [name for name in WORKERS if name in wanted]
+
+
+def _run_together(names: list[str], args: argparse.Namespace) -> int:
+    """Several workers in one process, each on its own thread with its own health file (decision 94).
+
+    They share the imports and the process's memory; each still has its own connections, loops and health. SIGTERM
+    stops them all. When one ends (it failed, or it stopped by itself) the others are stopped and the process exits
+    with that worker's code, so a supervisor (compose ``restart:``, systemd ``Restart=``) starts the set again.
+    """
+    settings = _settings()
+    _configure_logs(settings, "plannersync")
+    import structlog
+
+    from shared.health import HealthReporter
+    from shared.logs import get_logger, install_crash_reporting, log_fatal
+    from shared.workers import WorkerWedged
+
+    install_crash_reporting()
+    log = get_logger("plannersync.run")
+    ended = threading.Event()
+    failures: dict[str, BaseException] = {}
+    try:
+        _prepare_state(settings)
+        workers = {name: build_worker(name, settings) for name in names}
+        if args.ensure_topology and any(name != "status-page" for name in names):
+            _ensure_policies(settings, force=False, quiet=True)
+        reporters = [HealthReporter(worker, name, settings.status.health_dir) for name, worker in workers.items()]
+        metrics_server = _serve_metrics(settings, args, None)
+        if metrics_server is not None:
+            from shared import metrics
+
+            for name, worker in workers.items():
+                metrics.worker_health_gauges(name, worker.health)
+    except Exception as exc:  # noqa: BLE001 - one JSON line (worker_crashed), as for one worker
+        message = operator_message(exc, settings)
+        log_fatal(exc, worker=",".join(names), **({"problem": message} if message else {}))
+        return EXIT_UNAVAILABLE if message else EXIT_FAILED
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        ended.set()
+
+    def _run(name: str) -> None:
+        structlog.contextvars.bind_contextvars(service=name)   # this thread's log lines name their worker
+        try:
+            workers[name].run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread, which ends the process
+            failures[name] = exc
+        finally:
+            ended.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    for reporter in reporters:
+        reporter.start()
+    threads = [threading.Thread(target=_run, args=(name,), name=f"worker-{name}", daemon=True) for name in names]
+    log.info("workers_starting", workers=names, broker=settings.broker.where(), prefix=settings.broker.prefix, state_dir=str(settings.state_dir))
+    for thread in threads:
+        thread.start()
+    while not ended.wait(0.5):
+        pass
+    for worker in workers.values():
+        worker.stop()
+    for thread in threads:
+        thread.join(60)
+    for reporter in reporters:
+        reporter.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
+    code = 0
+    for name, failure in failures.items():
+        message = operator_message(failure, settings) if isinstance(failure, Exception) else None
+        log_fatal(failure, worker=name, **({"problem": message} if message else {}))
+        code = code or (EXIT_UNAVAILABLE if message else EXIT_FAILED)
+        if isinstance(failure, WorkerWedged):   # a wedged thread would hold a normal exit for ever (decision 70)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        log.error("workers_did_not_stop", threads=stuck)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or EXIT_FAILED)
+    return code
+
+
 def _serve_metrics(settings: Settings, args: argparse.Namespace, worker: Any) -> Any:
     """Serve this worker's Prometheus metrics when a port is given (``--metrics-port`` or PLANNERSYNC_STATUS__METRICS_PORT)."""
     port = args.metrics_port if args.metrics_port is not None else settings.status.metrics_port
@@ -106,7 +207,8 @@ def _serve_metrics(settings: Settings, args: argparse.Namespace, worker: Any) ->
         server = metrics.serve(host, port)
     except OSError as exc:
         raise Unavailable(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (PLANNERSYNC_STATUS__METRICS_HOST, PLANNERSYNC_STATUS__METRICS_PORT)") from None
-    metrics.worker_health_gauges(args.worker, worker.health)
+    if worker is not None:
+        metrics.worker_health_gauges(args.worker, worker.health)
     get_logger("plannersync.run").info("metrics_serving", url=f"http://{host}:{server.port}/metrics")
     return server
 
@@ -724,8 +826,10 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"plannersync {_version()}", help="print the version and exit")
     sub = top.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one worker in the foreground until SIGTERM/SIGINT")
-    run.add_argument("worker", choices=list(WORKERS), help="which worker to run (status-page: the read-only status page, runbooks/monitoring.md)")
+    run = sub.add_parser("run", help="run one worker (or several in one process) in the foreground until SIGTERM/SIGINT")
+    run.add_argument("worker", nargs="+", choices=[*WORKERS, ALL_WORKERS], metavar="WORKER",
+                     help=f"which worker to run: {', '.join(WORKERS)} (status-page: the read-only status page, runbooks/monitoring.md); "
+                          f"several, or {ALL_WORKERS} (every worker but the status page), run together in one process (decision 94)")
     run.add_argument("--no-ensure-topology", dest="ensure_topology", action="store_false", help="do not create missing broker policies at start")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (overrides PLANNERSYNC_STATUS__METRICS_PORT; off when neither is set)")
     run.set_defaults(func=cmd_run)
