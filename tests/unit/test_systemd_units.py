@@ -55,7 +55,7 @@ def test_a_worker_unit_runs_its_worker_restarts_and_stops_gracefully(worker: str
     service = unit(UNITS / f"plannersync-{worker}.service")["Service"]
     words = cli_words(service["ExecStart"][0])
     args = parser().parse_args(words)  # the real CLI: an unknown worker or flag would exit here
-    assert (args.command, args.worker) == ("run", worker)
+    assert (args.command, args.worker) == ("run", [worker])
     assert service["Restart"] == ["always"] and service["RestartPreventExitStatus"] == ["2"]  # exit 2: bad configuration
     assert service["KillSignal"] == ["SIGTERM"] and int(service["TimeoutStopSec"][0]) >= 90  # the loop's 60 s grace fits
     assert "/etc/plannersync/plannersync.env" in service["EnvironmentFile"] and service["User"] == ["plannersync"]
