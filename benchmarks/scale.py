@@ -12,6 +12,8 @@ workers as processes (`plannersync run ...`):
 - changed night: 15 appointments moved in one mailbox in ten, then the same: Planner calls per changed event;
 - reconciliation: `plannersync reconcile --all` (GetEvents for `reconcile.mailboxes_per_call` mailboxes a call);
 - memory: the peak resident size (VmHWM) of every worker and of the resync and reconcile commands, and their sum.
+``--together`` runs every worker in one process (`plannersync run all`, decision 94) instead; the change producer then
+keeps running through the nights, so the changed night's edits reach Planner live and its calls are not counted.
 Time per mailbox and per item should not grow with the count (issue 12's scaling table).
 """
 
@@ -105,7 +107,7 @@ def _command(args: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
     return time.monotonic() - started, peak
 
 
-def one_size(mailbox_count: int, items: int, timeout: float) -> Row:
+def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> Row:
     row = Row(mailbox_count, items)
     prefix = f"bscale{uuid.uuid4().hex[:6]}"
     workdir = Path(tempfile.mkdtemp(prefix="plannersync-scale-"))
@@ -156,11 +158,15 @@ def one_size(mailbox_count: int, items: int, timeout: float) -> Row:
         return list(planner.state.calls())
 
     try:
-        stages = start_workers(["transformer", "publisher"], env, workdir)
-        producer = start_workers(["change-producer"], env, workdir)
+        if together:
+            stages = start_workers(["all"], env, workdir)
+        else:
+            stages = start_workers(["transformer", "publisher"], env, workdir)
+            producer = start_workers(["change-producer"], env, workdir)
         load = _wait(lambda: held() >= total, timeout)
-        peaks["change-producer"] = _peak_rss_mb(producer[0].pid)
-        stop_workers(producer)
+        if producer:
+            peaks["change-producer"] = _peak_rss_mb(producer[0].pid)
+            stop_workers(producer)
         _wait(lambda: _queues_empty(settings, topology), timeout, quiet=2.0)
         row.figures.update({"load_s": load, "load_per_s": total / load})
 
@@ -183,17 +189,18 @@ def one_size(mailbox_count: int, items: int, timeout: float) -> Row:
         resync_s, peak = _command(["resync", "--all", "--progress-every", "100000"], env, log)
         peaks["resync"] = max(peaks["resync"], peak)
         drained = _wait(lambda: _queues_empty(settings, topology), timeout, quiet=2.0)
-        changed_calls = len(calls()) - before
+        changed_calls = len(calls()) - before if not together else float("nan")   # the live change producer sent them
         row.figures.update({"changed_night_s": resync_s + drained, "changed_events": 15 * len(changed_mailboxes), "changed_calls": changed_calls})
 
         before_calls = calls()
         reconcile_s, peaks["reconcile"] = _command(["reconcile", "--all"], env, log)
         get_events = sum(1 for c in calls()[len(before_calls):] if c.operation == "GetEvents")
         row.figures.update({"reconcile_s": reconcile_s, "reconcile_get_events": get_events})
-        for name, proc in zip(("transformer", "publisher"), stages):
+        for name, proc in zip(("all",) if together else ("transformer", "publisher"), stages):
             peaks[name] = _peak_rss_mb(proc.pid)
         row.figures.update({f"rss_{name}": mb for name, mb in peaks.items()})
-        row.figures["rss_all"] = sum(peaks.values())
+        row.figures["workers_mb"] = sum(mb for name, mb in peaks.items() if name not in ("resync", "reconcile"))
+        row.figures["commands_mb"] = max(peaks["resync"], peaks["reconcile"])   # one at a time, at night
         return row
     finally:
         stop_workers(producer + stages)
@@ -207,12 +214,14 @@ def main() -> int:
     parser.add_argument("--mailboxes", default="250,500,1000,2000", help="comma-separated sizes")
     parser.add_argument("--items", type=int, default=150, help="busy appointments per mailbox")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
+    parser.add_argument("--together", action="store_true", help="every worker in one process (plannersync run all)")
     args = parser.parse_args()
     configure("WARNING", "console", service="benchmark")
-    print(f"plannersync scale benchmark ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite)")
+    print(f"plannersync scale benchmark ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
+          f"{'every worker in one process' if args.together else 'one process per worker'})")
     rows = []
     for size in (int(s) for s in args.mailboxes.split(",")):
-        row = one_size(size, args.items, args.timeout)
+        row = one_size(size, args.items, args.timeout, args.together)
         rows.append(row)
         f = row.figures
         print(f"{size} mailboxes x {args.items}: load {f['load_s']:.0f} s ({f['load_per_s']:.0f}/s); unchanged night {f['night_s']:.1f} s "
@@ -220,12 +229,13 @@ def main() -> int:
               f"changed night {f['changed_night_s']:.1f} s, {f['changed_events']:.0f} events in {f['changed_calls']:.0f} calls; "
               f"reconcile {f['reconcile_s']:.1f} s in {f['reconcile_get_events']:.0f} GetEvents; "
               f"peak RSS MB: " + ", ".join(f"{k[4:]} {v:.0f}" for k, v in f.items() if k.startswith("rss_")), flush=True)
-    print("\n| mailboxes | load, busy times/s | unchanged night: s, ms/mailbox, us/item, Planner calls | changed night: events, calls | reconcile: s, GetEvents | peak RSS, all workers |")
+    print("\n| mailboxes | load, busy times/s | unchanged night: s, ms/mailbox, us/item, Planner calls | changed night: events, calls | reconcile: s, GetEvents | peak RSS: workers + the larger nightly command |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         f = row.figures
         print(f"| {row.mailboxes:,} | {f['load_per_s']:.0f} | {f['night_s']:.1f}, {f['night_ms_per_mailbox']:.1f}, {f['night_us_per_item']:.0f}, {f['night_calls']:.0f} "
-              f"| {f['changed_events']:.0f}, {f['changed_calls']:.0f} | {f['reconcile_s']:.1f}, {f['reconcile_get_events']:.0f} | {f['rss_all']:.0f} MB |")
+              f"| {f['changed_events']:.0f}, {f['changed_calls']:.0f} | {f['reconcile_s']:.1f}, {f['reconcile_get_events']:.0f} "
+              f"| {f['workers_mb']:.0f} + {f['commands_mb']:.0f} MB |")
     return 0
 
 
