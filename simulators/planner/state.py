@@ -259,7 +259,8 @@ class SimState:
 
     def events(self, email: str | None = None) -> list[SimEvent]:
         with self._lock:
-            return [event for (_, mailbox), event in sorted(self._events.items()) if email is None or mailbox == email.lower()]
+            wanted = None if email is None else email.lower()
+            return [event for _, event in sorted(item for item in self._events.items() if wanted is None or item[0][1] == wanted)]
 
     def resources(self, emails: list[str] | None = None) -> list[SimResource]:
         wanted = {email.lower() for email in emails or []}
