@@ -218,6 +218,7 @@ class SimState:
         self._resources = list(self._seed)
         self._patterns = [re.compile(pattern) for pattern in (planner_uid_patterns or [])]
         self._events: dict[tuple[str, str], SimEvent] = {}
+        self._by_mailbox: dict[str, dict[tuple[str, str], SimEvent]] = {}   # the same events, per mailbox (GetEvents)
         self._faults: list[Fault] = []
         self._calls: list[CallRecord] = []
         self._ids = itertools.count(1)
@@ -228,6 +229,7 @@ class SimState:
         with self._lock:
             self._resources = list(self._seed)
             self._events.clear()
+            self._by_mailbox.clear()
             self._faults.clear()
             self._calls.clear()
 
@@ -259,8 +261,8 @@ class SimState:
 
     def events(self, email: str | None = None) -> list[SimEvent]:
         with self._lock:
-            wanted = None if email is None else email.lower()
-            return [event for _, event in sorted(item for item in self._events.items() if wanted is None or item[0][1] == wanted)]
+            held = self._events if email is None else self._by_mailbox.get(email.lower(), {})
+            return [event for _, event in sorted(held.items())]
 
     def resources(self, emails: list[str] | None = None) -> list[SimResource]:
         wanted = {email.lower() for email in emails or []}
@@ -333,6 +335,7 @@ class SimState:
                 return outcome(CODE_ALREADY_EXISTS)
             stored = SimEvent(event.origin_id, event.email, event.start, event.end, event_guid(*key), resource_id)
             self._events[key] = stored
+            self._by_mailbox.setdefault(key[1], {})[key] = stored
             return outcome(CODE_OK)
         if stored is None:
             return outcome(CODE_NOT_IN_PLANNER)
@@ -340,15 +343,15 @@ class SimState:
             stored.start, stored.end = event.start, event.end
             return outcome(CODE_OK)
         del self._events[key]
+        self._by_mailbox.get(key[1], {}).pop(key, None)
         return outcome(CODE_OK)
 
     def find_events(self, emails: list[str], start_from: datetime | None, start_to: datetime | None) -> list[SimEvent]:
         wanted = {email.lower() for email in emails}
         with self._lock:
             found = []
-            for (_, mailbox), event in sorted(self._events.items()):
-                if wanted and mailbox not in wanted:
-                    continue
+            held = [item for mailbox in sorted(wanted) for item in self._by_mailbox.get(mailbox, {}).items()] if wanted else list(self._events.items())
+            for (_, mailbox), event in sorted(held):
                 if start_from is not None and event.start < start_from:
                     continue
                 if start_to is not None and event.start > start_to:
