@@ -32,15 +32,22 @@ def test_upgrade_is_idempotent(store: Store) -> None:
     assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 6
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'v1.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
+def _made_by_schema(version: int, dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Any]:
+    """A database holding exactly what `plannersync db upgrade` of schema ``version`` created (its kept DDL), empty."""
+    url = f"sqlite:///{tmp_path / f'v{version}.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
     engine = make_engine(url)
-    with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 1 created
-        for statement in (FIXTURES / f"schema-v1-{dialect}.sql").read_text().split(";"):
+    with engine.begin() as conn:
+        for statement in (FIXTURES / f"schema-v{version}-{dialect}.sql").read_text().split(";"):
             if statement.strip():
                 conn.exec_driver_sql(statement)
-        conn.exec_driver_sql("INSERT INTO schema_info (id, version, upgraded_at) VALUES (1, 1, '2026-11-01 00:00:00')")
+        conn.exec_driver_sql(f"INSERT INTO schema_info (id, version, upgraded_at) VALUES (1, {version}, '2026-11-01 00:00:00')")
+    return url, engine
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url, engine = _made_by_schema(1, dialect, request, tmp_path)
+    with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO mailboxes (address, enabled, status, created_at, updated_at) VALUES ('anne@k.dk', true, 'active', '2026-11-01 00:00:00', '2026-11-01 00:00:00')"
         )
@@ -64,13 +71,8 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_row
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_database_made_by_schema_4_gains_the_claims_and_leases_tables_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'v4.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
-    engine = make_engine(url)
-    with engine.begin() as conn:  # exactly what `plannersync db upgrade` of schema 4 created
-        for statement in (FIXTURES / f"schema-v4-{dialect}.sql").read_text().split(";"):
-            if statement.strip():
-                conn.exec_driver_sql(statement)
-        conn.exec_driver_sql("INSERT INTO schema_info (id, version, upgraded_at) VALUES (1, 4, '2026-11-01 00:00:00')")
+    url, engine = _made_by_schema(4, dialect, request, tmp_path)
+    with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO delivered_events (mailbox, origin_id, version, present, planner_originated, updated_at, maybe_held)"
             " VALUES ('anne@k.dk', 'uid-1', 7, true, false, '2026-11-01 00:00:00', true)"
