@@ -28,7 +28,8 @@ Retention: absent rows and bookkeeping records are tombstones. Pruning one is sa
 older than it can still arrive (the retry ladder's total, plus however long an operator may wait before
 replaying a dead-lettered message), so prune absent rows and records only by age, with that margin.
 
-Rules (decisions 2, 3, 6, 30 to 32, 58 and 59 in docs/decisions.md; the version is ``version_of(observed_at)``):
+Rules (decisions 2, 3, 6, 30 to 32, 58, 59 and 95 in docs/decisions.md; the version is ``version_of(observed_at)``, and
+one microsecond more for a change that is an upsert: ``change_version``):
 
 - A key whose ``DesiredRecord.version`` is at least the incoming version is left alone (one exception at equal
   versions, see *Instances standing alone*). Otherwise the new desired
@@ -52,8 +53,9 @@ Rules (decisions 2, 3, 6, 30 to 32, 58 and 59 in docs/decisions.md; the version 
 - **Instances standing alone** (Microsoft Graph, whose calendarView/delta reports no masters): an occurrence
   or exception upsert not carried by a master settles its own key (``uid$...``) alone and records its own
   item id (the instance id) as the key's ``source_item_id``, like a single; siblings are never touched. In
-  one read (equal version), the upsert of an instance id for a key that the removal of *another* id made
-  absent at that same version wins (``_taken_over``: a series deleted and invited again under its UID).
+  one read (one ``observed_at``), the upsert of an instance id for a key that the removal of *another* id made
+  absent wins, in either order, as an upsert's version is one above its read's (``_handover``: a series deleted
+  and invited again under its UID).
 - **Delete**: every present key whose ``source_item_id`` is the deleted item id, or whose uid is the uid
   recorded for that item id, becomes absent; the tombstone records that uid. Except an **instance
   delete**: a delete from a source in ``INSTANCE_DELETE_SOURCES`` (Graph) whose item id is the
@@ -75,6 +77,16 @@ Rules (decisions 2, 3, 6, 30 to 32, 58 and 59 in docs/decisions.md; the version 
   A duplicate part of a complete snapshot completes it again, which finds nothing new to remove.
 - An item that cannot be judged (``ItemRejected``) is reported in ``rejected`` with a content-free reason;
   the other items of the message are still processed. A rejected single produces nothing else.
+- **Stale messages** (decision 95): the worker publishes a message's states before it records them, so a message's
+  states can reach the publisher while its record never happens (its replica killed in between, its record step
+  failed), and the message comes again, possibly after newer ones that were decided without it. So a message
+  older than what decides a key it names never just leaves it: it **restates** that key. A key decided at a newer
+  version is emitted again as it is, at that version (the publisher ignores it when it has it already). A key the
+  newer decision did not decide, because it could not know this message's effect on it (an upsert whose item was
+  deleted since, a master's occurrence a newer master upsert did not list, an item a newer complete snapshot did
+  not see), is decided as that decision would have: absent, at its version. A Graph instance taking a key over from
+  another instance id sends its state even when the times are unchanged (the other id's removal may have gone out
+  unrecorded).
 """
 
 from __future__ import annotations
@@ -183,24 +195,31 @@ class _Decider:
         uid: str | None,
         source_item_id: str | None,
         seen_in_snapshot: str | None = None,
-        equal_version_wins: bool = False,
+        handover: bool = False,
     ) -> None:
         """Settle one event key on ``desired`` (already filtered by the window rules) at this message's version.
 
-        ``equal_version_wins``: a decision of the same version is replaced too (see ``_taken_over``).
+        ``handover``: the key passes from one item id to another (a Graph instance id replacing another under one
+        key: a series deleted and invited again, see ``_handover``). The other id's removal may have reached the
+        publisher without being recorded here (decision 95), so the state is sent even when its times are unchanged.
         """
         previous = self.current(key)
         version = self.version
-        if previous is not None and (previous.version > version or (previous.version == version and not equal_version_wins)):
+        if previous is not None and previous.version > version:
+            self.restate(key, previous.version, uid=uid, source_item_id=source_item_id)
+            return
+        if previous is not None and previous.version == version:
             return
         marker = self.marker
-        if (
+        stale = (
             marker is not None
             and version < marker.version
             and (previous is None or previous.seen_in_snapshot != marker.seen_in_snapshot)
             and marker.interval is not None
             and overlaps(desired, marker.interval)
-        ):
+        )
+        if stale:
+            assert marker is not None
             desired, version = None, marker.version     # the newer complete snapshot did not see it
         self.remember(
             DesiredRecord(
@@ -212,7 +231,7 @@ class _Decider:
                 seen_in_snapshot=seen_in_snapshot or (previous.seen_in_snapshot if previous else None),
             )
         )
-        if (previous.interval if previous is not None else None) != desired:
+        if stale or handover or (previous.interval if previous is not None else None) != desired:   # restated (decision 95)
             self.emitted[key] = BusyTimeState(
                 correlation_id=self.correlation_id,
                 mailbox=self.mailbox,
@@ -221,6 +240,29 @@ class _Decider:
                 interval=desired,
                 cause=self.cause,
             )
+
+    def restate(self, key: str, newest: int, *, uid: str | None, source_item_id: str | None) -> None:
+        """Emit again what is decided for ``key``: this message is older than a decision that covers it (see *Stale
+        messages* in the module doc). A key decided at a newer version than this message is restated as it is, at
+        that version. A key the newer decision (at ``newest``: its item's delete, or a newer upsert of its series
+        master, which did not list it) did not decide, because it never knew this message's effect on it, is
+        decided as that decision would have: absent, at ``newest``."""
+        current = self.current(key)
+        if key in self.emitted or (newest <= self.version and (current is None or current.version <= self.version)):
+            return   # a duplicate: nothing newer covers the key
+        if current is None or current.version <= self.version:
+            current = DesiredRecord(
+                origin_id=key,
+                uid=uid or (current.uid if current is not None else None),
+                source_item_id=source_item_id or (current.source_item_id if current is not None else None),   # the item the newer decision is about
+                version=newest,
+                interval=None,
+                seen_in_snapshot=current.seen_in_snapshot if current is not None else None,
+            )
+            self.remember(current)
+        self.emitted[key] = BusyTimeState(
+            correlation_id=self.correlation_id, mailbox=self.mailbox, origin_id=key, version=current.version, interval=current.interval, cause=self.cause,
+        )
 
     def result(self) -> Decision:
         return Decision(
@@ -259,23 +301,52 @@ def _is_series_key(record: DesiredRecord) -> bool:
     return record.origin_id != record.uid
 
 
-def _taken_over(previous: DesiredRecord | None, item_id: str, version: int, known: Mapping[str, DesiredRecord]) -> bool:
-    """Whether ``previous`` was made absent at ``version`` by the removal of another item id that held the key.
+def _handover(previous: DesiredRecord | None, item_id: str, version: int) -> bool:
+    """Whether an upsert of instance id ``item_id`` at ``version`` takes ``previous`` over from another item id.
 
-    One read (one version) that removed instance id X and reports instance id Y for the same key (a series
-    deleted and invited again under its UID) saw the event alive under Y, whichever message comes first.
+    One read that removed instance id X and reports instance id Y for the same key (a series deleted and invited
+    again under its UID) saw the event alive under Y, whichever message comes first: the upsert's version is above
+    the removal's (``change_version``), so Y wins.
     """
-    if previous is None or previous.version != version or previous.interval is not None:
-        return False
-    if previous.source_item_id is None or previous.source_item_id == item_id:
-        return False
-    tomb = known.get(deleted_record_key(previous.source_item_id))
-    return tomb is not None and tomb.version == version
+    return previous is not None and previous.source_item_id not in (None, item_id) and previous.version < version
 
 
 def _newer_record(known: Mapping[str, DesiredRecord], item_id: str, version: int) -> bool:
     records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
     return any(record is not None and record.version >= version for record in records)
+
+
+def _newest_record(known: Mapping[str, DesiredRecord], item_id: str) -> int:
+    records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
+    return max((record.version for record in records if record is not None), default=-1)
+
+
+def _named_keys(change: CalendarChange, known: Mapping[str, DesiredRecord], policy: BusyPolicy) -> list[tuple[str, str | None]]:
+    """The event keys (with their UIDs) ``change`` decides: the item's own, a master's and its listed occurrences', or
+    for a delete the keys its item id removes."""
+    item = change.item
+    if item is None:
+        return [(k.origin_id, k.uid) for key, k in known.items() if is_event_key(key) and k.source_item_id == change.item_id]
+    named = []
+    for each in [item, *(_inherit(occurrence, item) for occurrence in change.occurrences or [])] if item.item_type == "master" else [item]:
+        try:
+            named.append((origin_id(each, policy.zone), each.uid))
+        except ItemRejected:
+            continue
+    return named
+
+
+def _restate_stale(change: CalendarChange, version: int, known: Mapping[str, DesiredRecord], learned: Decision, policy: BusyPolicy) -> Decision:
+    """A change older than its item's newest record (a newer upsert of the master, or its delete): after what
+    ``_learn_deleted_uid`` learns from it, every key it names is restated (see *Stale messages* in the module doc)."""
+    after = {**known, **{record.origin_id: record for record in learned.remember}}
+    decider = _Decider(change.mailbox, change.correlation_id, "change", version, after)
+    decider.emitted = {state.origin_id: state for state in learned.emit}
+    newest = _newest_record(after, change.item_id)
+    for key, uid in _named_keys(change, after, policy):
+        decider.restate(key, newest, uid=uid, source_item_id=change.item_id)
+    restated = decider.result()
+    return Decision(restated.emit, merge_decisions(learned, restated).remember, learned.rejected)
 
 
 def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, DesiredRecord], policy: BusyPolicy) -> Decision:
@@ -306,11 +377,19 @@ def _learn_deleted_uid(change: CalendarChange, known: Mapping[str, DesiredRecord
     return decider.result()
 
 
+def change_version(change: CalendarChange) -> int:
+    """A change's version: ``version_of(observed_at)``, and one microsecond more for an upsert. One read gives all its
+    changes one ``observed_at``; when it removes item id X and reports item id Y under the same key (a series or a
+    meeting deleted and invited again under its UID), the event is alive, in whichever order the two arrive, here and
+    at the publisher, which takes a state of the version it last applied for a key as a duplicate (decision 95)."""
+    return version_of(change.observed_at) + (1 if change.change == "upsert" else 0)
+
+
 def derive_change(change: CalendarChange, known: Mapping[str, DesiredRecord], policy: BusyPolicy, now: datetime) -> Decision:
     """The desired states one calendar change implies, given what was last decided for its mailbox."""
-    version = version_of(change.observed_at)
+    version = change_version(change)
     if _newer_record(known, change.item_id, version):
-        return _learn_deleted_uid(change, known, policy)
+        return _restate_stale(change, version, known, _learn_deleted_uid(change, known, policy), policy)
     decider = _Decider(change.mailbox, change.correlation_id, "change", version, known)
     window = sync_window(now, policy)
     if change.change == "delete":
@@ -330,7 +409,7 @@ def derive_change(change: CalendarChange, known: Mapping[str, DesiredRecord], po
     previous = decider.current(key)
     decider.decide(
         key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=item.item_id,
-        equal_version_wins=_is_instance(item) and _taken_over(previous, item.item_id, version, known),
+        handover=_is_instance(item) and _handover(previous, item.item_id, version),
     )
     return decider.result()
 
@@ -416,12 +495,15 @@ def derive_snapshot_part(part: CalendarSnapshot, known: Mapping[str, DesiredReco
             decider.rejected.append((item.item_id, rejected.reason))
             continue
         previous = decider.current(key)
-        if _newer_record(known, item.item_id, version) or newest_by_uid.get(item.uid or "", -1) >= version:
+        source = item.item_id if item.item_type == "single" or instance_ids else None
+        newest = max(_newest_record(known, item.item_id), newest_by_uid.get(item.uid or "", -1))
+        if newest >= version:
             # A newer change of this item or series decided already; the snapshot still saw the event.
             if previous is not None and previous.version < version and previous.seen_in_snapshot != part.snapshot_id:
                 decider.remember(DesiredRecord(key, previous.uid, previous.source_item_id, previous.version, previous.interval, part.snapshot_id))
+            if newest > version:
+                decider.restate(key, newest, uid=item.uid, source_item_id=source)
             continue
-        source = item.item_id if item.item_type == "single" or instance_ids else None
         decider.decide(key, _desired(interval, previous, now, window), uid=item.uid, source_item_id=source, seen_in_snapshot=part.snapshot_id)
     return decider.result()
 
@@ -439,8 +521,8 @@ def complete_snapshot(
     decider = _Decider(mailbox, correlation_id, "snapshot", version, known)
     decider.marker = None    # the snapshot being completed is the authority here
     for k in decider.event_keys():
-        if k.interval is not None and overlaps(k.interval, window) and k.seen_in_snapshot != snapshot_id and k.version < version:
-            decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)
+        if k.interval is not None and overlaps(k.interval, window) and k.seen_in_snapshot != snapshot_id:
+            decider.decide(k.origin_id, None, uid=k.uid, source_item_id=k.source_item_id)   # a key newer than the snapshot is restated
     marker = known.get(SNAPSHOT_MARKER)
     if marker is None or marker.version < version:
         decider.remember(DesiredRecord(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))

@@ -29,6 +29,7 @@ from shared.domain.contracts import (
 from shared.domain.transform_core import (
     Decision,
     DesiredRecord,
+    change_version,
     deleted_record_key,
     derive_change,
     derive_snapshot_part,
@@ -356,9 +357,9 @@ SCENARIOS = [
         [{K1: GT1}, {K2: GT2}, {K1: None}], {K2: GT2},
     ),
     Scenario(
-        "graph: a removal delivered before its upsert is not undone, and the sibling is untouched",
+        "graph: a removal delivered before its upsert is not undone (the late upsert restates it), and the sibling is untouched",
         flat(g_upsert(instance(1)), newest_first(g_upsert(instance(0)), g_removed(0))),
-        [{K2: GT2}, {}, {}], {K2: GT2},
+        [{K2: GT2}, {}, {K1: None}], {K2: GT2},
     ),
     Scenario(
         "graph: a replayed removal is a no-op",
@@ -371,9 +372,9 @@ SCENARIOS = [
         [{K1: GT1}, {K2: GT2}, {K2: None}, {}, {K1: None}], {},
     ),
     Scenario(
-        "graph: a series removed, its removals delivered before its upserts, is never created",
+        "graph: a series removed, its removals delivered before its upserts, is never created (the upserts restate the removals)",
         flat(newest_first(g_upsert(instance(0)), g_upsert(instance(1)), *one_round(g_removed(0), g_removed(1)))),
-        [{}, {}, {}, {}], {},
+        [{}, {}, {K2: None}, {K1: None}], {},
     ),
     Scenario(
         "graph: an exception turned free is deleted, its sibling untouched",
@@ -386,14 +387,14 @@ SCENARIOS = [
         [{K1: GT1, K2: GT2}, {K1: None}], {K2: GT2},
     ),
     Scenario(
-        "graph: a removal of an instance never seen touches nothing, and an older snapshot that saw it is ignored",
+        "graph: a removal of an instance never seen touches nothing, and an older snapshot that saw it restates the removal",
         flat(g_upsert(instance(1)), newest_first(*g_snapshot([instance(0), instance(1)]), g_removed(0))),
-        [{K2: GT2}, {}, {}], {K2: GT2},
+        [{K2: GT2}, {}, {K1: None}], {K2: GT2},
     ),
     Scenario(
-        "graph: a late older upsert after a removal neither brings the instance back nor deletes its sibling",
+        "graph: a late older upsert after a removal neither brings the instance back (it restates the removal) nor deletes its sibling",
         flat(g_upsert(instance(0)), g_upsert(instance(1)), newest_first(g_upsert(instance(0, start=cph(2026, 3, 18, 13))), g_removed(0))),
-        [{K1: GT1}, {K2: GT2}, {K1: None}, {}], {K2: GT2},
+        [{K1: GT1}, {K2: GT2}, {K1: None}, {K1: None}], {K2: GT2},
     ),
     Scenario(
         "graph: an instance removed and later restored under its instance id is busy again",
@@ -459,16 +460,23 @@ def test_a_change_newer_than_the_snapshot_survives_it() -> None:
     created = upsert(item("uid-new"))                              # t2 > t1: created after the snapshot read
     store.feed(moved)
     store.feed(created)
-    for step in steps:
-        assert store.feed(step).emit == []
+    restated = [state for step in steps for state in store.feed(step).emit]
     assert store.desired() == {A: T_LATER, "uid-new": T}
+    # the older snapshot changes nothing; the keys it is older than are restated as decided (decision 95): the one it
+    # saw, and the one its completion would have made absent
+    assert {(s.origin_id, s.interval, s.version) for s in restated} == {
+        (A, T_LATER, change_version(moved)), ("uid-new", T, change_version(created)),
+    }
 
 
 def test_an_older_change_never_overwrites_a_newer_one_and_a_duplicate_is_a_no_op() -> None:
     store = MemoryStore()
     first, second = upsert(item()), upsert(item(start=cph(2026, 3, 17, 10), end=cph(2026, 3, 17, 11)))
     store.feed(second)
-    assert store.feed(first) == Decision()
+    late = store.feed(first)
+    assert late.remember == []
+    # its states may have gone out before a record that was lost: what is decided goes out again (decision 95)
+    assert [(s.origin_id, s.interval, s.version) for s in late.emit] == [(A, T_LATER, change_version(second))]
     assert store.feed(second) == Decision()
     assert store.desired() == {A: T_LATER}
 
@@ -477,7 +485,8 @@ def test_a_delete_that_overtakes_its_create_is_not_undone() -> None:
     store = MemoryStore()
     create, gone = upsert(item()), delete("item-uid-a")
     store.feed(gone)
-    assert store.feed(create).emit == []
+    # the create restates the delete, as the delete would have decided had it known the key (decision 95)
+    assert [(s.origin_id, s.interval, s.version) for s in store.feed(create).emit] == [(A, None, version_of(gone.observed_at))]
     assert store.desired() == {}
 
 
@@ -486,14 +495,15 @@ def test_an_older_change_arriving_after_a_complete_snapshot_that_did_not_see_it_
     late = upsert(item("uid-late"))                 # observed before the snapshot, delivered after it
     for step in snapshot([item()]):
         store.feed(step)
-    assert emitted(store.feed(late)) == {}
+    # never sent busy; restated absent, as of the snapshot, in case it went out before a record that was lost (decision 95)
+    assert emitted(store.feed(late)) == {"uid-late": None}
     assert store.desired() == {A: T}
 
 
 def test_the_emitted_state_carries_mailbox_version_correlation_and_cause() -> None:
     change = upsert(item())
     (state,) = derive_change(change, {}, POLICY, NOW).emit
-    assert state == BusyTimeState(correlation_id=change.correlation_id, mailbox=MAILBOX, origin_id=A, version=version_of(change.observed_at), interval=T, cause="change")
+    assert state == BusyTimeState(correlation_id=change.correlation_id, mailbox=MAILBOX, origin_id=A, version=change_version(change), interval=T, cause="change")
     (part,) = snapshot([item("uid-s")])
     (state,) = derive_snapshot_part(part, {}, POLICY, NOW).emit
     assert (state.cause, state.correlation_id, state.version) == ("snapshot", part.correlation_id, version_of(part.observed_at))
@@ -641,7 +651,8 @@ def test_an_older_busy_change_arriving_after_a_newer_free_one_is_not_sent() -> N
     store = MemoryStore()
     busy, free = upsert(item()), upsert(item(free_busy="Free"))
     store.feed(free)
-    assert store.feed(busy).emit == []
+    # never sent busy: only the newer free decision is restated (decision 95)
+    assert [(s.origin_id, s.interval, s.version) for s in store.feed(busy).emit] == [(A, None, change_version(free))]
     assert store.desired() == {}
 
 
@@ -656,7 +667,8 @@ def test_a_late_upsert_teaches_an_earlier_series_delete_its_uid() -> None:
         store.feed(step)
     assert len(store.desired()) == 2                 # the delete could not know which keys were the series
     decision = store.feed(create)
-    assert {s.origin_id: s.interval for s in decision.emit} == {f"{S}$20260318-090000": None, f"{S}$20260325-090000": None}
+    # the series' keys, and the master's own key restated as the delete would have decided it (decision 95)
+    assert {s.origin_id: s.interval for s in decision.emit} == {f"{S}$20260318-090000": None, f"{S}$20260325-090000": None, S: None}
     assert {s.version for s in decision.emit} == {version_of(gone.observed_at)}
     assert store.desired() == {}
 
