@@ -6,6 +6,9 @@ snapshot), apply (publish the states that change something, then remember every 
 by ``shared.broker.consume_loop``). Snapshot parts are remembered in the same transaction as their keys, so
 a snapshot counts as complete only when every part's effects are stored.
 
+Reads (decision 97): for a batch of changes only, the rows its changes can touch (``transform_core.reads_for``); a
+mailbox with a snapshot part in the batch is read whole.
+
 Replicas (decision 89 in docs/decisions.md): a batch first claims its mailboxes, and decides only for the ones it got,
 reading what was decided for them after the claim; the others' messages are deferred (``Defer``: a moment later, in
 a later batch). The record step of a mailbox's last message releases the claim in its own transaction, so no other
@@ -32,6 +35,7 @@ from shared.domain.transform_core import (
     derive_change,
     derive_snapshot_part,
     finish_snapshot_part,
+    reads_for,
 )
 from shared.logs import correlation, get_logger
 
@@ -63,8 +67,13 @@ def handle(batch: Sequence[Inbound], deps: TransformerDeps) -> list[Result]:
     claims = deps.mailbox_claims()
     wanted = {m.message.mailbox.lower() for m in batch if isinstance(m.message, (CalendarChange, CalendarSnapshot))}
     claimed = {mailbox for mailbox, _ in claims.take((mailbox, WHOLE_MAILBOX) for mailbox in wanted)}
-    # what was last decided for every mailbox claimed: one read for the batch, after the claim (decisions 78 and 89)
-    overlay = deps.store.desired_many(claimed)
+    # what was last decided for every mailbox claimed, as far as its messages need it: one read for the batch, after
+    # the claim (decisions 78, 89 and 97)
+    mine: dict[str, list[CalendarChange | CalendarSnapshot]] = {mailbox: [] for mailbox in claimed}
+    for m in batch:
+        if isinstance(m.message, (CalendarChange, CalendarSnapshot)) and m.message.mailbox.lower() in mine:
+            mine[m.message.mailbox.lower()].append(m.message)
+    overlay = deps.store.desired_for({mailbox: reads_for(messages, deps.policy) for mailbox, messages in mine.items()})
     progress: dict[str, tuple[set[int], int | None]] = {}  # snapshot id -> parts recorded or handled in this batch, total
     results: list[Result] = []
     writes: dict[int, tuple[Decision, DesiredWrite]] = {}  # by position: built once the batch's last write per mailbox is known

@@ -40,7 +40,7 @@ from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, DeliveredRecord
 from shared.domain.mailbox_leases import Lease, ReplicaBeat
 from shared.domain.mailbox_reads import Backend, SyncPosition
-from shared.domain.transform_core import DesiredRecord
+from shared.domain.transform_core import DesiredRecord, Reads
 
 SCHEMA_VERSION = 6  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
 # 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost); 5: key_claims;
@@ -191,6 +191,8 @@ key_claims = Table(
     Index("ix_key_claims_owner", "stage", "owner"),
 )
 WHOLE_MAILBOX = ""
+# names (keys, item ids, UIDs) in one query of ``desired_for``: SQL Server takes at most 2,100 parameters a statement
+_NAMES_PER_QUERY = 1000
 ClaimKey = tuple[str, str]  # (mailbox in lower case, origin id or WHOLE_MAILBOX)
 
 REPLICA = 100
@@ -642,6 +644,44 @@ class Store:
                 for r in conn.execute(select(*columns).where(c.mailbox.in_(names[start : start + 500]))):
                     interval = _stored_interval(r.start_at, r.end_at)
                     result[r.mailbox][r.origin_id] = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, interval, r.seen_in_snapshot)
+        return result
+
+    def desired_for(self, reads: Mapping[str, Reads]) -> dict[str, dict[str, DesiredRecord]]:
+        """What was last decided, per mailbox (lower case), as far as each mailbox's ``Reads`` needs it (decision 97):
+        every row for a whole read, else exactly ``Reads.select`` of the mailbox's rows, read by two queries (the rows
+        named, then the other rows of the UIDs those carry) per group of mailboxes of at most 1,000 names."""
+        wanted = {mailbox.lower(): r for mailbox, r in reads.items()}
+        sizes = {mailbox: len(r.origin_ids) + len(r.item_ids) + len(r.uids) for mailbox, r in wanted.items()}
+        whole = sorted(mailbox for mailbox, r in wanted.items() if r.whole or sizes[mailbox] > _NAMES_PER_QUERY)
+        result = self.desired_many(whole)
+        groups: list[list[str]] = []
+        names = 0
+        for mailbox in sorted(set(wanted) - set(whole)):
+            if not groups or names + sizes[mailbox] > _NAMES_PER_QUERY:
+                groups.append([])
+                names = 0
+            groups[-1].append(mailbox)
+            names += sizes[mailbox]
+        c = desired_states.c
+        columns = (c.mailbox, c.origin_id, c.uid, c.source_item_id, c.version, c.start_at, c.end_at, c.seen_in_snapshot)
+        with self.engine.connect() as conn:
+            for group in groups:
+                fetched: dict[str, dict[str, DesiredRecord]] = {mailbox: {} for mailbox in group}
+
+                def fetch(condition: Any, group: list[str] = group, fetched: dict[str, dict[str, DesiredRecord]] = fetched) -> None:
+                    for r in conn.execute(select(*columns).where(and_(c.mailbox.in_(group), condition))):
+                        record = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _stored_interval(r.start_at, r.end_at), r.seen_in_snapshot)
+                        fetched[r.mailbox][r.origin_id] = record
+
+                origin_ids = sorted({o for mailbox in group for o in wanted[mailbox].origin_ids})
+                item_ids = sorted({i for mailbox in group for i in wanted[mailbox].item_ids})
+                uids = {u for mailbox in group for u in wanted[mailbox].uids}
+                fetch(or_(c.origin_id.in_(origin_ids), c.source_item_id.in_(item_ids), c.uid.in_(sorted(uids))))
+                more = sorted({k.uid for rows in fetched.values() for k in rows.values() if k.uid} - uids)
+                for start in range(0, len(more), _NAMES_PER_QUERY):
+                    fetch(c.uid.in_(more[start : start + _NAMES_PER_QUERY]))
+                for mailbox in group:
+                    result[mailbox] = wanted[mailbox].select(fetched[mailbox])
         return result
 
     def save_desired(

@@ -93,7 +93,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Collection, Literal, Mapping
+from typing import Collection, Iterable, Literal, Mapping
 
 from shared.domain.busy_rules import (
     BusyPolicy,
@@ -527,6 +527,51 @@ def complete_snapshot(
     if marker is None or marker.version < version:
         decider.remember(DesiredRecord(SNAPSHOT_MARKER, None, None, version, window, snapshot_id))
     return decider.result()
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What deciding some messages of one mailbox needs of what was decided for it (decision 97 in docs/decisions.md).
+
+    ``whole``: everything (a snapshot part: its per-UID checks and its completion look at every key). Otherwise the
+    rows whose key is in ``origin_ids`` (each change's item, tombstone and master records, its item's and listed
+    occurrences' keys, the snapshot marker), whose ``source_item_id`` is in ``item_ids``, or whose UID is in
+    ``uids`` or is the UID of one of those rows (a delete names an item id; the keys to remove carry its UID).
+    ``select`` is that rule over a mapping; the store runs the same rule as two queries.
+    """
+
+    whole: bool = False
+    origin_ids: frozenset[str] = frozenset()
+    item_ids: frozenset[str] = frozenset()
+    uids: frozenset[str] = frozenset()
+
+    def select(self, known: Mapping[str, DesiredRecord]) -> dict[str, DesiredRecord]:
+        if self.whole:
+            return dict(known)
+        first = {key: k for key, k in known.items() if key in self.origin_ids or k.source_item_id in self.item_ids or k.uid in self.uids}
+        more = {k.uid for k in first.values() if k.uid} - self.uids
+        if more:
+            first.update({key: k for key, k in known.items() if k.uid in more})
+        return first
+
+
+def reads_for(messages: Iterable[CalendarChange | CalendarSnapshot], policy: BusyPolicy) -> Reads:
+    """The ``Reads`` that deciding ``messages`` (all of one mailbox, in any order) needs."""
+    origin_ids, item_ids, uids = {SNAPSHOT_MARKER}, set(), set()
+    for message in messages:
+        if isinstance(message, CalendarSnapshot):
+            return Reads(whole=True)
+        item_ids.add(message.item_id)
+        origin_ids.update((item_record_key(message.item_id), deleted_record_key(message.item_id)))
+        item = message.item
+        for each in [item, *(_inherit(occurrence, item) for occurrence in message.occurrences or [])] if item is not None else []:
+            if each.uid:
+                uids.add(each.uid)
+            try:
+                origin_ids.add(origin_id(each, policy.zone))
+            except ItemRejected:
+                continue
+    return Reads(False, frozenset(origin_ids), frozenset(item_ids), frozenset(uids))
 
 
 def snapshot_complete(part: CalendarSnapshot, recorded_parts: Collection[int], recorded_total: int | None) -> bool:

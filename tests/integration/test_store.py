@@ -13,7 +13,7 @@ from shared.adapters.store import SCHEMA_VERSION, DesiredWrite, Store, ddl, desi
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, Holding, ReceiptFacts
 from shared.domain.mailbox_reads import SyncPosition
-from shared.domain.transform_core import DesiredRecord
+from shared.domain.transform_core import DesiredRecord, Reads
 
 T = datetime(2026, 3, 29, 0, 30, tzinfo=timezone.utc)
 SPAN = Interval(start=T, end=T + timedelta(hours=3))
@@ -381,6 +381,38 @@ def test_a_batch_of_writes_is_one_transaction_where_the_newest_version_of_each_k
     assert known["nobody@k.dk"] == {}
     assert store.snapshot_progress("s1") == ({1, 2}, 2)
     assert store.explain_rows("b@k.dk")[0][0]["correlation_id"] == "corr-b2"
+
+
+def test_reading_what_a_batch_needs_gives_exactly_the_rows_its_reads_select(store: Store) -> None:
+    """``desired_for`` (decision 97) against ``Reads.select`` over everything stored: named keys, item ids, UIDs and
+    the UIDs the rows found carry, several mailboxes in one query, a mailbox whose names are too many for one query
+    (read whole), a whole read, and a mailbox with nothing stored."""
+    rows = {
+        "a@k.dk": [DesiredRecord("~plannersync/snapshot", None, None, 1, SPAN, "snap"), DesiredRecord("s1", "s1", "id-s1", 2, SPAN, None),
+                   DesiredRecord("series$1", "series", None, 3, SPAN, "snap"), DesiredRecord("series$2", "series", "id-series", 3, None, None),
+                   DesiredRecord("other", "other", "id-other", 4, SPAN, None)],
+        "b@k.dk": [DesiredRecord("s1", "s1", "id-b", 5, SPAN, None), DesiredRecord("lone", "lone", "id-lone", 5, SPAN, None)],
+        "c@k.dk": [DesiredRecord(f"n{n}", f"n{n}", f"id-{n}", 6, SPAN, None) for n in range(1200)],
+        "d@k.dk": [DesiredRecord("x", "x", "id-x", 7, SPAN, None)],
+    }
+    for mailbox, records in rows.items():
+        store.save_desired(mailbox, records)
+    reads = {
+        "A@k.dk": Reads(origin_ids=frozenset({"~plannersync/snapshot"}), item_ids=frozenset({"id-series"}), uids=frozenset({"s1"})),
+        "b@k.dk": Reads(item_ids=frozenset({"id-lone"})),
+        "c@k.dk": Reads(origin_ids=frozenset(f"n{n}" for n in range(0, 1200, 2)), item_ids=frozenset(f"id-{n}" for n in range(500))),
+        "d@k.dk": Reads(whole=True),
+        "e@k.dk": Reads(uids=frozenset({"s1"})),
+    }
+    got = store.desired_for(reads)
+    assert set(got) == {"a@k.dk", "b@k.dk", "c@k.dk", "d@k.dk", "e@k.dk"}
+    for mailbox, r in reads.items():
+        expected = store.desired(mailbox) if mailbox == "c@k.dk" else r.select(store.desired(mailbox))   # c: 1,100 names, read whole
+        assert got[mailbox.lower()] == expected, mailbox
+    assert set(got["a@k.dk"]) == {"~plannersync/snapshot", "s1", "series$1", "series$2"}   # series$1 by the UID series$2 carries
+    assert set(got["b@k.dk"]) == {"lone"}
+    assert len(got["c@k.dk"]) == 1200 and len(got["d@k.dk"]) == 1 and got["e@k.dk"] == {}
+    assert store.desired_for({"b@k.dk": Reads(item_ids=frozenset({"id-b"}))})["b@k.dk"] == {"s1": rows["b@k.dk"][0]}
 
 
 def test_a_conditional_update_leaves_a_row_written_newer_since_the_batch_read_it(store: Store) -> None:

@@ -1,0 +1,239 @@
+"""Benchmark: steady edits in Exchange → Planner, at a given rate over many mailboxes, with series edits among them.
+
+Prints figures; asserts nothing. Run on a quiet machine with the local RabbitMQ:
+
+    .venv/bin/python benchmarks/edit_latency.py --mailboxes 2000 --items 150 --rate 50 --seconds 60 --series-share 0.1
+
+On a fresh prefix and SQLite store, with the EWS and Planner simulators in this process and the workers as processes
+(`plannersync run change-producer transformer publisher`, or `--together`: `plannersync run all`):
+- every mailbox gets ``--items`` busy appointments, ``--series`` of them weekly series of 12 occurrences, the rest
+  singles; the pipeline loads them all into Planner first (not timed here: `benchmarks/scale.py` times the load);
+- then ``--rate`` edits per second for ``--seconds``, each in a random mailbox, each item edited once: a single moved
+  by half an hour, or, for ``--series-share`` of the edits, one occurrence of a series moved (an exception: the
+  change producer reads the series master and its occurrences);
+- an edit's latency is from just before the Exchange save to the first Planner call that names the event's key
+  (the Planner simulator records when each call arrives): pipeline time, Exchange's own notification included;
+- ``--idle S`` then waits S seconds with nothing happening and makes ``--cold-edits`` edits a second apart: the first
+  edits after an idle spell (issue 12: as fast as a hot one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from plannersync.local_workers import start_workers, stop_workers  # noqa: E402
+from shared.adapters.store import Store, upgrade  # noqa: E402
+from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
+from shared.config import load_settings  # noqa: E402
+from shared.domain.busy_rules import ORIGIN_TIME_FORMAT  # noqa: E402
+from shared.logs import configure  # noqa: E402
+from simulators.exchange.server import start_server as start_exchange  # noqa: E402
+from simulators.planner.server import start_server as start_planner  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import CPH, _peak_rss_mb, _queues_empty, _wait  # noqa: E402
+
+SERIES_OCCURRENCES = 12
+
+
+@dataclass
+class Edit:
+    mailbox: str
+    origin_id: str
+    series: bool
+    at: datetime          # just before the save in Exchange (UTC)
+    arrived: float | None = None   # seconds until the first Planner call naming the key
+
+
+def _populate(control: str, mailboxes: list[str], items: int, series: int, rng: random.Random) -> dict[str, dict[str, list[Any]]]:
+    """Each mailbox's singles (uid, start) and series (uid, first start), as created in the EWS simulator."""
+    first = datetime.now(CPH).date() + timedelta(days=1)
+    made: dict[str, dict[str, list[Any]]] = {}
+    with requests.Session() as http:
+        for mailbox in mailboxes:
+            specs, singles, serieses = [], [], []
+            for n in range(items):
+                day = first + timedelta(days=rng.randrange(0, 60))
+                start = datetime(day.year, day.month, day.day, rng.randrange(7, 15), rng.choice((0, 15, 30)), tzinfo=CPH)
+                uid = f"e-{mailbox.split('@')[0]}-{n}"
+                spec: dict[str, Any] = {"uid": uid, "start": start.strftime("%Y-%m-%dT%H:%M"),
+                                        "end": (start + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M"), "timezone": "Romance Standard Time"}
+                if n < series:
+                    spec["recurrence"] = {"pattern": "weekly", "count": SERIES_OCCURRENCES}
+                    serieses.append((uid, start))
+                else:
+                    singles.append((uid, start))
+                specs.append(spec)
+            http.post(f"{control}/mailboxes/{mailbox}/items", json={"items": specs}, timeout=120).raise_for_status()
+            made[mailbox] = {"singles": singles, "series": serieses}
+    return made
+
+
+def _edit(http: requests.Session, control: str, mailbox: str, made: dict[str, list[Any]], series: bool, rng: random.Random) -> Edit | None:
+    """Make one edit of an item not edited before; None when the mailbox has none of that kind left."""
+    pool = made["series"] if series else made["singles"]
+    if not pool:
+        return None
+    uid, start = pool.pop(rng.randrange(len(pool)))
+    if series:
+        # an occurrence after the first and well inside the sync window (an index counts from 1)
+        inside = [k for k in range(2, SERIES_OCCURRENCES + 1) if start + timedelta(weeks=k - 1) < datetime.now(CPH) + timedelta(days=80)]
+        if not inside:
+            return None
+        index = rng.choice(inside)
+        original = start + timedelta(weeks=index - 1)     # wall-clock time in Copenhagen, across DST as Exchange does
+        moved = original + timedelta(minutes=30)
+        origin_id = f"{uid}${original.strftime(ORIGIN_TIME_FORMAT)}"
+        edit = Edit(mailbox, origin_id, True, datetime.now(timezone.utc))
+        http.patch(f"{control}/mailboxes/{mailbox}/items/{uid}/occurrences",
+                   json={"index": index, "start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")},
+                   timeout=30).raise_for_status()
+    else:
+        moved = start + timedelta(minutes=30)
+        edit = Edit(mailbox, uid, False, datetime.now(timezone.utc))
+        http.patch(f"{control}/mailboxes/{mailbox}/items/{uid}",
+                   json={"start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")},
+                   timeout=30).raise_for_status()
+    return edit
+
+
+def _arrivals(edits: list[Edit], calls: list[Any]) -> None:
+    """Each edit's latency: the first Create/Update call naming its key at or after the edit."""
+    by_key: dict[str, list[datetime]] = {}
+    for call in calls:
+        if call.operation in ("CreateEvents", "UpdateEvents"):
+            for origin_id in call.origin_ids:
+                by_key.setdefault(origin_id, []).append(call.time)
+    for edit in edits:
+        times = sorted(by_key.get(edit.origin_id, []))
+        at = bisect.bisect_left(times, edit.at)
+        edit.arrived = (times[at] - edit.at).total_seconds() if at < len(times) else None
+
+
+def _summary(edits: list[Edit]) -> str:
+    arrived = sorted(e.arrived for e in edits if e.arrived is not None)
+    if not arrived:
+        return f"{len(edits)} edits, none arrived"
+    p95 = arrived[min(len(arrived) - 1, int(round(0.95 * len(arrived))) - 1)]
+    missing = len(edits) - len(arrived)
+    return (f"{len(edits)} edits: p50 {statistics.median(arrived):.2f} s, p95 {p95:.2f} s, max {arrived[-1]:.2f} s"
+            + (f", {missing} not arrived" if missing else ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mailboxes", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=150, help="busy appointments per mailbox")
+    parser.add_argument("--series", type=int, default=5, help="of them weekly series (12 occurrences each)")
+    parser.add_argument("--rate", type=float, default=50, help="edits per second")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--series-share", type=float, default=0.1, help="share of the edits that move a series occurrence")
+    parser.add_argument("--idle", type=float, default=0, help="seconds of nothing before the cold edits")
+    parser.add_argument("--cold-edits", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per phase")
+    parser.add_argument("--together", action="store_true", help="every worker in one process (plannersync run all)")
+    args = parser.parse_args()
+    configure("WARNING", "console", service="benchmark")
+
+    prefix = f"blat{uuid.uuid4().hex[:6]}"
+    workdir = Path(tempfile.mkdtemp(prefix="plannersync-latency-"))
+    mailboxes = [f"cw{n:04d}@jobcenter.example" for n in range(args.mailboxes)]
+    exchange = start_exchange(users={"svc": "pw"}, mailboxes=mailboxes)
+    planner = start_planner()
+    rng = random.Random(7)
+    made = _populate(exchange.control_url, mailboxes, args.items, args.series, rng)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}
+    env.update({
+        "PLANNERSYNC_BROKER__PREFIX": prefix,
+        "PLANNERSYNC_DATABASE__URL": f"sqlite:///{workdir / 'state.db'}",
+        "PLANNERSYNC_PLANNER__ENDPOINT": planner.url,
+        "PLANNERSYNC_EXCHANGE__ENDPOINT": exchange.url,
+        "PLANNERSYNC_EXCHANGE__USERNAME": "svc",
+        "PLANNERSYNC_EXCHANGE__PASSWORD": "pw",
+        "PLANNERSYNC_STATUS__HEALTH_DIR": str(workdir / "health"),
+        "PLANNERSYNC_LOG__LEVEL": "WARNING",
+    })
+    settings = load_settings(environ=env)
+    store = Store.connect(settings.database_url())
+    upgrade(store.engine)
+    for mailbox in mailboxes:
+        store.add_mailbox(mailbox)
+    topology = from_settings(settings.broker, settings.retry)
+    ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
+    workers = start_workers(["all"] if args.together else ["change-producer", "transformer", "publisher"], env, workdir)
+    print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
+          f"{'every worker in one process' if args.together else 'one process per worker'}): {args.mailboxes} mailboxes x {args.items} items "
+          f"({args.series} weekly series each), {args.rate:g} edits/s for {args.seconds:g} s, {args.series_share:.0%} of them series occurrences", flush=True)
+    try:
+        counted = [0]
+
+        def settled() -> bool:   # Planner's event count unchanged for a while and both queues empty
+            now = len(planner.state.events())
+            same, counted[0] = now == counted[0] and now > 0, now
+            return same and _queues_empty(settings, topology)
+
+        load = _wait(settled, args.timeout, quiet=5.0)
+        print(f"loaded: {counted[0]} busy times in Planner after {load:.0f} s", flush=True)
+
+        edits: list[Edit] = []
+        with requests.Session() as http:
+            began, n = time.monotonic(), 0
+            while time.monotonic() - began < args.seconds:
+                due = began + n / args.rate
+                time.sleep(max(0.0, due - time.monotonic()))
+                mailbox = rng.choice(mailboxes)
+                edit = _edit(http, exchange.control_url, mailbox, made[mailbox], rng.random() < args.series_share, rng)
+                if edit is not None:
+                    edits.append(edit)
+                n += 1
+            behind = time.monotonic() - began - args.seconds
+        _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
+        _arrivals(edits, planner.state.calls())
+        print(f"steady: {_summary(edits)} (the edits ran {behind:.1f} s late)")
+        print(f"  singles: {_summary([e for e in edits if not e.series])}")
+        print(f"  series occurrences: {_summary([e for e in edits if e.series])}", flush=True)
+
+        if args.idle:
+            time.sleep(args.idle)
+            cold: list[Edit] = []
+            with requests.Session() as http:
+                for _ in range(args.cold_edits):
+                    mailbox = rng.choice(mailboxes)
+                    edit = _edit(http, exchange.control_url, mailbox, made[mailbox], False, rng)
+                    if edit is not None:
+                        cold.append(edit)
+                    time.sleep(1.0)
+            _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
+            _arrivals(cold, planner.state.calls())
+            print(f"after {args.idle:.0f} s idle: {_summary(cold)}; first {cold[0].arrived if cold else float('nan'):.2f} s")
+        peaks = {str(proc.args[-1]): _peak_rss_mb(proc.pid) for proc in workers}
+        print("peak RSS MB: " + ", ".join(f"{name} {mb:.0f}" for name, mb in peaks.items()) + f"; together {sum(peaks.values()):.0f}")
+        return 0
+    finally:
+        stop_workers(workers)
+        exchange.stop()
+        planner.stop()
+        delete_everything(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "benchmark"
+    raise SystemExit(main())
