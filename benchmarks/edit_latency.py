@@ -2,13 +2,14 @@
 
 Prints figures; asserts nothing. Run on a quiet machine with the local RabbitMQ:
 
-    .venv/bin/python benchmarks/edit_latency.py --mailboxes 2000 --items 150 --rate 50 --seconds 60 --series-share 0.1
+    .venv/bin/python benchmarks/edit_latency.py --mailboxes 2000 --items 150 --rates 30,40,50 --seconds 30 --series-share 0.1
 
 On a fresh prefix and SQLite store, with the EWS and Planner simulators in this process and the workers as processes
 (`plannersync run change-producer transformer publisher`, or `--together`: `plannersync run all`):
 - every mailbox gets ``--items`` busy appointments, ``--series`` of them weekly series of 12 occurrences, the rest
   singles; the pipeline loads them all into Planner first (not timed here: `benchmarks/scale.py` times the load);
-- then ``--rate`` edits per second for ``--seconds``, each in a random mailbox, each item edited once: a single moved
+- then ``--rate`` edits per second for ``--seconds`` (or one such phase per rate of ``--rates``, each waiting for the
+  queues to empty before the next), each in a random mailbox, each item edited once: a single moved
   by half an hour, or, for ``--series-share`` of the edits, one occurrence of a series moved (an exception: the
   change producer reads the series master and its occurrences);
 - an edit's latency is from just before the Exchange save to the first Planner call that names the event's key
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import os
 import random
 import statistics
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -144,7 +147,8 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=150, help="busy appointments per mailbox")
     parser.add_argument("--series", type=int, default=5, help="of them weekly series (12 occurrences each)")
     parser.add_argument("--rate", type=float, default=50, help="edits per second")
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--rates", default="", help="several steady phases one after the other, e.g. 30,40,50 (instead of --rate)")
+    parser.add_argument("--seconds", type=float, default=60, help="of each steady phase")
     parser.add_argument("--series-share", type=float, default=0.1, help="share of the edits that move a series occurrence")
     parser.add_argument("--idle", type=float, default=0, help="seconds of nothing before the cold edits")
     parser.add_argument("--cold-edits", type=int, default=10)
@@ -170,6 +174,8 @@ def main() -> int:
         "PLANNERSYNC_EXCHANGE__PASSWORD": "pw",
         "PLANNERSYNC_STATUS__HEALTH_DIR": str(workdir / "health"),
         "PLANNERSYNC_LOG__LEVEL": "WARNING",
+        # every mailbox on a streaming subscription, as runbooks/install.md asks beyond 600 caseworkers (200 a connection)
+        "PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS": str(min(20, -(-args.mailboxes // 200))),
     })
     settings = load_settings(environ=env)
     store = Store.connect(settings.database_url())
@@ -186,30 +192,41 @@ def main() -> int:
         counted = [0]
 
         def settled() -> bool:   # Planner's event count unchanged for a while and both queues empty
-            now = len(planner.state.events())
+            now = planner.state.health()["events"]
             same, counted[0] = now == counted[0] and now > 0, now
             return same and _queues_empty(settings, topology)
 
         load = _wait(settled, args.timeout, quiet=5.0)
-        print(f"loaded: {counted[0]} busy times in Planner after {load:.0f} s", flush=True)
+        producer_health = [json.loads(path.read_text()) for path in (workdir / "health").glob("*.json") if "subscribed" in path.read_text()]
+        subscribed = producer_health[0]["subscribed"] if producer_health else "?"
+        print(f"loaded: {counted[0]} busy times in Planner after {load:.0f} s; {subscribed} of {args.mailboxes} mailboxes on a streaming subscription", flush=True)
 
-        edits: list[Edit] = []
-        with requests.Session() as http:
-            began, n = time.monotonic(), 0
-            while time.monotonic() - began < args.seconds:
-                due = began + n / args.rate
-                time.sleep(max(0.0, due - time.monotonic()))
-                mailbox = rng.choice(mailboxes)
-                edit = _edit(http, exchange.control_url, mailbox, made[mailbox], rng.random() < args.series_share, rng)
+        local = threading.local()
+        for rate in (float(r) for r in args.rates.split(",")) if args.rates else [args.rate]:
+            edits: list[Edit] = []
+
+            def one(mailbox: str, series: bool, seed: int, edits: list[Edit] = edits) -> None:   # on a pool thread: an edit takes the simulator 10-50 ms
+                if not hasattr(local, "http"):
+                    local.http = requests.Session()
+                edit = _edit(local.http, exchange.control_url, mailbox, made[mailbox], series, random.Random(seed))
                 if edit is not None:
                     edits.append(edit)
-                n += 1
-            behind = time.monotonic() - began - args.seconds
-        _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
-        _arrivals(edits, planner.state.calls())
-        print(f"steady: {_summary(edits)} (the edits ran {behind:.1f} s late)")
-        print(f"  singles: {_summary([e for e in edits if not e.series])}")
-        print(f"  series occurrences: {_summary([e for e in edits if e.series])}", flush=True)
+
+            planned = int(args.seconds * rate)
+            began, late = time.monotonic(), 0.0
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                for n in range(planned):
+                    wait = began + n / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    else:
+                        late = max(late, -wait)
+                    pool.submit(one, rng.choice(mailboxes), rng.random() < args.series_share, rng.randrange(1 << 30))
+            _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
+            _arrivals(edits, planner.state.calls())
+            print(f"steady at {rate:g}/s: {_summary(edits)} ({planned} planned; the latest started {late:.2f} s late)")
+            print(f"  singles: {_summary([e for e in edits if not e.series])}")
+            print(f"  series occurrences: {_summary([e for e in edits if e.series])}", flush=True)
 
         if args.idle:
             time.sleep(args.idle)
