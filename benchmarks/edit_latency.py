@@ -43,15 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plannersync.local_workers import start_workers, stop_workers  # noqa: E402
-from shared.adapters.store import Store, upgrade  # noqa: E402
-from shared.broker.topology import delete_everything, ensure_policies, from_settings  # noqa: E402
-from shared.config import load_settings  # noqa: E402
+from shared.broker.topology import delete_everything  # noqa: E402
 from shared.domain.busy_rules import ORIGIN_TIME_FORMAT  # noqa: E402
 from shared.logs import configure  # noqa: E402
 from simulators.exchange.server import start_server as start_exchange  # noqa: E402
 from simulators.planner.server import start_server as start_planner  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from rig import prepare, worker_env  # noqa: E402
 from scale import CPH, _peak_rss_mb, _queues_empty, _wait  # noqa: E402
 
 SERIES_OCCURRENCES = 12
@@ -164,26 +163,9 @@ def main() -> int:
     planner = start_planner()
     rng = random.Random(7)
     made = _populate(exchange.control_url, mailboxes, args.items, args.series, rng)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}
-    env.update({
-        "PLANNERSYNC_BROKER__PREFIX": prefix,
-        "PLANNERSYNC_DATABASE__URL": f"sqlite:///{workdir / 'state.db'}",
-        "PLANNERSYNC_PLANNER__ENDPOINT": planner.url,
-        "PLANNERSYNC_EXCHANGE__ENDPOINT": exchange.url,
-        "PLANNERSYNC_EXCHANGE__USERNAME": "svc",
-        "PLANNERSYNC_EXCHANGE__PASSWORD": "pw",
-        "PLANNERSYNC_STATUS__HEALTH_DIR": str(workdir / "health"),
-        "PLANNERSYNC_LOG__LEVEL": "WARNING",
-        # every mailbox on a streaming subscription, as runbooks/install.md asks beyond 600 caseworkers (200 a connection)
-        "PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS": str(min(20, -(-args.mailboxes // 200))),
-    })
-    settings = load_settings(environ=env)
-    store = Store.connect(settings.database_url())
-    upgrade(store.engine)
-    for mailbox in mailboxes:
-        store.add_mailbox(mailbox)
-    topology = from_settings(settings.broker, settings.retry)
-    ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
+    # every mailbox on a streaming subscription, as runbooks/install.md asks beyond 600 caseworkers (200 a connection)
+    env = worker_env(prefix, workdir, planner.url, exchange.url, PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS=str(min(20, -(-args.mailboxes // 200))))
+    settings, topology = prepare(env, mailboxes)
     workers = start_workers(["all"] if args.together else ["change-producer", "transformer", "publisher"], env, workdir)
     print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
           f"{'every worker in one process' if args.together else 'one process per worker'}): {args.mailboxes} mailboxes x {args.items} items "

@@ -40,12 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plannersync.local_workers import PLANNERSYNC, start_workers, stop_workers  # noqa: E402
-from shared.adapters.store import Store, upgrade  # noqa: E402
-from shared.broker.topology import Topology, delete_everything, ensure_policies, from_settings  # noqa: E402
-from shared.config import Settings, load_settings  # noqa: E402
+from shared.broker.topology import Topology, delete_everything  # noqa: E402
+from shared.config import Settings  # noqa: E402
 from shared.logs import configure  # noqa: E402
 from simulators.exchange.server import start_server as start_exchange  # noqa: E402
 from simulators.planner.server import start_server as start_planner  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from rig import prepare, worker_env  # noqa: E402
 
 CPH = ZoneInfo("Europe/Copenhagen")
 
@@ -127,24 +129,8 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> 
                               "end": (start + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M"), "timezone": "Romance Standard Time"})
             http.post(f"{exchange.control_url}/mailboxes/{mailbox}/items", json={"items": specs}, timeout=120).raise_for_status()
             specs_by_mailbox[mailbox] = specs
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLANNERSYNC_")}
-    env.update({
-        "PLANNERSYNC_BROKER__PREFIX": prefix,
-        "PLANNERSYNC_DATABASE__URL": f"sqlite:///{workdir / 'state.db'}",
-        "PLANNERSYNC_PLANNER__ENDPOINT": planner.url,
-        "PLANNERSYNC_EXCHANGE__ENDPOINT": exchange.url,
-        "PLANNERSYNC_EXCHANGE__USERNAME": "svc",
-        "PLANNERSYNC_EXCHANGE__PASSWORD": "pw",
-        "PLANNERSYNC_STATUS__HEALTH_DIR": str(workdir / "health"),
-        "PLANNERSYNC_LOG__LEVEL": "WARNING",
-    })
-    settings = load_settings(environ=env)
-    store = Store.connect(settings.database_url())
-    upgrade(store.engine)
-    for mailbox in mailboxes:
-        store.add_mailbox(mailbox)
-    topology = from_settings(settings.broker, settings.retry)
-    ensure_policies(topology, settings.broker.management_url, settings.broker.user, settings.broker.password.get_secret_value())
+    env = worker_env(prefix, workdir, planner.url, exchange.url)
+    settings, topology = prepare(env, mailboxes)
     total = mailbox_count * items
     producer: list[subprocess.Popen[bytes]] = []
     stages: list[subprocess.Popen[bytes]] = []

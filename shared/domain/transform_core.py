@@ -312,8 +312,7 @@ def _handover(previous: DesiredRecord | None, item_id: str, version: int) -> boo
 
 
 def _newer_record(known: Mapping[str, DesiredRecord], item_id: str, version: int) -> bool:
-    records = (known.get(item_record_key(item_id)), known.get(deleted_record_key(item_id)))
-    return any(record is not None and record.version >= version for record in records)
+    return _newest_record(known, item_id) >= version
 
 
 def _newest_record(known: Mapping[str, DesiredRecord], item_id: str) -> int:
