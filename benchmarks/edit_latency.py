@@ -12,6 +12,8 @@ On a fresh prefix and SQLite store, with the EWS and Planner simulators in this 
   queues to empty before the next), each in a random mailbox, each item edited once: a single moved
   by half an hour, or, for ``--series-share`` of the edits, one occurrence of a series moved (an exception: the
   change producer reads the series master and its occurrences);
+- the edits are made by a separate process (16 threads), so this process's CPU is the two simulators', and each
+  phase prints the CPU milliseconds per edit of every worker process and of the simulators;
 - an edit's latency is from just before the Exchange save to the first Planner call that names the event's key
   (the Planner simulator records when each call arrives): pipeline time, Exchange's own notification included;
 - ``--idle S`` then waits S seconds with nothing happening and makes ``--cold-edits`` edits a second apart: the first
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -31,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -89,8 +92,15 @@ def _populate(control: str, mailboxes: list[str], items: int, series: int, rng: 
     return made
 
 
-def _edit(http: requests.Session, control: str, mailbox: str, made: dict[str, list[Any]], series: bool, rng: random.Random) -> Edit | None:
-    """Make one edit of an item not edited before; None when the mailbox has none of that kind left."""
+@dataclass
+class Planned:
+    edit: Edit
+    path: str              # under the control URL
+    body: dict[str, Any]
+
+
+def _plan(mailbox: str, made: dict[str, list[Any]], series: bool, rng: random.Random) -> Planned | None:
+    """One edit of an item not edited before; None when the mailbox has none of that kind left."""
     pool = made["series"] if series else made["singles"]
     if not pool:
         return None
@@ -104,17 +114,51 @@ def _edit(http: requests.Session, control: str, mailbox: str, made: dict[str, li
         original = start + timedelta(weeks=index - 1)     # wall-clock time in Copenhagen, across DST as Exchange does
         moved = original + timedelta(minutes=30)
         origin_id = f"{uid}${original.strftime(ORIGIN_TIME_FORMAT)}"
-        edit = Edit(mailbox, origin_id, True, datetime.now(timezone.utc))
-        http.patch(f"{control}/mailboxes/{mailbox}/items/{uid}/occurrences",
-                   json={"index": index, "start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")},
-                   timeout=30).raise_for_status()
-    else:
-        moved = start + timedelta(minutes=30)
-        edit = Edit(mailbox, uid, False, datetime.now(timezone.utc))
-        http.patch(f"{control}/mailboxes/{mailbox}/items/{uid}",
-                   json={"start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")},
-                   timeout=30).raise_for_status()
-    return edit
+        return Planned(Edit(mailbox, origin_id, True, datetime.now(timezone.utc)), f"/mailboxes/{mailbox}/items/{uid}/occurrences",
+                       {"index": index, "start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")})
+    moved = start + timedelta(minutes=30)
+    return Planned(Edit(mailbox, uid, False, datetime.now(timezone.utc)), f"/mailboxes/{mailbox}/items/{uid}",
+                   {"start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")})
+
+
+def _send(control: str, requests_: list[tuple[str, dict[str, Any]]], rate: float) -> tuple[list[float], float]:
+    """In the editor process: PATCH each edit at its time (``rate`` a second, on 16 threads, as people save
+    independently); each save's start (epoch seconds), and how late the latest one started."""
+    local = threading.local()
+    began = time.monotonic()
+    late = 0.0
+    at = [0.0] * len(requests_)
+
+    def one(n: int) -> None:
+        if not hasattr(local, "http"):
+            local.http = requests.Session()
+        path, body = requests_[n]
+        at[n] = time.time()
+        local.http.patch(f"{control}{path}", json=body, timeout=30).raise_for_status()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for n in range(len(requests_)):
+            wait = began + n / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                late = max(late, -wait)
+            pool.submit(one, n)
+    return at, late
+
+
+def _edits(editor: ProcessPoolExecutor, control: str, planned: list[Planned], rate: float) -> tuple[list[Edit], float]:
+    """The planned edits made by the editor process (not this one, which runs both simulators); their save times."""
+    at, late = editor.submit(_send, control, [(p.path, p.body) for p in planned], rate).result()
+    for plan, started in zip(planned, at):
+        plan.edit.at = datetime.fromtimestamp(started, timezone.utc)
+    return [p.edit for p in planned], late
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _arrivals(edits: list[Edit], calls: list[Any]) -> None:
@@ -183,46 +227,31 @@ def main() -> int:
         subscribed = producer_health[0]["subscribed"] if producer_health else "?"
         print(f"loaded: {counted[0]} busy times in Planner after {load:.0f} s; {subscribed} of {args.mailboxes} mailboxes on a streaming subscription", flush=True)
 
-        local = threading.local()
+        editor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        editor.submit(time.sleep, 0).result()   # started before the clock runs
         for rate in (float(r) for r in args.rates.split(",")) if args.rates else [args.rate]:
-            edits: list[Edit] = []
-
-            def one(mailbox: str, series: bool, seed: int, edits: list[Edit] = edits) -> None:   # on a pool thread: an edit takes the simulator 10-50 ms
-                if not hasattr(local, "http"):
-                    local.http = requests.Session()
-                edit = _edit(local.http, exchange.control_url, mailbox, made[mailbox], series, random.Random(seed))
-                if edit is not None:
-                    edits.append(edit)
-
-            planned = int(args.seconds * rate)
-            began, late = time.monotonic(), 0.0
-            with ThreadPoolExecutor(max_workers=16) as pool:
-                for n in range(planned):
-                    wait = began + n / rate - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                    else:
-                        late = max(late, -wait)
-                    pool.submit(one, rng.choice(mailboxes), rng.random() < args.series_share, rng.randrange(1 << 30))
+            wanted = int(args.seconds * rate)
+            planned = [p for _ in range(wanted) if (p := _plan(m := rng.choice(mailboxes), made[m], rng.random() < args.series_share, rng)) is not None]
+            cpu_before = {proc.pid: _cpu_s(proc.pid) for proc in workers}
+            own_before = time.process_time()
+            edits, late = _edits(editor, exchange.control_url, planned, rate)
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
+            per_edit = {str(proc.args[-1]): (_cpu_s(proc.pid) - cpu_before[proc.pid]) * 1000 / max(1, len(edits)) for proc in workers}
+            per_edit["simulators (this process)"] = (time.process_time() - own_before) * 1000 / max(1, len(edits))
             _arrivals(edits, planner.state.calls())
-            print(f"steady at {rate:g}/s: {_summary(edits)} ({planned} planned; the latest started {late:.2f} s late)")
+            print(f"steady at {rate:g}/s: {_summary(edits)} ({wanted} planned; the latest started {late:.2f} s late)")
             print(f"  singles: {_summary([e for e in edits if not e.series])}")
-            print(f"  series occurrences: {_summary([e for e in edits if e.series])}", flush=True)
+            print(f"  series occurrences: {_summary([e for e in edits if e.series])}")
+            print("  CPU ms per edit: " + ", ".join(f"{name} {ms:.1f}" for name, ms in per_edit.items()), flush=True)
 
         if args.idle:
             time.sleep(args.idle)
-            cold: list[Edit] = []
-            with requests.Session() as http:
-                for _ in range(args.cold_edits):
-                    mailbox = rng.choice(mailboxes)
-                    edit = _edit(http, exchange.control_url, mailbox, made[mailbox], False, rng)
-                    if edit is not None:
-                        cold.append(edit)
-                    time.sleep(1.0)
+            planned = [p for _ in range(args.cold_edits) if (p := _plan(m := rng.choice(mailboxes), made[m], False, rng)) is not None]
+            cold, _ = _edits(editor, exchange.control_url, planned, 1.0)
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
             _arrivals(cold, planner.state.calls())
             print(f"after {args.idle:.0f} s idle: {_summary(cold)}; first {cold[0].arrived if cold else float('nan'):.2f} s")
+        editor.shutdown()
         peaks = {str(proc.args[-1]): _peak_rss_mb(proc.pid) for proc in workers}
         print("peak RSS MB: " + ", ".join(f"{name} {mb:.0f}" for name, mb in peaks.items()) + f"; together {sum(peaks.values()):.0f}")
         return 0

@@ -22,10 +22,11 @@ Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import requests
 import requests.adapters
@@ -47,7 +48,7 @@ from exchangelib.folders.collections import FolderCollection, SyncCompleted
 from exchangelib.items import CalendarItem as EwsCalendarItem
 from exchangelib.protocol import BaseProtocol
 from exchangelib.services import GetStreamingEvents
-from exchangelib.util import TNS
+from exchangelib.util import TNS, DummyResponse
 
 from shared import metrics
 from shared.adapters.deadline import DeadlineAdapter, deadline
@@ -181,14 +182,53 @@ def _system_trust() -> str | bool:
     return paths.cafile or paths.capath or True
 
 
+_ENVELOPE_START = re.compile(rb"<(?:[\w.-]+:)?Envelope[\s/>]")
+_ENVELOPE_END = re.compile(rb"</(?:[\w.-]+:)?Envelope\s*>")
+
+
+def envelopes(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Each whole SOAP envelope in a stream of byte chunks, as soon as its end tag has arrived (decision 98).
+
+    Chunks may split an envelope, or a tag, anywhere; bytes between envelopes (an XML declaration, whitespace) are
+    dropped, as exchangelib's own splitter drops them."""
+    buffer, searched = b"", 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        buffer += chunk
+        while (end := _ENVELOPE_END.search(buffer, searched)) is not None:
+            start = _ENVELOPE_START.search(buffer, 0, end.start())
+            if start is not None:
+                yield b"<?xml version='1.0' encoding='utf-8'?>\n" + buffer[start.start() : end.end()]
+            buffer, searched = buffer[end.end() :], 0
+        searched = max(0, len(buffer) - 64)   # only the tail is searched again: an end tag split by the chunk boundary
+
+
 class _StreamingEvents(GetStreamingEvents):
-    """GetStreamingEvents whose HTTP read timeout is our silence watchdog, not minutes * 60 + 60."""
+    """GetStreamingEvents whose HTTP read timeout is our silence watchdog, not minutes * 60 + 60, and whose stream is
+    split into envelopes a chunk at a time (decision 98)."""
 
     def __init__(self, *args: Any, silence: float, **kwargs: Any) -> None:
         self._silence = silence
         super().__init__(*args, **kwargs)
 
     timeout = property(lambda self: self._silence, lambda self, value: None)
+
+    def _get_soap_messages(self, body: Any) -> Iterator[Any]:
+        """As exchangelib's, with the envelopes found in whole HTTP chunks as they arrive. exchangelib reads the stream
+        a byte at a time (each byte a pass through urllib3's chunked reader): most of the change producer's CPU for a
+        notification. A stream that is not chunked (no Exchange sends one) is read as exchangelib reads it."""
+        chunks = body.iter_content(chunk_size=None) if getattr(body.raw, "chunked", False) else body.iter_content(chunk_size=1)
+        parent = super(GetStreamingEvents, self)
+        for document in envelopes(chunks):
+            try:
+                _, soap_body = parent._get_soap_parts(response=DummyResponse(content=document))
+            except Exception:
+                body.close()
+                raise
+            yield from parent._get_soap_messages(body=soap_body)
+            if self.connection_status == self.CLOSED:
+                break
 
 
 # --- failures -----------------------------------------------------------------------------------
