@@ -219,7 +219,7 @@ class _StreamingEvents(GetStreamingEvents):
         a byte at a time (each byte a pass through urllib3's chunked reader): most of the change producer's CPU for a
         notification. A stream that is not chunked (no Exchange sends one) is read as exchangelib reads it."""
         chunks = body.iter_content(chunk_size=None) if getattr(body.raw, "chunked", False) else body.iter_content(chunk_size=1)
-        parent = super(GetStreamingEvents, self)
+        parent: Any = super(GetStreamingEvents, self)   # exchangelib's EWSService, past its stream override
         for document in envelopes(chunks):
             try:
                 _, soap_body = parent._get_soap_parts(response=DummyResponse(content=document))
