@@ -112,6 +112,7 @@ class ChangeProducer:
         self.ews = Lazy(lambda: ews_connection(settings), exchange)
         self.graph = Lazy(lambda: graph_reader(settings), graph)
         self.backends: dict[str, Backend] = {}   # mailbox -> the backend serving it now (under ``lock``)
+        self.ews_members: list[str] | None = None   # ``_members``' answer until membership changes (under ``lock``)
         self.topology = topology
         self.clock = clock
         self.policy = settings.busy.policy()
@@ -225,6 +226,7 @@ class ChangeProducer:
             added, removed = set(enrolled) - set(was), set(was) - set(enrolled)
             moved = {a: (was[a], b) for a, b in enrolled.items() if a in was and was[a] != b}
             self.backends = dict(enrolled)
+            self.ews_members = None
             for address in moved:
                 self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
                 self.schedule.mark_dirty(address)             # the new reader reads it in full at once
@@ -265,6 +267,8 @@ class ChangeProducer:
         held = self.leases.holding()
         with self.lock:
             joined, left = self.schedule.set_members(set(self.backends) & held)
+            if joined or left:
+                self.ews_members = None
         if self.ews.built is not None:
             for address in left:
                 self.ews.built.forget(address)
@@ -284,9 +288,13 @@ class ChangeProducer:
             return self.backends.get(address, self.settings.exchange.default_backend)
 
     def _members(self) -> list[str]:
-        """The EWS mailboxes (the ones streaming or pull subscriptions follow)."""
+        """The EWS mailboxes (the ones streaming or pull subscriptions follow), sorted; worked out again only after the
+        enrolments or the leases changed (a stream checks its group after every notification)."""
         with self.lock:
-            return sorted(a for a in self.schedule.mailboxes if self.backends.get(a, self.settings.exchange.default_backend) == "ews")
+            if self.ews_members is None:
+                default = self.settings.exchange.default_backend
+                self.ews_members = sorted(a for a in self.schedule.mailboxes if self.backends.get(a, default) == "ews")
+            return self.ews_members
 
     def _group(self, index: int) -> list[str]:
         size = self.settings.exchange.mailboxes_per_connection

@@ -13,6 +13,7 @@ schema uses other namespaces without importing them (the tests use that to check
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -168,10 +169,12 @@ def schema_from_wsdl(wsdl_path: Path, *, add_missing_imports: bool = False) -> e
 
 
 _per_thread = threading.local()
-# libxml2 keeps a validation's names in the dictionary of the thread that compiled the schema; validations of one
-# schema object on several threads at once failed now and then with "No matching global declaration available for
-# the validation root" for a valid header (the Planner simulator, one thread per connection, under load: decision 96).
-_validating = threading.Lock()
+# One thread owns the contract's schema and does every validation (decision 99 in docs/decisions.md): libxml2 keeps a
+# compiled schema's names in the dictionary of the thread that compiled it, and one schema validating on several
+# threads at once failed now and then with "No matching global declaration available for the validation root" for a
+# valid header (decision 96); a schema compiled per thread cost the Planner simulator, one thread per connection,
+# a compilation per request.
+_owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-contract")
 
 
 def contract_schema() -> etree.XMLSchema:
@@ -187,13 +190,18 @@ def _describe(log: Iterable[etree._LogEntry], limit: int = 3) -> str:
     return "; ".join(messages) or "invalid"
 
 
-def _validate_element(element: etree._Element, schema: etree.XMLSchema, what: str) -> None:
-    copy = etree.fromstring(etree.tostring(element))
-    with _validating:   # one validation at a time in the process, and its error log read before the next (decision 96)
-        if schema.validate(copy):
-            return
-        problem = _describe(schema.error_log)
-    raise ContractViolation(f"{what} {etree.QName(element).localname}: {problem}")
+def _problem(document: bytes, schema: etree.XMLSchema | None) -> str | None:
+    """On the owner thread: what is wrong with the document, or None."""
+    schema = schema or contract_schema()   # the owner thread's own, compiled once: the executor keeps its one thread
+    if schema.validate(etree.fromstring(document)):
+        return None
+    return _describe(schema.error_log)
+
+
+def _validate_element(element: etree._Element, schema: etree.XMLSchema | None, what: str) -> None:
+    problem = _owner.submit(_problem, etree.tostring(element), schema).result()
+    if problem is not None:
+        raise ContractViolation(f"{what} {etree.QName(element).localname}: {problem}")
 
 
 Expect = Literal["request", "response", "any"]
@@ -211,7 +219,6 @@ def validate_envelope(
     ``<Operation>Request`` body element; responses a ``<Operation>Response`` or a ``soap:Fault``.
     Raises ``ContractViolation`` naming what is wrong.
     """
-    schema = schema or contract_schema()
     root = parse_xml(envelope) if isinstance(envelope, bytes) else envelope
     if root.tag != f"{{{SOAP11_ENV}}}Envelope":
         raise ContractViolation(f"root element is {root.tag}, expected a SOAP 1.1 Envelope ({SOAP11_ENV})")
@@ -243,7 +250,7 @@ def validate_envelope(
     return payload
 
 
-def _check_headers(header: etree._Element | None, schema: etree.XMLSchema) -> None:
+def _check_headers(header: etree._Element | None, schema: etree.XMLSchema | None) -> None:
     if header is None:
         raise ContractViolation("the envelope has no soap:Header; ActiveOrganisationHeader and RequestUserMetadataHeader are required")
     for required in REQUIRED_HEADERS:
@@ -259,7 +266,7 @@ def _check_headers(header: etree._Element | None, schema: etree.XMLSchema) -> No
             raise ContractViolation(f"header {element.tag} is marked mustUnderstand and is not part of the contract")
 
 
-def _check_fault(fault: etree._Element, schema: etree.XMLSchema) -> None:
+def _check_fault(fault: etree._Element, schema: etree.XMLSchema | None) -> None:
     if fault.find("faultcode") is None or fault.find("faultstring") is None:
         raise ContractViolation("soap:Fault needs faultcode and faultstring")
     detail = fault.find("detail")
