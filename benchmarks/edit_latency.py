@@ -13,7 +13,7 @@ On a fresh prefix and SQLite store, with the EWS and Planner simulators in this 
   by half an hour, or, for ``--series-share`` of the edits, one occurrence of a series moved (an exception: the
   change producer reads the series master and its occurrences);
 - the edits are made by a separate process (16 threads), so this process's CPU is the two simulators', and each
-  phase prints the CPU milliseconds per edit of every worker process and of the simulators;
+  phase prints the CPU milliseconds per edit of every worker process, of the simulators and of a local broker;
 - an edit's latency is from just before the Exchange save to the first Planner call that names the event's key
   (the Planner simulator records when each call arrives): pipeline time, Exchange's own notification included;
 - ``--idle S`` then waits S seconds with nothing happening and makes ``--cold-edits`` edits a second apart: the first
@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -227,17 +228,20 @@ def main() -> int:
         subscribed = producer_health[0]["subscribed"] if producer_health else "?"
         print(f"loaded: {counted[0]} busy times in Planner after {load:.0f} s; {subscribed} of {args.mailboxes} mailboxes on a streaming subscription", flush=True)
 
+        broker = [int(pid) for pid in subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True).stdout.split()[:1]]   # a local RabbitMQ
         editor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         editor.submit(time.sleep, 0).result()   # started before the clock runs
         for rate in (float(r) for r in args.rates.split(",")) if args.rates else [args.rate]:
             wanted = int(args.seconds * rate)
             planned = [p for _ in range(wanted) if (p := _plan(m := rng.choice(mailboxes), made[m], rng.random() < args.series_share, rng)) is not None]
-            cpu_before = {proc.pid: _cpu_s(proc.pid) for proc in workers}
+            cpu_before = {pid: _cpu_s(pid) for pid in [proc.pid for proc in workers] + broker}
             own_before = time.process_time()
             edits, late = _edits(editor, exchange.control_url, planned, rate)
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
             per_edit = {str(proc.args[-1]): (_cpu_s(proc.pid) - cpu_before[proc.pid]) * 1000 / max(1, len(edits)) for proc in workers}
             per_edit["simulators (this process)"] = (time.process_time() - own_before) * 1000 / max(1, len(edits))
+            for pid in broker:
+                per_edit["broker (beam.smp)"] = (_cpu_s(pid) - cpu_before[pid]) * 1000 / max(1, len(edits))
             _arrivals(edits, planner.state.calls())
             print(f"steady at {rate:g}/s: {_summary(edits)} ({wanted} planned; the latest started {late:.2f} s late)")
             print(f"  singles: {_summary([e for e in edits if not e.series])}")

@@ -13,13 +13,14 @@ state, ``EwsConnection.view`` over the sync window), and counts the requests the
 - per change: one appointment (or, one edit in ``--series-share``, one series) edited at a time, then the read the
   producer makes for it: SyncFolderItems from the saved state, plus a CalendarView when a series master changed
   (decision 37); requests and CPU ms per change.
-``--byte-chunks`` restores exchangelib's own way of handing a read answer to its parser, a byte at a time (the cost
+``--profile FILE`` writes a cProfile of the per-change reads. ``--byte-chunks`` restores exchangelib's own way of handing a read answer to its parser, a byte at a time (the cost
 before decision 93), for a side-by-side figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import random
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def main() -> int:
     parser.add_argument("--edits", type=int, default=40)
     parser.add_argument("--series-share", type=float, default=0.1, help="share of edits that touch a series")
     parser.add_argument("--port", type=int, default=18282)
+    parser.add_argument("--profile", default="", help="write a cProfile of the per-change reads to this file")
     parser.add_argument("--byte-chunks", action="store_true", help="exchangelib's byte-at-a-time parsing (before decision 93)")
     args = parser.parse_args()
     configure("WARNING")
@@ -98,6 +100,7 @@ def main() -> int:
         print(f"view: {len(items)} items (occurrences expanded) in {requests_since(mark)} requests, {wall:.0f} ms, CPU {cpu:.0f} ms ({cpu / len(items):.2f} ms per item)")
 
         rng = random.Random(7)
+        profiler = cProfile.Profile() if args.profile else None
         total_cpu, total_requests, series_edits = 0.0, 0, 0
         for n in range(args.edits):
             if args.series and rng.random() < args.series_share:
@@ -116,11 +119,17 @@ def main() -> int:
                     connection.view(MAILBOX, window)   # the series' occurrences, as publish_sync does
                 return found, new_state
 
+            if profiler is not None:
+                profiler.enable()
             (_found, state), cpu, _wall = _timed(read)
+            if profiler is not None:
+                profiler.disable()
             total_cpu += cpu
             total_requests += requests_since(mark)
         print(f"per change: {args.edits} edits ({series_edits} of a series): {total_requests / args.edits:.2f} requests and "
               f"CPU {total_cpu / args.edits:.1f} ms per change")
+        if profiler is not None:
+            profiler.dump_stats(args.profile)
         connection.close()
     finally:
         sim.terminate()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from threading import Lock
 from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
@@ -67,6 +68,10 @@ class PassResult:
     full_resync: bool
 
 
+class Unread(Enum):
+    READ_IT = "read it"   # ``sync_mailbox``'s default: the stored position is read from the store
+
+
 def sync_mailbox(
     mailbox: str,
     reader: SyncReader,
@@ -77,9 +82,14 @@ def sync_mailbox(
     new_id: Callable[[], str],
     full: bool = False,
     backend: Backend = "ews",
+    stored: SyncPosition | None | Unread = Unread.READ_IT,
 ) -> PassResult:
-    """Read and publish one mailbox's changes. ``full`` (or no stored state) reads everything again."""
-    stored = None if full else positions.sync_position(mailbox)
+    """Read and publish one mailbox's changes. ``full`` (or no stored state) reads everything again. ``stored``: the
+    mailbox's position as the caller has just read it from ``positions`` (saves a second query), else it is read here."""
+    if full:
+        stored = None
+    elif stored is Unread.READ_IT:
+        stored = positions.sync_position(mailbox)
     # a state another reader wrote (the mailbox moved between backends) cannot be continued: read it all
     saved = stored.sync_state if stored is not None and stored.backend == backend else None
     changes, new_state = reader.sync(mailbox, saved)

@@ -427,14 +427,15 @@ class ChangeProducer:
                         log.info("mailbox_resynced", items=items, backend=backend)
                         published, full_read = items, True
                     else:
-                        result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph")
+                        result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph",
+                                              stored=stored)
                         published, full_read = result.published, result.full_resync
                 elif full:   # a read from nothing and a snapshot read after it, then the state (decision 85)
                     result, items = resync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, part_size)
                     log.info("mailbox_resynced", items=items, backend=backend)
                     published, full_read = result.published, result.full_resync
                 else:
-                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id)
+                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, stored=stored)
                     published, full_read = result.published, result.full_resync
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
                 self._failed(address, backend, self._classify(backend, exc), full)
