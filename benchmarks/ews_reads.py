@@ -11,7 +11,7 @@ state, ``EwsConnection.view`` over the sync window), and counts the requests the
   weekly series; CPU ms per item;
 - view: the window's CalendarView of the same mailbox (the nightly snapshot's read, and the occurrences of a series);
 - per change: one appointment (or, one edit in ``--series-share``, one series) edited at a time, then the read the
-  producer makes for it: SyncFolderItems from the saved state, plus a CalendarView when a series master changed
+  producer makes for it: SyncFolderItems from the saved state, plus the window's series instances when a series master changed
   (decision 37); requests and CPU ms per change.
 ``--profile FILE`` writes a cProfile of the per-change reads. ``--byte-chunks`` restores exchangelib's own way of handing a read answer to its parser, a byte at a time (the cost
 before decision 93), for a side-by-side figure.
@@ -116,7 +116,7 @@ def main() -> int:
             def read() -> Any:
                 found, new_state = connection.sync(MAILBOX, state)
                 if any(c.item is not None and c.item.item_type == "master" for c in found):
-                    connection.view(MAILBOX, window)   # the series' occurrences, as publish_sync does
+                    connection.occurrences(MAILBOX, window)   # the series' instances, as publish_sync reads them (decision 100)
                 return found, new_state
 
             if profiler is not None:

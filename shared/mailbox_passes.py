@@ -48,7 +48,11 @@ class ViewReader(Protocol):
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]: ...
 
 
-class SyncReader(ViewReader, Protocol):
+class SeriesReader(ViewReader, Protocol):
+    def occurrences(self, mailbox: str, window: Interval) -> list[CalendarItem]: ...   # the view's instances, at least
+
+
+class SyncReader(SeriesReader, Protocol):
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]: ...
 
 
@@ -101,7 +105,7 @@ def publish_sync(
     changes: list[SyncChange],
     new_state: str,
     full: bool,
-    reader: ViewReader,
+    reader: SeriesReader,
     positions: SyncPositions,
     publish: Callable[[Sequence[CalendarChange]], None],
     window: Interval,
@@ -112,7 +116,7 @@ def publish_sync(
     """Publish what one read found, then save the state it ended at (``full``: the read started from nothing)."""
     occurrences: dict[str, list[CalendarItem]] = {}
     if any(c.item is not None and c.item.item_type == "master" for c in changes):
-        occurrences = series_occurrences(reader.view(mailbox, window))
+        occurrences = series_occurrences(reader.occurrences(mailbox, window))
     messages = changes_from_sync(mailbox, changes, occurrences, window, observed_at, new_id, backend)
     if messages:
         publish(messages)

@@ -389,18 +389,37 @@ class EwsConnection:
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
         """Every occurrence and single item overlapping ``window``, paging around Exchange's view cap."""
         calendar = self.account(mailbox).calendar
-        found: dict[str, CalendarItem] = {}
-        pending = [(window.start, window.end)]
         _our_reads.active = True
         try:
-            return self._view(calendar, found, pending)
+            return [to_calendar_item(item, self.planner_organizers) for item in self._view_items(calendar, window, FIELDS)]
         finally:
             _our_reads.active = False
 
-    def _view(self, calendar: Any, found: dict[str, CalendarItem], pending: list[tuple[datetime, datetime]]) -> list[CalendarItem]:
+    @metrics.timed_exchange_call("ews", "occurrences", lambda error: classify(error).kind)
+    def occurrences(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        """Every occurrence and exception overlapping ``window`` (what a changed series master needs), without the
+        singles: the view's FindItem asks only for each item's type, and GetItem reads the instances alone
+        (decision 100 in docs/decisions.md). An instance gone between the two requests fails the read (it is retried)."""
+        calendar = self.account(mailbox).calendar
+        _our_reads.active = True
+        try:
+            instances = [item for item in self._view_items(calendar, window, ("type",)) if item.type in ("Occurrence", "Exception")]
+            found = []
+            for item in calendar.account.fetch(ids=instances, folder=calendar, only_fields=FIELDS) if instances else []:
+                if isinstance(item, Exception):
+                    raise item
+                found.append(to_calendar_item(item, self.planner_organizers))
+            return found
+        finally:
+            _our_reads.active = False
+
+    def _view_items(self, calendar: Any, window: Interval, fields: tuple[str, ...]) -> list[Any]:
+        """exchangelib's items of the window's CalendarView with ``fields``, halving a page that hits the view cap."""
+        found: dict[str, Any] = {}
+        pending = [(window.start, window.end)]
         while pending:
             start, end = pending.pop()
-            page = list(calendar.view(start=start.astimezone(self.zone), end=end.astimezone(self.zone), max_items=VIEW_CAP).only(*FIELDS))
+            page = list(calendar.view(start=start.astimezone(self.zone), end=end.astimezone(self.zone), max_items=VIEW_CAP).only(*fields))
             if len(page) >= VIEW_CAP:
                 if end - start <= MIN_VIEW_SLICE:
                     raise RuntimeError(f"more than {VIEW_CAP} items within {MIN_VIEW_SLICE}; cannot page the calendar view")
@@ -408,7 +427,7 @@ class EwsConnection:
                 pending += [(start, middle), (middle, end)]
                 continue
             for item in page:
-                found[item.id] = to_calendar_item(item, self.planner_organizers)
+                found[item.id] = item
         return list(found.values())
 
     # --- notifications ------------------------------------------------------------------------------

@@ -637,6 +637,9 @@ class GraphSyncReader:
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:
         return self.reader.view(mailbox, window)
 
+    def occurrences(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        return self.reader.view(mailbox, window)   # Graph's calendarView: the instances come with the singles
+
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
         return self.reader.sync(mailbox, sync_state, self.window, min(page_size, self.reader.settings.max_page_size))
 

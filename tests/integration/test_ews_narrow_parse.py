@@ -90,3 +90,28 @@ def test_a_view_parses_the_same_items_as_exchangelibs_full_parse(ews: RunningExc
     oof = [i for i in ours.values() if i.uid == "oof-dst"]
     assert oof and oof[0].all_day and oof[0].start is not None and oof[0].end is not None and oof[0].end - oof[0].start == timedelta(hours=23)
     connection.close()
+
+
+def test_a_series_instances_read_gives_exactly_the_views_occurrences_in_one_finditem_and_one_getitem(ews: RunningExchangeSim) -> None:
+    """What a changed master needs (decision 100): the view's occurrences and exceptions, each as the view reads it,
+    from a FindItem that asks only for the type and a GetItem of the instances alone."""
+    connection = _connection(ews)
+    window = Interval(start=datetime.now(UTC) - timedelta(days=1), end=datetime.now(UTC) + timedelta(days=400))
+    view = {i.item_id: i for i in connection.view(ANNE, window) if i.item_type in ("occurrence", "exception")}
+    ews.state.clear_calls()
+    ours = {i.item_id: i for i in connection.occurrences(ANNE, window)}
+    assert len(view) == 5 and ours == view
+    assert {i.item_type for i in ours.values()} == {"occurrence", "exception"}
+    assert [call["operation"] for call in ews.state.call_log()] == ["FindItem", "GetItem"]
+    connection.close()
+
+
+def test_without_a_series_in_the_window_the_instances_read_is_one_finditem(ews: RunningExchangeSim) -> None:
+    connection = _connection(ews)
+    later = datetime.now(UTC) + timedelta(days=30)   # after the daily series and the dated singles
+    window = Interval(start=later, end=later + timedelta(days=10))
+    _ = connection.account(ANNE).calendar   # the calendar folder found first (GetFolder), as any earlier read does
+    ews.state.clear_calls()
+    assert connection.occurrences(ANNE, window) == []
+    assert [call["operation"] for call in ews.state.call_log()] == ["FindItem"]
+    connection.close()

@@ -43,6 +43,9 @@ class FakeExchange:
             raise ConnectionError("cut")
         return self.items
 
+    def occurrences(self, mailbox: str, window: Interval) -> list[CalendarItem]:
+        return self.view(mailbox, window)   # the view's instances, with its singles (``series_occurrences`` picks)
+
 
 class FakeStore:
     def __init__(self, state: str | None, backend: Backend = "ews") -> None:
