@@ -3,7 +3,8 @@
 Reads only what deciding busy time needs (ids, UID, type, times, zones, status, flags, organizer)
 with ``only_fields``: subjects, bodies, locations and attendees are never requested. The organizer is read
 only to answer "is it one of Planner's addresses?" (``organizer_is_planner``); neither its address nor its
-name leaves ``to_calendar_item`` (decision 71 in docs/decisions.md).
+name leaves ``to_calendar_item`` (decision 71 in docs/decisions.md). Our reads parse those fields straight from
+the answer (``_ReadItem``, decision 101); exchangelib builds the requests, sends them and checks the answers.
 
 Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 - exchangelib converts all-day start/end to dates in a zone it chooses and can give an end before the
@@ -25,6 +26,7 @@ from __future__ import annotations
 import re
 import ssl
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Iterator
 
@@ -38,11 +40,13 @@ from exchangelib import (
     Build,
     Configuration,
     Credentials,
+    EWSDateTime,
     EWSTimeZone,
     FailFast,
     Version,
 )
 from exchangelib import errors as ews_errors
+from exchangelib.ewsdatetime import NaiveDateTimeNotAllowed
 from exchangelib.folders.base import BaseFolder
 from exchangelib.folders.collections import FolderCollection, SyncCompleted
 from exchangelib.items import CalendarItem as EwsCalendarItem
@@ -95,28 +99,112 @@ class _CalendarItemWithInstants(EwsCalendarItem):
 
     @classmethod
     def from_xml(cls, elem: Any, account: Any) -> Any:
-        raw_start, raw_end = _xml_instant(elem, "Start"), _xml_instant(elem, "End")  # before from_xml clears elem
         if getattr(_our_reads, "active", False):
-            # our own reads: only the fields requested (``FIELDS``) are parsed, with exchangelib's own field parsers;
-            # the other fifty-odd are not looked for (decision 93). ``start``/``end`` stay datetimes on all-day
-            # items: ``to_calendar_item`` takes the instants above.
-            kwargs = {f.name: f.from_xml(elem=elem, account=account) for f in _requested_fields()}
-            cls._clear(elem)
-            item = cls(account=account, **kwargs)
-        else:
-            item = super().from_xml(elem=elem, account=account)
+            # our own reads: the requested fields (``FIELDS``) are read straight from the element into a plain record
+            # (decision 101); exchangelib's item model is not built. ``to_calendar_item`` reads either.
+            item = _ReadItem.from_xml(elem, account)
+            elem.clear()
+            return item
+        raw_start, raw_end = _xml_instant(elem, "Start"), _xml_instant(elem, "End")  # before from_xml clears elem
+        item = super().from_xml(elem=elem, account=account)
         item.raw_start, item.raw_end = raw_start, raw_end
         return item
 
 
 _our_reads = threading.local()   # set while EwsConnection reads; other exchangelib users in the process are unaffected
-_REQUESTED: list[Any] = []
 
 
-def _requested_fields() -> list[Any]:
-    if not _REQUESTED:
-        _REQUESTED.extend(f for f in _CalendarItemWithInstants.FIELDS if f.name in {"_id", *FIELDS})
-    return _REQUESTED
+def _t(name: str) -> str:
+    return f"{{{TNS}}}{name}"
+
+
+_BOOLEANS = {"true": True, "on": True, "false": False, "off": False}   # as exchangelib reads a boolean
+
+
+class _Organizer:
+    __slots__ = ("email_address",)
+
+    def __init__(self, email_address: str | None) -> None:
+        self.email_address = email_address
+
+
+@dataclass(slots=True)
+class _ReadItem:
+    """A calendar item as our reads need it, with exchangelib's attribute names (what ``to_calendar_item`` and
+    exchangelib's own id handling read), parsed from the answer's element as exchangelib's field parsers would."""
+
+    id: str | None
+    changekey: str | None
+    uid: str | None
+    type: str | None
+    raw_start: datetime | None
+    raw_end: datetime | None
+    original_start: datetime | None
+    last_modified_time: datetime | None
+    is_all_day: bool | None
+    is_cancelled: bool | None
+    legacy_free_busy_status: str | None
+    sensitivity: str | None
+    organizer: _Organizer | None
+    _start_timezone: str | None
+    start: None = None   # exchangelib's converted times are not made: ``raw_start``/``raw_end`` are what is used
+    end: None = None
+
+    @classmethod
+    def from_xml(cls, elem: Any, account: Any) -> _ReadItem:
+        found = elem.find(_t("ItemId"))
+        mailbox = elem.find(f"{_t('Organizer')}/{_t('Mailbox')}")
+        zone = elem.find(_t("StartTimeZone"))
+        return cls(
+            id=found.get("Id") if found is not None else None,
+            changekey=found.get("ChangeKey") if found is not None else None,
+            uid=_text(elem, "UID"),
+            type=_text(elem, "CalendarItemType"),
+            raw_start=_xml_instant(elem, "Start"),
+            raw_end=_xml_instant(elem, "End"),
+            original_start=_xml_datetime(elem, "OriginalStart", account),
+            last_modified_time=_xml_datetime(elem, "LastModifiedTime", account),
+            is_all_day=_xml_boolean(elem, "IsAllDayEvent"),
+            is_cancelled=_xml_boolean(elem, "IsCancelled"),
+            legacy_free_busy_status=_text(elem, "LegacyFreeBusyStatus"),
+            sensitivity=_text(elem, "Sensitivity"),
+            organizer=_Organizer(_text(mailbox, "EmailAddress")) if mailbox is not None else None,
+            _start_timezone=_ms_zone(zone.get("Id") or zone.get("Name")) if zone is not None else None,
+        )
+
+
+def _text(elem: Any, name: str) -> str | None:
+    found = elem.find(_t(name))
+    return (found.text or None) if found is not None else None
+
+
+def _xml_boolean(elem: Any, name: str) -> bool | None:
+    text = _text(elem, name)
+    return _BOOLEANS.get(text.lower()) if text is not None else None
+
+
+def _xml_datetime(elem: Any, name: str, account: Any) -> datetime | None:
+    """A date-time field as exchangelib reads it: with its offset, or naive in the account's default zone."""
+    text = _text(elem, name)
+    if text is None:
+        return None
+    try:
+        value = EWSDateTime.from_string(text)
+    except NaiveDateTimeNotAllowed as naive:
+        return naive.local_dt.replace(tzinfo=account.default_timezone) if account is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, datetime) else None
+
+
+def _ms_zone(zone_id: str | None) -> str | None:
+    """A StartTimeZone's Windows id as exchangelib keeps it (``EWSTimeZone.ms_id``); None when it knows none."""
+    if not zone_id:
+        return None
+    try:
+        return str(EWSTimeZone.from_ms_id(zone_id).ms_id)
+    except ews_errors.UnknownTimeZone:
+        return None
 
 
 def _xml_instant(elem: Any, name: str) -> datetime | None:

@@ -81,6 +81,18 @@ def _attendees(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(a.get("name") or a["address"]), a["address"]) for a in value)
 
 
+ITEM_KEYS = frozenset({"uid", "start", "end", "timezone", "all_day", "is_all_day", "subject", "body", "location", "organizer",
+                       "organizer_name", "attendees", "status", "sensitivity", "is_cancelled", "folder", "recurrence"})
+
+
+def refuse_unknown(spec: dict[str, Any]) -> None:
+    """An item's JSON from a client (a new item or a change) names only known fields: a misspelt ``is_cancelled``
+    would otherwise make a live item without a word."""
+    unknown = sorted(set(spec) - ITEM_KEYS)
+    if unknown:
+        raise SpecError(f"unknown item field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(ITEM_KEYS))}")
+
+
 def parse_item(spec: dict[str, Any], default_tz: str) -> dict[str, Any]:
     """Keyword arguments for ``Item`` (without key and version) from a JSON description."""
     if "start" not in spec:

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from . import ids
-from .item_spec import SpecError, parse_item, parse_original_start, parse_override
+from .item_spec import SpecError, parse_item, parse_original_start, parse_override, refuse_unknown
 from .model import CALENDAR, DELETED_ITEMS, Item
 from .recurrence import find_occurrence
 
@@ -117,6 +117,7 @@ class Store:
     def add(self, address: str, spec: dict[str, Any]) -> Item:
         with self.lock:
             box = self.ensure_mailbox(address)
+            refuse_unknown(spec)
             fields = parse_item(spec, self.default_tz)
             now = self.clock()
             item = Item(key=next(self._keys), created=now, last_modified=now, version=next(self._versions), **fields)
@@ -143,6 +144,7 @@ class Store:
         with self.lock:
             box = self.require(address)
             item = self.item(address, key)
+            refuse_unknown(spec)
             merged = {**current, **spec}
             if ("start" in spec or "end" in spec) and "all_day" not in spec:
                 merged["all_day"] = len(str(merged["start"])) == 10

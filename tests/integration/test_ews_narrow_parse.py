@@ -46,7 +46,7 @@ def ews() -> Iterator[RunningExchangeSim]:
     store.add(ANNE, {"start": at(3, 12), "end": at(3, 12, 30), "status": "Free"})
     store.add(ANNE, {"uid": "20261019T070000Z-4711@kalender", "start": at(3, 14), "end": at(3, 15), "organizer": "Planner@Jobcenter.example"})
     store.add(ANNE, {"start": at(4, 15), "end": at(4, 16), "status": "Tentative", "sensitivity": "Private"})
-    store.add(ANNE, {"start": at(5, 8), "end": at(5, 9), "cancelled": True})
+    store.add(ANNE, {"start": at(5, 8), "end": at(5, 9), "is_cancelled": True})
     store.add(ANNE, {"start": at(6, 8), "end": at(6, 9), "timezone": "GMT Standard Time"})
     store.add(ANNE, {"start": at(7, 8), "end": at(7, 9), "timezone": "Pacific Standard Time", "status": "WorkingElsewhere"})
     yield sim

@@ -519,3 +519,14 @@ def test_https_serves_ews_with_the_configured_certificate(tmp_path):
             requests.get(secure.control_url + "/health", verify=True, timeout=10)
     finally:
         secure.stop()
+
+
+def test_an_item_field_the_simulator_does_not_know_is_refused_on_create_and_on_change(sim):
+    """A misspelt field ("cancelled" for "is_cancelled") made a live, busy item without a word; now a clear 400."""
+    refused = control(sim, "POST", f"/mailboxes/{ALICE}/items", {"start": "2026-12-01T10:00", "cancelled": True}, expect=400)
+    assert "unknown item field(s) 'cancelled'" in refused["error"] and "is_cancelled" in refused["error"]
+    assert control(sim, "GET", f"/mailboxes/{ALICE}/items", expect=200) == []
+    created = add(sim, ALICE, start="2026-12-01T10:00")
+    refused = control(sim, "PATCH", f"/mailboxes/{ALICE}/items/{created['key']}", {"statu": "Free"}, expect=400)
+    assert "'statu'" in refused["error"]
+    assert control(sim, "PATCH", f"/mailboxes/{ALICE}/items/{created['key']}", {"status": "Free"}, expect=200)["status"] == "Free"

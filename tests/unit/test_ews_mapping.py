@@ -60,3 +60,41 @@ def test_a_whole_body_is_handed_to_the_parser_in_large_slices_and_a_stream_is_le
     stream = _WholeBodyResponse()
     stream.raw = io.BytesIO(body[:10])
     assert list(stream.iter_content()) == [bytes([b]) for b in body[:10]]
+
+
+def _calendar_item_xml(fields: str) -> Any:
+    from lxml import etree
+
+    return etree.fromstring(f'<t:CalendarItem xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types">{fields}</t:CalendarItem>')
+
+
+def test_our_reads_parse_an_item_straight_from_its_element_as_exchangelib_would() -> None:
+    """Decision 101: the fields the rules need, read from the element; zones kept as exchangelib keeps them (its
+    Windows id, an IANA name turned into one, None for an id it does not know), booleans as it reads them."""
+    from shared.adapters.ews import _ReadItem
+
+    element = _calendar_item_xml(
+        '<t:ItemId Id="AAMk2" ChangeKey="CK2"/><t:UID>uid-2</t:UID><t:CalendarItemType>Exception</t:CalendarItemType>'
+        "<t:Start>2027-01-04T08:00:00Z</t:Start><t:End>2027-01-04T09:00:00Z</t:End><t:OriginalStart>2027-01-03T08:00:00Z</t:OriginalStart>"
+        "<t:IsAllDayEvent>false</t:IsAllDayEvent><t:IsCancelled>ON</t:IsCancelled><t:LegacyFreeBusyStatus>OOF</t:LegacyFreeBusyStatus>"
+        "<t:Sensitivity>Private</t:Sensitivity><t:Organizer><t:Mailbox><t:Name>x</t:Name><t:EmailAddress>NoReply@Planner.STAR.dk</t:EmailAddress>"
+        '</t:Mailbox></t:Organizer><t:StartTimeZone Id="Europe/Copenhagen"/>'
+    )
+    item = to_calendar_item(_ReadItem.from_xml(element, None), PLANNER)
+    assert (item.item_id, item.change_key, item.uid, item.item_type) == ("AAMk2", "CK2", "uid-2", "exception")
+    assert item.start == datetime(2027, 1, 4, 8, tzinfo=timezone.utc) and item.end == datetime(2027, 1, 4, 9, tzinfo=timezone.utc)
+    assert item.original_start == datetime(2027, 1, 3, 8, tzinfo=timezone.utc)
+    assert (item.all_day, item.cancelled, item.free_busy, item.sensitivity) == (False, True, "OOF", "Private")
+    assert item.organizer_is_planner is True and item.time_zone == "Romance Standard Time"
+
+    unknown_zone = to_calendar_item(_ReadItem.from_xml(_calendar_item_xml('<t:ItemId Id="A3"/><t:StartTimeZone Id="Mars Standard Time"/>'), None))
+    assert unknown_zone.time_zone is None
+
+
+def test_an_item_with_missing_fields_reads_as_unknown_not_as_a_default() -> None:
+    """An Exchange item without UID, times, status or type: each stays None (the busy rules reject it by name)."""
+    from shared.adapters.ews import _ReadItem
+
+    item = to_calendar_item(_ReadItem.from_xml(_calendar_item_xml('<t:ItemId Id="A4"/><t:IsAllDayEvent>maybe</t:IsAllDayEvent>'), None))
+    assert (item.item_id, item.uid, item.start, item.end, item.free_busy, item.original_start, item.time_zone) == ("A4", None, None, None, None, None, None)
+    assert item.item_type == "single" and item.all_day is False and item.organizer_is_planner is None
