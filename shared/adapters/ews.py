@@ -23,6 +23,7 @@ Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 
 from __future__ import annotations
 
+import functools
 import re
 import ssl
 import threading
@@ -197,8 +198,10 @@ def _xml_datetime(elem: Any, name: str, account: Any) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
+@functools.lru_cache(maxsize=512)
 def _ms_zone(zone_id: str | None) -> str | None:
-    """A StartTimeZone's Windows id as exchangelib keeps it (``EWSTimeZone.ms_id``); None when it knows none."""
+    """A StartTimeZone's Windows id as exchangelib keeps it (``EWSTimeZone.ms_id``); None when it knows none.
+    Remembered: building the zone is a tenth of a millisecond, and a mailbox has a handful."""
     if not zone_id:
         return None
     try:
