@@ -214,7 +214,7 @@ def main() -> int:
     workers = start_workers(["all"] if args.together else ["change-producer", "transformer", "publisher"], env, workdir)
     print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
           f"{'every worker in one process' if args.together else 'one process per worker'}): {args.mailboxes} mailboxes x {args.items} items "
-          f"({args.series} weekly series each), {args.rate:g} edits/s for {args.seconds:g} s, {args.series_share:.0%} of them series occurrences", flush=True)
+          f"({args.series} weekly series each), {args.rates or f'{args.rate:g}'} edits/s for {args.seconds:g} s each, {args.series_share:.0%} of them series occurrences", flush=True)
     try:
         counted = [0]
 
