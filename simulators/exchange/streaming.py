@@ -108,7 +108,7 @@ def serve_stream(state: SimState, writer: ChunkWriter, subscription_ids: list[st
     while True:
         with store.lock:
             gone = [s for s in subs if s.gone or state.subs.by_id.get(s.id) is not s]
-            batch = [(s, ev) for s in subs if (ev := state.subs.take_for_stream(s))]
+            batch = [(s, ev) for s in subs if s.events and (ev := state.subs.take_for_stream(s))]   # most have none
             now = time.monotonic()
             if not gone and not batch and not state.stopping.is_set():
                 wake = min(x for x in (deadline, next_keepalive, fault_at) if x is not None)

@@ -70,6 +70,7 @@ class Subscriptions:
         self.store = store
         self.minute_seconds = minute_seconds
         self.by_id: dict[str, Subscription] = {}
+        self.by_mailbox: dict[str, dict[str, Subscription]] = {}   # the same, by mailbox: a change looks at its own
         self._lock = threading.RLock()
         self._stamp = itertools.count(1)
         store.listeners.append(self.on_change)
@@ -83,6 +84,7 @@ class Subscriptions:
         sub = Subscription(sid, mailbox, kind, folders, event_types, timeout)
         with self._lock:
             self.by_id[sid] = sub
+            self.by_mailbox.setdefault(mailbox, {})[sid] = sub
         log.info("exchange_sim_subscribed", mailbox=mailbox, kind=kind, subscription=sid[-12:])
         return sub
 
@@ -101,8 +103,9 @@ class Subscriptions:
 
     def unsubscribe(self, subscription_id: str) -> None:
         with self._lock:
-            self.get(subscription_id)
+            sub = self.get(subscription_id)
             del self.by_id[subscription_id]
+            self.by_mailbox.get(sub.mailbox, {}).pop(subscription_id, None)
 
     def expire(self, subscription_id: str, code: str = "ErrorSubscriptionNotFound") -> None:
         """Make a subscription disappear (fault injection); an open stream reports it."""
@@ -117,6 +120,7 @@ class Subscriptions:
             for sub in self.by_id.values():
                 sub.gone = "ErrorSubscriptionNotFound"
             self.by_id.clear()
+            self.by_mailbox.clear()
 
     def on_change(self, change: Change) -> None:
         types = [_MAIN_EVENT[change.kind]]
@@ -126,7 +130,7 @@ class Subscriptions:
         item = box.items.get(change.key) if box else None
         version = item.version if item else 0
         with self._lock:
-            for sub in self.by_id.values():
+            for sub in self.by_mailbox.get(change.mailbox, {}).values():   # not every subscription of every mailbox
                 if sub.mailbox != change.mailbox or sub.gone:
                     continue
                 if sub.folders is not None and not ({change.folder, change.old_folder} & sub.folders):
