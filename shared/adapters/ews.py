@@ -211,11 +211,11 @@ def _ms_zone(zone_id: str | None) -> str | None:
 
 
 def _xml_instant(elem: Any, name: str) -> datetime | None:
-    found = elem.find(f"{{{TNS}}}{name}")
-    if found is None or not found.text:
+    text = _text(elem, name)
+    if text is None:
         return None
     try:
-        value = datetime.fromisoformat(found.text.strip().replace("Z", "+00:00"))
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         return None
     return value.astimezone(timezone.utc) if value.tzinfo else None
