@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 from shared.adapters.store import Store
 from shared.domain.mailbox_leases import ReplicaBeat, claim, live_replicas, plan
+from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -77,6 +78,7 @@ class MailboxLeases:
         self.started_at = clock()
         self.lock = threading.Lock()
         self.held: set[str] = set()   # under ``lock``
+        self.fenced: dict[str, int] = {}   # mailbox -> the lease epoch its last fence found, under ``lock``
         self.live = 1
         self.share = 0
         self.in_use = False           # another live process beats under this replica id
@@ -129,16 +131,30 @@ class MailboxLeases:
         return held
 
     def fence(self, mailboxes: list[str]) -> set[str]:
-        """Of ``mailboxes``, the ones this replica still holds in the store (each extended by a TTL): read only those."""
+        """Of ``mailboxes``, the ones this replica still holds in the store (each extended by a TTL): read only those.
+        The epoch of each lease is kept for the read's save (``epoch_read_under``)."""
         if self.in_use:
             return set()
         held = self.store.hold_leases(self.me, mailboxes, self.clock() + self.ttl)
-        lost = {address.lower() for address in mailboxes} - held
+        lost = {address.lower() for address in mailboxes} - set(held)
+        with self.lock:
+            self.fenced.update(held)
         if lost:
-            with self.lock:
-                self.held -= lost
-            log.warning("lease_lost", replica=self.me, mailboxes=len(lost), detail="held by another replica now (this one stalled past its lease)")
+            self.lost(lost, "held by another replica now (this one stalled past its lease)")
         return {address for address in mailboxes if address.lower() in held}
+
+    def epoch_read_under(self, mailbox: str) -> int | None:
+        """The epoch of the lease the last fence of ``mailbox`` found (a mailbox is read by one thread at a time)."""
+        with self.lock:
+            return self.fenced.get(mailbox.lower())
+
+    def lost(self, mailboxes: Iterable[str], detail: str) -> None:
+        gone = {address.lower() for address in mailboxes}
+        with self.lock:
+            self.held -= gone
+            for address in gone:
+                self.fenced.pop(address, None)
+        log.warning("lease_lost", replica=self.me, mailboxes=len(gone), detail=detail)
 
     def holding(self) -> set[str]:
         with self.lock:
@@ -160,3 +176,25 @@ class MailboxLeases:
             self.store.release_leases(self.me, None, now)
             self.store.forget_replica(self.me, self.incarnation)
         log.info("leases_released", replica=self.me, released=len(mine), still_reading=len(busy))
+
+
+class LeaseLost(Exception):
+    """A read's sync state was not saved: another replica took the mailbox's lease while it ran."""
+
+
+class LeasedPositions:
+    """The store's sync positions as a fenced read sees them: a state is saved only while this replica holds the lease
+    its read began under (decision 102 in docs/decisions.md), else ``LeaseLost`` is raised and nothing is saved; the
+    messages already published are harmless (older than what the new holder reads, decision 95)."""
+
+    def __init__(self, store: Store, leases: MailboxLeases) -> None:
+        self.store = store
+        self.leases = leases
+
+    def sync_position(self, mailbox: str) -> SyncPosition | None:
+        return self.store.sync_position(mailbox)
+
+    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None:
+        epoch = self.leases.epoch_read_under(mailbox)
+        if epoch is None or not self.store.save_sync_position(mailbox, sync_state, read_at, full, backend, lease=(self.leases.me, epoch)):
+            raise LeaseLost(mailbox)

@@ -59,7 +59,7 @@ from shared.logs import correlation, get_logger
 from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, resync_mailbox, sync_mailbox
 from shared.workers import Health, WorkerWedged
 
-from .leases import MailboxLeases
+from .leases import LeasedPositions, LeaseLost, MailboxLeases
 
 log = get_logger(__name__)
 
@@ -127,6 +127,7 @@ class ChangeProducer:
         self.in_flight: dict[str, float] = {}   # mailbox -> time.monotonic() its read started (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
         self.leases = MailboxLeases(store, ex.replica(), ex.lease(), clock)
+        self.positions = LeasedPositions(store, self.leases)   # a read's state saved only under its lease (decision 102)
 
     @property
     def exchange(self) -> EwsConnection:
@@ -396,7 +397,10 @@ class ChangeProducer:
                     continue
                 try:
                     done = publish_sync(address, result.changes, result.delta_link, round_.delta_link is None, GraphSyncReader(reader, window),
-                                        self.store, self._publish, window, observed_at, _new_id, backend="graph")
+                                        self.positions, self._publish, window, observed_at, _new_id, backend="graph")
+                except LeaseLost:
+                    self._lease_lost(address)
+                    continue
                 except Exception as exc:  # noqa: BLE001 - a publish or store failure is this mailbox's alone
                     self._failed(address, "graph", self._classify("graph", exc), full=False)
                     continue
@@ -423,24 +427,33 @@ class ChangeProducer:
                 if backend == "graph":
                     reader = self._graph_reader()
                     if full:   # a new delta round over the window, published as a snapshot, then its link saved
-                        items = rebase_mailbox(address, reader, self.store, self._publish, window, observed_at, part_size, _new_id())
+                        items = rebase_mailbox(address, reader, self.positions, self._publish, window, observed_at, part_size, _new_id())
                         log.info("mailbox_resynced", items=items, backend=backend)
                         published, full_read = items, True
                     else:
-                        result = sync_mailbox(address, GraphSyncReader(reader, window), self.store, self._publish, window, observed_at, _new_id, backend="graph",
+                        result = sync_mailbox(address, GraphSyncReader(reader, window), self.positions, self._publish, window, observed_at, _new_id, backend="graph",
                                               stored=stored)
                         published, full_read = result.published, result.full_resync
                 elif full:   # a read from nothing and a snapshot read after it, then the state (decision 85)
-                    result, items = resync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, part_size)
+                    result, items = resync_mailbox(address, self.exchange, self.positions, self._publish, window, observed_at, _new_id, part_size)
                     log.info("mailbox_resynced", items=items, backend=backend)
                     published, full_read = result.published, result.full_resync
                 else:
-                    result = sync_mailbox(address, self.exchange, self.store, self._publish, window, observed_at, _new_id, stored=stored)
+                    result = sync_mailbox(address, self.exchange, self.positions, self._publish, window, observed_at, _new_id, stored=stored)
                     published, full_read = result.published, result.full_resync
+            except LeaseLost:
+                self._lease_lost(address)
+                return
             except Exception as exc:  # noqa: BLE001 - every failure is per mailbox; classify decides the wait
                 self._failed(address, backend, self._classify(backend, exc), full)
                 return
             self._succeeded(address, backend, published, full_read)
+
+    def _lease_lost(self, address: str) -> None:
+        """The read ran while another replica took the mailbox over: its state is not saved, and the mailbox is no
+        longer read here; the new holder reads on from the state it saved itself (decision 102)."""
+        self.leases.lost([address], "taken over during the read: its sync state was not saved")
+        self._follow()
 
     def _failed(self, address: str, backend: Backend, fault: SourceFault, full: bool) -> None:
         """A read failed: an invalid sync state is read again in full at once; anything else waits (``schedule``)."""

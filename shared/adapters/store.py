@@ -29,7 +29,9 @@ from sqlalchemy import (
     delete,
     event,
     exc,
+    exists,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -485,12 +487,18 @@ class Store:
             rows = conn.execute(select(exchange_sync).where(exchange_sync.c.sync_state.is_not(None))).all()
         return {r.mailbox: SyncPosition(r.sync_state, r.last_sync_at, r.last_full_sync_at, r.backend or "ews") for r in rows}
 
-    def save_sync_position(self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews") -> None:
-        """After a read whose messages are all published: the state to continue from, which reader made it, and when."""
+    def save_sync_position(
+        self, mailbox: str, sync_state: str, read_at: datetime, full: bool, backend: Backend = "ews", lease: tuple[str, int] | None = None,
+    ) -> bool:
+        """After a read whose messages are all published: the state to continue from, which reader made it, and when.
+
+        ``lease`` (owner, epoch): saved only while that replica still holds the mailbox's lease it held when the read
+        began, in the same statement; False when it does not (decision 102 in docs/decisions.md: a replica that
+        stalled past its lease must not save an older state over its successor's)."""
         values: dict[str, Any] = {"sync_state": sync_state, "backend": backend, "last_sync_at": read_at}
         if full:
             values["last_full_sync_at"] = read_at
-        self._upsert_sync(mailbox, values)
+        return self._upsert_sync(mailbox, values, lease)
 
     def mark_first_read(self, mailbox: str, backend: Backend, started_at: datetime) -> bool:
         """Before a read from nothing of a mailbox with no sync position: a row with no sync state says one began.
@@ -513,13 +521,29 @@ class Store:
         """A whole window was read and published (a snapshot); the incremental state is left as it is."""
         self._upsert_sync(mailbox, {"last_full_sync_at": read_at})
 
-    def _upsert_sync(self, mailbox: str, values: dict[str, Any]) -> None:
+    def _upsert_sync(self, mailbox: str, values: dict[str, Any], lease: tuple[str, int] | None = None) -> bool:
         mailbox = mailbox.lower()
         values = {**values, "updated_at": now_utc()}
+        row = exchange_sync.c.mailbox == mailbox
+        if lease is None:
+            with self.engine.begin() as conn:
+                if not conn.execute(update(exchange_sync).where(row).values(**values)).rowcount:
+                    conn.execute(insert(exchange_sync).values(mailbox=mailbox, **values))
+            return True
+        c = mailbox_leases.c
+        held = exists().where(c.mailbox == mailbox, c.owner == lease[0], c.epoch == lease[1])
         with self.engine.begin() as conn:
-            found = conn.execute(update(exchange_sync).where(exchange_sync.c.mailbox == mailbox).values(**values)).rowcount
-            if not found:
-                conn.execute(insert(exchange_sync).values(mailbox=mailbox, **values))
+            if conn.execute(update(exchange_sync).where(row, held).values(**values)).rowcount:
+                return True
+            if conn.execute(select(exchange_sync.c.mailbox).where(row)).first() is not None:
+                return False   # the row is there: the lease is what refused the update
+            # no row yet (a first read whose mark went): inserted under the same condition
+            columns = ["mailbox", *values]
+            fenced = select(literal(mailbox, exchange_sync.c.mailbox.type),
+                            *(literal(value, exchange_sync.c[name].type) for name, value in values.items())).where(held)
+            conn.execute(insert(exchange_sync).from_select(columns, fenced))
+            # (an INSERT ... SELECT's rowcount is not reported alike by every driver: the row says whether it went in)
+            return conn.execute(select(exchange_sync.c.mailbox).where(row)).first() is not None
 
     # --- change-producer replicas and mailbox leases (schema 6, decision 91) ----------------------
     # Each step is one conditional statement, so replicas deciding at the same moment cannot both hold a mailbox:
@@ -602,19 +626,18 @@ class Store:
         with self.engine.begin() as conn:
             return int(conn.execute(update(mailbox_leases).where(mailbox_leases.c.owner == owner).values(expires_at=expires_at)).rowcount)
 
-    def hold_leases(self, owner: str, mailboxes: Sequence[str], expires_at: datetime) -> set[str]:
-        """The fence before a read: of ``mailboxes``, the ones ``owner`` still holds, each extended to ``expires_at``."""
+    def hold_leases(self, owner: str, mailboxes: Sequence[str], expires_at: datetime) -> dict[str, int]:
+        """The fence before a read: of ``mailboxes``, the ones ``owner`` still holds, each extended to ``expires_at``,
+        with the epoch of the lease it holds (its sync state is saved only under that epoch, decision 102)."""
         names = sorted({m.lower() for m in mailboxes})
         c = mailbox_leases.c
-        held: set[str] = set()
+        held: dict[str, int] = {}
         with self.engine.begin() as conn:
             for start in range(0, len(names), 500):
                 chunk = names[start : start + 500]
                 mine = and_(c.owner == owner, c.mailbox.in_(chunk))
-                if conn.execute(update(mailbox_leases).where(mine).values(expires_at=expires_at)).rowcount == len(chunk):
-                    held.update(chunk)
-                else:
-                    held.update(conn.execute(select(c.mailbox).where(mine)).scalars())
+                if conn.execute(update(mailbox_leases).where(mine).values(expires_at=expires_at)).rowcount:
+                    held.update({r.mailbox: r.epoch for r in conn.execute(select(c.mailbox, c.epoch).where(mine))})
         return held
 
     def release_leases(self, owner: str, mailboxes: Sequence[str] | None, now: datetime) -> int:

@@ -153,12 +153,32 @@ def test_renewing_and_fencing_touch_only_the_leases_still_held(store: Store) -> 
     store.acquire_leases(["a@k.dk", "b@k.dk"], "one", T + LEASE, T)
     store.acquire_leases(["b@k.dk"], "two", T + 2 * LEASE, T + LEASE)   # "one" stalled past its lease on b
     assert store.renew_leases("one", T + 3 * LEASE) == 1                 # a (expired too, but nobody took it), not b
-    assert store.hold_leases("one", ["a@k.dk", "B@k.dk"], T + 4 * LEASE) == {"a@k.dk"}
+    assert store.hold_leases("one", ["a@k.dk", "B@k.dk"], T + 4 * LEASE) == {"a@k.dk": 1}   # with the epoch it holds
     leases = {lease.mailbox: lease for lease in store.leases()}
     assert (leases["a@k.dk"].owner, leases["a@k.dk"].expires_at) == ("one", T + 4 * LEASE)
     assert (leases["b@k.dk"].owner, leases["b@k.dk"].expires_at) == ("two", T + 2 * LEASE)
     assert store.release_leases("one", ["b@k.dk"], T) == 0             # never another replica's lease
     assert store.release_leases("one", None, T + LEASE) == 1 and {lease.owner for lease in store.leases()} == {None, "two"}
+
+
+def test_a_sync_state_is_saved_only_under_the_lease_its_read_began_under(store: Store) -> None:
+    """Decision 102: a replica that stalled past its lease must not save an older state over its successor's."""
+    assert store.acquire_leases(["a@k.dk", "b@k.dk"], "one", T + LEASE, T) == {"a@k.dk": 1, "b@k.dk": 1}
+    assert store.save_sync_position("A@k.dk", "s1", T, full=True, lease=("one", 1))          # no row yet: inserted
+    assert store.save_sync_position("a@k.dk", "s2", T + LEASE / 2, full=False, lease=("one", 1))
+    assert store.acquire_leases(["a@k.dk", "b@k.dk"], "two", T + 3 * LEASE, T + 2 * LEASE) == {"a@k.dk": 2, "b@k.dk": 2}
+    assert store.save_sync_position("a@k.dk", "s3-two", T + 2 * LEASE, full=False, lease=("two", 2))
+    # "one" resumes and ends the read it began under epoch 1: neither an update nor (for b, no row yet) an insert
+    assert not store.save_sync_position("a@k.dk", "s2-stale", T + LEASE, full=False, lease=("one", 1))
+    assert not store.save_sync_position("b@k.dk", "b-stale", T + LEASE, full=True, lease=("one", 1))
+    # nor under the epoch the new holder holds: the owner must match too
+    assert not store.save_sync_position("a@k.dk", "s2-stale", T + LEASE, full=False, lease=("one", 2))
+    position = store.sync_position("a@k.dk")
+    assert position is not None and (position.sync_state, position.last_sync_at, position.last_full_sync_at) == ("s3-two", T + 2 * LEASE, T)
+    assert store.sync_position("b@k.dk") is None
+    assert store.save_sync_position("b@k.dk", "b-two", T + 2 * LEASE, full=True, lease=("two", 2))
+    assert store.save_sync_position("c@k.dk", "unfenced", T, full=True)   # no lease given (the commands): saved as before
+    assert {m: p.sync_state for m, p in store.sync_positions().items()} == {"a@k.dk": "s3-two", "b@k.dk": "b-two", "c@k.dk": "unfenced"}
 
 
 def test_a_replica_id_is_beaten_by_one_process_and_taken_over_only_on_purpose(store: Store) -> None:
