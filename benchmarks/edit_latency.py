@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import json
 import multiprocessing
 import os
@@ -185,6 +186,25 @@ def _summary(edits: list[Edit]) -> str:
             + (f", {missing} not arrived" if missing else ""))
 
 
+class _GcClock:
+    """Wall time this process spends in the cyclic garbage collector (``gc.callbacks``): with the simulators holding
+    every mailbox's items, a full collection walks all of them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
+_GC = _GcClock()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mailboxes", type=int, default=2000)
@@ -235,11 +255,12 @@ def main() -> int:
             wanted = int(args.seconds * rate)
             planned = [p for _ in range(wanted) if (p := _plan(m := rng.choice(mailboxes), made[m], rng.random() < args.series_share, rng)) is not None]
             cpu_before = {pid: _cpu_s(pid) for pid in [proc.pid for proc in workers] + broker}
-            own_before = time.process_time()
+            own_before, gc_before = time.process_time(), _GC.seconds
             edits, late = _edits(editor, exchange.control_url, planned, rate)
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
             per_edit = {str(proc.args[-1]): (_cpu_s(proc.pid) - cpu_before[proc.pid]) * 1000 / max(1, len(edits)) for proc in workers}
             per_edit["simulators (this process)"] = (time.process_time() - own_before) * 1000 / max(1, len(edits))
+            per_edit["of which their garbage collection"] = (_GC.seconds - gc_before) * 1000 / max(1, len(edits))
             for pid in broker:
                 per_edit["broker (beam.smp)"] = (_cpu_s(pid) - cpu_before[pid]) * 1000 / max(1, len(edits))
             _arrivals(edits, planner.state.calls())

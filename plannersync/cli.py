@@ -717,9 +717,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_health(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.health import is_healthy, read_health
+    import socket
 
-    healthy, why = is_healthy(read_health(settings.status.health_dir).get(args.worker), settings.status.stale_after.total_seconds())
+    from shared.health import is_healthy, own_health, read_health
+
+    # this host's own replica (in a container: its own), decision 103
+    healthy, why = is_healthy(own_health(read_health(settings.status.health_dir), args.worker, socket.gethostname()), settings.status.stale_after.total_seconds())
     print(f"{args.worker}: {'healthy' if healthy else 'unhealthy'} ({why})")
     return 0 if healthy else 1
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from shared.adapters.store import ClaimKey, Store
+from shared.health import hold_slot
 
 MAX_REPLICAS_PER_HOST = 32
 
@@ -38,16 +39,9 @@ def replica_owner(directory: Path, stage: str) -> tuple[str, IO[str] | None]:
     never share an id and a restarted one gets its predecessor's. Without a usable directory: a random id.
     """
     try:
-        import fcntl
-
-        directory.mkdir(parents=True, exist_ok=True)
-        for slot in range(1, MAX_REPLICAS_PER_HOST + 1):
-            handle = open(directory / f"{stage}.replica-{slot}.lock", "a+", encoding="utf-8")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
+        held = hold_slot(directory, f"{stage}.replica", 1, MAX_REPLICAS_PER_HOST)
+        if held is not None:
+            _slot, handle = held
             handle.seek(0)
             owner = handle.read().strip()[:64]
             if not owner:
@@ -56,7 +50,7 @@ def replica_owner(directory: Path, stage: str) -> tuple[str, IO[str] | None]:
                 handle.flush()
                 os.fsync(handle.fileno())
             return owner, handle
-    except (ImportError, OSError):
+    except OSError:
         pass
     return uuid.uuid4().hex, None
 

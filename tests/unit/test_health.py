@@ -9,7 +9,7 @@ from pathlib import Path
 from shared.broker.consume_loop import Consumer
 from shared.broker.topology import Topology
 from shared.config import load_settings
-from shared.health import HealthReporter, is_healthy, read_health, write_health
+from shared.health import HealthReporter, is_healthy, own_health, read_health, write_health
 from shared.workers import Health
 from tests.support.waiting import wait_for
 
@@ -92,3 +92,21 @@ def test_a_scheduled_wait_beats_each_slice_ends_when_the_clock_reaches_the_time_
     stopping = threading.Event()
     stopping.set()
     assert wait_until(due + timedelta(days=1), lambda: now[0], stopping, beat, 0.01) is False
+
+
+def test_the_health_command_judges_its_own_hosts_replica_not_another_containers(tmp_path: Path) -> None:
+    """Decision 103: on compose's shared state volume every replica has a file; a container's healthcheck must judge
+    its own (same host name), so a wedged replica is not passed by a healthy neighbour's fresh file."""
+    now = time.time()
+    write_health(tmp_path, "transformer", Health("consuming", now))
+    write_health(tmp_path, "transformer.2", Health("consuming", now - 120))   # this replica's loop wedged long ago
+    files = read_health(tmp_path)
+    files["transformer.2"]["host"] = "container-b"
+    files["transformer.2"]["updated_ts"] = now - 120
+    files["transformer"]["host"] = "container-a"
+    assert files["transformer.2"]["worker"] == "transformer"
+    assert is_healthy(own_health(files, "transformer", "container-a"), 30, now) == (True, "consuming")
+    assert not is_healthy(own_health(files, "transformer", "container-b"), 30, now)[0]
+    assert own_health(files, "transformer", "container-c") is None and own_health(files, "publisher", "container-a") is None
+    del files["transformer"]["host"]   # a file written before decision 103: counted as this host's
+    assert own_health(files, "transformer", "container-c") is files["transformer"]
