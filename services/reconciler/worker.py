@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from shared.adapters.store import Store, open_store
+from shared.adapters.store import Store, now_utc, open_store
 from shared.broker.publishing import Outgoing, Publisher
 from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
@@ -158,6 +158,7 @@ def reconcile(
         for chunk in _chunks(targets, deps.mailboxes_per_call):
             if beat is not None:
                 beat()
+            asked_at = now_utc()   # the store's own clock: rows written after this are newer than Planner's answer
             try:
                 events = deps.planner.get_events(chunk, run.window.start, run.window.end)
             except Exception as exc:  # noqa: BLE001 - never "Planner is empty": these mailboxes are not reconciled this time
@@ -172,7 +173,7 @@ def reconcile(
             for event in events:
                 by_mailbox.setdefault(event.email.lower(), []).append(event)
             for mailbox in chunk:
-                report = _reconcile_mailbox(deps, run, mailbox, by_mailbox[mailbox])
+                report = _reconcile_mailbox(deps, run, mailbox, by_mailbox[mailbox], asked_at)
                 _log_report(report)
                 reports.append(report)
         log.info(
@@ -184,7 +185,7 @@ def reconcile(
     return reports
 
 
-def _reconcile_mailbox(deps: ReconcilerDeps, run: _Run, mailbox: str, events: list[HeldEvent]) -> MailboxReport:
+def _reconcile_mailbox(deps: ReconcilerDeps, run: _Run, mailbox: str, events: list[HeldEvent], asked_at: datetime) -> MailboxReport:
     with correlation(run.run_id, mailbox=mailbox):
         try:
             result: MailboxReconciliation = plan_reconciliation(
@@ -198,8 +199,9 @@ def _reconcile_mailbox(deps: ReconcilerDeps, run: _Run, mailbox: str, events: li
                 window=run.window,
                 correlation_id=run.run_id,
             )
-            # first: they are true whatever happens to the publishing
-            deps.store.record_delivered(mailbox, [fix.change() for fix in result.corrections], run.run_id)
+            # first: they are true whatever happens to the publishing, of every row the publisher has not written since
+            # GetEvents was asked (decision 104: a receipt written meanwhile is newer than Planner's answer)
+            deps.store.record_delivered(mailbox, [fix.change() for fix in result.corrections], run.run_id, unchanged_since=asked_at)
             for state in result.states:
                 deps.publisher.publish(Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(mailbox), state))
         except Exception as exc:  # noqa: BLE001 - one mailbox failing (store, broker) never stops the others

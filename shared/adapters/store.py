@@ -953,9 +953,15 @@ class Store:
             delivered = [dict(r._mapping) for r in conn.execute(select(delivered_events).where(delivered_events.c.mailbox == mailbox))]
         return desired, delivered
 
-    def record_delivered(self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None) -> None:
-        """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0."""
-        self.record_delivered_many(mailbox, [(change, correlation_id) for change in changes])
+    def record_delivered(
+        self, mailbox: str, changes: Sequence[DeliveredChange], correlation_id: str | None = None, unchanged_since: datetime | None = None,
+    ) -> None:
+        """Apply typed changes to delivered records in one transaction; a key never seen starts absent at version 0.
+
+        ``unchanged_since``: a change applies only to a row nobody wrote since then, in the same statement (the
+        reconciler's corrections, true of Planner as GetEvents showed it then: a receipt the publisher wrote since
+        is newer, and stays; decision 104 in docs/decisions.md)."""
+        self.record_delivered_batch([(mailbox, change, correlation_id) for change in changes], unchanged_since=unchanged_since)
 
     def record_delivered_many(self, mailbox: str, changes: Sequence[tuple[DeliveredChange, str | None]]) -> None:
         """Changes with their correlation ids, applied in order, in one transaction (see ``record_delivered_batch``)."""
@@ -966,6 +972,7 @@ class Store:
         changes: Sequence[tuple[str, DeliveredChange, str | None]],
         outcomes: Mapping[str, str | None] | None = None,
         release: tuple[str, str] | None = None,
+        unchanged_since: datetime | None = None,
     ) -> None:
         """(mailbox, change, correlation id) applied in order, and each mailbox's delivery outcome (``None``: delivered,
         else the error), in one transaction and a few statements (decision 78).
@@ -979,14 +986,15 @@ class Store:
         """
         for attempt in range(3):
             try:
-                self._record_delivered_once(changes, outcomes, release)
+                self._record_delivered_once(changes, outcomes, release, unchanged_since)
                 return
             except IntegrityError:
                 if attempt == 2:
                     raise
 
     def _record_delivered_once(
-        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None, release: tuple[str, str] | None
+        self, changes: Sequence[tuple[str, DeliveredChange, str | None]], outcomes: Mapping[str, str | None] | None, release: tuple[str, str] | None,
+        unchanged_since: datetime | None = None,
     ) -> None:
         now = now_utc()
         merged: dict[tuple[str, str], dict[str, Any]] = {}
@@ -1009,16 +1017,18 @@ class Store:
                 values = merged[(mailbox, origin_id)]
                 values["updated_at"] = now
                 if (mailbox, origin_id) in existing:
-                    updates.setdefault(tuple(sorted(values)), []).append({"k_mailbox": mailbox, "k_origin_id": origin_id, **values})
+                    keyed = {"k_mailbox": mailbox, "k_origin_id": origin_id, **values}
+                    if unchanged_since is not None:
+                        keyed["k_since"] = unchanged_since
+                    updates.setdefault(tuple(sorted(values)), []).append(keyed)
                 else:
                     row = {"mailbox": mailbox, "origin_id": origin_id, "present": False, "version": 0, **values}
                     inserts.setdefault(tuple(sorted(row)), []).append(row)
             for columns, rows in updates.items():
-                statement = (
-                    update(delivered_events)
-                    .where(and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id")))
-                    .values({name: bindparam(name) for name in columns})
-                )
+                key = and_(c.mailbox == bindparam("k_mailbox"), c.origin_id == bindparam("k_origin_id"))
+                if unchanged_since is not None:
+                    key = and_(key, c.updated_at < bindparam("k_since", type_=c.updated_at.type))
+                statement = update(delivered_events).where(key).values({name: bindparam(name) for name in columns})
                 conn.execute(statement, rows)
             for rows in inserts.values():
                 conn.execute(insert(delivered_events), rows)

@@ -229,9 +229,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         call = CallRecord(operation, now, origin_ids=soap.origin_ids_of(body), outcome="pending", organisation=soap.active_organisation(envelope))
         state.record(call)  # on arrival, so a client that gave up is still counted
+        answer_after = 0.0
         for fault in state.call_faults(operation, now):
             if fault.type == "latency":
                 self.server.stopping.wait(fault.seconds or 0)
+                continue
+            if fault.type == "slow_answer":   # the answer is made now and sent later: it tells of Planner as it was
+                answer_after += fault.seconds or 0
                 continue
             call.outcome = _outcome(fault)
             log.info("planner_sim_fault_injected", operation=operation, fault=fault.type, fault_id=fault.id)
@@ -247,6 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         call.outcome = "ok"
         log.info("planner_sim_call", operation=operation, events=len(call.origin_ids), codes=sorted(set(call.codes)))
+        if answer_after:
+            self.server.stopping.wait(answer_after)
         self._send(200, response)
 
     def _answer(self, operation: str, body: Any, call: CallRecord, now: datetime) -> bytes:

@@ -26,8 +26,8 @@ MESSAGES = {
     CODE_PLANNER_ORIGINATED: "The calendar event originates from Planner",
 }
 
-FaultType = Literal["latency", "http_status", "reset", "soap_fault", "receipt_code", "outage", "garbage"]
-FAULT_TYPES: tuple[str, ...] = ("latency", "http_status", "reset", "soap_fault", "receipt_code", "outage", "garbage")
+FaultType = Literal["latency", "slow_answer", "http_status", "reset", "soap_fault", "receipt_code", "outage", "garbage"]
+FAULT_TYPES: tuple[str, ...] = ("latency", "slow_answer", "http_status", "reset", "soap_fault", "receipt_code", "outage", "garbage")
 GARBAGE_KINDS = ("not_xml", "billion_laughs", "oversized")
 
 
@@ -109,7 +109,7 @@ class Fault:
     type: str
     operations: list[str] | None = None
     times: int | None = None
-    seconds: float | None = None  # latency
+    seconds: float | None = None  # latency, slow_answer
     status: int | None = None  # http_status, outage mode "503" status, soap_fault HTTP status
     error_code: int | None = None  # soap_fault
     message: str | None = None  # soap_fault, receipt_code
@@ -149,7 +149,7 @@ def parse_fault(data: dict[str, Any], fault_id: int, now: datetime) -> Fault:
     if times is not None and (not isinstance(times, int) or times < 1):
         raise ValueError("times must be a positive integer")
     fault = Fault(id=fault_id, type=kind, operations=operations, times=times)
-    if kind == "latency":
+    if kind in ("latency", "slow_answer"):
         fault.seconds = float(data.get("seconds", 0))
         if fault.seconds < 0:
             raise ValueError("seconds must be >= 0")
@@ -286,14 +286,14 @@ class SimState:
             for fault in self._faults:
                 if fault.type == "receipt_code" or not fault.applies_to(operation, now):
                     continue
-                if fault.type != "latency":
+                if fault.type not in ("latency", "slow_answer"):
                     if failing:
                         continue
                     failing = True
                 if fault.times is not None:
                     fault.times -= 1
                 chosen.append(fault)
-            return sorted(chosen, key=lambda f: f.type != "latency")
+            return sorted(chosen, key=lambda f: f.type not in ("latency", "slow_answer"))
 
     def _forced_receipt(self, operation: str, origin_id: str, now: datetime) -> Fault | None:
         for fault in self._faults:

@@ -299,3 +299,33 @@ def test_the_reconcilers_health_says_waiting_until_the_run_is_due_then_reports_t
         "runs": 1,
     }
     wait_for(lambda: held(planner_sim, mailbox) == {"missing": slot(9)}, 20, what="the run's create to reach Planner")
+
+
+def test_a_receipt_written_while_getevents_was_answered_is_not_corrected_back_to_the_older_answer(  # type: ignore[no-untyped-def]
+    settings, store, planner_sim, planner, publisher, deps, publisher_worker, mailbox,
+) -> None:
+    """Decision 104. Planner answers GetEvents with the mailbox as it was (no event yet) and the answer takes a moment
+    on its way (the simulator's ``slow_answer``); meanwhile the publisher creates the event and records its receipt.
+    The reconciler then reads the store, newer than Planner's answer: before, it "corrected" the row to absent, so
+    the next move of the appointment went to Planner as a CreateEvents (refused: it exists) and an UpdateEvents."""
+    seed_desired(store, mailbox, {"uid-1": (1, slot(9))})
+    planner_sim.state.add_faults([{"type": "slow_answer", "seconds": 2, "operations": ["GetEvents"], "times": 1}], datetime.now(timezone.utc))
+    reports: list[MailboxReport] = []
+    reconciling = threading.Thread(target=lambda: reports.append(reconcile_one(deps, mailbox)))
+    reconciling.start()
+    try:
+        wait_for(lambda: any(call.operation == "GetEvents" for call in planner_sim.state.calls()), 10, what="GetEvents answered, slowly")
+        state = BusyTimeState(correlation_id=uuid.uuid4().hex, mailbox=mailbox, origin_id="uid-1", version=1, interval=slot(9))
+        publisher.inner.publish(Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(mailbox), state))
+        wait_for(lambda: (row := store.delivered(mailbox).get("uid-1")) is not None and row.present, 10, what="the create's receipt recorded")
+    finally:
+        reconciling.join(20)
+    assert reports and reports[0].status == "reconciled"
+    assert held(planner_sim, mailbox) == {"uid-1": slot(9)}
+    row = store.delivered(mailbox)["uid-1"]
+    assert (row.present, row.interval, row.version) == (True, slot(9), 1), "the receipt was overwritten by the older GetEvents answer"
+
+    moved = BusyTimeState(correlation_id=uuid.uuid4().hex, mailbox=mailbox, origin_id="uid-1", version=2, interval=slot(10))
+    publisher.inner.publish(Outgoing(deps.topology.busy_exchange, deps.topology.busy_key(mailbox), moved))
+    wait_for(lambda: held(planner_sim, mailbox) == {"uid-1": slot(10)}, 20, what="the move in Planner")
+    assert writes(planner_sim) == ["CreateEvents", "UpdateEvents"]

@@ -548,3 +548,17 @@ def test_a_key_inserted_by_another_writer_since_the_batch_read_it_is_written_as_
         event.remove(store.engine, "before_cursor_execute", other_insert_first)
     saved = store.desired("a@k.dk")
     assert inserted and (saved["k"].version, saved["k"].interval) == (9, None) and saved["j"].version == 8
+
+
+def test_a_correction_applies_only_to_rows_nobody_wrote_since_it_was_true(store: Store) -> None:
+    """Decision 104: the reconciler's corrections are true of Planner when GetEvents was asked; a receipt written since
+    is newer and stays, in the same statement (here on SQLite and PostgreSQL)."""
+    nine = Interval(start=T, end=T + timedelta(hours=1))
+    store.record_delivered("m@k.dk", [DeliveredChange("old", version=1, holding=Holding(True, nine))])
+    asked_at = datetime.now(timezone.utc)
+    store.record_delivered("m@k.dk", [DeliveredChange("fresh", version=1, holding=Holding(True, nine))])   # a receipt after the ask
+    absent = Holding(False, None)
+    store.record_delivered("m@k.dk", [DeliveredChange(k, version=1, holding=absent) for k in ("old", "fresh", "never")], "reconcile-1",
+                           unchanged_since=asked_at)
+    rows = store.delivered("m@k.dk")
+    assert {k: r.present for k, r in rows.items()} == {"old": False, "fresh": True, "never": False}
