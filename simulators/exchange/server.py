@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import ssl
 import sys
 import threading
@@ -12,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from simulators.process import announce_and_wait
 
 from .http_handler import EwsHandler, SimHTTPServer
 from .ical_loader import load_ics
@@ -140,11 +141,7 @@ def main(argv: list[str]) -> int:
             return 2
         for item in load_ics(Path(path).read_bytes(), args.timezone):
             sim.state.store.add_parsed(mailbox, item)
-    print(f"EWS simulator: {sim.url}  control: {sim.control_url}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    announce_and_wait(f"EWS simulator: {sim.url}  control: {sim.control_url}")
     sim.stop()
     return 0
 

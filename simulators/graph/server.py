@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import ssl
 import sys
 import threading
@@ -15,6 +14,7 @@ import structlog
 
 from simulators.exchange.ical_loader import load_ics
 from simulators.exchange.store import Store
+from simulators.process import announce_and_wait
 
 from .http_handler import VERSION, GraphHandler, GraphHTTPServer
 from .state import GraphSimState, Settings
@@ -135,10 +135,6 @@ def main(argv: list[str]) -> int:
     for mailbox, path in loads:
         for item in load_ics(path.read_bytes(), args.timezone):
             sim.state.store.add_parsed(mailbox, item)
-    print(f"Graph simulator: {sim.url}  authority: {sim.authority_url}/{sim.tenant}  control: {sim.control_url}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    announce_and_wait(f"Graph simulator: {sim.url}  authority: {sim.authority_url}/{sim.tenant}  control: {sim.control_url}")
     sim.stop()
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import socket
 import ssl
 import struct
@@ -33,6 +32,7 @@ from shared.adapters.planner_contract import (
 )
 from simulators.planner import soap
 from simulators.planner.state import CallRecord, Fault, SimResource, SimState
+from simulators.process import announce_and_wait
 
 log = structlog.get_logger()
 
@@ -406,11 +406,7 @@ def main(argv: list[str]) -> int:
     tls = SimTLS(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
     resources = load_resources(args.seed_resources) if args.seed_resources else []
     running = start_server(args.host, args.port, tls, resources, args.planner_uid_pattern)
-    print(f"Planner simulator: SOAP {running.url}  control {running.control_url}/", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    announce_and_wait(f"Planner simulator: SOAP {running.url}  control {running.control_url}/")
     running.stop()
     return 0
 
