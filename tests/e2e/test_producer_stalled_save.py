@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +31,7 @@ from shared.broker.topology import Topology
 from shared.domain.contracts import CalendarChange
 from simulators.exchange.server import RunningExchangeSim, start_server
 from tests.support.processes import WorkerProcess
-from tests.support.producers import CPH, Collector
+from tests.support.producers import Collector, add_appointment
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -54,12 +54,7 @@ def collector(topology: Topology) -> Iterator[Collector]:
 
 
 def add_item(sim: RunningExchangeSim, day: int) -> dict[str, Any]:
-    start = (datetime.now(CPH) + timedelta(days=day)).replace(hour=9, minute=0, second=0, microsecond=0)
-    spec = {"start": start.strftime("%Y-%m-%dT%H:%M"), "end": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"),
-            "timezone": "Romance Standard Time", "uid": f"uid-stalled-{day}"}
-    response = requests.post(f"{sim.control_url}/mailboxes/{MAILBOX}/items", json=spec, timeout=10)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
+    return add_appointment(sim, MAILBOX, day, f"uid-stalled-{day}")
 
 
 def events(worker: WorkerProcess) -> list[dict[str, Any]]:

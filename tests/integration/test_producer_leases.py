@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import requests
 from sqlalchemy import update
 
 from services.change_producer.leases import MailboxLeases, ProcessIdentity, this_process
@@ -24,7 +23,7 @@ from shared.broker.topology import Topology
 from shared.config import Settings
 from shared.domain.mailbox_leases import ReplicaBeat
 from simulators.exchange.server import RunningExchangeSim, start_server
-from tests.support.producers import CPH, Collector, producer_settings
+from tests.support.producers import Collector, add_appointment, producer_settings
 from tests.support.waiting import wait_for
 
 ANNE, BO = "anne@jobcenter.dk", "bo@jobcenter.dk"
@@ -127,12 +126,7 @@ def collector(topology: Topology) -> Iterator[Collector]:
 
 
 def add_item(sim: RunningExchangeSim, mailbox: str, day: int) -> dict[str, Any]:
-    start = (datetime.now(CPH) + timedelta(days=day)).replace(hour=9, minute=0, second=0, microsecond=0)
-    spec = {"start": start.strftime("%Y-%m-%dT%H:%M"), "end": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"),
-            "timezone": "Romance Standard Time", "uid": f"uid-{mailbox[:2]}-{day}"}
-    response = requests.post(f"{sim.control_url}/mailboxes/{mailbox}/items", json=spec, timeout=10)
-    assert response.status_code == 201, response.text
-    return dict(response.json())
+    return add_appointment(sim, mailbox, day, f"uid-{mailbox[:2]}-{day}")
 
 
 def test_a_read_is_fenced_out_once_another_replica_holds_the_mailbox(settings: Settings, topology: Topology, ews: RunningExchangeSim, collector: Collector) -> None:

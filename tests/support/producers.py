@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pika
+import requests
 
 from shared.broker.topology import Topology
 from shared.config import Settings, load_settings
@@ -57,3 +59,14 @@ class Collector:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def add_appointment(sim: RunningExchangeSim, mailbox: str, day: int, uid: str) -> dict[str, Any]:
+    """A one-hour appointment at 09:00 local time ``day`` days from now, made through the simulator's control API (so
+    it raises notifications like a caseworker's edit); the simulator's description of the item."""
+    start = (datetime.now(CPH) + timedelta(days=day)).replace(hour=9, minute=0, second=0, microsecond=0)
+    spec = {"start": start.strftime("%Y-%m-%dT%H:%M"), "end": (start + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M"),
+            "timezone": "Romance Standard Time", "uid": uid}
+    response = requests.post(f"{sim.control_url}/mailboxes/{mailbox}/items", json=spec, timeout=10)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
