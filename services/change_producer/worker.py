@@ -511,17 +511,20 @@ class ChangeProducer:
         ex = self.settings.exchange
         subscriptions: dict[str, str] = {}  # subscription id -> mailbox
         failures = 0                        # stream failures in a row
+        whole = False                       # the last stream ran to its end: it delivered every event it took
         while not self.stopping.is_set():
             members = self._group(index)
             for sub_id, address in list(subscriptions.items()):
                 if address not in members:
                     del subscriptions[sub_id]
                     self._unsubscribe(address, sub_id)
+            fresh = []
             for address in members:
                 if address in subscriptions.values():
                     continue
                 try:
                     subscriptions[self.exchange.subscribe_streaming(address)] = address
+                    fresh.append(address)
                     with self.lock:
                         self.schedule.set_subscribed(address, True)
                 except Exception as exc:  # noqa: BLE001 - this mailbox waits; the others stream
@@ -529,7 +532,12 @@ class ChangeProducer:
             if not subscriptions:
                 self.stopping.wait(1.0)
                 continue
-            self._mark_dirty(list(subscriptions.values()))  # catch up on anything missed while not streaming
+            # catch up on what a stream may have missed: a new subscription's mailbox always (it changed, maybe, before
+            # it was subscribed); every mailbox after a stream that was cut or left early (events it had sent and we
+            # had not read are gone). After a stream that ran to its end, the subscriptions kept their events
+            # meanwhile and the next stream delivers them: no read (decision 105 in docs/decisions.md).
+            self._mark_dirty(fresh if whole else list(subscriptions.values()))
+            whole = False
             anchor = next(iter(subscriptions.values()))
             try:
                 for sub_id in self.exchange.stream(anchor, list(subscriptions), ex.stream_minutes, ex.stream_silence_timeout.total_seconds()):
@@ -538,6 +546,8 @@ class ChangeProducer:
                         self._mark_dirty([notified])
                     if self.stopping.is_set() or set(self._group(index)) != set(subscriptions.values()):
                         break
+                else:
+                    whole = True
                 failures = 0
             except Exception as exc:  # noqa: BLE001
                 fault = classify(exc)

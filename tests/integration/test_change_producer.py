@@ -219,3 +219,28 @@ def test_mailboxes_beyond_the_streaming_capacity_are_still_read(settings: Settin
         wait_for(lambda: collector.changes_for(item["uid"]), 15, what="the unstreamed mailbox's change, by polling")
         assert not running.producer.schedule.mailboxes[BO].subscribed
     assert BO not in _subscriptions(ews, "streaming")
+
+
+def test_a_stream_that_ran_to_its_end_is_reopened_without_reading_every_mailbox_again(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector,
+) -> None:
+    """Decision 105. Exchange closes a stream after its lifetime (here a simulated minute, 2 s); the subscriptions keep
+    their events until the next stream. Before, every reopening read every mailbox of the group (200 SyncFolderItems
+    every 10 minutes per connection in production), whether anything changed or not. A change made while no stream is
+    open (the next GetStreamingEvents held by the simulator) still arrives: its event waits on the subscription."""
+    with Running(producer_settings(settings, ews)):
+        wait_for(lambda: subscribed(ews, ANNE) and subscribed(ews, BO), 20, what="both mailboxes subscribed")
+        wait_for(lambda: enrolled.sync_position(ANNE) and enrolled.sync_position(BO), 20, what="first reads")
+        time.sleep(1.0)   # the reads right after subscribing are done
+        since = datetime.now(timezone.utc)
+
+        def after(operation: str) -> list[dict[str, Any]]:
+            return [c for c in ews.state.call_log(operation) if datetime.fromisoformat(c["started"]) > since]
+
+        wait_for(lambda: len(after("GetStreamingEvents")) >= 3, 20, what="three streams opened again")
+        assert after("SyncFolderItems") == [], "mailboxes read again though nothing changed"
+
+        fault(ews, kind="latency", operation="GetStreamingEvents", latency_ms=1500, count=1)
+        wait_for(lambda: requests.get(f"{ews.control_url}/faults", timeout=10).json() == [], 20, what="the next stream held back")
+        item = add_item(ews, ANNE, start=_future(5, 8), end=_future(5, 9))   # no stream open: the event waits
+        wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made between two streams")
