@@ -474,9 +474,8 @@ class ChangeProducer:
             previous = self.schedule.mailboxes.get(address)
             was = previous.status if previous else None
             now = self.clock()
-            self.schedule.succeeded(address, now)
-            if backend == "graph" and previous is not None:
-                previous.next_safety = now + self.settings.graph.delta_interval   # Graph is polled, never notified
+            # Graph is polled, never notified: its next read is a delta interval away
+            self.schedule.succeeded(address, now, self.settings.graph.delta_interval if backend == "graph" else None)
             self.reads += 1
         if published:
             log.info("mailbox_changes_published", changes=published, full=full_read, backend=backend)

@@ -268,7 +268,9 @@ class _EwsAdapter(DeadlineAdapter):
         return response
 
 
+@functools.cache
 def _system_trust() -> str | bool:
+    """The system store's bundle, looked up once per process: requests asks for it at every request (decision 106)."""
     paths = ssl.get_default_verify_paths()
     return paths.cafile or paths.capath or True
 

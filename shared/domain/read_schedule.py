@@ -4,6 +4,9 @@ A notification only marks a mailbox dirty; a dirty mailbox is read at once (burs
 read, since marking a mailbox that is being read makes it run once more afterwards). Every mailbox is
 also read on a safety interval, more often while it has no live subscription. A failing mailbox is
 retried on its own backoff; it never delays another.
+
+``due`` is asked after every notification, so it looks only at the dirty mailboxes until the earliest safety or
+backoff time it last saw has come; only then does it walk every mailbox (decision 106 in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ class Timing:
 
 @dataclass
 class Schedule:
+    """The read schedule of the mailboxes followed. Change a ``MailboxState`` only through these methods: the
+    schedule keeps its dirty mailboxes and its earliest timed wake-up beside the states (decision 106)."""
+
     timing: Timing
     mailboxes: dict[str, MailboxState] = field(default_factory=dict)
+    _dirty: set[str] = field(default_factory=set, init=False, repr=False)
+    _walk_at: datetime | None = field(default=None, init=False, repr=False)   # no mailbox's safety or backoff time comes before this; None: walk at once
 
     # --- membership ----------------------------------------------------------------------------
     def set_members(self, addresses: set[str]) -> tuple[set[str], set[str]]:
@@ -50,12 +58,15 @@ class Schedule:
             self.mailboxes[address] = MailboxState()
         for address in removed:
             del self.mailboxes[address]
+        self._dirty -= removed
+        self._dirty |= added
         return added, removed
 
     def mark_dirty(self, address: str) -> None:
         state = self.mailboxes.get(address)
         if state is not None:
             state.dirty = True
+            self._dirty.add(address)
 
     def mark_all_dirty(self, addresses: set[str]) -> None:
         for address in addresses:
@@ -68,22 +79,44 @@ class Schedule:
 
     # --- picking work ---------------------------------------------------------------------------
     def due(self, now: datetime) -> list[str]:
-        """Mailboxes to read now (not running, not backing off, dirty or past their safety time)."""
+        """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order.
+
+        Before the earliest safety or backoff time seen at the last walk only the dirty mailboxes can be due, and
+        only they are looked at; from then on one walk over all finds the due ones and the next such time."""
+        if self._walk_at is not None and now < self._walk_at:
+            return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
         ready = []
+        walk_at: datetime | None = None
         for address, state in sorted(self.mailboxes.items()):
-            if state.running or (state.not_before is not None and now < state.not_before):
-                continue
-            if state.dirty or state.next_safety is None or now >= state.next_safety:
+            if self._ready(state, now):
                 ready.append(address)
+            elif not state.running:   # a running mailbox's next time is set when its read ends
+                wake = state.not_before if state.not_before is not None and now < state.not_before else state.next_safety
+                if wake is not None and (walk_at is None or wake < walk_at):
+                    walk_at = wake
+        self._walk_at = walk_at if walk_at is not None else now + self.timing.safety_interval
         return ready
+
+    @staticmethod
+    def _ready(state: MailboxState, now: datetime) -> bool:
+        if state.running or (state.not_before is not None and now < state.not_before):
+            return False
+        return state.dirty or state.next_safety is None or now >= state.next_safety
+
+    def _wake_by(self, at: datetime) -> None:
+        if self._walk_at is not None and at < self._walk_at:
+            self._walk_at = at
 
     def started(self, address: str) -> None:
         state = self.mailboxes[address]
         state.running = True
         state.dirty = False  # a notification during the read marks it dirty again
+        self._dirty.discard(address)
 
     # --- outcomes -------------------------------------------------------------------------------
-    def succeeded(self, address: str, now: datetime) -> None:
+    def succeeded(self, address: str, now: datetime, next_in: timedelta | None = None) -> None:
+        """A read ended well: the next safety read is ``next_in`` from now (by default the safety interval, shorter
+        while the mailbox has no live subscription)."""
         state = self.mailboxes.get(address)
         if state is None:
             return
@@ -92,7 +125,8 @@ class Schedule:
         state.not_before = None
         state.status, state.detail = "active", None
         interval = self.timing.safety_interval if state.subscribed else self.timing.unsubscribed_interval
-        state.next_safety = now + interval
+        state.next_safety = now + (next_in if next_in is not None else interval)
+        self._wake_by(state.next_safety)
 
     def failed(self, address: str, now: datetime, fault: SourceFault) -> timedelta:
         """Record a failed read; return how long this mailbox now waits."""
@@ -102,6 +136,7 @@ class Schedule:
         state.running = False
         state.failures += 1
         state.dirty = True  # whatever it was supposed to read is still unread
+        self._dirty.add(address)   # so ``due`` looks at it between walks, and finds it once its backoff is over
         wait = backoff(fault, state.failures, self.timing)
         state.not_before = now + wait
         state.status = "failing" if fault.kind == "mailbox_unavailable" else ("throttled" if fault.kind == "throttled" else "retrying")

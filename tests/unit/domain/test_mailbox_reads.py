@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.domain.contracts import CalendarItem, Interval
 from shared.domain.mailbox_reads import (
@@ -130,3 +132,76 @@ def test_snapshot_parts_are_numbered_and_only_the_last_is_final() -> None:
 )
 def test_the_nightly_run_is_at_local_time_across_dst(now: datetime, expected: datetime) -> None:
     assert next_run(now, "02:00", "Europe/Copenhagen") == expected
+
+
+def _walk_all(schedule: Schedule, now: datetime) -> list[str]:
+    """What ``due`` answered before decision 106: every mailbox looked at, every time."""
+    ready = []
+    for address, state in sorted(schedule.mailboxes.items()):
+        if state.running or (state.not_before is not None and now < state.not_before):
+            continue
+        if state.dirty or state.next_safety is None or now >= state.next_safety:
+            ready.append(address)
+    return ready
+
+
+_ADDRESSES = ["a@k.dk", "b@k.dk", "c@k.dk", "d@k.dk"]
+_FAULTS = [SourceFault("transient", "x"), SourceFault("throttled", "x", back_off=7), SourceFault("mailbox_unavailable", "x")]
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("tick"), st.integers(0, 3_000)),
+        st.tuples(st.just("dirty"), st.sampled_from(_ADDRESSES)),
+        st.tuples(st.just("due"), st.just("")),
+        st.tuples(st.just("succeeded"), st.sampled_from(_ADDRESSES), st.sampled_from([None, 10, 600])),
+        st.tuples(st.just("failed"), st.sampled_from(_ADDRESSES), st.sampled_from(_FAULTS)),
+        st.tuples(st.just("subscribed"), st.sampled_from(_ADDRESSES), st.booleans()),
+        st.tuples(st.just("members"), st.sets(st.sampled_from(_ADDRESSES))),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_STEPS)
+def test_due_looks_only_at_dirty_mailboxes_between_walks_yet_answers_as_a_walk_over_all_would(steps: list[tuple[Any, ...]]) -> None:
+    """Decision 106: whatever happens between two calls, the due mailboxes are the ones a walk over every mailbox finds
+    (the producer starts a read for each, as it does)."""
+    schedule = Schedule(TIMING)
+    schedule.set_members(set(_ADDRESSES))
+    now = T
+    for step in steps:
+        kind = step[0]
+        if kind == "tick":
+            now += timedelta(seconds=step[1])
+        elif kind == "dirty":
+            schedule.mark_dirty(step[1])
+        elif kind == "due":
+            expected = _walk_all(schedule, now)
+            assert schedule.due(now) == expected
+            for address in expected:
+                schedule.started(address)
+        elif kind == "succeeded" and step[1] in schedule.mailboxes and schedule.mailboxes[step[1]].running:
+            schedule.succeeded(step[1], now, None if step[2] is None else timedelta(seconds=step[2]))
+        elif kind == "failed" and step[1] in schedule.mailboxes and schedule.mailboxes[step[1]].running:
+            schedule.failed(step[1], now, step[2])
+        elif kind == "subscribed":
+            schedule.set_subscribed(step[1], step[2])
+        elif kind == "members":
+            schedule.set_members(step[1])
+    assert schedule.due(now) == _walk_all(schedule, now)
+
+
+def test_a_shorter_next_read_than_the_safety_interval_is_kept_between_walks() -> None:
+    """A Graph mailbox is polled every delta interval, sooner than the safety interval of the others (decision 106)."""
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk", "g@k.dk"})
+    schedule.set_subscribed("a@k.dk", True)
+    schedule.set_subscribed("g@k.dk", True)
+    assert schedule.due(T) == ["a@k.dk", "g@k.dk"]
+    schedule.started("a@k.dk")
+    schedule.started("g@k.dk")
+    schedule.succeeded("a@k.dk", T)
+    assert schedule.due(T + timedelta(seconds=1)) == []   # a walk: the next comes at a's safety time, 15 minutes on
+    schedule.succeeded("g@k.dk", T + timedelta(seconds=2), next_in=timedelta(seconds=60))
+    assert schedule.due(T + timedelta(seconds=61)) == []
+    assert schedule.due(T + timedelta(seconds=62)) == ["g@k.dk"]
