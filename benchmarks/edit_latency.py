@@ -217,6 +217,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=0, help="seconds of nothing before the cold edits")
     parser.add_argument("--cold-edits", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per phase")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a worker setting for this run, e.g. --set EXCHANGE__SYNC_WORKERS=8 (PLANNERSYNC_ is added)")
     parser.add_argument("--together", action="store_true", help="every worker in one process (plannersync run all)")
     args = parser.parse_args()
     configure("WARNING", "console", service="benchmark")
@@ -229,12 +231,14 @@ def main() -> int:
     rng = random.Random(7)
     made = _populate(exchange.control_url, mailboxes, args.items, args.series, rng)
     # every mailbox on a streaming subscription, as runbooks/install.md asks beyond 600 caseworkers (200 a connection)
-    env = worker_env(prefix, workdir, planner.url, exchange.url, PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS=str(min(20, -(-args.mailboxes // 200))))
+    env = worker_env(prefix, workdir, planner.url, exchange.url, PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS=str(min(20, -(-args.mailboxes // 200))),
+                     **dict(("PLANNERSYNC_" + name, value) for name, _, value in (setting.partition("=") for setting in args.set)))
     settings, topology = prepare(env, mailboxes)
     workers = start_workers(["all"] if args.together else ["change-producer", "transformer", "publisher"], env, workdir)
     print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
           f"{'every worker in one process' if args.together else 'one process per worker'}): {args.mailboxes} mailboxes x {args.items} items "
-          f"({args.series} weekly series each), {args.rates or f'{args.rate:g}'} edits/s for {args.seconds:g} s each, {args.series_share:.0%} of them series occurrences", flush=True)
+          f"({args.series} weekly series each), {args.rates or f'{args.rate:g}'} edits/s for {args.seconds:g} s each, {args.series_share:.0%} of them series occurrences"
+          + (f"; settings {', '.join(args.set)}" if args.set else ""), flush=True)
     try:
         counted = [0]
 
