@@ -244,3 +244,40 @@ def test_a_stream_that_ran_to_its_end_is_reopened_without_reading_every_mailbox_
         wait_for(lambda: requests.get(f"{ews.control_url}/faults", timeout=10).json() == [], 20, what="the next stream held back")
         item = add_item(ews, ANNE, start=_future(5, 8), end=_future(5, 9))   # no stream open: the event waits
         wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made between two streams")
+
+
+def test_a_mailbox_that_changed_is_read_before_a_backlog_of_catch_up_reads(
+    settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector,
+) -> None:
+    """Decision 107. After a stream was cut, every mailbox of its group is read again (events sent and not read are
+    gone). Each read here takes 150 ms (the simulator's latency fault), two at a time. Before, every due read went
+    into the worker pool's queue at once, so an appointment saved in the group's last mailbox during that catch-up
+    waited behind all of it (200 mailboxes a stream in production). Now a notified mailbox is read next, after at most
+    the reads already running."""
+    crowd = [f"cw{n:02d}@jobcenter.dk" for n in range(40)]
+    for address in crowd:
+        requests.post(f"{ews.control_url}/mailboxes", json={"address": address}, timeout=10).raise_for_status()
+        enrolled.add_mailbox(address)
+    last, everyone = crowd[-1], len(crowd) + 2
+    fault(ews, kind="latency", operation="SyncFolderItems", latency_ms=150)
+    with Running(producer_settings(settings, ews, sync_workers=2)) as running:
+        wait_for(lambda: len(ews.state.call_log("SyncFolderItems")) >= 2 * everyone, 30, what="the first reads and those after subscribing")
+        time.sleep(0.5)
+        streams = len(ews.state.call_log("GetStreamingEvents"))
+        fault(ews, kind="stream_cut", after_seconds=0.1, count=1)
+        reopened = wait_for(lambda: ews.state.call_log("GetStreamingEvents")[streams + 1 :], 30, what="the stream cut and opened again")
+        before_cut = len([c for c in ews.state.call_log("SyncFolderItems") if c["started"] < reopened[0]["started"]])
+        wait_for(lambda: len(ews.state.call_log("SyncFolderItems")) > before_cut + 2, 30, what="the catch-up after the cut begun")
+        backlog = running.producer.health().facts["waiting"]
+        edited_at = datetime.now(timezone.utc)
+        item = add_item(ews, last, start=_future(3, 9), end=_future(3, 10))
+        wait_for(lambda: collector.changes_for(item["uid"]), 30, what="the change in the last mailbox")
+        wait_for(lambda: len(ews.state.call_log("SyncFolderItems")) >= before_cut + everyone, 30, what="the catch-up done")
+        after = wait_for(lambda: (h := running.producer.health()).facts["waiting"] == 0 and h, 10, what="nothing waiting")
+    reads = [c for c in ews.state.call_log("SyncFolderItems") if datetime.fromisoformat(c["started"]) > edited_at]
+    read_last = [n for n, c in enumerate(reads) if c["mailbox"] == last]
+    assert read_last, "the changed mailbox was not read after the change"
+    assert read_last[0] <= 2, f"{read_last[0]} catch-up reads began after the change and before the changed mailbox's read"
+    assert len(reads) > read_last[0] + 10, "the catch-up was over before the change was read: the test proves nothing"
+    assert backlog > 10, "the producer's health does not count the mailboxes waiting for a read"
+    assert after.facts["waiting_changed"] == 0
