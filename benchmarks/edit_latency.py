@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -48,7 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plannersync.local_workers import start_workers, stop_workers  # noqa: E402
-from shared.broker.topology import delete_everything  # noqa: E402
+from shared.broker.connection import connection_parameters  # noqa: E402
+from shared.broker.topology import Topology, delete_everything  # noqa: E402
+from shared.config import Settings  # noqa: E402
 from shared.domain.busy_rules import ORIGIN_TIME_FORMAT  # noqa: E402
 from shared.logs import configure  # noqa: E402
 from simulators.exchange.server import start_server as start_exchange  # noqa: E402
@@ -123,6 +126,74 @@ def _plan(mailbox: str, made: dict[str, list[Any]], series: bool, rng: random.Ra
                    {"start": moved.strftime("%Y-%m-%dT%H:%M"), "end": (moved + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M")})
 
 
+class _Tap:
+    """Copies of what the change producer and the transformer publish while the edits are made (a queue of this
+    benchmark's own on each topic exchange): when each read began (a change's ``observed_at``), when its change and its
+    busy-time state reached the broker, so a latency can be taken apart by stage."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.changes: dict[tuple[str, str], list[tuple[datetime, datetime]]] = {}   # (mailbox, uid) -> (observed_at, seen)
+        self.states: dict[str, list[datetime]] = {}   # origin_id -> seen
+        self._stopping = threading.Event()
+        self._parameters = connection_parameters(settings.broker, "benchmark-tap")
+        self._topology = topology
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="tap", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        import pika
+
+        from shared.domain.contracts import BusyTimeState, CalendarChange, decode
+
+        connection = pika.BlockingConnection(self._parameters)
+        channel = connection.channel()
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, self._topology.calendar_exchange, "change.#")
+        channel.queue_bind(queue, self._topology.busy_exchange, "#")
+        ready.set()
+        while not self._stopping.is_set():
+            for method, _properties, body in channel.consume(queue, auto_ack=True, inactivity_timeout=0.2):
+                if method is None:
+                    break
+                seen = datetime.now(timezone.utc)
+                try:
+                    message = decode(body)
+                except Exception:  # noqa: BLE001 - not ours to judge here
+                    continue
+                if isinstance(message, CalendarChange) and message.item is not None and message.item.uid:
+                    self.changes.setdefault((message.mailbox.lower(), message.item.uid), []).append((message.observed_at, seen))
+                elif isinstance(message, BusyTimeState):
+                    self.states.setdefault(message.origin_id, []).append(seen)
+        connection.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+
+    def stages(self, edits: list[Edit]) -> str:
+        """p50 and p95 of: edit until its read began, until the change was published, until the state was published."""
+        began, changed, stated = [], [], []
+        for edit in edits:
+            uid = edit.origin_id.split("$")[0]
+            after = [(o, s) for o, s in self.changes.get((edit.mailbox.lower(), uid), []) if s >= edit.at]
+            if after:
+                observed, seen = min(after, key=lambda pair: pair[1])
+                began.append((observed - edit.at).total_seconds())
+                changed.append((seen - edit.at).total_seconds())
+            states = [s for s in self.states.get(edit.origin_id, []) if s >= edit.at]
+            if states:
+                stated.append((min(states) - edit.at).total_seconds())
+
+        def p(values: list[float]) -> str:
+            if not values:
+                return "-"
+            ordered = sorted(values)
+            return f"p50 {statistics.median(ordered):.2f} s, p95 {ordered[min(len(ordered) - 1, int(round(0.95 * len(ordered))) - 1)]:.2f} s ({len(ordered)})"
+        return f"read began {p(began)}; change published {p(changed)}; busy time published {p(stated)}"
+
+
 def _send(control: str, requests_: list[tuple[str, dict[str, Any]]], rate: float) -> tuple[list[float], float]:
     """In the editor process: PATCH each edit at its time (``rate`` a second, on 16 threads, as people save
     independently); each save's start (epoch seconds), and how late the latest one started."""
@@ -184,6 +255,43 @@ def _summary(edits: list[Edit]) -> str:
     missing = len(edits) - len(arrived)
     return (f"{len(edits)} edits: p50 {statistics.median(arrived):.2f} s, p95 {p95:.2f} s, max {arrived[-1]:.2f} s"
             + (f", {missing} not arrived" if missing else ""))
+
+
+def _thirds(edits: list[Edit]) -> str:
+    """p50 latency of the edits made in each third of the phase: growing means a stage falls behind the rate."""
+    ordered = sorted(edits, key=lambda e: e.at)
+    parts = [ordered[n * len(ordered) // 3 : (n + 1) * len(ordered) // 3] for n in range(3)]
+    return " / ".join(f"{statistics.median(a):.2f} s" if (a := [e.arrived for e in part if e.arrived is not None]) else "-" for part in parts)
+
+
+class _DepthSampler:
+    """The transformer's and publisher's queue depths (ready + unacked), every second while the edits are made."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.deepest = {"transformer": 0, "publisher": 0}
+        self._stopping = threading.Event()
+        base = settings.broker.management_url.rstrip("/")
+        self._auth = (settings.broker.user, settings.broker.password.get_secret_value())
+        vhost = quote(settings.broker.vhost, safe="")
+        self._urls = {stage: f"{base}/api/queues/{vhost}/{quote(topology.stage(stage).work_queue(), safe='')}" for stage in self.deepest}
+        self._thread = threading.Thread(target=self._run, name="depths", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(1.0):
+            for stage, url in self._urls.items():
+                try:
+                    queue = requests.get(url, auth=self._auth, timeout=5).json()
+                except requests.RequestException:
+                    continue
+                self.deepest[stage] = max(self.deepest[stage], int(queue.get("messages", 0)))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+
+    def summary(self) -> str:
+        return ", ".join(f"{stage} {depth}" for stage, depth in self.deepest.items())
 
 
 class _GcClock:
@@ -260,8 +368,11 @@ def main() -> int:
             planned = [p for _ in range(wanted) if (p := _plan(m := rng.choice(mailboxes), made[m], rng.random() < args.series_share, rng)) is not None]
             cpu_before = {pid: _cpu_s(pid) for pid in [proc.pid for proc in workers] + broker}
             own_before, gc_before = time.process_time(), _GC.seconds
+            depths, tap = _DepthSampler(settings, topology), _Tap(settings, topology)
             edits, late = _edits(editor, exchange.control_url, planned, rate)
+            depths.stop()
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
+            tap.stop()
             per_edit = {str(proc.args[-1]): (_cpu_s(proc.pid) - cpu_before[proc.pid]) * 1000 / max(1, len(edits)) for proc in workers}
             per_edit["simulators (this process)"] = (time.process_time() - own_before) * 1000 / max(1, len(edits))
             per_edit["of which their garbage collection"] = (_GC.seconds - gc_before) * 1000 / max(1, len(edits))
@@ -271,6 +382,8 @@ def main() -> int:
             print(f"steady at {rate:g}/s: {_summary(edits)} ({wanted} planned; the latest started {late:.2f} s late)")
             print(f"  singles: {_summary([e for e in edits if not e.series])}")
             print(f"  series occurrences: {_summary([e for e in edits if e.series])}")
+            print(f"  by third of the phase (when the edit was made), p50: {_thirds(edits)}; deepest queue while editing: {depths.summary()}")
+            print(f"  from the edit: {tap.stages(edits)}")
             print("  CPU ms per edit: " + ", ".join(f"{name} {ms:.1f}" for name, ms in per_edit.items()), flush=True)
 
         if args.idle:
