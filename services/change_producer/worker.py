@@ -125,7 +125,6 @@ class ChangeProducer:
         self.local = threading.local()
         self.reads = 0                   # successful mailbox reads since start (under ``lock``)
         self.in_flight: dict[str, float] = {}   # mailbox -> time.monotonic() its read started (under ``lock``)
-        self.tasks = 0                   # read tasks given to the pool and not yet ended (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
         self.leases = MailboxLeases(store, ex.replica(), ex.lease(), clock)
         self.positions = LeasedPositions(store, self.leases)   # a read's state saved only under its lease (decision 102)
@@ -142,7 +141,7 @@ class ChangeProducer:
         self.wake.set()
 
     def health(self) -> Health:
-        """Running, with the mailboxes followed, subscribed and failing, the reads done and waiting; safe from any thread."""
+        """Running, with the mailboxes followed, subscribed and failing, and the reads done; safe from any thread."""
         with self.lock:
             states = list(self.schedule.mailboxes.values())
             reads = self.reads
@@ -156,10 +155,6 @@ class ChangeProducer:
             "subscribed": sum(1 for state in states if state.subscribed),
             "failing": sum(1 for state in states if state.status in FAILING_STATUSES),
             "reads": reads,
-            # mailboxes due for a read and not yet given a worker; "changed": of them, the ones a notification named
-            # (decision 107): a number that stays up means the reads fall behind (more sync_workers, or a replica)
-            "waiting": sum(1 for state in states if state.dirty and not state.running),
-            "waiting_changed": sum(1 for state in states if state.urgent and not state.running),
             "graph": sum(1 for backend in backends if backend == "graph"),
         }
         if stuck:
@@ -200,14 +195,10 @@ class ChangeProducer:
                 next_lease = time.monotonic() + ex.lease().total_seconds() / 3
             now = self.clock()
             with self.lock:
-                # only as many tasks as there are free workers: the rest stay due, so a mailbox a notification names
-                # later still goes before them (decision 107 in docs/decisions.md)
-                groups = self._groups(self.schedule.due(now))[: max(0, ex.sync_workers - self.tasks)]
-                for group in groups:
-                    for address in group:
-                        self.schedule.started(address)
-                self.tasks += len(groups)
-            for group in groups:
+                due = self.schedule.due(now)
+                for address in due:
+                    self.schedule.started(address)
+            for group in self._groups(due):
                 self.pool.submit(self._timed_read, group)
             stuck = self._stuck_reads()
             if stuck:
@@ -338,28 +329,17 @@ class ChangeProducer:
                     log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
 
     def _groups(self, due: list[str]) -> list[list[str]]:
-        """Due mailboxes as read tasks, in the order of ``due`` (urgent first): each EWS mailbox alone; Graph mailboxes
-        up to ``graph.batch_size`` together, their delta pages read through one ``$batch`` per page, except a mailbox
-        whose last read failed: it is read alone until it succeeds, so a slow or failing mailbox holds up no other
-        (decision 72 in docs/decisions.md). Called under ``lock``."""
-        default = self.settings.exchange.default_backend
-        failing = {address for address in due if (state := self.schedule.mailboxes.get(address)) is not None and state.failures}
-        graph = [address for address in due if self.backends.get(address, default) == "graph" and address not in failing]
-        batched = set(graph)
+        """Due mailboxes as read tasks: each EWS mailbox alone; Graph mailboxes up to ``graph.batch_size`` together,
+        their delta pages read through one ``$batch`` per page, except a mailbox whose last read failed: it is read
+        alone until it succeeds, so a slow or failing mailbox holds up no other (decision 72 in docs/decisions.md)."""
+        with self.lock:
+            failing = {address for address in due if (state := self.schedule.mailboxes.get(address)) is not None and state.failures}
+        graph = [address for address in due if self.backend_of(address) == "graph" and address not in failing]
+        alone = [[address] for address in due if address not in set(graph)]
         size = self.settings.graph.batch_size
-        batches = {graph[i]: graph[i : i + size] for i in range(0, len(graph), size)}   # each batch where its first stands
-        return [[address] if address not in batched else batches[address] for address in due if address not in batched or address in batches]
+        return alone + [graph[i : i + size] for i in range(0, len(graph), size)]
 
     def _timed_read(self, addresses: list[str]) -> None:
-        """One read task: the reads, then its worker is free and the scheduler is woken to give it the next."""
-        try:
-            self._fenced_read(addresses)
-        finally:
-            with self.lock:
-                self.tasks -= 1
-            self.wake.set()
-
-    def _fenced_read(self, addresses: list[str]) -> None:
         """One scheduled read task, fenced by the leases and timed for the wedge check (``_stuck_reads``)."""
         try:
             held = self.leases.fence(addresses)
@@ -520,11 +500,9 @@ class ChangeProducer:
         except Exception as exc:  # noqa: BLE001
             log.warning("mailbox_status_not_saved", error=type(exc).__name__)
 
-    def _mark_dirty(self, addresses: list[str], urgent: bool = False) -> None:
-        """Read these mailboxes again; ``urgent``: a notification named them (read before the catch-up, decision 107)."""
+    def _mark_dirty(self, addresses: list[str]) -> None:
         with self.lock:
-            for address in addresses:
-                self.schedule.mark_dirty(address, urgent)
+            self.schedule.mark_all_dirty(set(addresses))
         self.wake.set()
 
     # --- streaming notifications ---------------------------------------------------------------------------
@@ -564,7 +542,7 @@ class ChangeProducer:
                 for sub_id in self.exchange.stream(anchor, list(subscriptions), ex.stream_minutes, ex.stream_silence_timeout.total_seconds()):
                     notified = subscriptions.get(sub_id)
                     if notified is not None:
-                        self._mark_dirty([notified], urgent=True)
+                        self._mark_dirty([notified])
                     if self.stopping.is_set() or set(self._group(index)) != set(subscriptions.values()):
                         break
                 else:
@@ -609,7 +587,7 @@ class ChangeProducer:
                     changed, watermark = self.exchange.pull(address, sub_id, watermark)
                     subscriptions[address] = (sub_id, watermark)
                     if changed:
-                        self._mark_dirty([address], urgent=True)
+                        self._mark_dirty([address])
                 except Exception as exc:  # noqa: BLE001
                     fault = classify(exc)
                     log.warning("pull_failed", mailbox=address, kind=fault.kind, detail=fault.detail)

@@ -5,10 +5,6 @@ read, since marking a mailbox that is being read makes it run once more afterwar
 also read on a safety interval, more often while it has no live subscription. A failing mailbox is
 retried on its own backoff; it never delays another.
 
-A mailbox a notification named is urgent: ``due`` puts it before the catch-up reads (new mailboxes, subscriptions just
-made, streams reopened, safety reads), so an edit is read within seconds even while a thousand mailboxes are being
-caught up; the producer starts only as many reads as it has free workers (decision 107 in docs/decisions.md).
-
 ``due`` is asked after every notification, so it looks only at the dirty mailboxes until the earliest safety or
 backoff time it last saw has come; only then does it walk every mailbox (decision 106 in docs/decisions.md).
 """
@@ -25,7 +21,6 @@ from shared.domain.timing import exponential_backoff
 @dataclass
 class MailboxState:
     dirty: bool = True  # a new mailbox is read at once
-    urgent: bool = False  # a notification named it: read before the catch-up reads (decision 107)
     running: bool = False
     subscribed: bool = False
     next_safety: datetime | None = None
@@ -67,13 +62,15 @@ class Schedule:
         self._dirty |= added
         return added, removed
 
-    def mark_dirty(self, address: str, urgent: bool = False) -> None:
-        """Read ``address`` again; ``urgent``: a notification says it changed (read before the catch-up reads)."""
+    def mark_dirty(self, address: str) -> None:
         state = self.mailboxes.get(address)
         if state is not None:
             state.dirty = True
-            state.urgent = state.urgent or urgent
             self._dirty.add(address)
+
+    def mark_all_dirty(self, addresses: set[str]) -> None:
+        for address in addresses:
+            self.mark_dirty(address)
 
     def set_subscribed(self, address: str, subscribed: bool) -> None:
         state = self.mailboxes.get(address)
@@ -82,32 +79,23 @@ class Schedule:
 
     # --- picking work ---------------------------------------------------------------------------
     def due(self, now: datetime) -> list[str]:
-        """Mailboxes to read now (not running, not backing off, dirty or past their safety time): the urgent ones
-        first, each part in address order.
+        """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order.
 
         Before the earliest safety or backoff time seen at the last walk only the dirty mailboxes can be due, and
         only they are looked at; from then on one walk over all finds the due ones and the next such time."""
         if self._walk_at is not None and now < self._walk_at:
-            return self._urgent_first([address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)])
+            return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
         ready = []
         walk_at: datetime | None = None
         for address, state in sorted(self.mailboxes.items()):
             if self._ready(state, now):
                 ready.append(address)
-                # due by its time: dirty from now on, so the next calls still find it if the producer has no worker
-                # free for it yet (decision 107)
-                state.dirty = True
-                self._dirty.add(address)
             elif not state.running:   # a running mailbox's next time is set when its read ends
                 wake = state.not_before if state.not_before is not None and now < state.not_before else state.next_safety
                 if wake is not None and (walk_at is None or wake < walk_at):
                     walk_at = wake
         self._walk_at = walk_at if walk_at is not None else now + self.timing.safety_interval
-        return self._urgent_first(ready)
-
-    def _urgent_first(self, ready: list[str]) -> list[str]:
-        urgent = [address for address in ready if self.mailboxes[address].urgent]
-        return urgent + [address for address in ready if not self.mailboxes[address].urgent] if urgent else ready
+        return ready
 
     @staticmethod
     def _ready(state: MailboxState, now: datetime) -> bool:
@@ -122,7 +110,7 @@ class Schedule:
     def started(self, address: str) -> None:
         state = self.mailboxes[address]
         state.running = True
-        state.dirty = state.urgent = False  # a notification during the read marks it dirty again
+        state.dirty = False  # a notification during the read marks it dirty again
         self._dirty.discard(address)
 
     # --- outcomes -------------------------------------------------------------------------------

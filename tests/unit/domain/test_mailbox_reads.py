@@ -135,14 +135,14 @@ def test_the_nightly_run_is_at_local_time_across_dst(now: datetime, expected: da
 
 
 def _walk_all(schedule: Schedule, now: datetime) -> list[str]:
-    """What ``due`` answers by its rules, every mailbox looked at every time: the urgent ones first (decision 107)."""
+    """What ``due`` answered before decision 106: every mailbox looked at, every time."""
     ready = []
     for address, state in sorted(schedule.mailboxes.items()):
         if state.running or (state.not_before is not None and now < state.not_before):
             continue
         if state.dirty or state.next_safety is None or now >= state.next_safety:
             ready.append(address)
-    return [a for a in ready if schedule.mailboxes[a].urgent] + [a for a in ready if not schedule.mailboxes[a].urgent]
+    return ready
 
 
 _ADDRESSES = ["a@k.dk", "b@k.dk", "c@k.dk", "d@k.dk"]
@@ -150,7 +150,7 @@ _FAULTS = [SourceFault("transient", "x"), SourceFault("throttled", "x", back_off
 _STEPS = st.lists(
     st.one_of(
         st.tuples(st.just("tick"), st.integers(0, 3_000)),
-        st.tuples(st.just("dirty"), st.sampled_from(_ADDRESSES), st.booleans()),
+        st.tuples(st.just("dirty"), st.sampled_from(_ADDRESSES)),
         st.tuples(st.just("due"), st.just("")),
         st.tuples(st.just("succeeded"), st.sampled_from(_ADDRESSES), st.sampled_from([None, 10, 600])),
         st.tuples(st.just("failed"), st.sampled_from(_ADDRESSES), st.sampled_from(_FAULTS)),
@@ -174,11 +174,11 @@ def test_due_looks_only_at_dirty_mailboxes_between_walks_yet_answers_as_a_walk_o
         if kind == "tick":
             now += timedelta(seconds=step[1])
         elif kind == "dirty":
-            schedule.mark_dirty(step[1], urgent=step[2])
+            schedule.mark_dirty(step[1])
         elif kind == "due":
             expected = _walk_all(schedule, now)
             assert schedule.due(now) == expected
-            for address in expected[:2]:   # the producer starts as many reads as it has free workers
+            for address in expected:
                 schedule.started(address)
         elif kind == "succeeded" and step[1] in schedule.mailboxes and schedule.mailboxes[step[1]].running:
             schedule.succeeded(step[1], now, None if step[2] is None else timedelta(seconds=step[2]))
@@ -205,33 +205,3 @@ def test_a_shorter_next_read_than_the_safety_interval_is_kept_between_walks() ->
     schedule.succeeded("g@k.dk", T + timedelta(seconds=2), next_in=timedelta(seconds=60))
     assert schedule.due(T + timedelta(seconds=61)) == []
     assert schedule.due(T + timedelta(seconds=62)) == ["g@k.dk"]
-
-
-def test_a_mailbox_a_notification_named_is_read_before_the_catch_up_reads() -> None:
-    """Decision 107: the mailboxes new to the schedule (a start, a stream reopened) wait behind the one that changed."""
-    schedule = Schedule(TIMING)
-    schedule.set_members({"a@k.dk", "b@k.dk", "c@k.dk", "d@k.dk"})
-    for address in schedule.due(T)[:1]:   # one free worker: a is read, b, c and d wait
-        schedule.started(address)
-    schedule.mark_dirty("d@k.dk", urgent=True)
-    assert schedule.due(T) == ["d@k.dk", "b@k.dk", "c@k.dk"]
-    schedule.started("d@k.dk")
-    schedule.mark_dirty("c@k.dk")   # a catch-up mark does not make it urgent
-    assert schedule.due(T) == ["b@k.dk", "c@k.dk"]
-    schedule.succeeded("d@k.dk", T)
-    schedule.mark_dirty("d@k.dk", urgent=True)   # changed again after its read
-    assert schedule.due(T) == ["d@k.dk", "b@k.dk", "c@k.dk"]
-
-
-def test_a_safety_read_with_no_worker_free_for_it_is_still_due_at_the_next_call() -> None:
-    """Decision 107: the producer starts only as many reads as it has free workers; a mailbox due by its safety time
-    and not started waits for the next call, not for the next walk over every mailbox."""
-    schedule = Schedule(TIMING)
-    schedule.set_members({"a@k.dk", "b@k.dk"})
-    for address in schedule.due(T):
-        schedule.started(address)
-        schedule.succeeded(address, T)
-    later = T + TIMING.unsubscribed_interval
-    assert schedule.due(later) == ["a@k.dk", "b@k.dk"]
-    schedule.started("a@k.dk")   # one worker free
-    assert schedule.due(later + timedelta(seconds=1)) == ["b@k.dk"]
