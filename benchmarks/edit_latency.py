@@ -193,6 +193,35 @@ class _Tap:
             return f"p50 {statistics.median(ordered):.2f} s, p95 {ordered[min(len(ordered) - 1, int(round(0.95 * len(ordered))) - 1)]:.2f} s ({len(ordered)})"
         return f"read began {p(began)}; change published {p(changed)}; busy time published {p(stated)}"
 
+    def late_reads(self, edits: list[Edit], reads: list[dict[str, Any]]) -> str:
+        """For the edits whose read began more than 5 s after them: was the mailbox read in between (a read that did
+        not see the change) or not at all (the read waited)?"""
+        by_mailbox: dict[str, list[datetime]] = {}
+        for call in reads:
+            if call.get("started") and call.get("mailbox"):
+                by_mailbox.setdefault(call["mailbox"].lower(), []).append(datetime.fromisoformat(call["started"]))
+        late = []
+        for edit in edits:
+            uid = edit.origin_id.split("$")[0]
+            after = [(o, seen) for o, seen in self.changes.get((edit.mailbox.lower(), uid), []) if seen >= edit.at]
+            if not after:
+                continue
+            observed, _ = min(after, key=lambda pair: pair[1])
+            delay = (observed - edit.at).total_seconds()
+            if delay > 5:
+                calls = [t for t in by_mailbox.get(edit.mailbox.lower(), []) if edit.at + timedelta(seconds=0.5) < t < observed - timedelta(seconds=0.5)]
+                late.append((edit, delay, calls))
+        return _late_reads_summary(late)
+
+
+def _late_reads_summary(late: list[tuple[Edit, float, list[datetime]]]) -> str:
+    if not late:
+        return "no read began more than 5 s after its edit"
+    between = sum(1 for _, _, calls in late if calls)
+    offsets = sorted(round(delay) for _, delay, _ in late)
+    return (f"{len(late)} reads began more than 5 s after their edit (delays {offsets[0]}..{offsets[-1]} s); for {between} of them "
+            f"the mailbox was read in between without the change being published")
+
 
 def _send(control: str, requests_: list[tuple[str, dict[str, Any]]], rate: float) -> tuple[list[float], float]:
     """In the editor process: PATCH each edit at its time (``rate`` a second, on 16 threads, as people save
@@ -384,6 +413,7 @@ def main() -> int:
             print(f"  series occurrences: {_summary([e for e in edits if e.series])}")
             print(f"  by third of the phase (when the edit was made), p50: {_thirds(edits)}; deepest queue while editing: {depths.summary()}")
             print(f"  from the edit: {tap.stages(edits)}")
+            print(f"  {tap.late_reads(edits, exchange.state.call_log('SyncFolderItems'))}")
             print("  CPU ms per edit: " + ", ".join(f"{name} {ms:.1f}" for name, ms in per_edit.items()), flush=True)
 
         if args.idle:
