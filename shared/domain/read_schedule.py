@@ -82,7 +82,9 @@ class Schedule:
         """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order.
 
         Before the earliest safety or backoff time seen at the last walk only the dirty mailboxes can be due, and
-        only they are looked at; from then on one walk over all finds the due ones and the next such time."""
+        only they are looked at; from then on one walk over all finds the due ones and the next such time. The
+        caller starts every mailbox it is given (the change producer does): one due by its safety time and not
+        started would be found again only at the next walk."""
         if self._walk_at is not None and now < self._walk_at:
             return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
         ready = []
