@@ -257,6 +257,17 @@ def _edits(editor: ProcessPoolExecutor, control: str, planned: list[Planned], ra
     return [p.edit for p in planned], late
 
 
+def _per_edit(calls: list[dict[str, Any]], edits: int) -> str:
+    """The EWS requests made while the phase ran and its queues emptied, per edit, in all and by operation (issue 12:
+    at most 2 per change, amortised). The notification stream itself is one long request and not counted."""
+    counts: dict[str, int] = {}
+    for call in calls:
+        if call["operation"] != "GetStreamingEvents":
+            counts[call["operation"]] = counts.get(call["operation"], 0) + 1
+    by_operation = ", ".join(f"{operation} {n / max(1, edits):.2f}" for operation, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{sum(counts.values()) / max(1, edits):.2f} ({by_operation})"
+
+
 def _cpu_s(pid: int) -> float:
     """User plus system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -398,10 +409,12 @@ def main() -> int:
             cpu_before = {pid: _cpu_s(pid) for pid in [proc.pid for proc in workers] + broker}
             own_before, gc_before = time.process_time(), _GC.seconds
             depths, tap = _DepthSampler(settings, topology), _Tap(settings, topology)
+            calls_before = len(exchange.state.call_log())
             edits, late = _edits(editor, exchange.control_url, planned, rate)
             depths.stop()
             _wait(lambda: _queues_empty(settings, topology), args.timeout, quiet=3.0)
             tap.stop()
+            ews_calls = exchange.state.call_log()[calls_before:]
             per_edit = {str(proc.args[-1]): (_cpu_s(proc.pid) - cpu_before[proc.pid]) * 1000 / max(1, len(edits)) for proc in workers}
             per_edit["simulators (this process)"] = (time.process_time() - own_before) * 1000 / max(1, len(edits))
             per_edit["of which their garbage collection"] = (_GC.seconds - gc_before) * 1000 / max(1, len(edits))
@@ -414,6 +427,7 @@ def main() -> int:
             print(f"  by third of the phase (when the edit was made), p50: {_thirds(edits)}; deepest queue while editing: {depths.summary()}")
             print(f"  from the edit: {tap.stages(edits)}")
             print(f"  {tap.late_reads(edits, exchange.state.call_log('SyncFolderItems'))}")
+            print(f"  EWS requests per edit: {_per_edit(ews_calls, len(edits))}")
             print("  CPU ms per edit: " + ", ".join(f"{name} {ms:.1f}" for name, ms in per_edit.items()), flush=True)
 
         if args.idle:

@@ -52,7 +52,7 @@ from shared.config import Settings
 from shared.domain.busy_rules import sync_window
 from shared.domain.contracts import CalendarChange, CalendarSnapshot
 from shared.domain.mailbox_reads import Backend
-from shared.domain.read_schedule import Schedule, Timing
+from shared.domain.read_schedule import ReadTask, Schedule, Timing
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
@@ -125,6 +125,10 @@ class ChangeProducer:
         self.local = threading.local()
         self.reads = 0                   # successful mailbox reads since start (under ``lock``)
         self.in_flight: dict[str, float] = {}   # mailbox -> time.monotonic() its read started (under ``lock``)
+        self.tasks = self.urgent_tasks = 0     # read tasks given to the pool and not ended, and of them urgent (under ``lock``)
+        # urgent reads leave a quarter of the workers (at least one) to the catch-up while it waits (decision 107)
+        self.urgent_cap = max(1, ex.sync_workers - max(1, ex.sync_workers // 4))
+        self.graph_members: frozenset[str] | None = None   # ``_batchable``'s answer until membership changes (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
         self.leases = MailboxLeases(store, ex.replica(), ex.lease(), clock)
         self.positions = LeasedPositions(store, self.leases)   # a read's state saved only under its lease (decision 102)
@@ -141,10 +145,11 @@ class ChangeProducer:
         self.wake.set()
 
     def health(self) -> Health:
-        """Running, with the mailboxes followed, subscribed and failing, and the reads done; safe from any thread."""
+        """Running, with the mailboxes followed, subscribed and failing, the reads done and waiting; safe from any thread."""
         with self.lock:
             states = list(self.schedule.mailboxes.values())
             reads = self.reads
+            waiting, waiting_changed = self.schedule.waiting()
             backends = list(self.backends.values())
         stuck = self._stuck_reads()
         facts = {
@@ -155,6 +160,10 @@ class ChangeProducer:
             "subscribed": sum(1 for state in states if state.subscribed),
             "failing": sum(1 for state in states if state.status in FAILING_STATUSES),
             "reads": reads,
+            # due for a read and not yet given a worker; "changed": of them, the ones a notification named (decision
+            # 107). A number that stays up means the reads fall behind: more sync_workers, or another replica
+            "waiting": waiting,
+            "waiting_changed": waiting_changed,
             "graph": sum(1 for backend in backends if backend == "graph"),
         }
         if stuck:
@@ -195,11 +204,14 @@ class ChangeProducer:
                 next_lease = time.monotonic() + ex.lease().total_seconds() / 3
             now = self.clock()
             with self.lock:
-                due = self.schedule.due(now)
-                for address in due:
-                    self.schedule.started(address)
-            for group in self._groups(due):
-                self.pool.submit(self._timed_read, group)
+                # only as many tasks as there are free workers: what waits stays in the schedule, where a mailbox a
+                # notification names goes before the catch-up reads (decision 107 in docs/decisions.md)
+                tasks = self.schedule.take(now, ex.sync_workers - self.tasks, self.urgent_tasks, self.urgent_cap, self._batchable(),
+                                           self.settings.graph.batch_size)
+                self.tasks += len(tasks)
+                self.urgent_tasks += sum(1 for task in tasks if task.urgent)
+            for task in tasks:
+                self.pool.submit(self._timed_read, task)
             stuck = self._stuck_reads()
             if stuck:
                 for address, seconds in sorted(stuck.items()):
@@ -227,10 +239,10 @@ class ChangeProducer:
             added, removed = set(enrolled) - set(was), set(was) - set(enrolled)
             moved = {a: (was[a], b) for a, b in enrolled.items() if a in was and was[a] != b}
             self.backends = dict(enrolled)
-            self.ews_members = None
+            self.ews_members = self.graph_members = None
             for address in moved:
                 self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
-                self.schedule.mark_dirty(address)             # the new reader reads it in full at once
+                self.schedule.mark_dirty(address, self.clock())   # the new reader reads it in full at once
         for address in sorted(added):
             log.info("mailbox_enrolled", mailbox=address, backend=enrolled[address])
         for address in sorted(removed):
@@ -269,7 +281,7 @@ class ChangeProducer:
         with self.lock:
             joined, left = self.schedule.set_members(set(self.backends) & held)
             if joined or left:
-                self.ews_members = None
+                self.ews_members = self.graph_members = None
         if self.ews.built is not None:
             for address in left:
                 self.ews.built.forget(address)
@@ -328,18 +340,26 @@ class ChangeProducer:
                 with correlation(message.correlation_id):
                     log.info("calendar_change_published", change=message.change, item_id=message.item_id[-40:], occurrences=len(message.occurrences or []))
 
-    def _groups(self, due: list[str]) -> list[list[str]]:
-        """Due mailboxes as read tasks: each EWS mailbox alone; Graph mailboxes up to ``graph.batch_size`` together,
-        their delta pages read through one ``$batch`` per page, except a mailbox whose last read failed: it is read
-        alone until it succeeds, so a slow or failing mailbox holds up no other (decision 72 in docs/decisions.md)."""
-        with self.lock:
-            failing = {address for address in due if (state := self.schedule.mailboxes.get(address)) is not None and state.failures}
-        graph = [address for address in due if self.backend_of(address) == "graph" and address not in failing]
-        alone = [[address] for address in due if address not in set(graph)]
-        size = self.settings.graph.batch_size
-        return alone + [graph[i : i + size] for i in range(0, len(graph), size)]
+    def _batchable(self) -> frozenset[str]:
+        """The Graph mailboxes: they are read up to ``graph.batch_size`` together, their delta pages through one ``$batch``
+        per page, except one whose last read failed: it is read alone until it succeeds, so a slow or failing mailbox
+        holds up no other (decision 72 in docs/decisions.md; ``Schedule.take`` leaves it alone). Called under ``lock``."""
+        if self.graph_members is None:
+            default = self.settings.exchange.default_backend
+            self.graph_members = frozenset(a for a in self.schedule.mailboxes if self.backends.get(a, default) == "graph")
+        return self.graph_members
 
-    def _timed_read(self, addresses: list[str]) -> None:
+    def _timed_read(self, task: ReadTask) -> None:
+        """One read task: the reads, then its worker is free and the scheduler is woken to give it the next."""
+        try:
+            self._fenced_read(list(task.mailboxes))
+        finally:
+            with self.lock:
+                self.tasks -= 1
+                self.urgent_tasks -= task.urgent
+            self.wake.set()
+
+    def _fenced_read(self, addresses: list[str]) -> None:
         """One scheduled read task, fenced by the leases and timed for the wedge check (``_stuck_reads``)."""
         try:
             held = self.leases.fence(addresses)
@@ -500,9 +520,12 @@ class ChangeProducer:
         except Exception as exc:  # noqa: BLE001
             log.warning("mailbox_status_not_saved", error=type(exc).__name__)
 
-    def _mark_dirty(self, addresses: list[str]) -> None:
+    def _mark_dirty(self, addresses: list[str], urgent: bool = False) -> None:
+        """Read these mailboxes again; ``urgent``: a notification named them (read before the catch-up, decision 107)."""
+        now = self.clock()
         with self.lock:
-            self.schedule.mark_all_dirty(set(addresses))
+            for address in addresses:
+                self.schedule.mark_dirty(address, now, urgent)
         self.wake.set()
 
     # --- streaming notifications ---------------------------------------------------------------------------
@@ -542,7 +565,7 @@ class ChangeProducer:
                 for sub_id in self.exchange.stream(anchor, list(subscriptions), ex.stream_minutes, ex.stream_silence_timeout.total_seconds()):
                     notified = subscriptions.get(sub_id)
                     if notified is not None:
-                        self._mark_dirty([notified])
+                        self._mark_dirty([notified], urgent=True)
                     if self.stopping.is_set() or set(self._group(index)) != set(subscriptions.values()):
                         break
                 else:
@@ -587,7 +610,7 @@ class ChangeProducer:
                     changed, watermark = self.exchange.pull(address, sub_id, watermark)
                     subscriptions[address] = (sub_id, watermark)
                     if changed:
-                        self._mark_dirty([address])
+                        self._mark_dirty([address], urgent=True)
                 except Exception as exc:  # noqa: BLE001
                     fault = classify(exc)
                     log.warning("pull_failed", mailbox=address, kind=fault.kind, detail=fault.detail)

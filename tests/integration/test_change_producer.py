@@ -246,17 +246,14 @@ def test_a_stream_that_ran_to_its_end_is_reopened_without_reading_every_mailbox_
         wait_for(lambda: collector.changes_for(item["uid"]), 20, what="the change made between two streams")
 
 
-@pytest.mark.open_defect
 def test_a_mailbox_that_changed_is_read_before_a_backlog_of_catch_up_reads(
     settings: Settings, topology: Topology, ews: RunningExchangeSim, enrolled: Store, collector: Collector,
 ) -> None:
-    """Open defect (docs/benchmarks.md, "An edit waits behind the catch-up"). After a stream was cut, every mailbox of
-    its group is read again (events sent and not read are gone). Each read here takes 150 ms (the simulator's latency
-    fault), two at a time. Every due read goes into the worker pool's queue at once, so an appointment saved in the
-    group's last mailbox during that catch-up waits behind all of it (37 reads here; 200 mailboxes a stream in
-    production). It should be read next, after at most the reads already running. A change that read notified
-    mailboxes first passed this test but left a quarter of the edits in benchmarks/edit_latency.py waiting up to 100 s,
-    for a reason not yet found, so it was taken back."""
+    """Decision 107. After a stream was cut, every mailbox of its group is read again (events sent and not read are
+    gone). Each read here takes 150 ms (the simulator's latency fault), two at a time. An appointment saved in the
+    group's last mailbox during that catch-up is read next, after at most the reads already running. Before, every due
+    read went into the worker pool's queue at once, and the change waited behind all of them (37 reads here; 200
+    mailboxes a stream in production)."""
     crowd = [f"cw{n:02d}@jobcenter.dk" for n in range(40)]
     for address in crowd:
         requests.post(f"{ews.control_url}/mailboxes", json={"address": address}, timeout=10).raise_for_status()

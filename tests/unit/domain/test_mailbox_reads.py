@@ -16,7 +16,7 @@ from shared.domain.mailbox_reads import (
     changes_from_sync,
     snapshot_parts,
 )
-from shared.domain.read_schedule import Schedule, Timing, backoff
+from shared.domain.read_schedule import ReadTask, Schedule, Timing, backoff
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import next_run
 
@@ -152,6 +152,7 @@ _STEPS = st.lists(
         st.tuples(st.just("tick"), st.integers(0, 3_000)),
         st.tuples(st.just("dirty"), st.sampled_from(_ADDRESSES)),
         st.tuples(st.just("due"), st.just("")),
+        st.tuples(st.just("take"), st.integers(0, 3)),
         st.tuples(st.just("succeeded"), st.sampled_from(_ADDRESSES), st.sampled_from([None, 10, 600])),
         st.tuples(st.just("failed"), st.sampled_from(_ADDRESSES), st.sampled_from(_FAULTS)),
         st.tuples(st.just("subscribed"), st.sampled_from(_ADDRESSES), st.booleans()),
@@ -174,7 +175,11 @@ def test_due_looks_only_at_dirty_mailboxes_between_walks_yet_answers_as_a_walk_o
         if kind == "tick":
             now += timedelta(seconds=step[1])
         elif kind == "dirty":
-            schedule.mark_dirty(step[1])
+            schedule.mark_dirty(step[1], now, urgent=step[1] < "c")
+        elif kind == "take":   # decision 107: only as many as there are free workers; the rest wait and stay due
+            expected = _walk_all(schedule, now)
+            taken = [address for task in schedule.take(now, step[1], urgent_cap=1) for address in task.mailboxes]
+            assert set(taken) <= set(expected) and len(taken) == min(step[1], len(expected))
         elif kind == "due":
             expected = _walk_all(schedule, now)
             assert schedule.due(now) == expected
@@ -205,3 +210,73 @@ def test_a_shorter_next_read_than_the_safety_interval_is_kept_between_walks() ->
     schedule.succeeded("g@k.dk", T + timedelta(seconds=2), next_in=timedelta(seconds=60))
     assert schedule.due(T + timedelta(seconds=61)) == []
     assert schedule.due(T + timedelta(seconds=62)) == ["g@k.dk"]
+
+
+# --- decision 107: reads handed out as workers come free, notified mailboxes first ----------------------------------
+def _catching_up(addresses: list[str], urgent: list[str]) -> Schedule:
+    """Every mailbox read once and subscribed, then all waiting for a catch-up read (a stream reopened), and the
+    ``urgent`` ones named by a notification a second later."""
+    schedule = Schedule(TIMING)
+    schedule.set_members(set(addresses))
+    for address in addresses:
+        schedule.set_subscribed(address, True)
+        schedule.started(address)
+        schedule.succeeded(address, T)
+    for address in addresses:
+        schedule.mark_dirty(address, T + timedelta(seconds=1))
+    for address in urgent:
+        schedule.mark_dirty(address, T + timedelta(seconds=2), urgent=True)
+    return schedule
+
+
+def test_a_notified_mailbox_is_read_before_the_catch_up_yet_the_catch_up_keeps_a_worker() -> None:
+    addresses = [f"m{n:02d}@k.dk" for n in range(20)]
+    schedule = _catching_up(addresses, ["m19@k.dk", "m18@k.dk"])
+    now = T + timedelta(seconds=3)
+    tasks = schedule.take(now, free=4, urgent_cap=3)
+    assert tasks == [ReadTask(("m18@k.dk",), True), ReadTask(("m19@k.dk",), True), ReadTask(("m00@k.dk",), False), ReadTask(("m01@k.dk",), False)]
+    schedule.mark_dirty("m10@k.dk", now, urgent=True)
+    schedule.mark_dirty("m11@k.dk", now, urgent=True)
+    schedule.succeeded("m00@k.dk", now)   # one catch-up read ended: urgent reads take its worker, up to the cap
+    assert schedule.take(now, free=1, urgent_running=2, urgent_cap=3) == [ReadTask(("m10@k.dk",), True)]
+    schedule.succeeded("m01@k.dk", now)   # three urgent reads run: the next free worker goes to the catch-up
+    assert schedule.take(now, free=1, urgent_running=3, urgent_cap=3) == [ReadTask(("m02@k.dk",), False)]
+    assert schedule.waiting() == (20 - 6, 1)   # six taken; of the rest only m11 was named by a notification
+
+
+def test_a_burst_of_notifications_for_a_waiting_mailbox_makes_one_read() -> None:
+    schedule = _catching_up(["a@k.dk", "b@k.dk"], [])
+    for _ in range(5):
+        schedule.mark_dirty("b@k.dk", T + timedelta(seconds=2), urgent=True)
+    assert [task.mailboxes for task in schedule.take(T + timedelta(seconds=3), free=8)] == [("b@k.dk",), ("a@k.dk",)]
+    assert schedule.take(T + timedelta(seconds=3), free=8) == []
+
+
+def test_a_safety_read_with_no_worker_free_is_still_given_one_later() -> None:
+    """Due by its time at a walk and not taken (no worker free): the calls before the next walk still find it."""
+    schedule = Schedule(TIMING)
+    schedule.set_members({"a@k.dk", "b@k.dk"})
+    for address in ("a@k.dk", "b@k.dk"):
+        schedule.set_subscribed(address, True)
+        schedule.started(address)
+    schedule.succeeded("a@k.dk", T)
+    schedule.succeeded("b@k.dk", T + timedelta(minutes=1))
+    later = T + timedelta(minutes=15, seconds=1)
+    assert schedule.take(later, free=0) == []
+    assert schedule.due(later) == ["a@k.dk"]       # a walk: b's safety time, a minute on, is the next wake-up
+    assert schedule.take(later + timedelta(seconds=1), free=1) == [ReadTask(("a@k.dk",), False)]
+
+
+def test_a_failed_urgent_read_stays_urgent_after_its_backoff() -> None:
+    schedule = _catching_up(["a@k.dk", "b@k.dk"], ["b@k.dk"])
+    assert schedule.take(T + timedelta(seconds=3), free=1, urgent_cap=1) == [ReadTask(("b@k.dk",), True)]
+    wait = schedule.failed("b@k.dk", T + timedelta(seconds=3), SourceFault("transient", "x"))
+    assert schedule.take(T + timedelta(seconds=3) + wait, free=2, urgent_cap=1)[0] == ReadTask(("b@k.dk",), True)
+
+
+def test_graph_mailboxes_share_a_task_up_to_the_batch_size_and_a_failing_one_is_read_alone() -> None:
+    graph = [f"g{n}@k.dk" for n in range(5)]
+    schedule = _catching_up([*graph, "e@k.dk"], [])
+    schedule.mailboxes["g1@k.dk"].failures = 1
+    tasks = schedule.take(T + timedelta(seconds=3), free=8, batchable=set(graph), batch_size=2)
+    assert [task.mailboxes for task in tasks] == [("e@k.dk",), ("g0@k.dk", "g2@k.dk"), ("g1@k.dk",), ("g3@k.dk", "g4@k.dk")]
