@@ -250,9 +250,23 @@ class _EwsAdapter(DeadlineAdapter):
 
     ca_bundle: str | None = None
     call_deadline: float | None = None
+    _pool_keys: dict[tuple[Any, ...], Any] = {}   # shared by every adapter: one configuration per process
 
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         super().cert_verify(conn, url, self.ca_bundle or _system_trust(), cert)
+
+    def build_connection_pool_key_attributes(self, request: requests.PreparedRequest, verify: Any, cert: Any = None) -> Any:
+        """The connection pool's key for a request, worked out once per server (decision 108 in docs/decisions.md):
+        requests parses the URL and asks the file system whether the CA path is a folder at every request."""
+        url = request.url or ""
+        origin = url[: url.find("/", url.find("//") + 2)] if "//" in url else url
+        key = (origin, cert if isinstance(cert, (str, tuple)) else None, self.ca_bundle)
+        cached = self._pool_keys.get(key)
+        if cached is None:
+            cached = super().build_connection_pool_key_attributes(request, self.ca_bundle or _system_trust(), cert)
+            self._pool_keys[key] = cached
+        host_params, pool_kwargs = cached
+        return dict(host_params), dict(pool_kwargs)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = super().build_response(req, resp)
