@@ -383,7 +383,8 @@ def main() -> int:
                      **dict(("PLANNERSYNC_" + name, value) for name, _, value in (setting.partition("=") for setting in args.set)))
     settings, topology = prepare(env, mailboxes)
     workers = start_workers(["all"] if args.together else ["change-producer", "transformer", "publisher"], env, workdir)
-    print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
+    store_kind = settings.database_url().split(":", 1)[0].split("+", 1)[0]
+    print(f"plannersync edit latency ({os.cpu_count()} cores; broker, simulators and workers on this machine; {store_kind} store; "
           f"{'every worker in one process' if args.together else 'one process per worker'}): {args.mailboxes} mailboxes x {args.items} items "
           f"({args.series} weekly series each), {args.rates or f'{args.rate:g}'} edits/s for {args.seconds:g} s each, {args.series_share:.0%} of them series occurrences"
           + (f"; settings {', '.join(args.set)}" if args.set else ""), flush=True)

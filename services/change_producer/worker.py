@@ -242,7 +242,7 @@ class ChangeProducer:
             self.ews_members = self.graph_members = None
             for address in moved:
                 self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
-                self.schedule.mark_dirty(address, self.clock())   # the new reader reads it in full at once
+                self.schedule.mark_dirty(address)             # the new reader reads it in full at once
         for address in sorted(added):
             log.info("mailbox_enrolled", mailbox=address, backend=enrolled[address])
         for address in sorted(removed):
@@ -522,10 +522,9 @@ class ChangeProducer:
 
     def _mark_dirty(self, addresses: list[str], urgent: bool = False) -> None:
         """Read these mailboxes again; ``urgent``: a notification named them (read before the catch-up, decision 107)."""
-        now = self.clock()
         with self.lock:
             for address in addresses:
-                self.schedule.mark_dirty(address, now, urgent)
+                self.schedule.mark_dirty(address, urgent)
         self.wake.set()
 
     # --- streaming notifications ---------------------------------------------------------------------------

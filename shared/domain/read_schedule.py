@@ -10,9 +10,10 @@ backoff time it last saw has come; only then does it walk every mailbox (decisio
 
 ``take`` hands out only as many reads as there are free workers, so what waits stays here, where a burst of
 notifications for one mailbox still coalesces and the order can be chosen: a mailbox a notification named (urgent) goes
-before the catch-up reads (new mailboxes, subscriptions just made, streams reopened, safety reads), each kind oldest
-first; while catch-up reads wait, urgent reads hold at most ``urgent_cap`` workers, so the catch-up always moves
-(decision 107 in docs/decisions.md).
+before the catch-up reads (new mailboxes, subscriptions just made, streams reopened, safety reads), each kind first
+come, first served; while catch-up reads wait, urgent reads hold at most ``urgent_cap`` workers, so the catch-up always
+moves (decision 107 in docs/decisions.md). The waiting mailboxes stand in two queues, one per kind, so ``take`` costs
+what it hands out, not what waits: under a backlog it is asked after every notification and every read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shared.domain.timing import exponential_backoff
 class MailboxState:
     dirty: bool = True  # a new mailbox is read at once
     urgent: bool = False  # a notification named it since its last read began (decision 107)
-    since: datetime | None = None  # when it became due and waiting (None: from the start); the order within a kind
+    queue: bool | None = None  # waiting in the urgent (True) or the catch-up (False) queue; None: in neither
     running: bool = False
     running_urgent: bool = False  # the read running is an urgent one; a failed one stays urgent
     subscribed: bool = False
@@ -67,30 +68,50 @@ class Schedule:
     mailboxes: dict[str, MailboxState] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set, init=False, repr=False)
     _walk_at: datetime | None = field(default=None, init=False, repr=False)   # no mailbox's safety or backoff time comes before this; None: walk at once
+    # the mailboxes waiting for a worker, urgent (True) and catch-up (False), each in the order they came (dicts keep it)
+    _queues: dict[bool, dict[str, None]] = field(default_factory=lambda: {True: {}, False: {}}, init=False, repr=False)
 
     # --- membership ----------------------------------------------------------------------------
     def set_members(self, addresses: set[str]) -> tuple[set[str], set[str]]:
         """Make the schedule follow the enrolled set; return (added, removed)."""
         current = set(self.mailboxes)
         added, removed = addresses - current, current - addresses
-        for address in added:
-            self.mailboxes[address] = MailboxState()
         for address in removed:
-            del self.mailboxes[address]
+            self._unqueue(address, self.mailboxes.pop(address))
         self._dirty -= removed
         self._dirty |= added
+        for address in sorted(added):
+            self.mailboxes[address] = state = MailboxState()
+            self._enqueue(address, state)
         return added, removed
 
-    def mark_dirty(self, address: str, now: datetime | None = None, urgent: bool = False) -> None:
-        """Read ``address`` again; ``urgent``: a notification says it changed (read before the catch-up reads);
-        ``now``: when, for the order among the waiting ones."""
+    def mark_dirty(self, address: str, urgent: bool = False) -> None:
+        """Read ``address`` again; ``urgent``: a notification says it changed (read before the catch-up reads). A
+        mailbox being read waits until its read ends, a failing one until its backoff is over."""
         state = self.mailboxes.get(address)
         if state is not None:
-            if not state.dirty:
-                state.since = now
             state.dirty = True
             state.urgent = state.urgent or urgent
             self._dirty.add(address)
+            self._enqueue(address, state)
+
+    def _enqueue(self, address: str, state: MailboxState) -> None:
+        """Into the queue of its kind, unless it runs or backs off (its read's end, or the walk at the backoff's end,
+        puts it there); a waiting catch-up mailbox a notification names moves to the urgent queue's end."""
+        if state.queue is None:
+            if state.running or state.not_before is not None:
+                return
+        elif state.queue or not state.urgent:
+            return
+        else:
+            del self._queues[False][address]
+        self._queues[state.urgent][address] = None
+        state.queue = state.urgent
+
+    def _unqueue(self, address: str, state: MailboxState) -> None:
+        if state.queue is not None:
+            del self._queues[state.queue][address]
+            state.queue = None
 
     def set_subscribed(self, address: str, subscribed: bool) -> None:
         state = self.mailboxes.get(address)
@@ -102,25 +123,29 @@ class Schedule:
         """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order.
 
         Before the earliest safety or backoff time seen at the last walk only the dirty mailboxes can be due, and
-        only they are looked at; from then on one walk over all finds the due ones and the next such time. The
-        caller starts every mailbox it is given (the change producer does): one due by its safety time and not
-        started would be found again only at the next walk."""
+        only they are looked at; from then on one walk over all finds the due ones and the next such time. One due by
+        its time is marked dirty and waits in the catch-up queue until it is taken."""
+        self._walk(now)
+        return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
+
+    def _walk(self, now: datetime) -> None:
+        """Once the earliest safety or backoff time seen at the last walk has come: every mailbox looked at, the due
+        ones queued, the next such time found (decision 106)."""
         if self._walk_at is not None and now < self._walk_at:
-            return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
-        ready = []
+            return
         walk_at: datetime | None = None
         for address, state in sorted(self.mailboxes.items()):
             if self._ready(state, now):
-                ready.append(address)
-                if not state.dirty:   # due by its time: dirty from now on, so the calls between walks find it until it is taken
-                    state.dirty, state.since = True, state.not_before or state.next_safety
-                    self._dirty.add(address)
+                state.dirty = True
+                self._dirty.add(address)
+                if state.queue is None:
+                    self._queues[state.urgent][address] = None
+                    state.queue = state.urgent
             elif not state.running:   # a running mailbox's next time is set when its read ends
                 wake = state.not_before if state.not_before is not None and now < state.not_before else state.next_safety
                 if wake is not None and (walk_at is None or wake < walk_at):
                     walk_at = wake
         self._walk_at = walk_at if walk_at is not None else now + self.timing.safety_interval
-        return ready
 
     @staticmethod
     def _ready(state: MailboxState, now: datetime) -> bool:
@@ -134,28 +159,25 @@ class Schedule:
 
     def take(self, now: datetime, free: int, urgent_running: int = 0, urgent_cap: int | None = None,
              batchable: Collection[str] = (), batch_size: int = 1) -> list[ReadTask]:
-        """Start at most ``free`` read tasks among the due mailboxes (decision 107): urgent ones first while fewer than
-        ``urgent_cap`` urgent reads run (``urgent_running`` now) or no catch-up read waits, else a catch-up read; each
-        kind oldest first. A mailbox of ``batchable`` (Graph, not failing) shares its task with up to ``batch_size``
-        others of its kind."""
+        """Start at most ``free`` read tasks among the waiting mailboxes (decision 107): urgent ones first while fewer
+        than ``urgent_cap`` urgent reads run (``urgent_running`` now) or no catch-up read waits, else a catch-up read;
+        each kind first come, first served. A mailbox of ``batchable`` (Graph) that is not failing shares its task
+        with up to ``batch_size`` others of its kind."""
         if free <= 0:
             return []
-        ready = self.due(now)
-        if not ready:
-            return []
+        self._walk(now)
         cap = free if urgent_cap is None else urgent_cap
-        floor = datetime.min.replace(tzinfo=now.tzinfo)
-        order = sorted(ready, key=lambda a: (self.mailboxes[a].since or floor, a))
-        lanes = {True: [a for a in order if self.mailboxes[a].urgent], False: [a for a in order if not self.mailboxes[a].urgent]}
         tasks: list[ReadTask] = []
-        while len(tasks) < free and (lanes[True] or lanes[False]):
-            urgent = bool(lanes[True]) and (not lanes[False] or urgent_running < cap)
-            lane = lanes[urgent]
-            group = [lane.pop(0)]
+        while len(tasks) < free and (self._queues[True] or self._queues[False]):
+            urgent = bool(self._queues[True]) and (not self._queues[False] or urgent_running < cap)
+            lane = self._queues[urgent]
+            group = [next(iter(lane))]
             if group[0] in batchable and self.mailboxes[group[0]].failures == 0:
-                for address in [a for a in lane if a in batchable and self.mailboxes[a].failures == 0][: batch_size - 1]:
-                    lane.remove(address)
-                    group.append(address)
+                for address in lane:
+                    if len(group) >= batch_size:
+                        break
+                    if address != group[0] and address in batchable and self.mailboxes[address].failures == 0:
+                        group.append(address)
             for address in group:
                 self.started(address, urgent)
             urgent_running += urgent
@@ -163,16 +185,15 @@ class Schedule:
         return tasks
 
     def waiting(self) -> tuple[int, int]:
-        """Mailboxes due for a read and not yet taken (failing ones left out), and of them the urgent ones."""
-        states = [state for address in self._dirty if not (state := self.mailboxes[address]).running and not state.failures]
-        return len(states), sum(1 for state in states if state.urgent)
+        """Mailboxes waiting for a worker, and of them the urgent ones."""
+        return len(self._queues[True]) + len(self._queues[False]), len(self._queues[True])
 
     def started(self, address: str, urgent: bool = False) -> None:
         state = self.mailboxes[address]
         state.running, state.running_urgent = True, urgent
         state.dirty = state.urgent = False  # a notification during the read marks it dirty again
-        state.since = None
         self._dirty.discard(address)
+        self._unqueue(address, state)
 
     # --- outcomes -------------------------------------------------------------------------------
     def succeeded(self, address: str, now: datetime, next_in: timedelta | None = None) -> None:
@@ -188,6 +209,8 @@ class Schedule:
         interval = self.timing.safety_interval if state.subscribed else self.timing.unsubscribed_interval
         state.next_safety = now + (next_in if next_in is not None else interval)
         self._wake_by(state.next_safety)
+        if state.dirty:   # a notification came during the read
+            self._enqueue(address, state)
 
     def failed(self, address: str, now: datetime, fault: SourceFault) -> timedelta:
         """Record a failed read; return how long this mailbox now waits."""
@@ -196,13 +219,12 @@ class Schedule:
             return timedelta(0)
         state.running = False
         state.failures += 1
-        if not state.dirty:
-            state.since = now
         state.dirty = True  # whatever it was supposed to read is still unread
         state.urgent = state.urgent or state.running_urgent
-        self._dirty.add(address)   # so ``due`` looks at it between walks, and finds it once its backoff is over
+        self._dirty.add(address)
         wait = backoff(fault, state.failures, self.timing)
         state.not_before = now + wait
+        self._wake_by(state.not_before)   # the walk then queues it again
         state.status = "failing" if fault.kind == "mailbox_unavailable" else ("throttled" if fault.kind == "throttled" else "retrying")
         state.detail = fault.detail
         return wait
