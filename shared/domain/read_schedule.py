@@ -163,9 +163,9 @@ class Schedule:
         than ``urgent_cap`` urgent reads run (``urgent_running`` now) or no catch-up read waits, else a catch-up read;
         each kind first come, first served. A mailbox of ``batchable`` (Graph) that is not failing shares its task
         with up to ``batch_size`` others of its kind."""
+        self._walk(now)   # even with no worker free: what is due by its time is queued, and ``waiting`` counts it
         if free <= 0:
             return []
-        self._walk(now)
         cap = free if urgent_cap is None else urgent_cap
         tasks: list[ReadTask] = []
         while len(tasks) < free and (self._queues[True] or self._queues[False]):
