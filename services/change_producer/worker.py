@@ -38,7 +38,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from shared.adapters.deadline import in_flight as calls_in_flight
 from shared.adapters.ews import EwsConnection
@@ -90,6 +90,13 @@ def graph_reader(settings: Settings) -> GraphReader:
     return GraphReader(settings.graph, planner_organizers=settings.busy.policy().planner_organizers)
 
 
+class Membership(NamedTuple):
+    """The mailboxes this replica follows, by backend."""
+
+    ews: list[str]   # sorted: the streams' and pull subscriptions' groups are slices of it
+    graph: frozenset[str]
+
+
 class GraphNotConfigured(Exception):
     """A Graph mailbox is enrolled but the Graph reader cannot be built from the settings."""
 
@@ -112,7 +119,7 @@ class ChangeProducer:
         self.ews = Lazy(lambda: ews_connection(settings), exchange)
         self.graph = Lazy(lambda: graph_reader(settings), graph)
         self.backends: dict[str, Backend] = {}   # mailbox -> the backend serving it now (under ``lock``)
-        self.ews_members: list[str] | None = None   # ``_members``' answer until membership changes (under ``lock``)
+        self.membership: Membership | None = None   # the followed mailboxes by backend, until membership changes (under ``lock``)
         self.topology = topology
         self.clock = clock
         self.policy = settings.busy.policy()
@@ -128,7 +135,6 @@ class ChangeProducer:
         self.tasks = self.urgent_tasks = 0     # read tasks given to the pool and not ended, and of them urgent (under ``lock``)
         # urgent reads leave a quarter of the workers (at least one) to the catch-up while it waits (decision 107)
         self.urgent_cap = max(1, ex.sync_workers - max(1, ex.sync_workers // 4))
-        self.graph_members: frozenset[str] | None = None   # ``_batchable``'s answer until membership changes (under ``lock``)
         self.beat_at = time.time()       # the scheduler loop's last pass
         self.leases = MailboxLeases(store, ex.replica(), ex.lease(), clock)
         self.positions = LeasedPositions(store, self.leases)   # a read's state saved only under its lease (decision 102)
@@ -239,7 +245,7 @@ class ChangeProducer:
             added, removed = set(enrolled) - set(was), set(was) - set(enrolled)
             moved = {a: (was[a], b) for a, b in enrolled.items() if a in was and was[a] != b}
             self.backends = dict(enrolled)
-            self.ews_members = self.graph_members = None
+            self.membership = None
             for address in moved:
                 self.schedule.set_subscribed(address, False)  # an EWS subscription ends with the move; Graph has none
                 self.schedule.mark_dirty(address)             # the new reader reads it in full at once
@@ -281,7 +287,7 @@ class ChangeProducer:
         with self.lock:
             joined, left = self.schedule.set_members(set(self.backends) & held)
             if joined or left:
-                self.ews_members = self.graph_members = None
+                self.membership = None
         if self.ews.built is not None:
             for address in left:
                 self.ews.built.forget(address)
@@ -300,14 +306,25 @@ class ChangeProducer:
         with self.lock:
             return self.backends.get(address, self.settings.exchange.default_backend)
 
+    def _membership(self) -> Membership:
+        """The followed mailboxes by backend, worked out again only after the enrolments or the leases changed (a stream
+        checks its group after every notification, the scheduler its Graph mailboxes at every hand-out). Under ``lock``."""
+        if self.membership is None:
+            default = self.settings.exchange.default_backend
+            ews: list[str] = []
+            graph: set[str] = set()
+            for address in sorted(self.schedule.mailboxes):
+                if self.backends.get(address, default) == "ews":
+                    ews.append(address)
+                else:
+                    graph.add(address)
+            self.membership = Membership(ews, frozenset(graph))
+        return self.membership
+
     def _members(self) -> list[str]:
-        """The EWS mailboxes (the ones streaming or pull subscriptions follow), sorted; worked out again only after the
-        enrolments or the leases changed (a stream checks its group after every notification)."""
+        """The EWS mailboxes (the ones streaming or pull subscriptions follow), sorted."""
         with self.lock:
-            if self.ews_members is None:
-                default = self.settings.exchange.default_backend
-                self.ews_members = sorted(a for a in self.schedule.mailboxes if self.backends.get(a, default) == "ews")
-            return self.ews_members
+            return self._membership().ews
 
     def _group(self, index: int) -> list[str]:
         size = self.settings.exchange.mailboxes_per_connection
@@ -344,10 +361,7 @@ class ChangeProducer:
         """The Graph mailboxes: they are read up to ``graph.batch_size`` together, their delta pages through one ``$batch``
         per page, except one whose last read failed: it is read alone until it succeeds, so a slow or failing mailbox
         holds up no other (decision 72 in docs/decisions.md; ``Schedule.take`` leaves it alone). Called under ``lock``."""
-        if self.graph_members is None:
-            default = self.settings.exchange.default_backend
-            self.graph_members = frozenset(a for a in self.schedule.mailboxes if self.backends.get(a, default) == "graph")
-        return self.graph_members
+        return self._membership().graph
 
     def _timed_read(self, task: ReadTask) -> None:
         """One read task: the reads, then its worker is free and the scheduler is woken to give it the next."""

@@ -5,8 +5,9 @@ read, since marking a mailbox that is being read makes it run once more afterwar
 also read on a safety interval, more often while it has no live subscription. A failing mailbox is
 retried on its own backoff; it never delays another.
 
-``due`` is asked after every notification, so it looks only at the dirty mailboxes until the earliest safety or
-backoff time it last saw has come; only then does it walk every mailbox (decision 106 in docs/decisions.md).
+The schedule is asked after every notification, so it walks every mailbox only once the earliest safety or backoff
+time it last saw has come (decision 106 in docs/decisions.md); in between only the mailboxes waiting in its queues can
+be due.
 
 ``take`` hands out only as many reads as there are free workers, so what waits stays here, where a burst of
 notifications for one mailbox still coalesces and the order can be chosen: a mailbox a notification named (urgent) goes
@@ -62,11 +63,10 @@ class ReadTask(NamedTuple):
 @dataclass
 class Schedule:
     """The read schedule of the mailboxes followed. Change a ``MailboxState`` only through these methods: the
-    schedule keeps its dirty mailboxes and its earliest timed wake-up beside the states (decision 106)."""
+    schedule keeps its queues and its earliest timed wake-up beside the states (decisions 106 and 107)."""
 
     timing: Timing
     mailboxes: dict[str, MailboxState] = field(default_factory=dict)
-    _dirty: set[str] = field(default_factory=set, init=False, repr=False)
     _walk_at: datetime | None = field(default=None, init=False, repr=False)   # no mailbox's safety or backoff time comes before this; None: walk at once
     # the mailboxes waiting for a worker, urgent (True) and catch-up (False), each in the order they came (dicts keep it)
     _queues: dict[bool, dict[str, None]] = field(default_factory=lambda: {True: {}, False: {}}, init=False, repr=False)
@@ -78,8 +78,6 @@ class Schedule:
         added, removed = addresses - current, current - addresses
         for address in removed:
             self._unqueue(address, self.mailboxes.pop(address))
-        self._dirty -= removed
-        self._dirty |= added
         for address in sorted(added):
             self.mailboxes[address] = state = MailboxState()
             self._enqueue(address, state)
@@ -92,14 +90,14 @@ class Schedule:
         if state is not None:
             state.dirty = True
             state.urgent = state.urgent or urgent
-            self._dirty.add(address)
             self._enqueue(address, state)
 
-    def _enqueue(self, address: str, state: MailboxState) -> None:
+    def _enqueue(self, address: str, state: MailboxState, ready: bool = False) -> None:
         """Into the queue of its kind, unless it runs or backs off (its read's end, or the walk at the backoff's end,
-        puts it there); a waiting catch-up mailbox a notification names moves to the urgent queue's end."""
+        puts it there; ``ready``: the walk found it ready); a waiting catch-up mailbox a notification names moves to
+        the urgent queue's end. So after a walk the queued mailboxes are exactly the ready dirty ones."""
         if state.queue is None:
-            if state.running or state.not_before is not None:
+            if state.running or (state.not_before is not None and not ready):
                 return
         elif state.queue or not state.urgent:
             return
@@ -120,13 +118,10 @@ class Schedule:
 
     # --- picking work ---------------------------------------------------------------------------
     def due(self, now: datetime) -> list[str]:
-        """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order.
-
-        Before the earliest safety or backoff time seen at the last walk only the dirty mailboxes can be due, and
-        only they are looked at; from then on one walk over all finds the due ones and the next such time. One due by
-        its time is marked dirty and waits in the catch-up queue until it is taken."""
+        """Mailboxes to read now (not running, not backing off, dirty or past their safety time), in address order,
+        without taking them: the ones waiting in the queues once a walk has queued those due by their time."""
         self._walk(now)
-        return [address for address in sorted(self._dirty) if self._ready(self.mailboxes[address], now)]
+        return sorted([*self._queues[True], *self._queues[False]])
 
     def _walk(self, now: datetime) -> None:
         """Once the earliest safety or backoff time seen at the last walk has come: every mailbox looked at, the due
@@ -137,10 +132,7 @@ class Schedule:
         for address, state in sorted(self.mailboxes.items()):
             if self._ready(state, now):
                 state.dirty = True
-                self._dirty.add(address)
-                if state.queue is None:
-                    self._queues[state.urgent][address] = None
-                    state.queue = state.urgent
+                self._enqueue(address, state, ready=True)
             elif not state.running:   # a running mailbox's next time is set when its read ends
                 wake = state.not_before if state.not_before is not None and now < state.not_before else state.next_safety
                 if wake is not None and (walk_at is None or wake < walk_at):
@@ -192,7 +184,6 @@ class Schedule:
         state = self.mailboxes[address]
         state.running, state.running_urgent = True, urgent
         state.dirty = state.urgent = False  # a notification during the read marks it dirty again
-        self._dirty.discard(address)
         self._unqueue(address, state)
 
     # --- outcomes -------------------------------------------------------------------------------
@@ -221,7 +212,6 @@ class Schedule:
         state.failures += 1
         state.dirty = True  # whatever it was supposed to read is still unread
         state.urgent = state.urgent or state.running_urgent
-        self._dirty.add(address)
         wait = backoff(fault, state.failures, self.timing)
         state.not_before = now + wait
         self._wake_by(state.not_before)   # the walk then queues it again

@@ -165,9 +165,10 @@ _STEPS = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(_STEPS)
 @example([("due", ""), ("succeeded", "a@k.dk", None), ("tick", 30), ("take", 0)])   # due by its time, no worker free: still counted as waiting
-def test_due_looks_only_at_dirty_mailboxes_between_walks_yet_answers_as_a_walk_over_all_would(steps: list[tuple[Any, ...]]) -> None:
-    """Decision 106: whatever happens between two calls, the due mailboxes are the ones a walk over every mailbox finds
-    (the producer starts a read for each, as it does)."""
+def test_the_queues_hold_exactly_the_mailboxes_a_walk_over_all_finds_due(steps: list[tuple[Any, ...]]) -> None:
+    """Decisions 106 and 107: whatever happens between two calls, the mailboxes waiting in the queues (``due``, or what
+    ``take`` hands out plus what ``waiting`` counts) are the ones a walk over every mailbox finds due, though the
+    schedule walks only when a safety or backoff time has come."""
     schedule = Schedule(TIMING)
     schedule.set_members(set(_ADDRESSES))
     now = T
