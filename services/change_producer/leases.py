@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from shared.adapters.store import Store
-from shared.domain.mailbox_leases import ReplicaBeat, claim, live_replicas, plan
+from shared.domain.mailbox_leases import HeldLease, ReplicaBeat, claim, live_replicas, plan
 from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.logs import get_logger
 
@@ -130,18 +130,19 @@ class MailboxLeases:
         self.live, self.share = decided.live, decided.share
         return held
 
-    def fence(self, mailboxes: list[str]) -> set[str]:
-        """Of ``mailboxes``, the ones this replica still holds in the store (each extended by a TTL): read only those.
-        The epoch of each lease is kept for the read's save (``epoch_read_under``)."""
+    def fence(self, mailboxes: list[str]) -> dict[str, SyncPosition | None]:
+        """Of ``mailboxes``, the ones this replica still holds in the store (each extended by a TTL): read only those,
+        each from the sync position the fence read with it (decision 109). The epoch of each lease is kept for the
+        read's save (``epoch_read_under``)."""
         if self.in_use:
-            return set()
-        held = self.store.hold_leases(self.me, mailboxes, self.clock() + self.ttl)
+            return {}
+        held: dict[str, HeldLease] = self.store.hold_leases(self.me, mailboxes, self.clock() + self.ttl)
         lost = {address.lower() for address in mailboxes} - set(held)
         with self.lock:
-            self.fenced.update(held)
+            self.fenced.update({address: lease.epoch for address, lease in held.items()})
         if lost:
             self.lost(lost, "held by another replica now (this one stalled past its lease)")
-        return {address for address in mailboxes if address.lower() in held}
+        return {address: held[address.lower()].position for address in mailboxes if address.lower() in held}
 
     def epoch_read_under(self, mailbox: str) -> int | None:
         """The epoch of the lease the last fence of ``mailbox`` found (a mailbox is read by one thread at a time)."""

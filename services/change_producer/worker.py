@@ -51,12 +51,12 @@ from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from shared.domain.busy_rules import sync_window
 from shared.domain.contracts import CalendarChange, CalendarSnapshot
-from shared.domain.mailbox_reads import Backend
+from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.read_schedule import ReadTask, Schedule, Timing
 from shared.domain.source_faults import SourceFault
 from shared.domain.timing import exponential_backoff
 from shared.logs import correlation, get_logger
-from shared.mailbox_passes import Lazy, publish_sync, rebase_mailbox, resync_mailbox, sync_mailbox
+from shared.mailbox_passes import Lazy, Unread, publish_sync, rebase_mailbox, resync_mailbox, sync_mailbox
 from shared.workers import Health, WorkerWedged
 
 from .leases import LeasedPositions, LeaseLost, MailboxLeases
@@ -376,7 +376,7 @@ class ChangeProducer:
     def _fenced_read(self, addresses: list[str]) -> None:
         """One scheduled read task, fenced by the leases and timed for the wedge check (``_stuck_reads``)."""
         try:
-            held = self.leases.fence(addresses)
+            held = self.leases.fence(addresses)   # with each mailbox's sync position (decision 109)
         except Exception as exc:  # noqa: BLE001 - the store down: the read fails like any read that cannot reach it
             for address in addresses:
                 with correlation(None, mailbox=address):
@@ -392,24 +392,23 @@ class ChangeProducer:
             self.in_flight.update({address: started for address in addresses})
         try:
             if len(addresses) == 1:
-                self._read(addresses[0])
+                self._read(addresses[0], stored=held[addresses[0]])
             else:
-                self._read_graph_batch(addresses)
+                self._read_graph_batch(addresses, held)
         finally:
             with self.lock:
                 for address in addresses:
                     self.in_flight.pop(address, None)
 
-    def _read_graph_batch(self, addresses: list[str]) -> None:
+    def _read_graph_batch(self, addresses: list[str], positions: dict[str, SyncPosition | None]) -> None:
         """Several Graph mailboxes' delta rounds read together (``GraphReader.sync_many``), then each published and
         recorded alone: a fault stays with its mailbox. A mailbox that moved from EWS, or whose delta link Graph
-        refuses (410), gets the single full read that finds deletions too."""
+        refuses (410), gets the single full read that finds deletions too. ``positions``: as the fence read them."""
         observed_at = self.clock()
         window = sync_window(observed_at, self.policy)
         try:
             reader = self._graph_reader()
-            positions = {address: self.store.sync_position(address) for address in addresses}
-        except Exception as exc:  # noqa: BLE001 - no reader or no store: every mailbox of the group has this fault
+        except Exception as exc:  # noqa: BLE001 - no reader: every mailbox of the group has this fault
             for address in addresses:
                 with correlation(None, mailbox=address):
                     self._failed(address, "graph", self._classify("graph", exc), full=False)
@@ -420,7 +419,7 @@ class ChangeProducer:
         moved += [a for a, p in positions.items() if p is None and not self.store.mark_first_read(a, "graph", observed_at)]
         rounds = [DeltaRound(a, p.sync_state if p is not None else None, window) for a, p in positions.items() if a not in moved]
         for address in moved:
-            self._read(address)
+            self._read(address, stored=positions[address])
         results = reader.sync_many(rounds) if rounds else {}
         for round_ in rounds:
             address = round_.mailbox
@@ -440,14 +439,16 @@ class ChangeProducer:
                     continue
                 self._succeeded(address, "graph", done.published, done.full_resync)
 
-    def _read(self, address: str, full: bool = False) -> None:
+    def _read(self, address: str, full: bool = False, stored: SyncPosition | None | Unread = Unread.READ_IT) -> None:
+        """One mailbox's read; ``stored``: its sync position as the fence read it, else it is read here."""
         observed_at = self.clock()
         window = sync_window(observed_at, self.policy)
         backend = self.backend_of(address)
         part_size = self.settings.exchange.snapshot_part_size
         with correlation(None, mailbox=address):
             try:
-                stored = self.store.sync_position(address)
+                if stored is Unread.READ_IT:
+                    stored = self.store.sync_position(address)
                 if stored is not None and stored.backend != backend and not full:
                     # moved between backends: the new reader reads it in full, and a snapshot finds what was deleted
                     # meanwhile; unchanged busy times give Planner no call (decisions 49 and 66 in docs/decisions.md)

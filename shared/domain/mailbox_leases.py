@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Literal
 
+from shared.domain.mailbox_reads import SyncPosition
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -33,6 +35,15 @@ class Lease:
 
     def held_at(self, now: datetime) -> bool:
         return self.owner is not None and self.expires_at > now
+
+
+@dataclass(frozen=True)
+class HeldLease:
+    """What the fence before a read found of a mailbox this replica still holds: the lease's epoch (the read's state is
+    saved only under it, decision 102) and the sync position the read goes on from, read under the fence (decision 109)."""
+
+    epoch: int
+    position: SyncPosition | None
 
 
 @dataclass(frozen=True)

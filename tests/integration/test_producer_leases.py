@@ -85,7 +85,7 @@ def test_a_replica_that_stalled_past_its_leases_is_fenced_out_and_takes_its_shar
     clock_b.now = T0 + TTL + timedelta(seconds=1)   # a stalls (no pass) past its leases; b takes them over
     assert b.take_part(mailboxes, ()) == set(mailboxes)
     clock_a.now = clock_b.now
-    assert a.fence(mailboxes[:2]) == set() and a.holding() == set(mailboxes[2:])   # a resumes: its queued reads do not start
+    assert a.fence(mailboxes[:2]) == {} and a.holding() == set(mailboxes[2:])   # a resumes: its queued reads do not start
     assert len(a.take_part(mailboxes, ())) == 0   # b holds all of them, unexpired: nothing to take yet
     clock_b.now += TTL / 3
     assert len(b.take_part(mailboxes, ())) == 3   # b sees a again and gives back its surplus
@@ -99,7 +99,7 @@ def test_two_processes_under_one_replica_id_do_not_both_read_the_mailboxes(store
     first = MailboxLeases(store, "cp-1", TTL, clock, ProcessIdentity("h1", None, 1))
     copy = MailboxLeases(store, "cp-1", TTL, clock, ProcessIdentity("h2", None, 1))   # the same id given to a second host
     assert first.take_part(mailboxes, ()) == set(mailboxes)
-    assert copy.take_part(mailboxes, ()) == set() and copy.in_use and copy.fence(mailboxes) == set()
+    assert copy.take_part(mailboxes, ()) == set() and copy.in_use and copy.fence(mailboxes) == {}
     first.leave()
     clock.now += timedelta(seconds=1)
     assert copy.take_part(mailboxes, ()) == set(mailboxes) and not copy.in_use

@@ -12,6 +12,7 @@ from sqlalchemy import event
 from shared.adapters.store import SCHEMA_VERSION, DesiredWrite, Store, ddl, desired_states, make_engine, open_store, schema_version, upgrade
 from shared.domain.contracts import Interval
 from shared.domain.delivery_plan import DeliveredChange, Holding, ReceiptFacts
+from shared.domain.mailbox_leases import HeldLease
 from shared.domain.mailbox_reads import SyncPosition
 from shared.domain.transform_core import DesiredRecord, Reads
 
@@ -153,7 +154,7 @@ def test_renewing_and_fencing_touch_only_the_leases_still_held(store: Store) -> 
     store.acquire_leases(["a@k.dk", "b@k.dk"], "one", T + LEASE, T)
     store.acquire_leases(["b@k.dk"], "two", T + 2 * LEASE, T + LEASE)   # "one" stalled past its lease on b
     assert store.renew_leases("one", T + 3 * LEASE) == 1                 # a (expired too, but nobody took it), not b
-    assert store.hold_leases("one", ["a@k.dk", "B@k.dk"], T + 4 * LEASE) == {"a@k.dk": 1}   # with the epoch it holds
+    assert store.hold_leases("one", ["a@k.dk", "B@k.dk"], T + 4 * LEASE) == {"a@k.dk": HeldLease(1, None)}   # with the epoch it holds
     leases = {lease.mailbox: lease for lease in store.leases()}
     assert (leases["a@k.dk"].owner, leases["a@k.dk"].expires_at) == ("one", T + 4 * LEASE)
     assert (leases["b@k.dk"].owner, leases["b@k.dk"].expires_at) == ("two", T + 2 * LEASE)
@@ -179,6 +180,19 @@ def test_a_sync_state_is_saved_only_under_the_lease_its_read_began_under(store: 
     assert store.save_sync_position("b@k.dk", "b-two", T + 2 * LEASE, full=True, lease=("two", 2))
     assert store.save_sync_position("c@k.dk", "unfenced", T, full=True)   # no lease given (the commands): saved as before
     assert {m: p.sync_state for m, p in store.sync_positions().items()} == {"a@k.dk": "s3-two", "b@k.dk": "b-two", "c@k.dk": "unfenced"}
+
+
+def test_the_fence_reads_each_held_mailboxs_sync_position_with_its_lease(store: Store) -> None:
+    """Decision 109: the read goes on from the position read in the fence's transaction, as ``sync_position`` gives it;
+    a first read's mark (a row with no state) is no position, and a mailbox not held gives nothing."""
+    store.acquire_leases(["a@k.dk", "b@k.dk", "c@k.dk", "d@k.dk"], "one", T + LEASE, T)
+    store.acquire_leases(["d@k.dk"], "two", T + 3 * LEASE, T + 2 * LEASE)
+    assert store.save_sync_position("a@k.dk", "s-a", T, full=True, backend="graph", lease=("one", 1))
+    assert store.mark_first_read("b@k.dk", "ews", T)
+    assert store.save_sync_position("d@k.dk", "s-d", T, full=True, lease=("two", 2))
+    held = store.hold_leases("one", ["A@k.dk", "b@k.dk", "c@k.dk", "d@k.dk"], T + 4 * LEASE)
+    assert held == {"a@k.dk": HeldLease(1, store.sync_position("a@k.dk")), "b@k.dk": HeldLease(1, None), "c@k.dk": HeldLease(1, None)}
+    assert held["a@k.dk"].position == SyncPosition("s-a", T, T, "graph")
 
 
 def test_a_replica_id_is_beaten_by_one_process_and_taken_over_only_on_purpose(store: Store) -> None:
