@@ -23,6 +23,7 @@ Traps handled here (decisions 22, 23 and 26 in docs/decisions.md):
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import ssl
@@ -49,11 +50,12 @@ from exchangelib import (
 from exchangelib import errors as ews_errors
 from exchangelib.ewsdatetime import NaiveDateTimeNotAllowed
 from exchangelib.folders.base import BaseFolder
-from exchangelib.folders.collections import FolderCollection, SyncCompleted
+from exchangelib.items import ID_ONLY
 from exchangelib.items import CalendarItem as EwsCalendarItem
 from exchangelib.protocol import BaseProtocol
-from exchangelib.services import GetStreamingEvents
-from exchangelib.util import TNS, DummyResponse
+from exchangelib.services import GetStreamingEvents, SyncFolderItems
+from exchangelib.services.common import folder_ids_element, shape_element
+from exchangelib.util import TNS, DummyResponse, add_xml_child, create_element
 
 from shared import metrics
 from shared.adapters.deadline import DeadlineAdapter, deadline
@@ -222,6 +224,41 @@ def _xml_instant(elem: Any, name: str) -> datetime | None:
 
 
 BaseFolder.ITEM_MODEL_MAP[EwsCalendarItem.response_tag()] = _CalendarItemWithInstants
+
+
+class _CalendarSync(SyncFolderItems):
+    """exchangelib's SyncFolderItems for our calendar reads, with the part of the request that never changes made once
+    (decision 110 in docs/decisions.md): the fields asked for are resolved once per Exchange version, not checked and
+    resolved again at every read as ``FolderCollection.sync_items`` does, and the ItemShape element they make is built
+    once and copied into each request. exchangelib still builds the rest, sends it and checks the answer."""
+
+    _fields: dict[Any, Any] = {}   # Exchange build -> the FieldPaths of ``FIELDS`` (a set, as exchangelib passes them)
+    _shapes: dict[Any, Any] = {}   # Exchange build -> the ItemShape element asking for them
+    _made = threading.Lock()
+
+    @classmethod
+    def fields(cls, folder: Any) -> Any:
+        version = folder.account.version
+        with cls._made:
+            found = cls._fields.get(version.build)
+            if found is None:
+                for name in FIELDS:
+                    folder.validate_item_field(field=name, version=version)
+                found = cls._fields[version.build] = frozenset(f for f in folder.normalize_fields(fields=FIELDS) if not f.field.is_attribute)
+            return found
+
+    def _partial_get_payload(self, folder: Any, shape: Any, additional_fields: Any, sync_state: Any) -> Any:
+        version = self.account.version
+        with self._made:
+            template = self._shapes.get(version.build)
+            if template is None:
+                template = self._shapes[version.build] = shape_element(tag=self.shape_tag, shape=shape, additional_fields=additional_fields, version=version)
+        payload = create_element(f"m:{self.SERVICE_NAME}")
+        payload.append(copy.deepcopy(template))
+        payload.append(folder_ids_element(folders=[folder], version=version, tag="m:SyncFolderId"))
+        if sync_state:
+            add_xml_child(payload, "m:SyncState", sync_state)
+        return payload
 
 
 class _WholeBodyResponse(requests.Response):
@@ -471,26 +508,35 @@ class EwsConnection:
     def sync(self, mailbox: str, sync_state: str | None, page_size: int = 200) -> tuple[list[SyncChange], str]:
         """Everything that changed in the calendar since exactly ``sync_state`` (None: everything), and the new state.
 
-        Goes through a one-off FolderCollection and takes the new state from its SyncCompleted: the cached
-        calendar folder's ``sync_items`` would swap a None for the state its last completed read left on the
-        folder object, so a retried first read or a full re-read would quietly continue from there
-        (decision 25 in docs/decisions.md). Nothing here reads or writes that cached state.
+        Calls SyncFolderItems page by page from exactly the state given, as ``FolderCollection.sync_items`` does,
+        but never through the cached calendar folder's ``sync_items``: that would swap a None for the state its
+        last completed read left on the folder object, so a retried first read or a full re-read would quietly
+        continue from there (decision 25 in docs/decisions.md). Nothing here reads or writes that cached state.
+        The request's fixed part is made once (``_CalendarSync``, decision 110).
         """
         calendar = self.account(mailbox).calendar
-        collection = FolderCollection(account=calendar.account, folders=[calendar])
+        service = _CalendarSync(account=calendar.account)
+        fields = _CalendarSync.fields(calendar)
         changes = []
         _our_reads.active = True
         try:
-            for change_type, item in collection.sync_items(sync_state=sync_state, only_fields=FIELDS, max_changes_returned=page_size):
-                if change_type in ("create", "update"):
-                    changes.append(SyncChange("upsert", item.id, to_calendar_item(item, self.planner_organizers)))
-                elif change_type == "delete":
-                    changes.append(SyncChange("delete", item.id, None))
-        except SyncCompleted as completed:
-            return changes, str(completed.sync_state)
+            while True:
+                for answer in service.call(folder=calendar, shape=ID_ONLY, additional_fields=fields, sync_state=sync_state,
+                                           ignore=None, max_changes_returned=page_size, sync_scope=None):
+                    if isinstance(answer, Exception):
+                        raise answer
+                    change_type, item = answer
+                    if change_type in ("create", "update"):
+                        changes.append(SyncChange("upsert", item.id, to_calendar_item(item, self.planner_organizers)))
+                    elif change_type == "delete":
+                        changes.append(SyncChange("delete", item.id, None))
+                if service.sync_state is None:
+                    raise RuntimeError("SyncFolderItems answered without a sync state")
+                if service.sync_state == sync_state or service.includes_last_item_in_range:
+                    return changes, str(service.sync_state)   # the same state back: nothing more to read, as exchangelib stops
+                sync_state = service.sync_state
         finally:
             _our_reads.active = False
-        raise RuntimeError("SyncFolderItems ended without a sync state")  # exchangelib always raises SyncCompleted
 
     @metrics.timed_exchange_call("ews", "view", lambda error: classify(error).kind)
     def view(self, mailbox: str, window: Interval) -> list[CalendarItem]:

@@ -16,10 +16,14 @@ from zoneinfo import ZoneInfo
 import exchangelib.protocol
 import pytest
 from exchangelib.folders.collections import FolderCollection, SyncCompleted
+from exchangelib.items import ID_ONLY
+from exchangelib.services import SyncFolderItems
+from exchangelib.util import xml_to_str
 
-from shared.adapters.ews import FIELDS, EwsConnection, to_calendar_item
+from shared.adapters.ews import FIELDS, EwsConnection, _CalendarSync, to_calendar_item
 from shared.config import ExchangeSettings
 from shared.domain.contracts import CalendarItem, Interval
+from simulators.exchange.ids import parse_item_id
 from simulators.exchange.server import RunningExchangeSim, start_server
 
 CPH = ZoneInfo("Europe/Copenhagen")
@@ -74,6 +78,43 @@ def test_a_sync_read_parses_the_same_items_as_exchangelibs_full_parse(ews: Runni
     assert ours == full
     assert {i.item_type for i in ours.values() if i is not None} == {"master", "single"}
     assert sum(1 for i in ours.values() if i is not None and i.organizer_is_planner) == 1
+    connection.close()
+
+
+def test_a_sync_read_in_pages_reads_every_item_once_and_goes_on_from_the_state_it_ends_at(ews: RunningExchangeSim) -> None:
+    """Decision 110: our SyncFolderItems calls (the fixed part of the request made once) page as exchangelib's
+    ``sync_items`` does: a page per ``page_size`` changes until Exchange says the last one is in, every item once,
+    and the state returned is where the next read goes on from."""
+    connection = _connection(ews)
+    whole, _ = connection.sync(ANNE, None)
+    ews.state.clear_calls()
+    paged, state = connection.sync(ANNE, None, page_size=3)
+    assert len(paged) == 8 and {c.item_id: c.item for c in paged} == {c.item_id: c.item for c in whole}
+    assert len(ews.state.call_log("SyncFolderItems", ANNE)) == 3   # 3 + 3 + 2 changes
+    store = ews.state.store
+    added = store.add(ANNE, {"start": datetime.now(CPH).replace(microsecond=0).isoformat(), "end": (datetime.now(CPH) + timedelta(hours=1)).replace(microsecond=0).isoformat()})
+    gone = next(c for c in paged if c.item is not None and c.item.item_type == "single")
+    store.delete(ANNE, parse_item_id(gone.item_id).key)
+    later, state = connection.sync(ANNE, state, page_size=3)
+    assert sorted((c.change, c.item_id == gone.item_id) for c in later) == [("delete", True), ("upsert", False)]
+    assert next(c.item for c in later if c.change == "upsert").uid == added.uid   # type: ignore[union-attr]
+    assert connection.sync(ANNE, state, page_size=3) == ([], state)
+    connection.close()
+
+
+def test_our_sync_request_is_the_one_exchangelib_builds_every_time(ews: RunningExchangeSim) -> None:
+    """Decision 110: the ItemShape made once and copied gives, request after request, exactly the payload exchangelib's
+    own SyncFolderItems builds from the same fields."""
+    connection = _connection(ews)
+    calendar = connection.account(ANNE).calendar
+    fields = {f for f in calendar.normalize_fields(fields=FIELDS) if not f.field.is_attribute}
+    theirs = SyncFolderItems(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=fields, sync_state="s1",
+                                                                   ignore=None, max_changes_returned=3, sync_scope=None)
+    ours = [_CalendarSync(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=_CalendarSync.fields(calendar),
+                                                                sync_state=state, ignore=None, max_changes_returned=3, sync_scope=None)
+            for state in ("s1", None, "s1")]   # compared once all are made: the copy made once is never moved or changed
+    assert xml_to_str(ours[0]) == xml_to_str(ours[2]) == xml_to_str(theirs)
+    assert "SyncState" not in xml_to_str(ours[1]) and xml_to_str(ours[1]).count("FieldURI=") == xml_to_str(theirs).count("FieldURI=") > 5
     connection.close()
 
 
