@@ -30,7 +30,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import requests
 import requests.adapters
@@ -52,6 +52,7 @@ from exchangelib.ewsdatetime import NaiveDateTimeNotAllowed
 from exchangelib.folders.base import BaseFolder
 from exchangelib.items import ID_ONLY
 from exchangelib.items import CalendarItem as EwsCalendarItem
+from exchangelib.properties import Notification, StatusEvent
 from exchangelib.protocol import BaseProtocol
 from exchangelib.services import GetStreamingEvents, SyncFolderItems
 from exchangelib.services.common import folder_ids_element, shape_element
@@ -348,9 +349,22 @@ def envelopes(chunks: Iterable[bytes]) -> Iterator[bytes]:
         searched = max(0, len(buffer) - 64)   # only the tail is searched again: an end tag split by the chunk boundary
 
 
+class _Notice(NamedTuple):
+    """What ``EwsConnection.stream`` needs of one notification."""
+
+    subscription_id: str | None
+    changed: bool   # it carries an item or folder event, not only a status event (a keep-alive)
+
+
+# the tags of the events exchangelib reads from a notification, as exchangelib maps them, but for the status event
+_CHANGE_EVENTS = frozenset(tag for tag, cls in Notification.get_field_by_fieldname("events")._event_types_map.items() if cls is not StatusEvent)
+_SUBSCRIPTION_ID = Notification.get_field_by_fieldname("subscription_id").response_tag()
+
+
 class _StreamingEvents(GetStreamingEvents):
-    """GetStreamingEvents whose HTTP read timeout is our silence watchdog, not minutes * 60 + 60, and whose stream is
-    split into envelopes a chunk at a time (decision 98)."""
+    """GetStreamingEvents whose HTTP read timeout is our silence watchdog, not minutes * 60 + 60, whose stream is
+    split into envelopes a chunk at a time (decision 98), and whose notifications are read only for their subscription
+    and whether they carry a change (decision 111)."""
 
     def __init__(self, *args: Any, silence: float, **kwargs: Any) -> None:
         self._silence = silence
@@ -373,6 +387,13 @@ class _StreamingEvents(GetStreamingEvents):
             yield from parent._get_soap_messages(body=soap_body)
             if self.connection_status == self.CLOSED:
                 break
+
+    @staticmethod
+    def _elem_to_obj(elem: Any) -> _Notice:
+        """One notification, as far as ``stream`` needs it: exchangelib's ``Notification`` with every event's fields is
+        not built (decision 111 in docs/decisions.md)."""
+        found = elem.find(_SUBSCRIPTION_ID)
+        return _Notice(found.text if found is not None else None, any(child.tag in _CHANGE_EVENTS for child in elem))
 
 
 # --- failures -----------------------------------------------------------------------------------
@@ -598,10 +619,11 @@ class EwsConnection:
         (not even keep-alives) for ``silence`` seconds raises, instead of exchangelib's minutes + 60 s.
         """
         service = _StreamingEvents(account=self.account(anchor), silence=silence)
-        for notification in service.call(subscription_ids=subscription_ids, connection_timeout=minutes):
-            events = [e for e in notification.events if type(e).__name__ != "StatusEvent"]
-            if events:
-                yield notification.subscription_id
+        for notice in service.call(subscription_ids=subscription_ids, connection_timeout=minutes):
+            if isinstance(notice, Exception):
+                raise notice
+            if notice.changed and notice.subscription_id is not None:
+                yield notice.subscription_id
 
     def pull(self, mailbox: str, subscription_id: str, watermark: str) -> tuple[bool, str]:
         """Read a pull subscription's events (paging by the last watermark); return (changed, new watermark)."""

@@ -1,11 +1,14 @@
-"""A GetStreamingEvents answer split into SOAP envelopes a chunk at a time (decision 98 in docs/decisions.md)."""
+"""A GetStreamingEvents answer split into SOAP envelopes a chunk at a time (decision 98 in docs/decisions.md), and its
+notifications read only for what the stream needs (decision 111)."""
 
 from __future__ import annotations
 
+from exchangelib.properties import Notification, StatusEvent
 from hypothesis import given
 from hypothesis import strategies as st
+from lxml import etree
 
-from shared.adapters.ews import envelopes
+from shared.adapters.ews import _StreamingEvents, envelopes
 
 DECLARATION = b"<?xml version='1.0' encoding='utf-8'?>\n"
 
@@ -49,3 +52,24 @@ def test_an_envelope_is_handed_on_as_soon_as_its_end_tag_arrives_and_not_before(
 def test_a_stream_cut_inside_an_envelope_hands_on_only_the_whole_ones() -> None:
     first, second = envelope("", 1), envelope("", 2)
     assert list(envelopes([first + second[: len(second) // 2]])) == [DECLARATION + first]
+
+
+_EVENTS = ["StatusEvent", "CreatedEvent", "ModifiedEvent", "DeletedEvent", "MovedEvent", "CopiedEvent", "NewMailEvent",
+           "FreeBusyChangedEvent", "SomeFutureEvent"]
+_M, _T = "http://schemas.microsoft.com/exchange/services/2006/messages", "http://schemas.microsoft.com/exchange/services/2006/types"
+
+
+@given(st.lists(st.sampled_from(_EVENTS), max_size=5), st.sampled_from(["sub-1", None]), st.booleans())
+def test_a_notification_is_read_for_its_subscription_and_whether_it_carries_a_change_as_exchangelib_reads_it(
+        events: list[str], subscription: str | None, more: bool) -> None:
+    """The oracle is exchangelib's own Notification: a change is any event of it that is not a status event."""
+    parts = [f"<t:SubscriptionId>{subscription}</t:SubscriptionId>" if subscription else "", "<t:PreviousWatermark>w0</t:PreviousWatermark>",
+             f"<t:MoreEvents>{'true' if more else 'false'}</t:MoreEvents>"]
+    parts += [f"<t:{name}><t:Watermark>w1</t:Watermark><t:TimeStamp>2026-12-03T10:00:00Z</t:TimeStamp>"
+              f"<t:ItemId Id=\"i1\" ChangeKey=\"c1\"/><t:ParentFolderId Id=\"f1\" ChangeKey=\"c2\"/></t:{name}>" for name in events]
+    xml = f'<m:Notification xmlns:m="{_M}" xmlns:t="{_T}">{"".join(parts)}</m:Notification>'
+    theirs = Notification.from_xml(elem=etree.fromstring(xml), account=None)
+    ours = _StreamingEvents._elem_to_obj(etree.fromstring(xml))
+    assert ours.subscription_id == theirs.subscription_id == subscription
+    assert ours.changed == any(not isinstance(event, StatusEvent) for event in theirs.events or [])   # (None when there is none)
+    assert ours.changed == any(name not in ("StatusEvent", "SomeFutureEvent") for name in events)
