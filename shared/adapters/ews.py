@@ -234,7 +234,7 @@ class _CalendarSync(SyncFolderItems):
     once and copied into each request. exchangelib still builds the rest, sends it and checks the answer."""
 
     _fields: dict[Any, Any] = {}   # Exchange build -> the FieldPaths of ``FIELDS`` (a set, as exchangelib passes them)
-    _shapes: dict[Any, Any] = {}   # Exchange build -> the ItemShape element asking for them
+    _shapes: dict[Any, Any] = {}   # (Exchange build, shape, fields) -> the ItemShape element asking for them
     _made = threading.Lock()
 
     @classmethod
@@ -250,10 +250,11 @@ class _CalendarSync(SyncFolderItems):
 
     def _partial_get_payload(self, folder: Any, shape: Any, additional_fields: Any, sync_state: Any) -> Any:
         version = self.account.version
+        key = (version.build, shape, frozenset(additional_fields))   # ``fields`` gives a frozenset: its hash is kept
         with self._made:
-            template = self._shapes.get(version.build)
+            template = self._shapes.get(key)
             if template is None:
-                template = self._shapes[version.build] = shape_element(tag=self.shape_tag, shape=shape, additional_fields=additional_fields, version=version)
+                template = self._shapes[key] = shape_element(tag=self.shape_tag, shape=shape, additional_fields=additional_fields, version=version)
         payload = create_element(f"m:{self.SERVICE_NAME}")
         payload.append(copy.deepcopy(template))
         payload.append(folder_ids_element(folders=[folder], version=version, tag="m:SyncFolderId"))
