@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from shared.adapters.store import Store
-from shared.domain.mailbox_leases import HeldLease, ReplicaBeat, claim, live_replicas, plan
+from shared.domain.mailbox_leases import ReplicaBeat, claim, live_replicas, plan
 from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.logs import get_logger
 
@@ -136,7 +136,7 @@ class MailboxLeases:
         read's save (``epoch_read_under``)."""
         if self.in_use:
             return {}
-        held: dict[str, HeldLease] = self.store.hold_leases(self.me, mailboxes, self.clock() + self.ttl)
+        held = self.store.hold_leases(self.me, mailboxes, self.clock() + self.ttl)
         lost = {address.lower() for address in mailboxes} - set(held)
         with self.lock:
             self.fenced.update({address: lease.epoch for address, lease in held.items()})

@@ -10,7 +10,7 @@ Sunday, a free lunch, Planner's invitation, a tentative private meeting, a cance
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Iterator
+from typing import Any, Iterator
 from zoneinfo import ZoneInfo
 
 import exchangelib.protocol
@@ -108,18 +108,18 @@ def test_our_sync_request_is_the_one_exchangelib_builds_every_time(ews: RunningE
     connection = _connection(ews)
     calendar = connection.account(ANNE).calendar
     fields = {f for f in calendar.normalize_fields(fields=FIELDS) if not f.field.is_attribute}
-    theirs = SyncFolderItems(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=fields, sync_state="s1",
-                                                                   ignore=None, max_changes_returned=3, sync_scope=None)
-    ours = [_CalendarSync(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=_CalendarSync.fields(calendar),
-                                                                sync_state=state, ignore=None, max_changes_returned=3, sync_scope=None)
-            for state in ("s1", None, "s1")]   # compared once all are made: the copy made once is never moved or changed
-    assert xml_to_str(ours[0]) == xml_to_str(ours[2]) == xml_to_str(theirs)
-    assert "SyncState" not in xml_to_str(ours[1]) and xml_to_str(ours[1]).count("FieldURI=") == xml_to_str(theirs).count("FieldURI=") > 5
+
+    def payload(service: type[SyncFolderItems], asked: object, state: str | None = "s1") -> Any:
+        return service(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=asked,
+                                                              sync_state=state, ignore=None, max_changes_returned=3, sync_scope=None)
+
+    theirs = str(xml_to_str(payload(SyncFolderItems, fields)))
+    # all made before any is written out: the copy made once is never moved or changed by a request built from it
+    ours = [str(xml_to_str(made)) for made in [payload(_CalendarSync, _CalendarSync.fields(calendar), state) for state in ("s1", None, "s1")]]
+    assert ours[0] == ours[2] == theirs
+    assert "SyncState" not in ours[1] and ours[1].count("FieldURI=") == theirs.count("FieldURI=") > 5
     fewer = {f for f in fields if f.field.name in ("uid", "type")}   # other fields: a shape of their own, not the one made first
-    assert xml_to_str(_CalendarSync(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=fewer, sync_state="s1",
-                                                                          ignore=None, max_changes_returned=3, sync_scope=None)) \
-        == xml_to_str(SyncFolderItems(account=calendar.account).get_payload(folder=calendar, shape=ID_ONLY, additional_fields=fewer, sync_state="s1",
-                                                                            ignore=None, max_changes_returned=3, sync_scope=None))
+    assert xml_to_str(payload(_CalendarSync, fewer)) == xml_to_str(payload(SyncFolderItems, fewer))
     connection.close()
 
 
