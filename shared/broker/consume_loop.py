@@ -210,6 +210,7 @@ class Consumer:
         if not self._stop.is_set():
             self._stop_asked = time.monotonic()
         self._stop.set()
+        _wake(self._connection)  # the loop sees it now, not at the end of its wait for broker events
 
     def pause_until(self, moment: float, reason: str) -> None:
         """Take no new batches until ``moment`` (time.time()); used when Planner is clearly down."""
@@ -250,7 +251,7 @@ class Consumer:
             self.counters.connected = True
             log.info("worker_consuming", stage=self.stage.name, queue=self.stage.work_queue(), prefetch=self.options.prefetch)
             while True:
-                connection.process_data_events(time_limit=self.options.idle_poll)
+                connection.process_data_events(time_limit=self._poll_limit())
                 self.counters.beat_at = time.time()
                 if self._in_flight is not None and self._in_flight.future.done():
                     self._settle(confirms)
@@ -324,6 +325,19 @@ class Consumer:
         self._buffer.append(_Delivery(method.delivery_tag, bool(method.redelivered), properties, body, time.monotonic()))
         self.metrics.received()
 
+    def _poll_limit(self) -> float:
+        """How long the next wait for broker events may last: until a batch is due (the first message's linger ends, a
+        deferred message's wait ends) and at most ``idle_poll``. A handler that finishes wakes the wait itself
+        (``_start_handler``), so neither a batch's settling nor the next one waits for a poll (decision 112)."""
+        limit = self.options.idle_poll
+        if self._in_flight is None:
+            now = time.monotonic()
+            if self._buffer:
+                limit = min(limit, self._buffer[0].received + self.options.linger.total_seconds() - now)
+            if self._held:
+                limit = min(limit, min(held.due for held in self._held) - now)
+        return max(0.0, limit)
+
     def _ready(self) -> bool:
         due = bool(self._held) and min(held.due for held in self._held) <= time.monotonic()
         if not (self._buffer or due) or time.time() < self.counters.paused_until:
@@ -366,8 +380,10 @@ class Consumer:
             self._in_flight = _InFlight(decoded, inbound, self._start_handler(inbound), time.monotonic())
 
     def _start_handler(self, inbound: list[Inbound]) -> Future[list[Result]]:
-        """Run the handler on a daemon thread (one that is abandoned on stop cannot hold the process open)."""
+        """Run the handler on a daemon thread (one that is abandoned on stop cannot hold the process open); when it ends,
+        it wakes the loop's wait for broker events, so the batch is settled at once (decision 112)."""
         future: Future[list[Result]] = Future()
+        connection = self._connection
 
         def target() -> None:
             if not future.set_running_or_notify_cancel():
@@ -376,6 +392,8 @@ class Consumer:
                 future.set_result(self._call_handler(inbound))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which settles every message
                 future.set_exception(exc)
+            finally:
+                _wake(connection)
 
         threading.Thread(target=target, name=f"{self.stage.name}-handler", daemon=True).start()
         return future
@@ -607,6 +625,20 @@ class Consumer:
         if self._in_flight is not None:
             self._orphan = self._in_flight.future
             self._in_flight = None
+
+
+def _wake(connection: pika.BlockingConnection | None) -> None:
+    """Make the connection's thread return from its wait for broker events now (pika's one thread-safe call)."""
+    if connection is None:
+        return
+    try:
+        connection.add_callback_threadsafe(_nothing)
+    except (pika.exceptions.AMQPError, OSError):  # closed meanwhile: the loop is reconnecting and looks again anyway
+        pass
+
+
+def _nothing() -> None:
+    """A callback that only ends the wait it is dispatched in."""
 
 
 def retry_count(properties: BasicProperties) -> int:

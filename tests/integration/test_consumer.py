@@ -381,3 +381,28 @@ def test_a_message_deferred_past_the_budget_climbs_the_retry_ladder(settings: Se
         consumer.stop()
         thread.join(15)
         publisher.close()
+
+
+def test_the_loop_settles_and_stops_without_waiting_for_its_idle_poll(settings: Settings, topology: Topology) -> None:
+    """Decision 112: a lingering batch is dispatched when its linger ends, a finished handler wakes the loop, and so
+    does stop; none of them waits for the loop's idle poll (here two minutes, far longer than the test may take)."""
+    recorder = Recorder(topology)
+    options = ConsumerOptions(prefetch=10, batch_size=5, linger=timedelta(milliseconds=200), idle_poll=120.0)
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, options)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_for(lambda: consumer.counters.connected, 15, what="consumer connected")
+    publisher = Publisher(settings.broker, topology)
+    try:
+        for n in range(3):  # one at a time: each waits out its linger alone, is handled, settled and acked
+            message = change(n)
+            send(publisher, topology, message)
+            wait_for(lambda: message.correlation_id in recorder.recorded, 20, what=f"message {n} recorded")
+            wait_for(lambda: consumer.counters.handled == n + 1, 20, what=f"message {n} acked")
+        assert len(drain(topology.stage("publisher").work_queue(), timeout=10, count=3)) == 3
+        consumer.stop()
+        thread.join(20)
+        assert not thread.is_alive(), "the loop did not notice stop before its idle poll ended"
+    finally:
+        consumer.stop()
+        publisher.close()
