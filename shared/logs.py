@@ -39,7 +39,8 @@ def configure(level: str = "INFO", fmt: str = "json", service: str = "plannersyn
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        # a module's logger is built once, at its first line, not again at every call (decision 113)
+        cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
