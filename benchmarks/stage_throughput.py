@@ -42,6 +42,7 @@ from shared.logs import configure  # noqa: E402
 
 MAILBOXES = [f"cw{n:02d}@jobcenter.example" for n in range(50)]
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+CPU_NOTES: list[str] = []  # the process's CPU time per message handled, per consumer run, in run order
 DEADLINE_S = 110.0  # one stage never runs longer than this (keep each run short on a shared machine)
 
 
@@ -143,12 +144,15 @@ def run_consumer(consumer: Any, count: int, profile: bool) -> float:
     settled = lambda: consumer.counters.handled + consumer.counters.dead_lettered >= count  # noqa: E731
     t0 = time.monotonic()
     if not profile:
+        cpu0 = time.process_time()
         thread = threading.Thread(target=consumer.run, daemon=True)
         thread.start()
         wait_until(settled)
         seconds = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
         consumer.stop()
         thread.join(30)
+        CPU_NOTES.append(f"{1e6 * cpu / max(1, consumer.counters.handled):.0f} µs CPU/msg, {100 * cpu / seconds:.0f} % of one core")
         return consumer.counters.handled / seconds
     import cProfile
 
@@ -202,6 +206,7 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=500, help="raw publish: unconfirmed publishes at most")
     parser.add_argument("--prefetch", type=int, default=500, help="raw consume: prefetch")
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher) into stage.prof (+ stage-handler.prof)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -211,7 +216,7 @@ def main() -> int:
     now = datetime.now(timezone.utc)
     n = args.messages
     sample = changes(n, now)
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, str]] = []
     raw_publish = raw_consume = 0.0
     body = len(encode(sample[0]))
     print(f"stage throughput, {n} messages (CalendarChange {body} bytes), 50 mailboxes, one process per stage, 2 cores shared")
@@ -254,19 +259,21 @@ def main() -> int:
                 publish_all(producer, outgoing)
                 return n / (time.monotonic() - t0)
 
-            rows.append(("producer publish (Publisher, confirmed)", profiled("producer", produce)))
+            rows.append(("producer publish (Publisher, confirmed)", profiled("producer", produce), CPU_NOTES.pop() if CPU_NOTES else ""))
             producer.close()
 
-        if "transformer" in only:
+        databases = set(args.databases.split(","))
+        if "transformer" in only and "sqlite" in databases:
             settings, topology = fresh(f"sqlite:///{workdir / 'transformer.db'}")
-            rows.append(("transformer, SQLite", run_transformer(settings, topology, sample, args.profile == "transformer")))
+            rows.append(("transformer, SQLite", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
+        if "transformer" in only and "postgresql" in databases:
             database = f"bench_{uuid.uuid4().hex[:8]}"
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{database}"'))
             try:
                 settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
-                rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now))))
+                rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now)), CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
@@ -286,7 +293,7 @@ def main() -> int:
                 publisher_worker.DaemonPool.map = lambda self, fn, items: iter([fn(item) for item in items])  # type: ignore[method-assign]
             rate = run_consumer(build_publisher(settings), n, args.profile == "publisher")
             calls = len(planner.state.calls())
-            rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate))
+            rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
 
             # The same stage with an instant Planner: the simulator's own state, called without HTTP or XML
             # (tests/support/planner_model.py, decision 60), so what is left is the stage's own cost.
@@ -308,16 +315,16 @@ def main() -> int:
             options = ConsumerOptions(prefetch=2 * size, batch_size=size, linger=settings.planner.linger, handler_deadline=HANDLER_DEADLINE)
             consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
             rate = run_consumer(consumer, n, args.profile == "publisher-instant")
-            rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate))
+            rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
     finally:
         planner.stop()
         for cleanup in cleanups:
             cleanup()
 
     raw = min(raw_publish, raw_consume)
-    for name, rate in rows:
+    for name, rate, cpu in rows:
         share = f"{100 * rate / raw:5.1f} % of raw" if raw else ""
-        print(f"  {name:<58} {rate:8.0f} msg/s  {share}")
+        print(f"  {name:<58} {rate:8.0f} msg/s  {share}  {cpu}")
     return 0
 
 
