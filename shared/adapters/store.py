@@ -1,12 +1,13 @@
 """The state store: SQLAlchemy Core tables and queries, one code path for SQLite, PostgreSQL and SQL Server.
 
 Times are stored as naive UTC (``UtcDateTime``) so every dialect stores the same thing; strings have
-explicit lengths and keys stay under SQL Server's 900-byte index limit. No table holds appointment
+explicit lengths, primary keys stay under SQL Server's 900-byte limit and other indexes under its 1,700 bytes. No table holds appointment
 content: ids, times, versions and receipt codes only.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping, Sequence
@@ -44,9 +45,10 @@ from shared.domain.mailbox_leases import HeldLease, Lease, ReplicaBeat
 from shared.domain.mailbox_reads import Backend, SyncPosition
 from shared.domain.transform_core import DesiredRecord, Reads
 
-SCHEMA_VERSION = 6  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
+SCHEMA_VERSION = 7  # 2: mailboxes.backend and exchange_sync.backend (which reader serves a mailbox); 3: mailbox_rules;
 # 4: delivered_events.maybe_held, maybe_start_at, maybe_end_at (a create or update whose answer was lost); 5: key_claims;
-# 6: producer_replicas and mailbox_leases (change-producer replicas split the mailboxes, decision 91)
+# 6: producer_replicas and mailbox_leases (change-producer replicas split the mailboxes, decision 91); 7: desired_states
+# indexed by mailbox and UID, and by mailbox and item id (decision 114)
 metadata = MetaData()
 
 
@@ -130,6 +132,9 @@ desired_states = Table(
     Column("seen_in_snapshot", String(64)),
     Column("correlation_id", String(64)),
     Column("updated_at", UtcDateTime, nullable=False),
+    # a change's rows are found by its item id and its UIDs without reading the mailbox's other rows (decision 114)
+    Index("ix_desired_states_uid", "mailbox", "uid"),
+    Index("ix_desired_states_item", "mailbox", "source_item_id"),
 )
 
 # The operator's allow and deny lists for enrolment from Planner (decision 62 in docs/decisions.md); schema 3.
@@ -268,6 +273,59 @@ def open_store(url: str, auto_upgrade: bool) -> Store:
     return store
 
 
+class _PerMailbox:
+    """``(mailbox = ? AND column IN (...)) OR ...``, one term per mailbox and column: each term is one range of an index
+    that starts with the mailbox, where ``mailbox IN (...) AND column IN (...)`` reads every pairing of the two lists, or
+    every row of the mailboxes (decision 114). Each term has two bound parameters, the mailbox and its list (expanding),
+    and the statement is made once per shape (which columns, in which order), so a batch like the last one builds
+    nothing: the same terms with a bound value per name cost more to build than the query took to run."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.columns: list[str] = []
+        self.values: dict[str, Any] = {}
+
+    def add(self, mailbox: str, column: Column[Any], names: Iterable[str]) -> None:
+        ordered = sorted(names)
+        if ordered:
+            n = len(self.columns)
+            self.columns.append(column.name)
+            self.values[f"pm_{n}"], self.values[f"pn_{n}"] = mailbox, ordered
+
+    def pairs(self, column: Column[Any], pairs: Iterable[tuple[str, str]]) -> _PerMailbox:
+        by_mailbox: dict[str, list[str]] = {}
+        for mailbox, name in pairs:
+            by_mailbox.setdefault(mailbox, []).append(name)
+        for mailbox, names in sorted(by_mailbox.items()):
+            self.add(mailbox, column, names)
+        return self
+
+    def select(self, *columns: str) -> Any:
+        """``SELECT columns FROM table WHERE`` the terms; run it with ``values``."""
+        return _per_mailbox_select(self.table, columns, tuple(self.columns))
+
+
+@functools.lru_cache(maxsize=256)
+def _per_mailbox_select(table: Table, columns: tuple[str, ...], terms: tuple[str, ...]) -> Any:
+    c = table.c
+    condition = or_(*(and_(c.mailbox == bindparam(f"pm_{n}"), c[name].in_(bindparam(f"pn_{n}", expanding=True))) for n, name in enumerate(terms)))
+    return select(*(c[name] for name in columns)).where(condition)
+
+
+def _groups(mailboxes: Sequence[str], sizes: Mapping[str, int]) -> list[list[str]]:
+    """The mailboxes in order, cut into groups of at most ``_NAMES_PER_QUERY`` parameters (a mailbox that is bigger
+    alone is a group alone)."""
+    groups: list[list[str]] = []
+    names = 0
+    for mailbox in mailboxes:
+        if not groups or names + sizes[mailbox] > _NAMES_PER_QUERY:
+            groups.append([])
+            names = 0
+        groups[-1].append(mailbox)
+        names += sizes[mailbox]
+    return groups
+
+
 def upgrade(engine: Engine) -> int:
     """Create or migrate the schema; safe to run any number of times. Returns the schema version."""
     current = schema_version(engine)
@@ -335,6 +393,9 @@ def _migrate(engine: Engine, current: int) -> None:
                 Column("expires_at", UtcDateTime, nullable=False),
                 Column("acquired_at", UtcDateTime),
             )
+        if current < 7:
+            op.create_index("ix_desired_states_uid", "desired_states", ["mailbox", "uid"])
+            op.create_index("ix_desired_states_item", "desired_states", ["mailbox", "source_item_id"])
 
 
 @dataclass(frozen=True)
@@ -679,37 +740,40 @@ class Store:
     def desired_for(self, reads: Mapping[str, Reads]) -> dict[str, dict[str, DesiredRecord]]:
         """What was last decided, per mailbox (lower case), as far as each mailbox's ``Reads`` needs it (decision 97):
         every row for a whole read, else exactly ``Reads.select`` of the mailbox's rows, read by two queries (the rows
-        named, then the other rows of the UIDs those carry) per group of mailboxes of at most 1,000 names."""
+        named, then the other rows of the UIDs those carry) per group of mailboxes of at most 1,000 names.
+
+        Each mailbox's names are terms of their own (``mailbox = ? AND origin_id IN (...)``, the same for its item ids
+        and its UIDs), so every term is one range of an index and no mailbox's other rows are read (decision 114)."""
         wanted = {mailbox.lower(): r for mailbox, r in reads.items()}
-        sizes = {mailbox: len(r.origin_ids) + len(r.item_ids) + len(r.uids) for mailbox, r in wanted.items()}
+        sizes = {mailbox: len(r.origin_ids) + len(r.item_ids) + len(r.uids) + 3 for mailbox, r in wanted.items()}
         whole = sorted(mailbox for mailbox, r in wanted.items() if r.whole or sizes[mailbox] > _NAMES_PER_QUERY)
         result = self.desired_many(whole)
-        groups: list[list[str]] = []
-        names = 0
-        for mailbox in sorted(set(wanted) - set(whole)):
-            if not groups or names + sizes[mailbox] > _NAMES_PER_QUERY:
-                groups.append([])
-                names = 0
-            groups[-1].append(mailbox)
-            names += sizes[mailbox]
         c = desired_states.c
-        columns = (c.mailbox, c.origin_id, c.uid, c.source_item_id, c.version, c.start_at, c.end_at, c.seen_in_snapshot)
+        columns = ("mailbox", "origin_id", "uid", "source_item_id", "version", "start_at", "end_at", "seen_in_snapshot")
         with self.engine.connect() as conn:
-            for group in groups:
+            for group in _groups(sorted(set(wanted) - set(whole)), sizes):
                 fetched: dict[str, dict[str, DesiredRecord]] = {mailbox: {} for mailbox in group}
 
-                def fetch(condition: Any, group: list[str] = group, fetched: dict[str, dict[str, DesiredRecord]] = fetched) -> None:
-                    for r in conn.execute(select(*columns).where(and_(c.mailbox.in_(group), condition))):
+                def fetch(terms: _PerMailbox, fetched: dict[str, dict[str, DesiredRecord]] = fetched) -> None:
+                    if not terms.columns:
+                        return
+                    for r in conn.execute(terms.select(*columns), terms.values):
                         record = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _stored_interval(r.start_at, r.end_at), r.seen_in_snapshot)
                         fetched[r.mailbox][r.origin_id] = record
 
-                origin_ids = sorted({o for mailbox in group for o in wanted[mailbox].origin_ids})
-                item_ids = sorted({i for mailbox in group for i in wanted[mailbox].item_ids})
-                uids = {u for mailbox in group for u in wanted[mailbox].uids}
-                fetch(or_(c.origin_id.in_(origin_ids), c.source_item_id.in_(item_ids), c.uid.in_(sorted(uids))))
-                more = sorted({k.uid for rows in fetched.values() for k in rows.values() if k.uid} - uids)
-                for start in range(0, len(more), _NAMES_PER_QUERY):
-                    fetch(c.uid.in_(more[start : start + _NAMES_PER_QUERY]))
+                terms = _PerMailbox(desired_states)
+                for mailbox in group:
+                    r = wanted[mailbox]
+                    terms.add(mailbox, c.origin_id, r.origin_ids)
+                    terms.add(mailbox, c.source_item_id, r.item_ids)
+                    terms.add(mailbox, c.uid, r.uids)
+                fetch(terms)
+                more = {mailbox: {k.uid for k in fetched[mailbox].values() if k.uid} - wanted[mailbox].uids for mailbox in group}
+                for chunk in _groups(sorted(m for m in group if more[m]), {m: len(more[m]) + 1 for m in group}):
+                    terms = _PerMailbox(desired_states)
+                    for mailbox in chunk:
+                        terms.add(mailbox, c.uid, more[mailbox])
+                    fetch(terms)
                 for mailbox in group:
                     result[mailbox] = wanted[mailbox].select(fetched[mailbox])
         return result
@@ -764,10 +828,8 @@ class Store:
             keys = sorted(latest)  # rows written in one order by every replica: no lock cycle between two transactions
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
-                query = select(c.mailbox, c.origin_id, c.version).where(
-                    and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk]))
-                )
-                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(query)})
+                terms = _PerMailbox(desired_states).pairs(c.origin_id, chunk)
+                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(terms.select("mailbox", "origin_id", "version"), terms.values)})
             inserts, updates = [], []
             for mailbox, origin_id in keys:
                 row, correlation_id = latest[(mailbox, origin_id)]

@@ -30,7 +30,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_upgrade_is_idempotent(store: Store) -> None:
-    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 6
+    assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 7
 
 
 def _made_by_schema(version: int, dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Any]:
@@ -46,7 +46,7 @@ def _made_by_schema(version: int, dialect: str, request: pytest.FixtureRequest, 
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_a_database_made_by_schema_1_is_upgraded_in_place_to_7_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     url, engine = _made_by_schema(1, dialect, request, tmp_path)
     with engine.begin() as conn:
         conn.exec_driver_sql(
@@ -56,7 +56,7 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_row
     store = Store(engine)
     with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
         open_store(url, auto_upgrade=False)
-    assert upgrade(engine) == 6 and schema_version(engine) == 6
+    assert upgrade(engine) == 7 and schema_version(engine) == 7
     (anne,) = store.list_mailboxes()
     assert (anne.address, anne.status, anne.backend) == ("anne@k.dk", "active", None)
     assert store.sync_position("anne@k.dk") == SyncPosition("H4sI-v1-state", None, None, "ews")  # schema 1 states were EWS states
@@ -66,7 +66,7 @@ def test_a_database_made_by_schema_1_is_upgraded_in_place_to_6_and_keeps_its_row
     assert store.delivered("anne@k.dk")["uid-1"].maybe_interval == SPAN
     assert store.acquire_leases(["anne@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"anne@k.dk": 1}  # schema 6: leases
     assert store.claim("publisher", "me", [("anne@k.dk", "uid-1")], timedelta(minutes=1)) == {("anne@k.dk", "uid-1")}  # schema 5
-    assert upgrade(engine) == 6  # and again: nothing to do
+    assert upgrade(engine) == 7  # and again: nothing to do
     assert store.rules("deny")[0][0] == "bo@k.dk"
 
 
@@ -81,7 +81,7 @@ def test_a_database_made_by_schema_4_gains_the_claims_and_leases_tables_and_keep
     store = Store(engine)
     with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
         open_store(url, auto_upgrade=False)
-    assert upgrade(engine) == 6 and schema_version(engine) == 6
+    assert upgrade(engine) == 7 and schema_version(engine) == 7
     row = store.delivered("anne@k.dk")["uid-1"]
     assert (row.version, row.present, row.maybe_held) == (7, True, True)
     assert store.claim("transformer", "me", [("anne@k.dk", "")], timedelta(minutes=1)) == {("anne@k.dk", "")}
@@ -89,18 +89,36 @@ def test_a_database_made_by_schema_4_gains_the_claims_and_leases_tables_and_keep
     assert store.acquire_leases(["anne@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"anne@k.dk": 1}  # schema 6
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_made_by_schema_6_gains_the_indexes_of_decided_rows_and_keeps_its_rows(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url, engine = _made_by_schema(6, dialect, request, tmp_path)
+    store = Store(engine)
+    store.save_desired("anne@k.dk", [DesiredRecord("k1", "u1", "id-1", 3, SPAN, None)])
+    with pytest.raises(RuntimeError, match="run `plannersync db upgrade`"):
+        open_store(url, auto_upgrade=False)
+    assert upgrade(engine) == 7 and schema_version(engine) == 7
+    from sqlalchemy import inspect
+
+    indexes = {index["name"]: index["column_names"] for index in inspect(engine).get_indexes("desired_states")}
+    assert indexes == {"ix_desired_states_uid": ["mailbox", "uid"], "ix_desired_states_item": ["mailbox", "source_item_id"]}
+    assert store.desired_for({"anne@k.dk": Reads(item_ids=frozenset({"id-1"}))})["anne@k.dk"]["k1"].version == 3
+    assert upgrade(engine) == 7  # and again: nothing to do
+
+
 def test_a_database_at_schema_2_gains_the_allow_and_deny_lists(store: Store) -> None:
     from sqlalchemy import text
 
-    with store.engine.begin() as conn:  # back to what schema 2 had: no mailbox_rules table, no maybe_* columns, no leases
+    with store.engine.begin() as conn:  # back to what schema 2 had: no mailbox_rules table, no maybe_* columns, no leases, no indexes of decided rows
         conn.execute(text("DROP TABLE mailbox_rules"))
         conn.execute(text("DROP TABLE producer_replicas"))
         conn.execute(text("DROP TABLE mailbox_leases"))
         conn.execute(text("DROP TABLE key_claims"))
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
+        conn.execute(text("DROP INDEX ix_desired_states_uid"))
+        conn.execute(text("DROP INDEX ix_desired_states_item"))
         conn.execute(text("UPDATE schema_info SET version = 2"))
-    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
+    assert upgrade(store.engine) == 7 and schema_version(store.engine) == 7
     assert store.rules("allow") == [] and store.add_rule("allow", "anne@k.dk")
 
 
@@ -108,14 +126,16 @@ def test_a_database_at_schema_3_gains_what_planner_may_hold_and_keeps_its_delive
     from sqlalchemy import text
 
     store.record_delivered("a@k.dk", [DeliveredChange("uid-1", version=3, holding=Holding(True, SPAN))])
-    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns, no claims, no leases
+    with store.engine.begin() as conn:  # back to what schema 3 had: no maybe_* columns, no claims, no leases, no indexes of decided rows
         conn.execute(text("DROP TABLE key_claims"))
         for column in ("maybe_held", "maybe_start_at", "maybe_end_at"):
             conn.execute(text(f"ALTER TABLE delivered_events DROP COLUMN {column}"))
         conn.execute(text("DROP TABLE producer_replicas"))
         conn.execute(text("DROP TABLE mailbox_leases"))
+        conn.execute(text("DROP INDEX ix_desired_states_uid"))
+        conn.execute(text("DROP INDEX ix_desired_states_item"))
         conn.execute(text("UPDATE schema_info SET version = 3"))
-    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
+    assert upgrade(store.engine) == 7 and schema_version(store.engine) == 7
     row = store.delivered("a@k.dk")["uid-1"]
     assert (row.version, row.present, row.interval, row.maybe_held, row.maybe_interval) == (3, True, SPAN, False, None)
 
@@ -129,8 +149,10 @@ def test_a_database_at_schema_4_gains_the_producer_leases_and_keeps_its_rows(sto
         conn.execute(text("DROP TABLE key_claims"))
         conn.execute(text("DROP TABLE producer_replicas"))
         conn.execute(text("DROP TABLE mailbox_leases"))
+        conn.execute(text("DROP INDEX ix_desired_states_uid"))
+        conn.execute(text("DROP INDEX ix_desired_states_item"))
         conn.execute(text("UPDATE schema_info SET version = 4"))
-    assert upgrade(store.engine) == 6 and schema_version(store.engine) == 6
+    assert upgrade(store.engine) == 7 and schema_version(store.engine) == 7
     assert {"key_claims", "producer_replicas", "mailbox_leases"} <= set(inspect(store.engine).get_table_names())
     assert store.delivered("a@k.dk")["uid-1"].version == 3 and store.list_mailboxes()[0].address == "a@k.dk"
     assert store.acquire_leases(["a@k.dk"], "host:1", T + timedelta(minutes=1), T) == {"a@k.dk": 1}
@@ -352,8 +374,12 @@ def test_a_first_read_is_marked_once_and_the_mark_is_no_sync_position(store: Sto
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mssql"])
 def test_the_ddl_compiles_for_every_supported_dialect(dialect: str) -> None:
     statements = ddl(dialect)
-    assert len(statements) == 11 and sum(s.startswith("CREATE TABLE") for s in statements) == 10
-    assert [s for s in statements if s.startswith("CREATE INDEX")] == ["CREATE INDEX ix_key_claims_owner ON key_claims (stage, owner)"]
+    assert len(statements) == 13 and sum(s.startswith("CREATE TABLE") for s in statements) == 10
+    assert [s for s in statements if s.startswith("CREATE INDEX")] == [
+        "CREATE INDEX ix_desired_states_item ON desired_states (mailbox, source_item_id)",
+        "CREATE INDEX ix_desired_states_uid ON desired_states (mailbox, uid)",
+        "CREATE INDEX ix_key_claims_owner ON key_claims (stage, owner)",
+    ]
     if dialect == "mssql":
         joined = "\n".join(statements)
         assert "DATETIME2(6)" in joined and "BIT" in joined and "NVARCHAR" not in joined
@@ -447,6 +473,37 @@ def test_reading_what_a_batch_needs_gives_exactly_the_rows_its_reads_select(stor
     assert set(got["b@k.dk"]) == {"lone"}
     assert len(got["c@k.dk"]) == 1200 and len(got["d@k.dk"]) == 1 and got["e@k.dk"] == {}
     assert store.desired_for({"b@k.dk": Reads(item_ids=frozenset({"id-b"}))})["b@k.dk"] == {"s1": rows["b@k.dk"][0]}
+
+
+def test_a_batchs_reads_and_writes_of_decided_rows_seek_each_mailboxs_keys_and_never_read_its_other_rows(tmp_path: Path) -> None:
+    """Decision 114, on SQLite's own query plans: every statement ``desired_for`` and ``save_desired_many`` run against
+    ``desired_states`` finds its rows by mailbox and key (the primary key or an index on mailbox and UID or item id),
+    never by mailbox alone (every row of the mailbox read) nor by a scan."""
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'plans.db'}"))
+    upgrade(store.engine)
+    for m in range(3):
+        store.save_desired(f"m{m}@k.dk", [DesiredRecord(f"k{n}", f"u{n % 7}", f"id-{n}", 1, SPAN, None) for n in range(40)])
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "desired_states" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    reads = {f"m{m}@k.dk": Reads(origin_ids=frozenset({"k1", f"k{m + 2}"}), item_ids=frozenset({"id-9"}), uids=frozenset({"u3"})) for m in range(3)}
+    got = store.desired_for(reads)
+    assert got == {mailbox: r.select(store.desired(mailbox)) for mailbox, r in reads.items()} and len(got["m0@k.dk"]) > 4
+    statements.clear()  # store.desired: every row of a mailbox, on purpose
+    store.desired_for(reads)
+    store.save_desired_many([DesiredWrite(f"m{m}@k.dk", [DesiredRecord(f"k{m}", "u0", "id-0", 2, SPAN, None)]) for m in range(3)])
+    event.remove(store.engine, "before_cursor_execute", seen)
+    assert store.desired("m1@k.dk")["k1"].version == 2
+    assert len(statements) >= 3  # the rows named, the rows of the UIDs they carry, the write's look at what exists
+    with store.engine.connect() as conn:
+        for statement, parameters in statements:
+            plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+            reads_of_table = [step for step in plan if "desired_states" in step]
+            assert reads_of_table and all(step.startswith("SEARCH") and " AND " in step for step in reads_of_table), (statement[:300], plan)
 
 
 def test_a_conditional_update_leaves_a_row_written_newer_since_the_batch_read_it(store: Store) -> None:
