@@ -994,8 +994,8 @@ class Store:
         with self.engine.connect() as conn:
             for start in range(0, len(pairs), 500):
                 chunk = pairs[start : start + 500]
-                query = select(delivered_events).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
-                for r in conn.execute(query):
+                terms = _PerMailbox(delivered_events).pairs(c.origin_id, chunk)  # the keys' rows only (decision 114)
+                for r in conn.execute(terms.select(*(column.name for column in delivered_events.c)), terms.values):
                     if (r.mailbox, r.origin_id) in wanted:
                         result[r.mailbox][r.origin_id] = _delivered_record(r)
         return result
@@ -1078,8 +1078,8 @@ class Store:
             existing: set[tuple[str, str]] = set()
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
-                query = select(c.mailbox, c.origin_id).where(and_(c.mailbox.in_(sorted({m for m, _ in chunk})), c.origin_id.in_([o for _, o in chunk])))
-                existing.update((r.mailbox, r.origin_id) for r in conn.execute(query))
+                terms = _PerMailbox(delivered_events).pairs(c.origin_id, chunk)  # the keys' rows only (decision 114)
+                existing.update((r.mailbox, r.origin_id) for r in conn.execute(terms.select("mailbox", "origin_id"), terms.values))
             updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for mailbox, origin_id in keys:
