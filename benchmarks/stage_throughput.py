@@ -5,7 +5,7 @@
 - raw publish: N persistent messages of a CalendarChange's size (pika alone, no plannersync code) into a quorum
   queue, mandatory, with a window of up to ``--window`` unconfirmed publishes;
 - raw consume: the same N messages with prefetch ``--prefetch`` and one multiple-ack per ``--prefetch // 2``;
-- producer: N CalendarChange messages (50 mailboxes) through the project's ``Publisher``;
+- producer: N CalendarChange messages (``--mailboxes``, 50 by default) through the project's ``Publisher``;
 - transformer: N calendar changes waiting in its queue → time until it has handled them all (decode, busy rules,
   store, publish with confirms, ack), once on SQLite and once on PostgreSQL (127.0.0.1, a throwaway database);
 - publisher: N busy-time states waiting in its queue → time until it has handled them all (batching per mailbox,
@@ -40,7 +40,7 @@ from shared.config import Settings, load_settings  # noqa: E402
 from shared.domain.contracts import BusyTimeState, CalendarChange, CalendarItem, Interval, encode  # noqa: E402
 from shared.logs import configure  # noqa: E402
 
-MAILBOXES = [f"cw{n:02d}@jobcenter.example" for n in range(50)]
+MAILBOXES = [f"cw{n:04d}@jobcenter.example" for n in range(50)]  # --mailboxes sets how many
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CPU_NOTES: list[str] = []  # the process's CPU time per message handled, per consumer run, in run order
 DEADLINE_S = 110.0  # one stage never runs longer than this (keep each run short on a shared machine)
@@ -206,10 +206,12 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=500, help="raw publish: unconfirmed publishes at most")
     parser.add_argument("--prefetch", type=int, default=500, help="raw consume: prefetch")
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
+    parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher) into stage.prof (+ stage-handler.prof)")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    MAILBOXES[:] = [f"cw{n:04d}@jobcenter.example" for n in range(args.mailboxes)]
     configure("WARNING", "console", service="benchmark")
     from simulators.planner.server import start_server
 
@@ -219,7 +221,7 @@ def main() -> int:
     rows: list[tuple[str, float, str]] = []
     raw_publish = raw_consume = 0.0
     body = len(encode(sample[0]))
-    print(f"stage throughput, {n} messages (CalendarChange {body} bytes), 50 mailboxes, one process per stage, 2 cores shared")
+    print(f"stage throughput, {n} messages (CalendarChange {body} bytes), {len(MAILBOXES)} mailboxes, one process per stage, 2 cores shared")
     if "raw" in only:
         raw_publish, raw_consume = raw_rates([encode(m) for m in sample], args.window, args.prefetch)
         print(f"  raw publish (window {args.window}):               {raw_publish:8.0f} msg/s")
