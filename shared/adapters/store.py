@@ -276,39 +276,57 @@ def open_store(url: str, auto_upgrade: bool) -> Store:
 class _PerMailbox:
     """``(mailbox = ? AND column IN (...)) OR ...``, one term per mailbox and column: each term is one range of an index
     that starts with the mailbox, where ``mailbox IN (...) AND column IN (...)`` reads every pairing of the two lists, or
-    every row of the mailboxes (decision 114). Each term has two bound parameters, the mailbox and its list (expanding),
-    and the statement is made once per shape (which columns, in which order), so a batch like the last one builds
-    nothing: the same terms with a bound value per name cost more to build than the query took to run."""
+    every row of the mailboxes (decision 114).
 
-    def __init__(self, table: Table) -> None:
+    Every mailbox has a term for each of ``columns`` (an empty list is a term that finds nothing), each term has two
+    bound parameters (the mailbox and its list, expanding), and the number of mailboxes is rounded up to a power of two
+    with mailboxes that find nothing: so a statement is made, and compiled by SQLAlchemy, once per size (a handful), not
+    once per batch, and a term costs no SQLAlchemy object per name. Built per name, the terms cost more to build than
+    the query took to run; kept per exact shape, they made the publisher's memory grow by a third."""
+
+    def __init__(self, table: Table, columns: tuple[str, ...]) -> None:
         self.table = table
-        self.columns: list[str] = []
-        self.values: dict[str, Any] = {}
+        self.columns = columns
+        self.mailboxes: list[tuple[str, tuple[list[str], ...]]] = []
 
-    def add(self, mailbox: str, column: Column[Any], names: Iterable[str]) -> None:
-        ordered = sorted(names)
-        if ordered:
-            n = len(self.columns)
-            self.columns.append(column.name)
-            self.values[f"pm_{n}"], self.values[f"pn_{n}"] = mailbox, ordered
+    def add(self, mailbox: str, *names: Iterable[str]) -> None:
+        """The mailbox's names, one collection per column; a mailbox with none is left out."""
+        lists = tuple(sorted(each) for each in names)
+        if any(lists):
+            self.mailboxes.append((mailbox, lists))
 
-    def pairs(self, column: Column[Any], pairs: Iterable[tuple[str, str]]) -> _PerMailbox:
+    def pairs(self, pairs: Iterable[tuple[str, str]]) -> _PerMailbox:
+        """(mailbox, name) pairs of a one-column search."""
         by_mailbox: dict[str, list[str]] = {}
         for mailbox, name in pairs:
             by_mailbox.setdefault(mailbox, []).append(name)
         for mailbox, names in sorted(by_mailbox.items()):
-            self.add(mailbox, column, names)
+            self.add(mailbox, names)
         return self
 
-    def select(self, *columns: str) -> Any:
-        """``SELECT columns FROM table WHERE`` the terms; run it with ``values``."""
-        return _per_mailbox_select(self.table, columns, tuple(self.columns))
+    def statement(self, *columns: str) -> tuple[Any, dict[str, Any]]:
+        """``SELECT columns FROM table WHERE`` the terms, and the values to run it with."""
+        size = 1 << max(0, len(self.mailboxes) - 1).bit_length()
+        nothing: tuple[list[str], ...] = tuple([] for _ in self.columns)
+        values: dict[str, Any] = {}
+        for n in range(size):
+            mailbox, lists = self.mailboxes[n] if n < len(self.mailboxes) else ("", nothing)
+            values[f"pm_{n}"] = mailbox
+            for k, names in enumerate(lists):
+                values[f"pn_{n}_{k}"] = names
+        return _per_mailbox_select(self.table, columns, self.columns, size), values
 
 
-@functools.lru_cache(maxsize=256)
-def _per_mailbox_select(table: Table, columns: tuple[str, ...], terms: tuple[str, ...]) -> Any:
+@functools.lru_cache(maxsize=64)
+def _per_mailbox_select(table: Table, columns: tuple[str, ...], searched: tuple[str, ...], size: int) -> Any:
     c = table.c
-    condition = or_(*(and_(c.mailbox == bindparam(f"pm_{n}"), c[name].in_(bindparam(f"pn_{n}", expanding=True))) for n, name in enumerate(terms)))
+    condition = or_(
+        *(
+            and_(c.mailbox == bindparam(f"pm_{n}"), c[name].in_(bindparam(f"pn_{n}_{k}", expanding=True)))
+            for n in range(size)
+            for k, name in enumerate(searched)
+        )
+    )
     return select(*(c[name] for name in columns)).where(condition)
 
 
@@ -748,31 +766,27 @@ class Store:
         sizes = {mailbox: len(r.origin_ids) + len(r.item_ids) + len(r.uids) + 3 for mailbox, r in wanted.items()}
         whole = sorted(mailbox for mailbox, r in wanted.items() if r.whole or sizes[mailbox] > _NAMES_PER_QUERY)
         result = self.desired_many(whole)
-        c = desired_states.c
         columns = ("mailbox", "origin_id", "uid", "source_item_id", "version", "start_at", "end_at", "seen_in_snapshot")
         with self.engine.connect() as conn:
             for group in _groups(sorted(set(wanted) - set(whole)), sizes):
                 fetched: dict[str, dict[str, DesiredRecord]] = {mailbox: {} for mailbox in group}
 
                 def fetch(terms: _PerMailbox, fetched: dict[str, dict[str, DesiredRecord]] = fetched) -> None:
-                    if not terms.columns:
+                    if not terms.mailboxes:
                         return
-                    for r in conn.execute(terms.select(*columns), terms.values):
+                    for r in conn.execute(*terms.statement(*columns)):
                         record = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _stored_interval(r.start_at, r.end_at), r.seen_in_snapshot)
                         fetched[r.mailbox][r.origin_id] = record
 
-                terms = _PerMailbox(desired_states)
+                terms = _PerMailbox(desired_states, ("origin_id", "source_item_id", "uid"))
                 for mailbox in group:
-                    r = wanted[mailbox]
-                    terms.add(mailbox, c.origin_id, r.origin_ids)
-                    terms.add(mailbox, c.source_item_id, r.item_ids)
-                    terms.add(mailbox, c.uid, r.uids)
+                    terms.add(mailbox, wanted[mailbox].origin_ids, wanted[mailbox].item_ids, wanted[mailbox].uids)
                 fetch(terms)
                 more = {mailbox: {k.uid for k in fetched[mailbox].values() if k.uid} - wanted[mailbox].uids for mailbox in group}
                 for chunk in _groups(sorted(m for m in group if more[m]), {m: len(more[m]) + 1 for m in group}):
-                    terms = _PerMailbox(desired_states)
+                    terms = _PerMailbox(desired_states, ("uid",))
                     for mailbox in chunk:
-                        terms.add(mailbox, c.uid, more[mailbox])
+                        terms.add(mailbox, more[mailbox])
                     fetch(terms)
                 for mailbox in group:
                     result[mailbox] = wanted[mailbox].select(fetched[mailbox])
@@ -828,8 +842,8 @@ class Store:
             keys = sorted(latest)  # rows written in one order by every replica: no lock cycle between two transactions
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
-                terms = _PerMailbox(desired_states).pairs(c.origin_id, chunk)
-                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(terms.select("mailbox", "origin_id", "version"), terms.values)})
+                terms = _PerMailbox(desired_states, ("origin_id",)).pairs(chunk)
+                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(*terms.statement("mailbox", "origin_id", "version"))})
             inserts, updates = [], []
             for mailbox, origin_id in keys:
                 row, correlation_id = latest[(mailbox, origin_id)]
@@ -990,12 +1004,11 @@ class Store:
         wanted = {(mailbox.lower(), origin_id) for mailbox, origin_ids in keys.items() for origin_id in origin_ids}
         result: dict[str, dict[str, DeliveredRecord]] = {mailbox.lower(): {} for mailbox in keys}
         pairs = sorted(wanted)
-        c = delivered_events.c
         with self.engine.connect() as conn:
             for start in range(0, len(pairs), 500):
                 chunk = pairs[start : start + 500]
-                terms = _PerMailbox(delivered_events).pairs(c.origin_id, chunk)  # the keys' rows only (decision 114)
-                for r in conn.execute(terms.select(*(column.name for column in delivered_events.c)), terms.values):
+                terms = _PerMailbox(delivered_events, ("origin_id",)).pairs(chunk)  # the keys' rows only (decision 114)
+                for r in conn.execute(*terms.statement(*(column.name for column in delivered_events.c))):
                     if (r.mailbox, r.origin_id) in wanted:
                         result[r.mailbox][r.origin_id] = _delivered_record(r)
         return result
@@ -1078,8 +1091,8 @@ class Store:
             existing: set[tuple[str, str]] = set()
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
-                terms = _PerMailbox(delivered_events).pairs(c.origin_id, chunk)  # the keys' rows only (decision 114)
-                existing.update((r.mailbox, r.origin_id) for r in conn.execute(terms.select("mailbox", "origin_id"), terms.values))
+                terms = _PerMailbox(delivered_events, ("origin_id",)).pairs(chunk)  # the keys' rows only (decision 114)
+                existing.update((r.mailbox, r.origin_id) for r in conn.execute(*terms.statement("mailbox", "origin_id")))
             updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for mailbox, origin_id in keys:
