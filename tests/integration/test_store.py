@@ -558,6 +558,33 @@ def test_finding_keys_spread_over_many_mailboxes_is_no_more_work_than_finding_as
         assert spread_out < 3 * alone, (work.__name__, alone, spread_out)
 
 
+def test_batches_of_every_shape_share_a_few_statements(tmp_path: Path) -> None:
+    """Decision 114: the per-mailbox statements are made once per power-of-two count of mailboxes, whatever each
+    mailbox asks for, so 60 batches of 1 to 60 mailboxes, each asking for a different mix of keys, item ids and UIDs,
+    run at most 7 distinct statements of each kind (a statement per exact shape kept the publisher a third bigger)."""
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'shapes.db'}"))
+    upgrade(store.engine)
+    run: dict[str, set[int]] = {}
+
+    def seen(conn: Any, clauseelement: Any, multiparams: Any, params: Any, execution_options: Any) -> None:
+        if type(clauseelement).__name__ == "Select" and " OR " in str(clauseelement.whereclause):  # a per-mailbox search
+            searched = sorted({arm.clauses[1].left.name for arm in clauseelement.whereclause.clauses})
+            kind = f"{list(clauseelement.selected_columns)[-1].name} by {searched}"
+            run.setdefault(kind, set()).add(id(clauseelement))
+
+    event.listen(store.engine, "before_execute", seen)
+    for size in range(1, 61):
+        reads = {
+            f"m{m}@k.dk": Reads(origin_ids=frozenset({f"k{m}"} if m % 2 else set()), item_ids=frozenset({f"id-{m}"} if m % 3 else set()),
+                                uids=frozenset({f"u{m}"} if m % 5 else set()) | ({"u0"} if not (m % 2 or m % 3) else set()))
+            for m in range(size)
+        }
+        store.desired_for(reads)
+        store.delivered_many({f"m{m}@k.dk": [f"k{n}" for n in range(m % 4 + 1)] for m in range(size)})
+    event.remove(store.engine, "before_execute", seen)
+    assert len(run) == 2 and all(1 <= len(statements) <= 7 for statements in run.values()), {k[-60:]: len(v) for k, v in run.items()}
+
+
 def test_a_conditional_update_leaves_a_row_written_newer_since_the_batch_read_it(store: Store) -> None:
     store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 5, None, None)])
     written: list[bool] = []
