@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -200,6 +201,9 @@ key_claims = Table(
 WHOLE_MAILBOX = ""
 # names (keys, item ids, UIDs) in one query of ``desired_for``: SQL Server takes at most 2,100 parameters a statement
 _NAMES_PER_QUERY = 1000
+# mailboxes in one statement of per-mailbox terms (decision 114): SQLite keeps a prepared statement's program, which grows
+# with its terms, and at 512 mailboxes a statement the publisher's peak memory grew by 80 MB
+_MAILBOXES_PER_QUERY = 64
 ClaimKey = tuple[str, str]  # (mailbox in lower case, origin id or WHOLE_MAILBOX)
 
 REPLICA = 100
@@ -304,17 +308,20 @@ class _PerMailbox:
             self.add(mailbox, names)
         return self
 
-    def statement(self, *columns: str) -> tuple[Any, dict[str, Any]]:
-        """``SELECT columns FROM table WHERE`` the terms, and the values to run it with."""
-        size = 1 << max(0, len(self.mailboxes) - 1).bit_length()
+    def run(self, conn: Connection, *columns: str) -> Iterator[Any]:
+        """The rows of ``SELECT columns FROM table WHERE`` the terms, in statements of at most
+        ``_MAILBOXES_PER_QUERY`` mailboxes: a statement's size in SQLite's memory grows with its terms."""
         nothing: tuple[list[str], ...] = tuple([] for _ in self.columns)
-        values: dict[str, Any] = {}
-        for n in range(size):
-            mailbox, lists = self.mailboxes[n] if n < len(self.mailboxes) else ("", nothing)
-            values[f"pm_{n}"] = mailbox
-            for k, names in enumerate(lists):
-                values[f"pn_{n}_{k}"] = names
-        return _per_mailbox_select(self.table, columns, self.columns, size), values
+        for start in range(0, len(self.mailboxes), _MAILBOXES_PER_QUERY):
+            part = self.mailboxes[start : start + _MAILBOXES_PER_QUERY]
+            size = 1 << max(0, len(part) - 1).bit_length()
+            values: dict[str, Any] = {}
+            for n in range(size):
+                mailbox, lists = part[n] if n < len(part) else ("", nothing)
+                values[f"pm_{n}"] = mailbox
+                for k, names in enumerate(lists):
+                    values[f"pn_{n}_{k}"] = names
+            yield from conn.execute(_per_mailbox_select(self.table, columns, self.columns, size), values)
 
 
 @functools.lru_cache(maxsize=64)
@@ -774,7 +781,7 @@ class Store:
                 def fetch(terms: _PerMailbox, fetched: dict[str, dict[str, DesiredRecord]] = fetched) -> None:
                     if not terms.mailboxes:
                         return
-                    for r in conn.execute(*terms.statement(*columns)):
+                    for r in terms.run(conn, *columns):
                         record = DesiredRecord(r.origin_id, r.uid, r.source_item_id, r.version, _stored_interval(r.start_at, r.end_at), r.seen_in_snapshot)
                         fetched[r.mailbox][r.origin_id] = record
 
@@ -843,7 +850,7 @@ class Store:
             for start in range(0, len(keys), 500):  # one query per 500 keys, not one per key
                 chunk = keys[start : start + 500]
                 terms = _PerMailbox(desired_states, ("origin_id",)).pairs(chunk)
-                existing.update({(r.mailbox, r.origin_id): r.version for r in conn.execute(*terms.statement("mailbox", "origin_id", "version"))})
+                existing.update({(r.mailbox, r.origin_id): r.version for r in terms.run(conn, "mailbox", "origin_id", "version")})
             inserts, updates = [], []
             for mailbox, origin_id in keys:
                 row, correlation_id = latest[(mailbox, origin_id)]
@@ -1008,7 +1015,7 @@ class Store:
             for start in range(0, len(pairs), 500):
                 chunk = pairs[start : start + 500]
                 terms = _PerMailbox(delivered_events, ("origin_id",)).pairs(chunk)  # the keys' rows only (decision 114)
-                for r in conn.execute(*terms.statement(*(column.name for column in delivered_events.c))):
+                for r in terms.run(conn, *(column.name for column in delivered_events.c)):
                     if (r.mailbox, r.origin_id) in wanted:
                         result[r.mailbox][r.origin_id] = _delivered_record(r)
         return result
@@ -1092,7 +1099,7 @@ class Store:
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 terms = _PerMailbox(delivered_events, ("origin_id",)).pairs(chunk)  # the keys' rows only (decision 114)
-                existing.update((r.mailbox, r.origin_id) for r in conn.execute(*terms.statement("mailbox", "origin_id")))
+                existing.update((r.mailbox, r.origin_id) for r in terms.run(conn, "mailbox", "origin_id"))
             updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             inserts: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for mailbox, origin_id in keys:
