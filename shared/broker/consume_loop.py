@@ -330,7 +330,8 @@ class Consumer:
         deferred message's wait ends) and at most ``idle_poll``. A handler that finishes wakes the wait itself
         (``_start_handler``), so neither a batch's settling nor the next one waits for a poll (decision 112)."""
         limit = self.options.idle_poll
-        if self._in_flight is None:
+        held_back = time.time() < self.counters.paused_until or (self._orphan is not None and not self._orphan.done())
+        if self._in_flight is None and not held_back:  # paused, or an orphaned handler running: no batch is due
             now = time.monotonic()
             if self._buffer:
                 limit = min(limit, self._buffer[0].received + self.options.linger.total_seconds() - now)

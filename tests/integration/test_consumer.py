@@ -406,3 +406,33 @@ def test_the_loop_settles_and_stops_without_waiting_for_its_idle_poll(settings: 
     finally:
         consumer.stop()
         publisher.close()
+
+
+def test_a_paused_loop_with_messages_waiting_does_not_spin(settings: Settings, topology: Topology) -> None:
+    """Decision 112's waits end when a batch is due; a paused loop (Planner down) has messages whose linger is over and
+    no batch to start: it must still wait out its poll, not ask the broker for events in a tight loop. Measured as the
+    loop thread's own CPU time while paused with a message waiting."""
+    recorder = Recorder(topology)
+    consumer = Consumer(settings.broker, topology, topology.stage("transformer"), recorder, ConsumerOptions(prefetch=10, batch_size=5))
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    wait_for(lambda: consumer.counters.connected, 15, what="consumer connected")
+    publisher = Publisher(settings.broker, topology)
+    try:
+        consumer.pause_until(time.time() + 4, "test: Planner down")
+        message = change(1)
+        send(publisher, topology, message)
+        wait_for(lambda: consumer.counters.paused_until > time.time() and queue_depth(topology, topology.stage("transformer").work_queue()) == 0,
+                 10, what="the message delivered to the paused loop")
+        assert thread.ident is not None
+        clock = time.pthread_getcpuclockid(thread.ident)
+        cpu_before, wall_before = time.clock_gettime(clock), time.monotonic()
+        time.sleep(1.5)
+        cpu = time.clock_gettime(clock) - cpu_before
+        assert consumer.counters.handled == 0 and time.monotonic() - wall_before < 4  # still paused all along
+        assert cpu < 0.5, f"the paused loop used {cpu:.2f} s of CPU in 1.5 s"
+        wait_for(lambda: recorder.recorded == [message.correlation_id], 20, what="the message handled after the pause")
+    finally:
+        consumer.stop()
+        thread.join(15)
+        publisher.close()
