@@ -1,8 +1,8 @@
 """The state store: SQLAlchemy Core tables and queries, one code path for SQLite, PostgreSQL and SQL Server.
 
 Times are stored as naive UTC (``UtcDateTime``) so every dialect stores the same thing; strings have
-explicit lengths, primary keys stay under SQL Server's 900-byte limit and other indexes under its 1,700 bytes. No table holds appointment
-content: ids, times, versions and receipt codes only.
+explicit lengths, primary keys stay under SQL Server's 900-byte limit and other indexes under its 1,700 bytes.
+No table holds appointment content: ids, times, versions and receipt codes only.
 """
 
 from __future__ import annotations
