@@ -204,13 +204,17 @@ class Consumer:
         self._in_flight: _InFlight | None = None
         self._orphan: Future[list[Result]] | None = None  # a handler whose connection died; no new batch until it ends
         self._connection: pika.BlockingConnection | None = None
+        self._loop_thread: int | None = None  # threading.get_ident() of the thread in ``run``
 
     # --- control -------------------------------------------------------------------------
     def stop(self) -> None:
         if not self._stop.is_set():
             self._stop_asked = time.monotonic()
         self._stop.set()
-        _wake(self._connection)  # the loop sees it now, not at the end of its wait for broker events
+        if threading.get_ident() != self._loop_thread:
+            # the loop sees it now, not at the end of its wait for broker events. Not from the loop's own thread: there
+            # stop() is a signal handler, which may run while that thread holds the lock pika's wake-up takes
+            _wake(self._connection)
 
     def pause_until(self, moment: float, reason: str) -> None:
         """Take no new batches until ``moment`` (time.time()); used when Planner is clearly down."""
@@ -221,6 +225,7 @@ class Consumer:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
+        self._loop_thread = threading.get_ident()
         failures = 0
         while not self._stop.is_set():
             try:
