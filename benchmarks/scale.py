@@ -11,7 +11,11 @@ workers as processes (`plannersync run ...`):
   and the transformer and publisher until both queues are empty: seconds, per mailbox, per item, Planner calls;
 - changed night: 15 appointments moved in one mailbox in ten, then the same: Planner calls per changed event;
 - reconciliation: `plannersync reconcile --all` (GetEvents for `reconcile.mailboxes_per_call` mailboxes a call);
-- memory: the peak resident size (VmHWM) of every worker and of the resync and reconcile commands, and their sum.
+- memory: the peak resident size (VmHWM) of every worker and of the resync and reconcile commands, and their sum;
+- CPU: each worker's and this process's (the simulators') CPU time during the initial load, per busy time.
+Every mailbox is on a streaming subscription (200 a connection), as runbooks/install.md asks beyond 600 caseworkers;
+``--streaming-connections 3`` (the default, on-premises Exchange's own limit) leaves the rest polled every 30 s.
+``--load-only`` stops after the initial load.
 ``--together`` runs every worker in one process (`plannersync run all`, decision 94) instead; the change producer then
 keeps running through the nights, so the changed night's edits reach Planner live and its calls are not counted.
 Time per mailbox and per item should not grow with the count (issue 12's scaling table).
@@ -69,6 +73,12 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid`` so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _queues_empty(settings: Settings, topology: Topology) -> bool:
     base = settings.broker.management_url.rstrip("/")
     auth = (settings.broker.user, settings.broker.password.get_secret_value())
@@ -109,7 +119,7 @@ def _command(args: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
     return time.monotonic() - started, peak
 
 
-def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> Row:
+def one_size(mailbox_count: int, items: int, timeout: float, together: bool, connections: int | None, load_only: bool) -> Row:
     row = Row(mailbox_count, items)
     prefix = f"bscale{uuid.uuid4().hex[:6]}"
     workdir = Path(tempfile.mkdtemp(prefix="plannersync-scale-"))
@@ -129,8 +139,11 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> 
                               "end": (start + timedelta(minutes=45)).strftime("%Y-%m-%dT%H:%M"), "timezone": "Romance Standard Time"})
             http.post(f"{exchange.control_url}/mailboxes/{mailbox}/items", json={"items": specs}, timeout=120).raise_for_status()
             specs_by_mailbox[mailbox] = specs
-    env = worker_env(prefix, workdir, planner.url, exchange.url)
+    if connections is None:
+        connections = min(20, -(-mailbox_count // 200))
+    env = worker_env(prefix, workdir, planner.url, exchange.url, PLANNERSYNC_EXCHANGE__STREAMING_CONNECTIONS=str(connections))
     settings, topology = prepare(env, mailboxes)
+    row.figures["connections"] = connections
     total = mailbox_count * items
     producer: list[subprocess.Popen[bytes]] = []
     stages: list[subprocess.Popen[bytes]] = []
@@ -138,7 +151,9 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> 
     log = workdir / "commands.log"
 
     def held() -> int:
-        return len(planner.state.events())   # one pass over the simulator's events, not one per mailbox
+        # the simulator's count; its events() sorts every event under its lock, which at 300,000 events took 40 % of
+        # this process's CPU polled once a second and slowed the load it measured as the count grew
+        return planner.state.health()["events"]
 
     def calls() -> list[Any]:
         return list(planner.state.calls())
@@ -149,12 +164,20 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool) -> 
         else:
             stages = start_workers(["transformer", "publisher"], env, workdir)
             producer = start_workers(["change-producer"], env, workdir)
+        own_cpu = time.process_time()
         load = _wait(lambda: held() >= total, timeout)
+        for name, proc in zip(("change-producer",) if producer else (), producer):
+            row.figures[f"cpu_{name}"] = _cpu_s(proc.pid) * 1e6 / total
+        for name, proc in zip(("all",) if together else ("transformer", "publisher"), stages):
+            row.figures[f"cpu_{name}"] = _cpu_s(proc.pid) * 1e6 / total
+        row.figures["cpu_simulators"] = (time.process_time() - own_cpu) * 1e6 / total
         if producer:
             peaks["change-producer"] = _peak_rss_mb(producer[0].pid)
             stop_workers(producer)
         _wait(lambda: _queues_empty(settings, topology), timeout, quiet=2.0)
         row.figures.update({"load_s": load, "load_per_s": total / load})
+        if load_only:
+            return row
 
         before = len(calls())
         resync_s, peaks["resync"] = _command(["resync", "--all", "--progress-every", "100000"], env, log)
@@ -201,20 +224,30 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=150, help="busy appointments per mailbox")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per phase")
     parser.add_argument("--together", action="store_true", help="every worker in one process (plannersync run all)")
+    parser.add_argument("--streaming-connections", type=int, default=None,
+                        help="the change producer's streaming connections; default: enough for every mailbox (200 a connection, at most 20)")
+    parser.add_argument("--load-only", action="store_true", help="stop after the initial load")
     args = parser.parse_args()
     configure("WARNING", "console", service="benchmark")
     print(f"plannersync scale benchmark ({os.cpu_count()} cores; broker, simulators and workers on this machine; SQLite; "
           f"{'every worker in one process' if args.together else 'one process per worker'})")
     rows = []
     for size in (int(s) for s in args.mailboxes.split(",")):
-        row = one_size(size, args.items, args.timeout, args.together)
+        row = one_size(size, args.items, args.timeout, args.together, args.streaming_connections, args.load_only)
         rows.append(row)
         f = row.figures
+        cpu = ", ".join(f"{k[4:]} {v:.0f}" for k, v in f.items() if k.startswith("cpu_"))
+        print(f"{size} mailboxes x {args.items}, {f['connections']:.0f} streaming connections: load {f['load_s']:.0f} s "
+              f"({f['load_per_s']:.0f}/s); CPU us per busy time during the load: {cpu}", flush=True)
+        if args.load_only:
+            continue
         print(f"{size} mailboxes x {args.items}: load {f['load_s']:.0f} s ({f['load_per_s']:.0f}/s); unchanged night {f['night_s']:.1f} s "
               f"({f['night_ms_per_mailbox']:.1f} ms/mailbox, {f['night_us_per_item']:.0f} us/item, {f['night_calls']:.0f} Planner calls); "
               f"changed night {f['changed_night_s']:.1f} s, {f['changed_events']:.0f} events in {f['changed_calls']:.0f} calls; "
               f"reconcile {f['reconcile_s']:.1f} s in {f['reconcile_get_events']:.0f} GetEvents; "
               f"peak RSS MB: " + ", ".join(f"{k[4:]} {v:.0f}" for k, v in f.items() if k.startswith("rss_")), flush=True)
+    if args.load_only:
+        return 0
     print("\n| mailboxes | load, busy times/s | unchanged night: s, ms/mailbox, us/item, Planner calls | changed night: events, calls | reconcile: s, GetEvents | peak RSS: workers + the larger nightly command |")
     print("|---|---|---|---|---|---|")
     for row in rows:
