@@ -13,6 +13,9 @@ Replicas (decision 89): a batch first claims the event keys it is to judge, read
 got, and calls Planner only for those; a message whose key another replica holds is deferred (``Defer``: a moment
 later, in a later batch, decision 90). The receipts' write releases the claims in its own transaction, and a claim
 outlasts any Planner call made under it (``Claims.ready_for_call``).
+
+Write ahead (decisions 84 and 115): the creates of a batch's first calls are recorded as maybe held in one transaction
+before any call leaves.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from shared.broker.topology import Topology, from_settings
 from shared.config import Settings
 from shared.domain.contracts import BusyTimeState
 from shared.domain.delivery_plan import (
+    Action,
     Delivered,
     DeliveredChange,
     DeliveredRecord,
@@ -201,10 +205,12 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
     # What Planner holds for the whole batch in one read (after the claims), and every receipt and outcome of the batch
     # written in one transaction once its calls are done, releasing the claims, before the consume loop acks (decisions 78, 89).
     known = deps.store.delivered_many({mailbox: [state.origin_id for _, state in items] for mailbox, items in jobs})
+    planned = [(mailbox, [(i, state, plan(state, known[mailbox].get(state.origin_id))) for i, state in items]) for mailbox, items in jobs]
+    ahead = _write_ahead(planned, claims, deps.store)
     if deps.pool is not None and len(jobs) > 1:
-        outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], known[job[0]], deps), jobs))
+        outcomes = list(deps.pool.map(lambda job: _deliver_mailbox(job[0], job[1], known[job[0]], deps, ahead), planned))
     else:
-        outcomes = [_deliver_mailbox(mailbox, items, known[mailbox], deps) for mailbox, items in jobs]
+        outcomes = [_deliver_mailbox(mailbox, items, known[mailbox], deps, ahead) for mailbox, items in planned]
     records: list[tuple[str, DeliveredChange, str | None]] = []
     for (mailbox, _), outcome in zip(jobs, outcomes):
         records.extend((mailbox, change, correlation_id) for change, correlation_id in outcome.records)
@@ -216,6 +222,22 @@ def handle(batch: Sequence[Inbound], deps: PublisherDeps) -> list[Result]:
     return [r if r is not None else Done() for r in results]
 
 
+def _write_ahead(planned: list[tuple[str, list[tuple[int, BusyTimeState, Action]]]], claims: Claims, store: Store) -> frozenset[tuple[str, str]]:
+    """Record every create of the batch's first calls as maybe held, in one transaction, before any call leaves
+    (decisions 84 and 115); the (mailbox, origin id) written. If the write fails, no call goes out: the batch is retried.
+    Nothing is written when a claim was lost: no call goes out then either."""
+    ahead = [
+        (mailbox, maybe, state.correlation_id)
+        for mailbox, items in planned
+        for _, state, action in items
+        if isinstance(action, Send) and action.operation == "create" and (maybe := maybe_applied(action)) is not None
+    ]
+    if not ahead or not claims.ready_for_call():
+        return frozenset()
+    store.record_delivered_batch(ahead)
+    return frozenset((mailbox, change.origin_id) for mailbox, change, _ in ahead)
+
+
 @dataclass
 class _Delivered:
     """One mailbox's part of a batch: a result per message, what to record (in order), and its first error."""
@@ -225,12 +247,13 @@ class _Delivered:
     error: str | None = None
 
 
-def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], known: dict[str, DeliveredRecord], deps: PublisherDeps) -> _Delivered:
+def _deliver_mailbox(
+    mailbox: str, items: list[tuple[int, BusyTimeState, Action]], known: dict[str, DeliveredRecord], deps: PublisherDeps, ahead: frozenset[tuple[str, str]],
+) -> _Delivered:
     done = _Delivered()
     results = done.results
     pending: list[_Pending] = []
-    for index, state in items:
-        action = plan(state, known.get(state.origin_id))
+    for index, state, action in items:
         if isinstance(action, NoChange):
             with correlation(state.correlation_id, mailbox=mailbox, origin_id=state.origin_id):
                 if remember_version(state, known.get(state.origin_id), action):
@@ -247,7 +270,8 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], known
             group = [p for p in pending if p.send.operation == operation]
             size = deps.settings.planner.batch_size
             for start in range(0, len(group), size):
-                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, done))
+                # the first round's creates were written ahead for the whole batch (decision 115); a later round's are written by their call
+                next_round.extend(_call(mailbox, operation, group[start : start + size], known, deps, done, ahead if rounds == 1 else frozenset()))
         pending = next_round
     for p in pending:
         results[p.index] = Transient(f"Planner kept answering {p.attempts} for this event")
@@ -256,7 +280,10 @@ def _deliver_mailbox(mailbox: str, items: list[tuple[int, BusyTimeState]], known
     return done
 
 
-def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered) -> list[_Pending]:
+def _call(
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered,
+    ahead: frozenset[tuple[str, str]] = frozenset(),
+) -> list[_Pending]:
     results = done.results
     events = [deps.event_factory(origin_id=p.send.origin_id, email=mailbox, start=p.send.interval.start, end=p.send.interval.end) for p in group]
     call = {"create": deps.client.create_events, "update": deps.client.update_events, "delete": deps.client.delete_events}[operation]
@@ -269,15 +296,16 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
         # Written ahead: from the moment the call leaves, Planner may hold these events. If the receipt cannot be
         # stored afterwards (the database cut), the retry finds them "maybe held" and updates instead of creating
         # them again; no call goes out unless this write succeeded (decision 84 in docs/decisions.md).
-        ahead = [(mailbox, maybe, p.state.correlation_id) for p in group if (maybe := maybe_applied(p.send)) is not None]
-        deps.store.record_delivered_batch(ahead)
+        unwritten = [(mailbox, maybe, p.state.correlation_id) for p in group if (mailbox, p.send.origin_id) not in ahead and (maybe := maybe_applied(p.send)) is not None]
+        if unwritten:
+            deps.store.record_delivered_batch(unwritten)
     # the maybes this call wrote ahead, which Planner's own answer (a fault code, a receipt that created nothing) clears
     fresh = {p.send.origin_id for p in group if operation == "create" and not ((k := known.get(p.send.origin_id)) is not None and k.maybe_held)}
     try:
         with metrics.planner_call(operation):  # latency and errors by kind (shared/metrics.py)
             outcome = call(events)
     except ContentError as exc:  # about what some events carry, not about Planner: the guard does not hear of it
-        return _content_error(mailbox, operation, group, known, deps, done, exc)
+        return _content_error(mailbox, operation, group, known, deps, done, exc, ahead)
     except Transient as exc:
         deps.guard.failure(exc.reason)
         for p in group:
@@ -334,13 +362,14 @@ def _call(mailbox: str, operation: Operation, group: list[_Pending], known: dict
 
 
 def _content_error(
-    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered, exc: ContentError
+    mailbox: str, operation: Operation, group: list[_Pending], known: dict[str, DeliveredRecord], deps: PublisherDeps, done: _Delivered, exc: ContentError,
+    ahead: frozenset[tuple[str, str]],
 ) -> list[_Pending]:
     """Dead-letter only the events at fault and call again with the others; split the call when it does not say which."""
     bad = [p for p in group if p.send.origin_id in exc.problems]
     if not bad and len(group) > 1:
         half = len(group) // 2
-        return [*_call(mailbox, operation, group[:half], known, deps, done), *_call(mailbox, operation, group[half:], known, deps, done)]
+        return [*_call(mailbox, operation, group[:half], known, deps, done, ahead), *_call(mailbox, operation, group[half:], known, deps, done, ahead)]
     for p in bad or group:
         problem = exc.problems.get(p.send.origin_id)
         reason = f"{operation_name(operation)}: {problem}" if problem else exc.reason
@@ -348,7 +377,7 @@ def _content_error(
         with correlation(p.state.correlation_id, mailbox=mailbox, origin_id=p.state.origin_id):
             log.error("busy_time_unsendable", operation=operation, reason=reason)
     rest = [p for p in group if p not in bad] if bad else []
-    return _call(mailbox, operation, rest, known, deps, done) if rest else []
+    return _call(mailbox, operation, rest, known, deps, done, ahead) if rest else []
 
 
 def operation_name(operation: Operation) -> str:

@@ -172,3 +172,39 @@ def test_receipts_answered_in_another_order_are_matched_by_identifier(deps: Publ
     results = handle([state("first", HOUR), state("second", HOUR)], deps)  # the model answers in reverse order
     assert isinstance(results[0], Done) and isinstance(results[1], Permanent)
     assert planner.holds("first", "anne@kommune.dk") == (HOUR.start, HOUR.end)
+
+
+def test_a_batch_writes_its_creates_ahead_in_one_transaction_whatever_its_calls(deps: PublisherDeps, planner: PlannerModel) -> None:
+    """Decision 115: the creates of a batch's first calls are written ahead together, before any call leaves; the batch
+    costs three transactions (claims, write ahead, receipts), not one more per create call (8 calls here)."""
+    from sqlalchemy import event
+
+    commits: list[int] = []
+    calls_at_commit: list[int] = []
+    event.listen(deps.store.engine, "commit", lambda conn: (commits.append(1), calls_at_commit.append(len(planner.calls))))
+    batch = [state(f"m{n}-{i}", HOUR, mailbox=f"cw{n}@kommune.dk") for n in range(4) for i in range(3)]
+    results = handle(batch, deps)
+    assert all(isinstance(r, Done) for r in results)
+    assert len(planner.calls) == 8   # batch_size 2: 3 creates a mailbox make 2 calls each
+    assert len(commits) == 3, calls_at_commit
+    assert calls_at_commit[1] == 0   # the write ahead was committed before the first call
+    rows = {m: deps.store.delivered(f"cw{m}@kommune.dk") for m in range(4)}
+    assert all(r.present and not r.maybe_held for held in rows.values() for r in held.values())
+    assert sum(len(held) for held in rows.values()) == 12
+
+
+def test_a_later_rounds_create_is_written_ahead_by_its_own_call(deps: PublisherDeps, planner: PlannerModel) -> None:
+    """An update answered 10 "not found" turns into a create in the next round; that create is not the batch's, so its
+    own call writes it ahead (decision 84), committed before it leaves."""
+    from sqlalchemy import event
+
+    handle([state("u1", HOUR)], deps)
+    planner.forget("u1", "anne@kommune.dk")  # Planner lost it
+    calls_at_commit: list[int] = []
+    event.listen(deps.store.engine, "commit", lambda conn: calls_at_commit.append(len(planner.calls)))
+    results = handle([state("u1", LATER)], deps)
+    assert results == [Done()]
+    assert [op for op, _ in planner.calls] == ["create", "update", "create"]
+    assert calls_at_commit == [1, 2, 3]   # claims; the create's write ahead, after the update and before the create; receipts
+    row = deps.store.delivered("anne@kommune.dk")["u1"]
+    assert row.present and not row.maybe_held and row.interval == LATER
