@@ -663,7 +663,26 @@ class PlannerClient:
 
     def request_envelope(self, operation: SoapOperation, payload: dict[str, Any]) -> etree._Element:
         """The SOAP envelope a call would send (for contract tests); nothing is sent."""
-        return self._zeep.create_message(self._service, operation, _soapheaders=self.headers(operation), **payload)
+        return self._build(operation, payload)[0]
+
+    def _build(self, operation: SoapOperation, payload: dict[str, Any]) -> tuple[etree._Element, dict[str, str]]:
+        """The envelope and HTTP headers of one call, as the service's own operation would build them (decision 116).
+
+        zeep's ``ServiceProxy.<operation>(...)`` is its binding's ``send``: ``_create`` (the envelope and headers),
+        the transport's ``post_xml`` and ``process_reply``. ``_call`` takes those three steps itself so that the envelope
+        it builds to find content errors before sending is the one it sends, built once; zeep keeps the binding and its
+        options on the proxy as ``_binding`` and ``_binding_options``."""
+        binding = self._service._binding
+        envelope, http_headers = binding._create(
+            operation, (), {"_soapheaders": self.headers(operation), **payload}, client=self._zeep, options=self._service._binding_options
+        )
+        return envelope, http_headers
+
+    def _send(self, operation: SoapOperation, envelope: etree._Element, http_headers: dict[str, str]) -> Any:
+        """What zeep's ``send`` does after building: post the envelope, then read the reply (faults raised)."""
+        binding = self._service._binding
+        response = self._zeep.transport.post_xml(self._service._binding_options["address"], envelope, http_headers)
+        return binding.process_reply(self._zeep, binding.get(operation), response)
 
     # ----------------------------------------------------------------------------------- calling
 
@@ -688,7 +707,7 @@ class PlannerClient:
 
     def _call(self, operation: SoapOperation, payload: dict[str, Any], count: int) -> Any:
         try:
-            self.request_envelope(operation, payload)  # a request that cannot be built is about its content, not Planner
+            built = [self._build(operation, payload)]  # a request that cannot be built is about its content, not Planner
         except (ValueError, TypeError, zeep.exceptions.Error) as exc:
             failure = ContentError(f"{operation}: the request cannot be built: {type(exc).__name__}: {str(exc)[:200]}")
             log.warning("planner_request_unbuildable", operation=operation, items=count, reason=failure.reason)
@@ -699,13 +718,14 @@ class PlannerClient:
             retry=tenacity.retry_if_exception_type(Transient),
             reraise=True,
         )
-        return retrying(self._attempt, operation, payload, count)
+        return retrying(self._attempt, operation, payload, count, built)
 
-    def _attempt(self, operation: SoapOperation, payload: dict[str, Any], count: int) -> Any:
+    def _attempt(self, operation: SoapOperation, payload: dict[str, Any], count: int, built: list[tuple[etree._Element, dict[str, str]]]) -> Any:
+        """One try: the envelope ``_call`` built, or for a later try one built again (its registration time is now's)."""
         started = time.monotonic()
         try:
-            method = getattr(self._service, operation)
-            response = method(_soapheaders=self.headers(operation), **payload)
+            envelope, http_headers = built.pop() if built else self._build(operation, payload)
+            response = self._send(operation, envelope, http_headers)
         except Exception as exc:  # noqa: BLE001 - every failure is classified, nothing escapes unnamed
             failure = classify(exc, operation, self._client_certificate)
             cause = tls_cause(exc, self._client_certificate)

@@ -308,6 +308,31 @@ def test_a_transient_failure_that_clears_within_the_quick_tries_succeeds(make_cl
     assert [call["outcome"] for call in control.calls("CreateEvents")] == ["http_503", "http_503", "ok"]
 
 
+def test_a_call_builds_its_envelope_once_and_a_retry_builds_its_own(make_client, control, monkeypatch) -> None:
+    """Decision 116: the envelope built before sending, to find content errors, is the one sent (zeep's service call
+    built it a second time before); a later quick try builds its own, with the registration time of its attempt."""
+    client = make_client()
+    binding = client._service._binding
+    real = binding._create
+    built: list[Any] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        envelope, headers = real(*args, **kwargs)
+        built.append(envelope)
+        return envelope, headers
+
+    monkeypatch.setattr(binding, "_create", counting)
+    assert [r.code for r in client.create_events([event("uid-once")]).receipts] == [0]
+    assert len(built) == 1
+    control.fault(type="http_status", status=503, times=1)
+    assert [r.code for r in client.create_events([event("uid-retried")]).receipts] == [0]
+    assert len(built) == 3
+    assert [call["outcome"] for call in control.calls("CreateEvents")] == ["ok", "http_503", "ok"]
+    held = client.get_events([MAILBOX], T0 - timedelta(days=1), T0 + timedelta(days=1))   # a read is built once too
+    assert sorted(e.origin_id for e in held) == ["uid-once", "uid-retried"]
+    assert len(built) == 4
+
+
 def test_latency_beyond_the_timeout_is_transient_after_the_quick_tries(make_client, control) -> None:
     control.fault(type="latency", seconds=3)
     with pytest.raises(Transient, match="timeout"):
