@@ -208,7 +208,8 @@ def main() -> int:
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
     parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
-    parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher) into stage.prof (+ stage-handler.prof)")
+    parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher, publisher-instant) into stage.prof (+ stage-handler.prof); "
+                        "the transformer on both databases keeps the PostgreSQL run's")
     args = parser.parse_args()
     only = set(args.only.split(","))
     MAILBOXES[:] = [f"cw{n:04d}@jobcenter.example" for n in range(args.mailboxes)]
@@ -275,7 +276,8 @@ def main() -> int:
                 conn.execute(text(f'CREATE DATABASE "{database}"'))
             try:
                 settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
-                rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now)), CPU_NOTES.pop() if CPU_NOTES else ""))
+                rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
+                             CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
