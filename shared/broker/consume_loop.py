@@ -65,6 +65,9 @@ from shared.logs import correlation, get_logger
 from shared.workers import Health
 
 log = get_logger(__name__)
+# The reconnect and deferral jitter comes from a generator of its own: a loop never moves the process-wide random state
+# (another thread's draws from it, a test's seeded ones, Hypothesis's check that a strategy leaves it alone).
+_JITTER = random.Random()
 RECONNECT_BASE = timedelta(milliseconds=500)
 ISOLATION_BUDGET = timedelta(seconds=60)  # probing a failed batch message by message stops after this (a slow store)
 
@@ -235,7 +238,7 @@ class Consumer:
                 self.counters.connected = False
                 self._abandon_in_flight()
                 cap = self.broker.reconnect_max_delay
-                wait = exponential_backoff(failures, RECONNECT_BASE, cap).total_seconds() * random.uniform(0.8, 1.2)
+                wait = exponential_backoff(failures, RECONNECT_BASE, cap).total_seconds() * _JITTER.uniform(0.8, 1.2)
                 log.warning("broker_connection_lost", stage=self.stage.name, error=type(exc).__name__, detail=str(exc)[:200], retry_in=round(wait, 2))
                 deadline = time.monotonic() + wait
                 while not self._stop.is_set() and time.monotonic() < deadline:  # keep beating while waiting
@@ -524,7 +527,7 @@ class Consumer:
             if now - since > self.options.defer_budget.total_seconds():
                 continue
             delivery.deferred_since, delivery.deferrals = since, delivery.deferrals + 1
-            wait = exponential_backoff(delivery.deferrals, self.options.defer_first_wait, timedelta(seconds=1)).total_seconds() * random.uniform(0.5, 1.5)
+            wait = exponential_backoff(delivery.deferrals, self.options.defer_first_wait, timedelta(seconds=1)).total_seconds() * _JITTER.uniform(0.5, 1.5)
             self._held.append(_Held(delivery, now + wait))
             kept.add(delivery.tag)
             first_time += delivery.deferrals == 1
