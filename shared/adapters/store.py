@@ -8,6 +8,8 @@ No table holds appointment content: ids, times, versions and receipt codes only.
 from __future__ import annotations
 
 import functools
+import random
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -353,8 +355,28 @@ def _groups(mailboxes: Sequence[str], sizes: Mapping[str, int]) -> list[list[str
     return groups
 
 
+UPGRADE_ATTEMPTS = 5
+
+
 def upgrade(engine: Engine) -> int:
-    """Create or migrate the schema; safe to run any number of times. Returns the schema version."""
+    """Create or migrate the schema; safe to run any number of times, and by several processes at once. Returns the
+    schema version.
+
+    Replicas started together on a new database each create the schema (``database.auto_upgrade``): the one that comes
+    second finds a table the first made after it looked ("table ... already exists", a duplicate key in PostgreSQL's
+    catalogue, SQLite's "database is locked"). Such a failure makes it look again, a moment later, up to
+    ``UPGRADE_ATTEMPTS`` times; by then the other's work is there and is not done twice (decision 117)."""
+    for attempt in range(1, UPGRADE_ATTEMPTS + 1):
+        try:
+            return _upgrade_once(engine)
+        except exc.DBAPIError:
+            if attempt == UPGRADE_ATTEMPTS:
+                raise
+            time.sleep(0.1 * attempt * (1 + random.Random().random()))   # a generator of its own: the global state is left alone
+    raise AssertionError("unreachable")
+
+
+def _upgrade_once(engine: Engine) -> int:
     current = schema_version(engine)
     if current is not None and current < SCHEMA_VERSION:
         _migrate(engine, current)

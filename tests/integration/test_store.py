@@ -33,6 +33,37 @@ def test_upgrade_is_idempotent(store: Store) -> None:
     assert upgrade(store.engine) == upgrade(store.engine) == SCHEMA_VERSION == 7
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_replicas_that_start_together_on_a_new_database_all_find_the_schema_made(dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Decision 117: workers started together on a new database each create the schema at start (auto_upgrade). Two
+    transformer replicas did (benchmarks/stage_throughput.py --replicas 2): one stopped with "table schema_info already
+    exists". Processes race at random; four engines released together by a barrier make it happen every time."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'new.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engines = [make_engine(url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    outcomes: list[object] = []
+
+    def start(engine: Any) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(upgrade(engine))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcomes.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+
+    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert outcomes == [SCHEMA_VERSION] * len(engines), outcomes
+    with engines[0].connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM schema_info").scalar() == 1
+    for engine in engines:
+        engine.dispose()
+
+
 def _made_by_schema(version: int, dialect: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Any]:
     """A database holding exactly what `plannersync db upgrade` of schema ``version`` created (its kept DDL), empty."""
     url = f"sqlite:///{tmp_path / f'v{version}.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
