@@ -12,6 +12,9 @@
   receipts stored; SQLite), once into the in-process Planner simulator (SOAP over HTTP, zeep on both ends in this
   one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost).
 
+``--replicas N`` runs the transformer a second time as N replicas, each a process of its own on the same queue
+(decision 89: each batch claims its mailboxes), from the moment every replica is built until all N messages are handled.
+
 The table gives each stage's rate and its share of the slower of the two raw rates (a stage both consumes and
 publishes). Figures go to docs/benchmarks.md, never into assertions.
 """
@@ -19,6 +22,7 @@ publishes). Figures go to docs/benchmarks.md, never into assertions.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import threading
@@ -200,6 +204,55 @@ def run_transformer(settings: Settings, topology: Topology, messages: list[Calen
     return run_consumer(build_transformer(settings), len(messages), profile)
 
 
+def _replica(prefix: str, database_url: str, planner_url: str, workdir: str, ready: Any, go: Any, stop: Any, handled: Any, cpu: Any) -> None:
+    """One transformer replica, in a process of its own: built, then run from ``go`` to ``stop``, its count shared."""
+    from services.transformer.worker import build as build_transformer
+
+    configure("WARNING", "console", service="benchmark")
+    consumer = build_transformer(make_settings(prefix, database_url, planner_url, Path(workdir)))
+    ready.release()
+    go.wait()
+    cpu0 = time.process_time()
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    while not stop.is_set():
+        handled.value = consumer.counters.handled + consumer.counters.dead_lettered
+        time.sleep(0.005)
+    cpu.value = time.process_time() - cpu0
+    consumer.stop()
+    thread.join(30)
+
+
+def run_transformer_replicas(settings: Settings, topology: Topology, messages: list[CalendarChange], replicas: int, workdir: Path) -> float:
+    """The transformer as ``replicas`` processes on one queue: the messages handled a second, all replicas together."""
+    producer = Publisher(settings.broker, topology)
+    publish_all(producer, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages])
+    producer.close()
+    spawn = multiprocessing.get_context("spawn")
+    ready, go, stop = spawn.Semaphore(0), spawn.Event(), spawn.Event()
+    counts = [spawn.Value("i", 0) for _ in range(replicas)]
+    cpus = [spawn.Value("d", 0.0) for _ in range(replicas)]
+    procs = [spawn.Process(target=_replica, args=(settings.broker.prefix, settings.database_url(), settings.planner.endpoint, str(workdir),
+                                                  ready, go, stop, counts[i], cpus[i]), daemon=True) for i in range(replicas)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        if not ready.acquire(timeout=120):
+            raise SystemExit("a replica was not built within 120 s")
+    t0 = time.monotonic()
+    go.set()
+    wait_until(lambda: sum(c.value for c in counts) >= len(messages))
+    seconds = time.monotonic() - t0
+    stop.set()
+    for proc in procs:
+        proc.join(60)
+    handled = int(sum(c.value for c in counts))
+    cpu = float(sum(c.value for c in cpus))
+    CPU_NOTES.append(f"{1e6 * cpu / max(1, handled):.0f} µs CPU/msg, {100 * cpu / seconds:.0f} % of one core; "
+                     f"handled per replica: {', '.join(str(c.value) for c in counts)}")
+    return handled / seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=5000)
@@ -208,6 +261,7 @@ def main() -> int:
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
     parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
+    parser.add_argument("--replicas", type=int, default=0, help="transformer: also run it as this many replica processes on one queue")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher, publisher-instant) into stage.prof (+ stage-handler.prof); "
                         "the transformer on both databases keeps the PostgreSQL run's")
     args = parser.parse_args()
@@ -269,6 +323,10 @@ def main() -> int:
         if "transformer" in only and "sqlite" in databases:
             settings, topology = fresh(f"sqlite:///{workdir / 'transformer.db'}")
             rows.append(("transformer, SQLite", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
+            if args.replicas:
+                settings, topology = fresh(f"sqlite:///{workdir / 'transformer-replicas.db'}")
+                rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
+                rows.append((f"transformer, SQLite, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
         if "transformer" in only and "postgresql" in databases:
             database = f"bench_{uuid.uuid4().hex[:8]}"
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
@@ -278,6 +336,10 @@ def main() -> int:
                 settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
                 rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
                              CPU_NOTES.pop() if CPU_NOTES else ""))
+                if args.replicas:
+                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+                    rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
+                    rows.append((f"transformer, PostgreSQL, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
                     conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
