@@ -328,21 +328,25 @@ def main() -> int:
                 rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
                 rows.append((f"transformer, SQLite, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
         if "transformer" in only and "postgresql" in databases:
-            database = f"bench_{uuid.uuid4().hex[:8]}"
+            # a new database for each run: the same changes decided again in the same database would find every key
+            # decided at their version already and publish and write nothing
+            databases_made = [f"bench_{uuid.uuid4().hex[:8]}" for _ in range(2 if args.replicas else 1)]
             admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
             with admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{database}"'))
+                for database in databases_made:
+                    conn.execute(text(f'CREATE DATABASE "{database}"'))
             try:
-                settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+                settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[0]}")
                 rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
                              CPU_NOTES.pop() if CPU_NOTES else ""))
                 if args.replicas:
-                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[1]}")
                     rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
                     rows.append((f"transformer, PostgreSQL, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+                    for database in databases_made:
+                        conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
                 admin.dispose()
 
         if "publisher" in only:
