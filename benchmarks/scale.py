@@ -149,6 +149,7 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool, con
     stages: list[subprocess.Popen[bytes]] = []
     peaks: dict[str, float] = {}
     log = workdir / "commands.log"
+    stage_names = ("all",) if together else ("transformer", "publisher")
 
     def held() -> int:
         # the simulator's count; its events() sorts every event under its lock, which at 300,000 events took 40 % of
@@ -166,9 +167,7 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool, con
             producer = start_workers(["change-producer"], env, workdir)
         own_cpu = time.process_time()
         load = _wait(lambda: held() >= total, timeout)
-        for name, proc in zip(("change-producer",) if producer else (), producer):
-            row.figures[f"cpu_{name}"] = _cpu_s(proc.pid) * 1e6 / total
-        for name, proc in zip(("all",) if together else ("transformer", "publisher"), stages):
+        for name, proc in [*zip(("change-producer",), producer), *zip(stage_names, stages)]:
             row.figures[f"cpu_{name}"] = _cpu_s(proc.pid) * 1e6 / total
         row.figures["cpu_simulators"] = (time.process_time() - own_cpu) * 1e6 / total
         if producer:
@@ -205,7 +204,7 @@ def one_size(mailbox_count: int, items: int, timeout: float, together: bool, con
         reconcile_s, peaks["reconcile"] = _command(["reconcile", "--all"], env, log)
         get_events = sum(1 for c in calls()[len(before_calls):] if c.operation == "GetEvents")
         row.figures.update({"reconcile_s": reconcile_s, "reconcile_get_events": get_events})
-        for name, proc in zip(("all",) if together else ("transformer", "publisher"), stages):
+        for name, proc in zip(stage_names, stages):
             peaks[name] = _peak_rss_mb(proc.pid)
         row.figures.update({f"rss_{name}": mb for name, mb in peaks.items()})
         row.figures["workers_mb"] = sum(mb for name, mb in peaks.items() if name not in ("resync", "reconcile"))
@@ -241,7 +240,7 @@ def main() -> int:
               f"({f['load_per_s']:.0f}/s); CPU us per busy time during the load: {cpu}", flush=True)
         if args.load_only:
             continue
-        print(f"{size} mailboxes x {args.items}: load {f['load_s']:.0f} s ({f['load_per_s']:.0f}/s); unchanged night {f['night_s']:.1f} s "
+        print(f"{size} mailboxes x {args.items}: unchanged night {f['night_s']:.1f} s "
               f"({f['night_ms_per_mailbox']:.1f} ms/mailbox, {f['night_us_per_item']:.0f} us/item, {f['night_calls']:.0f} Planner calls); "
               f"changed night {f['changed_night_s']:.1f} s, {f['changed_events']:.0f} events in {f['changed_calls']:.0f} calls; "
               f"reconcile {f['reconcile_s']:.1f} s in {f['reconcile_get_events']:.0f} GetEvents; "

@@ -356,6 +356,7 @@ def _groups(mailboxes: Sequence[str], sizes: Mapping[str, int]) -> list[list[str
 
 
 UPGRADE_ATTEMPTS = 5
+_JITTER = random.Random()  # a generator of its own: the process-wide random state is left alone
 
 
 def upgrade(engine: Engine) -> int:
@@ -366,14 +367,12 @@ def upgrade(engine: Engine) -> int:
     second finds a table the first made after it looked ("table ... already exists", a duplicate key in PostgreSQL's
     catalogue, SQLite's "database is locked"). Such a failure makes it look again, a moment later, up to
     ``UPGRADE_ATTEMPTS`` times; by then the other's work is there and is not done twice (decision 117)."""
-    for attempt in range(1, UPGRADE_ATTEMPTS + 1):
+    for attempt in range(1, UPGRADE_ATTEMPTS):
         try:
             return _upgrade_once(engine)
         except exc.DBAPIError:
-            if attempt == UPGRADE_ATTEMPTS:
-                raise
-            time.sleep(0.1 * attempt * (1 + random.Random().random()))   # a generator of its own: the global state is left alone
-    raise AssertionError("unreachable")
+            time.sleep(0.1 * attempt * (1 + _JITTER.random()))
+    return _upgrade_once(engine)   # the last attempt's error is raised as it is
 
 
 def _upgrade_once(engine: Engine) -> int:
