@@ -12,6 +12,10 @@
   receipts stored; SQLite), once into the in-process Planner simulator (SOAP over HTTP, zeep on both ends in this
   one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost).
 
+``--held K`` gives the transformer's store K decided keys a mailbox before it starts, and the database's statistics
+of them (``ANALYZE``), as a running installation has; without it the store starts empty, and PostgreSQL plans every
+lookup of a new table without statistics as a read of the whole table.
+
 ``--replicas N`` runs the transformer a second time as N replicas, each a process of its own on the same queue
 (decision 89: each batch claims its mailboxes), from the moment every replica is built until all N messages are handled.
 
@@ -69,6 +73,31 @@ def states(count: int, now: datetime) -> list[BusyTimeState]:
         out.append(BusyTimeState(correlation_id=uuid.uuid4().hex, mailbox=MAILBOXES[n % len(MAILBOXES)], origin_id=f"uid-{n:08d}-{start:%Y%m%d}",
                                  version=version, interval=Interval(start=start, end=start + timedelta(minutes=45))))
     return out
+
+
+def hold(database_url: str, per_mailbox: int, now: datetime) -> None:
+    """Give the transformer's store what a running installation's holds: ``per_mailbox`` decided keys in every mailbox
+    (none of them a key the benchmark's changes touch), and the database's statistics of them (``ANALYZE``). A new
+    table has no statistics until PostgreSQL's autovacuum first analyses it, and its planner then reads the whole table
+    for every lookup by key."""
+    from shared.adapters.store import DesiredWrite, open_store
+    from shared.domain.transform_core import DesiredRecord
+
+    store = open_store(database_url, auto_upgrade=True)
+    version = int(now.timestamp() * 1_000_000)
+    writes = []
+    for mailbox in MAILBOXES:
+        rows = []
+        for n in range(per_mailbox):
+            start = now + timedelta(days=1 + n % 60, hours=9)
+            rows.append(DesiredRecord(f"held-{n:06d}-{start:%Y%m%d}", f"held-uid-{n:06d}", f"held-item-{n:06d}", version,
+                                      Interval(start=start, end=start + timedelta(minutes=30))))
+        writes.append(DesiredWrite(mailbox, rows, None, None))
+    for start in range(0, len(writes), 50):
+        store.save_desired_many(writes[start : start + 50])
+    with store.engine.begin() as conn:
+        conn.execute(text("ANALYZE"))
+    store.engine.dispose()
 
 
 def _connection() -> pika.BlockingConnection:
@@ -261,6 +290,8 @@ def main() -> int:
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
     parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
+    parser.add_argument("--held", type=int, default=0, help="transformer: the store already holds this many decided keys a "
+                        "mailbox, and the database's statistics of them, as a running installation's does")
     parser.add_argument("--replicas", type=int, default=0, help="transformer: also run it as this many replica processes on one queue")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher, publisher-instant) into stage.prof (+ stage-handler.prof); "
                         "the transformer on both databases keeps the PostgreSQL run's")
@@ -320,9 +351,12 @@ def main() -> int:
             producer.close()
 
         databases = set(args.databases.split(","))
+        held = f" ({args.held} held a mailbox)" if args.held else ""
         if "transformer" in only and "sqlite" in databases:
             settings, topology = fresh(f"sqlite:///{workdir / 'transformer.db'}")
-            rows.append(("transformer, SQLite", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
+            if args.held:
+                hold(settings.database_url(), args.held, now)
+            rows.append((f"transformer, SQLite{held}", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
             if args.replicas:
                 settings, topology = fresh(f"sqlite:///{workdir / 'transformer-replicas.db'}")
                 rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
@@ -337,7 +371,9 @@ def main() -> int:
                     conn.execute(text(f'CREATE DATABASE "{database}"'))
             try:
                 settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[0]}")
-                rows.append(("transformer, PostgreSQL", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
+                if args.held:
+                    hold(settings.database_url(), args.held, now)
+                rows.append((f"transformer, PostgreSQL{held}", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
                              CPU_NOTES.pop() if CPU_NOTES else ""))
                 if args.replicas:
                     settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[1]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Table,
     TypeDecorator,
     and_,
+    any_,
     bindparam,
     create_engine,
     delete,
@@ -40,6 +42,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from shared.domain.contracts import Interval
@@ -258,7 +261,17 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _postgresql_session(dbapi_connection: Any, _: Any) -> None:
+            # a statement psycopg has prepared (the fifth run of one text on a connection) is planned once for any
+            # values: every statement we repeat finds rows by key (decision 118)
+            dbapi_connection.execute("SET plan_cache_mode = force_generic_plan")
+            dbapi_connection.commit()
+
+    return engine
 
 
 def schema_version(engine: Engine) -> int | None:
@@ -314,8 +327,10 @@ class _PerMailbox:
 
     def run(self, conn: Connection, *columns: str) -> Iterator[Any]:
         """The rows of ``SELECT columns FROM table WHERE`` the terms, in statements of at most
-        ``_MAILBOXES_PER_QUERY`` mailboxes: a statement's size in SQLite's memory grows with its terms."""
+        ``_MAILBOXES_PER_QUERY`` mailboxes: a statement's size in SQLite's memory grows with its terms. On PostgreSQL
+        each list is one array parameter, so a statement's text depends only on its size (decision 118)."""
         nothing: tuple[list[str], ...] = tuple([] for _ in self.columns)
+        arrays = conn.dialect.name == "postgresql"
         for start in range(0, len(self.mailboxes), _MAILBOXES_PER_QUERY):
             part = self.mailboxes[start : start + _MAILBOXES_PER_QUERY]
             size = 1 << max(0, len(part) - 1).bit_length()
@@ -325,15 +340,23 @@ class _PerMailbox:
                 values[f"pm_{n}"] = mailbox
                 for k, names in enumerate(lists):
                     values[f"pn_{n}_{k}"] = names
-            yield from conn.execute(_per_mailbox_select(self.table, columns, self.columns, size), values)
+            yield from conn.execute(_per_mailbox_select(self.table, columns, self.columns, size, arrays), values)
 
 
 @functools.lru_cache(maxsize=64)
-def _per_mailbox_select(table: Table, columns: tuple[str, ...], searched: tuple[str, ...], size: int) -> Any:
+def _per_mailbox_select(table: Table, columns: tuple[str, ...], searched: tuple[str, ...], size: int, arrays: bool) -> Any:
+    """The statement of ``_PerMailbox.run``. With ``arrays`` (PostgreSQL) a term is ``column = ANY(:list)`` with the
+    list as one array parameter, else ``column IN (:list)`` expanded to one placeholder per name (decision 118)."""
     c = table.c
+
+    def names_in(column: Any, name: str) -> Any:
+        if arrays:
+            return column == any_(bindparam(name, type_=ARRAY(String)))
+        return column.in_(bindparam(name, expanding=True))
+
     condition = or_(
         *(
-            and_(c.mailbox == bindparam(f"pm_{n}"), c[name].in_(bindparam(f"pn_{n}_{k}", expanding=True)))
+            and_(c.mailbox == bindparam(f"pm_{n}"), names_in(c[name], f"pn_{n}_{k}"))
             for n in range(size)
             for k, name in enumerate(searched)
         )
@@ -489,6 +512,11 @@ class Store:
     def connect(cls, url: str) -> Store:
         return cls(make_engine(url))
 
+    def _reading(self) -> AbstractContextManager[Connection]:
+        """A connection for reads, whose transaction ends with COMMIT: psycopg forgets every statement it has prepared
+        on a connection at a ROLLBACK, so reads that rolled back were never prepared (decision 118)."""
+        return self.engine.begin()
+
     # --- mailboxes -----------------------------------------------------------------------
     def add_mailbox(self, address: str, backend: Backend | None = None) -> bool:
         """Enrol a mailbox (or enable it again); ``backend`` names its reader, None leaves it to the default."""
@@ -553,14 +581,14 @@ class Store:
     def rules(self, rule: str) -> list[tuple[str, datetime]]:
         """The addresses on the "allow" or "deny" list, with when each was added, by address."""
         query = select(mailbox_rules.c.address, mailbox_rules.c.created_at).where(mailbox_rules.c.rule == rule).order_by(mailbox_rules.c.address)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [(r.address, r.created_at) for r in conn.execute(query)]
 
     def list_mailboxes(self, enabled_only: bool = False) -> list[MailboxRow]:
         query = select(mailboxes).order_by(mailboxes.c.address)
         if enabled_only:
             query = query.where(mailboxes.c.enabled.is_(True))
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return [
                 MailboxRow(
                     r.address, r.enabled, r.status, r.status_detail, r.planner_resource_id, r.last_delivery_at, r.last_error, r.last_error_at, r.backend
@@ -590,13 +618,13 @@ class Store:
 
     # --- exchange sync state -----------------------------------------------------------------
     def sync_position(self, mailbox: str) -> SyncPosition | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(exchange_sync).where(exchange_sync.c.mailbox == mailbox.lower(), exchange_sync.c.sync_state.is_not(None))).first()
         return _position(row) if row else None
 
     def sync_positions(self) -> dict[str, SyncPosition]:
         """Every mailbox's sync position, by address (one query, for the status page)."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(exchange_sync).where(exchange_sync.c.sync_state.is_not(None))).all()
         return {r.mailbox: _position(r) for r in rows}
 
@@ -663,7 +691,7 @@ class Store:
     # the database serialises the UPDATEs of one row (SQLite one writer; PostgreSQL and SQL Server row locks, the
     # WHERE evaluated again on the row as committed), and an INSERT of a row that exists fails on the primary key.
     def replica_beats(self) -> list[ReplicaBeat]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(producer_replicas)).all()
         return [ReplicaBeat(r.replica, r.incarnation, r.expires_at, r.host, r.process_key, r.pid) for r in rows]
 
@@ -690,7 +718,7 @@ class Store:
             conn.execute(delete(producer_replicas).where(and_(producer_replicas.c.replica == replica, producer_replicas.c.incarnation == incarnation)))
 
     def leases(self) -> list[Lease]:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(mailbox_leases)).all()
         return [Lease(r.mailbox, r.owner, r.expires_at, r.epoch) for r in rows]
 
@@ -778,7 +806,7 @@ class Store:
         result: dict[str, dict[str, DesiredRecord]] = {name: {} for name in names}
         c = desired_states.c
         columns = (c.mailbox, c.origin_id, c.uid, c.source_item_id, c.version, c.start_at, c.end_at, c.seen_in_snapshot)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(names), 500):
                 for r in conn.execute(select(*columns).where(c.mailbox.in_(names[start : start + 500]))):
                     interval = _stored_interval(r.start_at, r.end_at)
@@ -797,7 +825,7 @@ class Store:
         whole = sorted(mailbox for mailbox, r in wanted.items() if r.whole or sizes[mailbox] > _NAMES_PER_QUERY)
         result = self.desired_many(whole)
         columns = ("mailbox", "origin_id", "uid", "source_item_id", "version", "start_at", "end_at", "seen_in_snapshot")
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for group in _groups(sorted(set(wanted) - set(whole)), sizes):
                 fetched: dict[str, dict[str, DesiredRecord]] = {mailbox: {} for mailbox in group}
 
@@ -987,13 +1015,13 @@ class Store:
 
     def claims(self, stage: str) -> dict[ClaimKey, tuple[str, datetime]]:
         """The live claims of a stage: key -> (owner, expiry); for tests and support."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(key_claims).where(key_claims.c.stage == stage)).all()
         return {(r.mailbox, r.origin_id): (r.owner, r.expires_at) for r in rows}
 
     def snapshot_progress(self, snapshot_id: str) -> tuple[set[int], int | None]:
         """The parts of a snapshot recorded so far, and its total once the final part is recorded."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(select(snapshot_parts.c.part, snapshot_parts.c.total_parts).where(snapshot_parts.c.snapshot_id == snapshot_id)).all()
         totals = [r.total_parts for r in rows if r.total_parts is not None]
         return {r.part for r in rows}, (max(totals) if totals else None)
@@ -1034,7 +1062,7 @@ class Store:
         wanted = {(mailbox.lower(), origin_id) for mailbox, origin_ids in keys.items() for origin_id in origin_ids}
         result: dict[str, dict[str, DeliveredRecord]] = {mailbox.lower(): {} for mailbox in keys}
         pairs = sorted(wanted)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for start in range(0, len(pairs), 500):
                 chunk = pairs[start : start + 500]
                 terms = _PerMailbox(delivered_events, ("origin_id",)).pairs(chunk)  # the keys' rows only (decision 114)
@@ -1050,7 +1078,7 @@ class Store:
         if origin_ids is not None and not origin_ids:
             return result
         chunks: list[Sequence[str] | None] = [None] if origin_ids is None else [origin_ids[i : i + 500] for i in range(0, len(origin_ids), 500)]
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for chunk in chunks:
                 q = query if chunk is None else query.where(delivered_events.c.origin_id.in_(list(chunk)))
                 for r in conn.execute(q):
@@ -1060,7 +1088,7 @@ class Store:
     def explain_rows(self, mailbox: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every desired and delivered row of a mailbox with all its columns (``plannersync explain``, ``export``)."""
         mailbox = mailbox.lower()
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             desired = [dict(r._mapping) for r in conn.execute(select(desired_states).where(desired_states.c.mailbox == mailbox))]
             delivered = [dict(r._mapping) for r in conn.execute(select(delivered_events).where(delivered_events.c.mailbox == mailbox))]
         return desired, delivered

@@ -616,6 +616,32 @@ def test_batches_of_every_shape_share_a_few_statements(tmp_path: Path) -> None:
     assert len(run) == 2 and all(1 <= len(statements) <= 7 for statements in run.values()), {k[-60:]: len(v) for k, v in run.items()}
 
 
+def test_on_postgresql_the_batch_reads_that_repeat_are_prepared_and_planned_once(pg_url: str) -> None:
+    """Decision 118: a batch's searches of decided rows (``desired_for``) and of what Planner holds (``delivered_many``)
+    repeat with every batch. On PostgreSQL each was parsed and planned anew, about 7 ms a statement for 32 mailboxes:
+    their text changed with every list's length, and every read ended with a ROLLBACK, at which psycopg forgets what it
+    has prepared on the connection. Read back from the server's own view of the connection's prepared statements."""
+    store = Store(make_engine(pg_url))
+    upgrade(store.engine)
+    mailboxes = [f"m{m}@k.dk" for m in range(40)]
+    for mailbox in mailboxes:
+        store.save_desired(mailbox, [DesiredRecord(f"k{n}", f"u{n}", f"id-{n}", 1, SPAN, None) for n in range(6)])
+    for round_ in range(12):   # each round asks for another mix of names, and lists of other lengths
+        reads = {mailbox: Reads(origin_ids=frozenset(f"k{n}" for n in range((m + round_) % 4 + 1)), item_ids=frozenset({f"id-{round_ % 6}"}),
+                                uids=frozenset(f"u{n}" for n in range(round_ % 3)))
+                 for m, mailbox in enumerate(mailboxes)}
+        found = store.desired_for(reads)
+        assert found["m0@k.dk"] == reads["m0@k.dk"].select(store.desired("m0@k.dk"))
+        store.delivered_many({mailbox: [f"k{n}" for n in range((m + round_) % 5 + 1)] for m, mailbox in enumerate(mailboxes)})
+    with store.engine.connect() as conn:   # the pool's one connection, which ran every read above
+        prepared = conn.exec_driver_sql("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements").all()
+    store.engine.dispose()
+    searches = {table: [p for p in prepared if f"FROM {table}" in p.statement and " OR " in p.statement] for table in ("desired_states", "delivered_events")}
+    assert all(searches.values()), [p.statement[:80] for p in prepared]
+    for table, statements in searches.items():
+        assert max(p.generic_plans for p in statements) >= 6 and all(p.custom_plans == 0 for p in statements), (table, statements)
+
+
 def test_a_conditional_update_leaves_a_row_written_newer_since_the_batch_read_it(store: Store) -> None:
     store.save_desired("a@k.dk", [DesiredRecord("k", "u", None, 5, None, None)])
     written: list[bool] = []
