@@ -16,8 +16,10 @@
 of them (``ANALYZE``), as a running installation has; without it the store starts empty, and PostgreSQL plans every
 lookup of a new table without statistics as a read of the whole table.
 
-``--replicas N`` runs the transformer a second time as N replicas, each a process of its own on the same queue
-(decision 89: each batch claims its mailboxes), from the moment every replica is built until all N messages are handled.
+``--replicas N`` runs the transformer, and the publisher into an instant Planner, a second time as N replicas, each a
+process of its own on the same queue (decision 89: a transformer's batch claims its mailboxes, a publisher's its keys),
+from the moment every replica is built until all N messages are handled. Each publisher replica has an instant Planner
+of its own; the messages' keys are all new, so each is one create wherever it goes.
 
 The table gives each stage's rate and its share of the slower of the two raw rates (a stage both consumes and
 publishes). Figures go to docs/benchmarks.md, never into assertions.
@@ -93,8 +95,8 @@ def hold(database_url: str, per_mailbox: int, now: datetime) -> None:
             rows.append(DesiredRecord(f"held-{n:06d}-{start:%Y%m%d}", f"held-uid-{n:06d}", f"held-item-{n:06d}", version,
                                       Interval(start=start, end=start + timedelta(minutes=30))))
         writes.append(DesiredWrite(mailbox, rows, None, None))
-    for start in range(0, len(writes), 50):
-        store.save_desired_many(writes[start : start + 50])
+    for first in range(0, len(writes), 50):
+        store.save_desired_many(writes[first : first + 50])
     with store.engine.begin() as conn:
         conn.execute(text("ANALYZE"))
     store.engine.dispose()
@@ -233,12 +235,36 @@ def run_transformer(settings: Settings, topology: Topology, messages: list[Calen
     return run_consumer(build_transformer(settings), len(messages), profile)
 
 
-def _replica(prefix: str, database_url: str, planner_url: str, workdir: str, ready: Any, go: Any, stop: Any, handled: Any, cpu: Any) -> None:
-    """One transformer replica, in a process of its own: built, then run from ``go`` to ``stop``, its count shared."""
-    from services.transformer.worker import build as build_transformer
+def build_instant_publisher(settings: Settings, topology: Topology) -> tuple[Any, Any]:
+    """The publisher into an instant Planner: the simulator's own state, called without HTTP or XML
+    (tests/support/planner_model.py, decision 60), so what is left is the stage's own cost. The consumer and the model."""
+    from services.publisher.worker import HANDLER_DEADLINE, DaemonPool, OutageGuard, PublisherDeps, handle
+    from shared.adapters.planner_client import PlannerEvent
+    from shared.adapters.store import open_store
+    from shared.broker.consume_loop import Consumer, ConsumerOptions
+    from tests.support.planner_model import PlannerModel
 
+    model = PlannerModel()
+    guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
+    deps = PublisherDeps(settings, open_store(settings.database_url(), True), model, guard, PlannerEvent,
+                         DaemonPool(settings.planner.parallel_calls, "planner-call"))
+    size = settings.planner.max_batch_messages
+    options = ConsumerOptions(prefetch=2 * size, batch_size=size, linger=settings.planner.linger, handler_deadline=HANDLER_DEADLINE)
+    return Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options), model
+
+
+def _replica(stage: str, prefix: str, database_url: str, planner_url: str, workdir: str, ready: Any, go: Any, stop: Any, handled: Any,
+             cpu: Any) -> None:
+    """One replica of ``stage`` (transformer, or publisher into an instant Planner of its own), in a process of its own:
+    built, then run from ``go`` to ``stop``, its count shared."""
     configure("WARNING", "console", service="benchmark")
-    consumer = build_transformer(make_settings(prefix, database_url, planner_url, Path(workdir)))
+    settings = make_settings(prefix, database_url, planner_url, Path(workdir))
+    if stage == "transformer":
+        from services.transformer.worker import build as build_transformer
+
+        consumer = build_transformer(settings)
+    else:
+        consumer, _ = build_instant_publisher(settings, from_settings(settings.broker, settings.retry))
     ready.release()
     go.wait()
     cpu0 = time.process_time()
@@ -252,16 +278,17 @@ def _replica(prefix: str, database_url: str, planner_url: str, workdir: str, rea
     thread.join(30)
 
 
-def run_transformer_replicas(settings: Settings, topology: Topology, messages: list[CalendarChange], replicas: int, workdir: Path) -> float:
-    """The transformer as ``replicas`` processes on one queue: the messages handled a second, all replicas together."""
-    producer = Publisher(settings.broker, topology)
-    publish_all(producer, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages])
+def run_replicas(stage: str, settings: Settings, outgoing: list[Outgoing], replicas: int, workdir: Path) -> float:
+    """``stage`` as ``replicas`` processes on one queue, ``outgoing`` waiting in it: the messages handled a second, all
+    replicas together, from the moment every replica is built."""
+    producer = Publisher(settings.broker, from_settings(settings.broker, settings.retry))
+    publish_all(producer, outgoing)
     producer.close()
     spawn = multiprocessing.get_context("spawn")
     ready, go, stop = spawn.Semaphore(0), spawn.Event(), spawn.Event()
     counts = [spawn.Value("i", 0) for _ in range(replicas)]
     cpus = [spawn.Value("d", 0.0) for _ in range(replicas)]
-    procs = [spawn.Process(target=_replica, args=(settings.broker.prefix, settings.database_url(), settings.planner.endpoint, str(workdir),
+    procs = [spawn.Process(target=_replica, args=(stage, settings.broker.prefix, settings.database_url(), settings.planner.endpoint, str(workdir),
                                                   ready, go, stop, counts[i], cpus[i]), daemon=True) for i in range(replicas)]
     for proc in procs:
         proc.start()
@@ -270,7 +297,7 @@ def run_transformer_replicas(settings: Settings, topology: Topology, messages: l
             raise SystemExit("a replica was not built within 120 s")
     t0 = time.monotonic()
     go.set()
-    wait_until(lambda: sum(c.value for c in counts) >= len(messages))
+    wait_until(lambda: sum(c.value for c in counts) >= len(outgoing))
     seconds = time.monotonic() - t0
     stop.set()
     for proc in procs:
@@ -292,7 +319,8 @@ def main() -> int:
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
     parser.add_argument("--held", type=int, default=0, help="transformer: the store already holds this many decided keys a "
                         "mailbox, and the database's statistics of them, as a running installation's does")
-    parser.add_argument("--replicas", type=int, default=0, help="transformer: also run it as this many replica processes on one queue")
+    parser.add_argument("--replicas", type=int, default=0, help="transformer and publisher (into instant Planners): also run each as "
+                        "this many replica processes on one queue")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher, publisher-instant) into stage.prof (+ stage-handler.prof); "
                         "the transformer on both databases keeps the PostgreSQL run's")
     args = parser.parse_args()
@@ -359,7 +387,8 @@ def main() -> int:
             rows.append((f"transformer, SQLite{held}", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
             if args.replicas:
                 settings, topology = fresh(f"sqlite:///{workdir / 'transformer-replicas.db'}")
-                rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
+                rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
+                                    args.replicas, workdir)
                 rows.append((f"transformer, SQLite, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
         if "transformer" in only and "postgresql" in databases:
             # a new database for each run: the same changes decided again in the same database would find every key
@@ -377,7 +406,8 @@ def main() -> int:
                              CPU_NOTES.pop() if CPU_NOTES else ""))
                 if args.replicas:
                     settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[1]}")
-                    rate = run_transformer_replicas(settings, topology, changes(n, now), args.replicas, workdir)
+                    rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
+                                    args.replicas, workdir)
                     rows.append((f"transformer, PostgreSQL, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
@@ -401,27 +431,19 @@ def main() -> int:
             calls = len(planner.state.calls())
             rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
 
-            # The same stage with an instant Planner: the simulator's own state, called without HTTP or XML
-            # (tests/support/planner_model.py, decision 60), so what is left is the stage's own cost.
-            from services.publisher.worker import HANDLER_DEADLINE, DaemonPool, OutageGuard, PublisherDeps, handle
-            from shared.adapters.planner_client import PlannerEvent
-            from shared.adapters.store import open_store
-            from shared.broker.consume_loop import Consumer, ConsumerOptions
-            from tests.support.planner_model import PlannerModel
-
+            # The same stage with an instant Planner (build_instant_publisher): what is left is the stage's own cost.
             settings, topology = fresh(f"sqlite:///{workdir / 'publisher-instant.db'}")
             producer = Publisher(settings.broker, topology)
             publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
             producer.close()
-            model = PlannerModel()
-            guard = OutageGuard(settings.planner.outage_after_failures, settings.planner.outage_cooldown.total_seconds())
-            deps = PublisherDeps(settings, open_store(settings.database_url(), True), model, guard, PlannerEvent,
-                                 DaemonPool(settings.planner.parallel_calls, "planner-call"))
-            size = settings.planner.max_batch_messages
-            options = ConsumerOptions(prefetch=2 * size, batch_size=size, linger=settings.planner.linger, handler_deadline=HANDLER_DEADLINE)
-            consumer = Consumer(settings.broker, topology, topology.stage("publisher"), lambda batch: handle(batch, deps), options)
+            consumer, model = build_instant_publisher(settings, topology)
             rate = run_consumer(consumer, n, args.profile == "publisher-instant")
             rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+            if args.replicas:   # each replica has an instant Planner of its own: every key is new, so each is one create
+                settings, topology = fresh(f"sqlite:///{workdir / 'publisher-replicas.db'}")
+                rate = run_replicas("publisher", settings, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)],
+                                    args.replicas, workdir)
+                rows.append((f"publisher into instant Planners, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
     finally:
         planner.stop()
         for cleanup in cleanups:
