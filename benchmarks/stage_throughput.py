@@ -387,9 +387,11 @@ def main() -> int:
             rows.append((f"transformer, SQLite{held}", run_transformer(settings, topology, sample, args.profile == "transformer"), CPU_NOTES.pop() if CPU_NOTES else ""))
             if args.replicas:
                 settings, topology = fresh(f"sqlite:///{workdir / 'transformer-replicas.db'}")
+                if args.held:
+                    hold(settings.database_url(), args.held, now)
                 rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
                                     args.replicas, workdir)
-                rows.append((f"transformer, SQLite, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+                rows.append((f"transformer, SQLite{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
         if "transformer" in only and "postgresql" in databases:
             # a new database for each run: the same changes decided again in the same database would find every key
             # decided at their version already and publish and write nothing
@@ -406,9 +408,11 @@ def main() -> int:
                              CPU_NOTES.pop() if CPU_NOTES else ""))
                 if args.replicas:
                     settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[1]}")
+                    if args.held:
+                        hold(settings.database_url(), args.held, now)
                     rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
                                     args.replicas, workdir)
-                    rows.append((f"transformer, PostgreSQL, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+                    rows.append((f"transformer, PostgreSQL{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             finally:
                 with admin.connect() as conn:
                     for database in databases_made:

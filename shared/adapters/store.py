@@ -269,6 +269,7 @@ def make_engine(url: str) -> Engine:
             # a statement psycopg has prepared (the fifth run of one text on a connection) is planned once for any
             # values: every statement we repeat finds rows by key (decision 118)
             dbapi_connection.execute("SET plan_cache_mode = force_generic_plan")
+            dbapi_connection.execute("SET max_parallel_workers_per_gather = 0")
             dbapi_connection.commit()
 
     return engine
