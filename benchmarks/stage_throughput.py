@@ -10,7 +10,8 @@
   store, publish with confirms, ack), once on SQLite and once on PostgreSQL (127.0.0.1, a throwaway database);
 - publisher: N busy-time states waiting in its queue → time until it has handled them all (batching per mailbox,
   receipts stored; SQLite), once into the in-process Planner simulator (SOAP over HTTP, zeep on both ends in this
-  one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost).
+  one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost); with
+  PostgreSQL among ``--databases``, into an instant Planner once more with its receipts in PostgreSQL.
 
 ``--held K`` gives the transformer's store K decided keys a mailbox before it starts, and the database's statistics
 of them (``ANALYZE``), as a running installation has; without it the store starts empty, and PostgreSQL plans every
@@ -316,7 +317,8 @@ def main() -> int:
     parser.add_argument("--prefetch", type=int, default=500, help="raw consume: prefetch")
     parser.add_argument("--only", default="raw,producer,transformer,publisher")
     parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
-    parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on; "
+                        "publisher: with postgresql, also into an instant Planner on PostgreSQL")
     parser.add_argument("--held", type=int, default=0, help="transformer: the store already holds this many decided keys a "
                         "mailbox, and the database's statistics of them, as a running installation's does")
     parser.add_argument("--replicas", type=int, default=0, help="transformer and publisher (into instant Planners): also run each as "
@@ -443,6 +445,23 @@ def main() -> int:
             consumer, model = build_instant_publisher(settings, topology)
             rate = run_consumer(consumer, n, args.profile == "publisher-instant")
             rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+            if "postgresql" in databases:
+                database = f"bench_{uuid.uuid4().hex[:8]}"
+                admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+                with admin.connect() as conn:
+                    conn.execute(text(f'CREATE DATABASE "{database}"'))
+                try:
+                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+                    producer = Publisher(settings.broker, topology)
+                    publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
+                    producer.close()
+                    consumer, model = build_instant_publisher(settings, topology)
+                    rate = run_consumer(consumer, n, False)
+                    rows.append((f"publisher into an instant Planner, PostgreSQL ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+                finally:
+                    with admin.connect() as conn:
+                        conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+                    admin.dispose()
             if args.replicas:   # each replica has an instant Planner of its own: every key is new, so each is one create
                 settings, topology = fresh(f"sqlite:///{workdir / 'publisher-replicas.db'}")
                 rate = run_replicas("publisher", settings, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)],
