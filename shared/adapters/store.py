@@ -8,6 +8,7 @@ No table holds appointment content: ids, times, versions and receipt codes only.
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import time
 from contextlib import AbstractContextManager
@@ -246,6 +247,17 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class _ErrorOnItsWay(logging.Filter):
+    """Drops psycopg's WARNING "error ignored terminating <Pipeline ...>: ..."; psycopg logs it only while the error
+    that ended the pipeline is already on its way to us (decision 119)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "error ignored terminating %r: %s"
+
+
+_ERROR_ON_ITS_WAY = _ErrorOnItsWay()
+
+
 def make_engine(url: str) -> Engine:
     """An engine for any supported URL; SQLite gets WAL and a busy timeout so workers can share a file."""
     if url.startswith("sqlite"):
@@ -263,6 +275,7 @@ def make_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "postgresql":
+        logging.getLogger("psycopg").addFilter(_ERROR_ON_ITS_WAY)   # once, whatever the count of engines
 
         @event.listens_for(engine, "connect")
         def _postgresql_session(dbapi_connection: Any, _: Any) -> None:

@@ -760,6 +760,41 @@ def test_a_key_inserted_by_another_writer_since_the_batch_read_it_is_written_as_
     assert inserted and (saved["k"].version, saved["k"].interval) == (9, None) and saved["j"].version == 8
 
 
+def test_replicas_writing_the_same_new_keys_at_once_leave_no_warning_of_the_conflict_they_resolve(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two stores (two replicas) write the same new keys at the same moment: one insert fails on the other's rows and
+    the write is done again as an update under the version check (decision 89). psycopg logged a WARNING with the
+    connection's details each time ("error ignored terminating <psycopg.Pipeline ...>: pipeline aborted") while the
+    error it noted went on to the store, which resolved it: a warning an operator can do nothing about."""
+    import threading
+
+    stores = [Store(make_engine(pg_url)) for _ in range(2)]
+    upgrade(stores[0].engine)
+    rounds, errors = 15, []
+    barrier = threading.Barrier(2)
+
+    def replica(n: int) -> None:
+        try:
+            for r in range(rounds):
+                barrier.wait(10)
+                stores[n].save_desired_many([DesiredWrite(f"m{m}@k.dk", [DesiredRecord(f"r{r}k{k}", None, None, 10 + n, SPAN, None) for k in range(20)])
+                                             for m in range(10)])
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(repr(exc))
+
+    caplog.set_level("WARNING", logger="psycopg")
+    threads = [threading.Thread(target=replica, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for each in stores:
+        each.engine.dispose()
+    assert errors == []
+    held = stores[0].desired("m3@k.dk")
+    assert len(held) == rounds * 20 and {row.version for row in held.values()} == {11}   # the newer version of each key, once
+    assert [r.getMessage()[:80] for r in caplog.records if r.name.startswith("psycopg")] == []
+
+
 def test_a_correction_applies_only_to_rows_nobody_wrote_since_it_was_true(store: Store) -> None:
     """Decision 104: the reconciler's corrections are true of Planner when GetEvents was asked; a receipt written since
     is newer and stays, in the same statement (here on SQLite and PostgreSQL)."""
