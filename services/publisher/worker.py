@@ -20,6 +20,7 @@ before any call leaves.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -95,20 +96,23 @@ class Pool(Protocol):
 
 
 class DaemonPool:
-    """Runs calls on daemon threads, at most ``size`` at once.
+    """Runs calls on ``size`` daemon threads of its own, started with its first call and kept (decision 120).
 
     ``ThreadPoolExecutor`` joins its threads when the interpreter exits, so one call stuck for ever would hold a
     stopped worker open past its grace period; a daemon thread cannot (decision 51 in docs/decisions.md).
     """
 
     def __init__(self, size: int, name: str) -> None:
-        self._slots = threading.BoundedSemaphore(size)
+        self._size = size
         self._name = name
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
 
     def map(self, fn: Callable[[_T], _R], items: Iterable[_T], /) -> Iterator[_R]:
+        self._start()
         futures: list[Future[_R]] = []
         for item in items:
-            self._slots.acquire()
             future: Future[_R] = Future()
 
             def run(item: _T = item, future: Future[_R] = future) -> None:
@@ -116,12 +120,21 @@ class DaemonPool:
                     future.set_result(fn(item))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
                     future.set_exception(exc)
-                finally:
-                    self._slots.release()
 
-            threading.Thread(target=run, name=f"{self._name}-{len(futures)}", daemon=True).start()
+            self._work.put(run)
             futures.append(future)
         return (future.result() for future in futures)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            while len(self._threads) < self._size:
+                thread = threading.Thread(target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _serve(self) -> None:
+        while True:
+            self._work.get()()
 
 
 class PlannerCalls(Protocol):
