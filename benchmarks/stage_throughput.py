@@ -13,8 +13,9 @@
   one process) and once into an instant Planner (the simulator's state called directly: the stage's own cost); with
   PostgreSQL among ``--databases``, into an instant Planner once more with its receipts in PostgreSQL.
 
-``--held K`` gives the transformer's store K decided keys a mailbox before it starts, and the database's statistics
-of them (``ANALYZE``), as a running installation has; without it the store starts empty, and PostgreSQL plans every
+``--held K`` gives the transformer's store K decided keys a mailbox before it starts, and the publisher's (into an
+instant Planner) K events a mailbox held in Planner, with the database's statistics of them (``ANALYZE``), as a running
+installation has; without it the store starts empty, and PostgreSQL plans every
 lookup of a new table without statistics as a read of the whole table.
 
 ``--replicas N`` runs the transformer, and the publisher into an instant Planner, a second time as N replicas, each a
@@ -98,6 +99,24 @@ def hold(database_url: str, per_mailbox: int, now: datetime) -> None:
         writes.append(DesiredWrite(mailbox, rows, None, None))
     for first in range(0, len(writes), 50):
         store.save_desired_many(writes[first : first + 50])
+    with store.engine.begin() as conn:
+        conn.execute(text("ANALYZE"))
+    store.engine.dispose()
+
+
+def hold_delivered(database_url: str, per_mailbox: int, now: datetime) -> None:
+    """``hold`` for the publisher's store: ``per_mailbox`` events every mailbox already holds in Planner (none of them a
+    key the benchmark's messages touch), and the database's statistics of them."""
+    from shared.adapters.store import delivered_events, open_store
+
+    store = open_store(database_url, auto_upgrade=True)
+    version = int(now.timestamp() * 1_000_000)
+    rows = [{"mailbox": mailbox.lower(), "origin_id": f"held-{n:06d}", "version": version, "present": True, "start_at": now, "end_at": now,
+             "planner_event_id": str(uuid.uuid4()), "planner_originated": False, "updated_at": now}
+            for mailbox in MAILBOXES for n in range(per_mailbox)]
+    with store.engine.begin() as conn:
+        for first in range(0, len(rows), 5000):
+            conn.execute(delivered_events.insert(), rows[first : first + 5000])
     with store.engine.begin() as conn:
         conn.execute(text("ANALYZE"))
     store.engine.dispose()
@@ -319,8 +338,9 @@ def main() -> int:
     parser.add_argument("--mailboxes", type=int, default=50, help="the messages go round this many mailboxes")
     parser.add_argument("--databases", default="sqlite,postgresql", help="transformer: which stores to run it on; "
                         "publisher: with postgresql, also into an instant Planner on PostgreSQL")
-    parser.add_argument("--held", type=int, default=0, help="transformer: the store already holds this many decided keys a "
-                        "mailbox, and the database's statistics of them, as a running installation's does")
+    parser.add_argument("--held", type=int, default=0, help="transformer and publisher into an instant Planner: the store already "
+                        "holds this many keys a mailbox (decided, or held in Planner), and the database's statistics of them, as a running "
+                        "installation's does")
     parser.add_argument("--replicas", type=int, default=0, help="transformer and publisher (into instant Planners): also run each as "
                         "this many replica processes on one queue")
     parser.add_argument("--profile", default="", help="cProfile this stage (producer, transformer, publisher, publisher-instant) into stage.prof (+ stage-handler.prof); "
@@ -439,12 +459,14 @@ def main() -> int:
 
             # The same stage with an instant Planner (build_instant_publisher): what is left is the stage's own cost.
             settings, topology = fresh(f"sqlite:///{workdir / 'publisher-instant.db'}")
+            if args.held:
+                hold_delivered(settings.database_url(), args.held, now)
             producer = Publisher(settings.broker, topology)
             publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
             producer.close()
             consumer, model = build_instant_publisher(settings, topology)
             rate = run_consumer(consumer, n, args.profile == "publisher-instant")
-            rows.append((f"publisher into an instant Planner ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+            rows.append((f"publisher into an instant Planner{held} ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             if "postgresql" in databases:
                 database = f"bench_{uuid.uuid4().hex[:8]}"
                 admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
@@ -452,12 +474,14 @@ def main() -> int:
                     conn.execute(text(f'CREATE DATABASE "{database}"'))
                 try:
                     settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+                    if args.held:
+                        hold_delivered(settings.database_url(), args.held, now)
                     producer = Publisher(settings.broker, topology)
                     publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
                     producer.close()
                     consumer, model = build_instant_publisher(settings, topology)
                     rate = run_consumer(consumer, n, False)
-                    rows.append((f"publisher into an instant Planner, PostgreSQL ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+                    rows.append((f"publisher into an instant Planner, PostgreSQL{held} ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
                 finally:
                     with admin.connect() as conn:
                         conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
