@@ -488,9 +488,11 @@ def main() -> int:
                     admin.dispose()
             if args.replicas:   # each replica has an instant Planner of its own: every key is new, so each is one create
                 settings, topology = fresh(f"sqlite:///{workdir / 'publisher-replicas.db'}")
+                if args.held:
+                    hold_delivered(settings.database_url(), args.held, now)
                 rate = run_replicas("publisher", settings, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)],
                                     args.replicas, workdir)
-                rows.append((f"publisher into instant Planners, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
+                rows.append((f"publisher into instant Planners{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
     finally:
         planner.stop()
         for cleanup in cleanups:
@@ -499,7 +501,7 @@ def main() -> int:
     raw = min(raw_publish, raw_consume)
     for name, rate, cpu in rows:
         share = f"{100 * rate / raw:5.1f} % of raw" if raw else ""
-        print(f"  {name:<58} {rate:8.0f} msg/s  {share}  {cpu}")
+        print(f"  {name:<76} {rate:8.0f} msg/s  {share}  {cpu}")
     return 0
 
 
