@@ -36,9 +36,10 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -246,12 +247,44 @@ def make_settings(prefix: str, database_url: str, planner_url: str, workdir: Pat
     )
 
 
+def changes_out(topology: Topology, messages: list[CalendarChange]) -> list[Outgoing]:
+    """The changes as the change producer publishes them, to the transformer's queue."""
+    return [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages]
+
+
+def states_out(topology: Topology, messages: list[BusyTimeState]) -> list[Outgoing]:
+    """The busy-time states as the transformer publishes them, to the publisher's queue."""
+    return [Outgoing(topology.busy_exchange, topology.busy_key(m.mailbox), m) for m in messages]
+
+
+def publish_to(settings: Settings, topology: Topology, outgoing: list[Outgoing]) -> None:
+    producer = Publisher(settings.broker, topology)
+    publish_all(producer, outgoing)
+    producer.close()
+
+
+@contextmanager
+def postgres_databases(count: int) -> Iterator[list[str]]:
+    """``count`` new PostgreSQL databases' URLs, dropped afterwards: the same messages decided again in one database
+    would find every key decided at their version already, and publish and write nothing."""
+    names = [f"bench_{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield [f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}" for name in names]
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def run_transformer(settings: Settings, topology: Topology, messages: list[CalendarChange], profile: bool = False) -> float:
     from services.transformer.worker import build as build_transformer
 
-    producer = Publisher(settings.broker, topology)
-    publish_all(producer, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in messages])
-    producer.close()
+    publish_to(settings, topology, changes_out(topology, messages))
     return run_consumer(build_transformer(settings), len(messages), profile)
 
 
@@ -301,9 +334,7 @@ def _replica(stage: str, prefix: str, database_url: str, planner_url: str, workd
 def run_replicas(stage: str, settings: Settings, outgoing: list[Outgoing], replicas: int, workdir: Path) -> float:
     """``stage`` as ``replicas`` processes on one queue, ``outgoing`` waiting in it: the messages handled a second, all
     replicas together, from the moment every replica is built."""
-    producer = Publisher(settings.broker, from_settings(settings.broker, settings.retry))
-    publish_all(producer, outgoing)
-    producer.close()
+    publish_to(settings, from_settings(settings.broker, settings.retry), outgoing)
     spawn = multiprocessing.get_context("spawn")
     ready, go, stop = spawn.Semaphore(0), spawn.Event(), spawn.Event()
     counts = [spawn.Value("i", 0) for _ in range(replicas)]
@@ -390,7 +421,7 @@ def main() -> int:
         if "producer" in only:
             settings, topology = fresh(f"sqlite:///{workdir / 'producer.db'}")
             producer = Publisher(settings.broker, topology)
-            outgoing = [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in sample]
+            outgoing = changes_out(topology, sample)
 
             def produce() -> float:
                 t0 = time.monotonic()
@@ -411,43 +442,27 @@ def main() -> int:
                 settings, topology = fresh(f"sqlite:///{workdir / 'transformer-replicas.db'}")
                 if args.held:
                     hold(settings.database_url(), args.held, now)
-                rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
-                                    args.replicas, workdir)
+                rate = run_replicas("transformer", settings, changes_out(topology, changes(n, now)), args.replicas, workdir)
                 rows.append((f"transformer, SQLite{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
         if "transformer" in only and "postgresql" in databases:
-            # a new database for each run: the same changes decided again in the same database would find every key
-            # decided at their version already and publish and write nothing
-            databases_made = [f"bench_{uuid.uuid4().hex[:8]}" for _ in range(2 if args.replicas else 1)]
-            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                for database in databases_made:
-                    conn.execute(text(f'CREATE DATABASE "{database}"'))
-            try:
-                settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[0]}")
+            with postgres_databases(2 if args.replicas else 1) as urls:
+                settings, topology = fresh(urls[0])
                 if args.held:
                     hold(settings.database_url(), args.held, now)
                 rows.append((f"transformer, PostgreSQL{held}", run_transformer(settings, topology, changes(n, now), args.profile == "transformer"),
                              CPU_NOTES.pop() if CPU_NOTES else ""))
                 if args.replicas:
-                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases_made[1]}")
+                    settings, topology = fresh(urls[1])
                     if args.held:
                         hold(settings.database_url(), args.held, now)
-                    rate = run_replicas("transformer", settings, [Outgoing(topology.calendar_exchange, topology.change_key(m.mailbox), m) for m in changes(n, now)],
-                                    args.replicas, workdir)
+                    rate = run_replicas("transformer", settings, changes_out(topology, changes(n, now)), args.replicas, workdir)
                     rows.append((f"transformer, PostgreSQL{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
-            finally:
-                with admin.connect() as conn:
-                    for database in databases_made:
-                        conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-                admin.dispose()
 
         if "publisher" in only:
             from services.publisher.worker import build as build_publisher
 
             settings, topology = fresh(f"sqlite:///{workdir / 'publisher.db'}")
-            producer = Publisher(settings.broker, topology)
-            publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
-            producer.close()
+            publish_to(settings, topology, states_out(topology, states(n, now)))
             planner.state.reset()
             if args.profile.startswith("publisher"):  # the parallel Planner calls inline, so the handler's profile sees them
                 import services.publisher.worker as publisher_worker
@@ -457,41 +472,22 @@ def main() -> int:
             calls = len(planner.state.calls())
             rows.append((f"publisher into the Planner simulator ({calls} SOAP calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
 
-            # The same stage with an instant Planner (build_instant_publisher): what is left is the stage's own cost.
-            settings, topology = fresh(f"sqlite:///{workdir / 'publisher-instant.db'}")
-            if args.held:
-                hold_delivered(settings.database_url(), args.held, now)
-            producer = Publisher(settings.broker, topology)
-            publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
-            producer.close()
-            consumer, model = build_instant_publisher(settings, topology)
-            rate = run_consumer(consumer, n, args.profile == "publisher-instant")
-            rows.append((f"publisher into an instant Planner{held} ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
-            if "postgresql" in databases:
-                database = f"bench_{uuid.uuid4().hex[:8]}"
-                admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-                with admin.connect() as conn:
-                    conn.execute(text(f'CREATE DATABASE "{database}"'))
-                try:
-                    settings, topology = fresh(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}")
+            # The same stage with an instant Planner (build_instant_publisher): what is left is the stage's own cost;
+            # once with its receipts in SQLite and, with postgresql among --databases, once in PostgreSQL
+            with postgres_databases(1 if "postgresql" in databases else 0) as urls:
+                for name, url in [("", f"sqlite:///{workdir / 'publisher-instant.db'}"), *((", PostgreSQL", u) for u in urls)]:
+                    settings, topology = fresh(url)
                     if args.held:
                         hold_delivered(settings.database_url(), args.held, now)
-                    producer = Publisher(settings.broker, topology)
-                    publish_all(producer, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)])
-                    producer.close()
+                    publish_to(settings, topology, states_out(topology, states(n, now)))
                     consumer, model = build_instant_publisher(settings, topology)
-                    rate = run_consumer(consumer, n, False)
-                    rows.append((f"publisher into an instant Planner, PostgreSQL{held} ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
-                finally:
-                    with admin.connect() as conn:
-                        conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-                    admin.dispose()
+                    rate = run_consumer(consumer, n, args.profile == "publisher-instant" and not name)
+                    rows.append((f"publisher into an instant Planner{name}{held} ({len(model.calls)} calls)", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
             if args.replicas:   # each replica has an instant Planner of its own: every key is new, so each is one create
                 settings, topology = fresh(f"sqlite:///{workdir / 'publisher-replicas.db'}")
                 if args.held:
                     hold_delivered(settings.database_url(), args.held, now)
-                rate = run_replicas("publisher", settings, [Outgoing(topology.busy_exchange, topology.busy_key(s.mailbox), s) for s in states(n, now)],
-                                    args.replicas, workdir)
+                rate = run_replicas("publisher", settings, states_out(topology, states(n, now)), args.replicas, workdir)
                 rows.append((f"publisher into instant Planners{held}, {args.replicas} replicas", rate, CPU_NOTES.pop() if CPU_NOTES else ""))
     finally:
         planner.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,19 +175,37 @@ def test_receipts_answered_in_another_order_are_matched_by_identifier(deps: Publ
     assert planner.holds("first", "anne@kommune.dk") == (HOUR.start, HOUR.end)
 
 
+def _write_commits(deps: PublisherDeps, planner: PlannerModel) -> list[int]:
+    """The count of Planner calls made when each transaction that wrote was committed (a read's commit, decision 118,
+    is not counted)."""
+    from sqlalchemy import event
+
+    wrote: set[int] = set()
+    calls_at_commit: list[int] = []
+
+    def statement(conn: Any, cursor: Any, text: str, *_: Any) -> None:
+        if not text.lstrip().upper().startswith("SELECT"):
+            wrote.add(id(conn))
+
+    def commit(conn: Any) -> None:
+        if id(conn) in wrote:
+            wrote.discard(id(conn))
+            calls_at_commit.append(len(planner.calls))
+
+    event.listen(deps.store.engine, "before_cursor_execute", statement)
+    event.listen(deps.store.engine, "commit", commit)
+    return calls_at_commit
+
+
 def test_a_batch_writes_its_creates_ahead_in_one_transaction_whatever_its_calls(deps: PublisherDeps, planner: PlannerModel) -> None:
     """Decision 115: the creates of a batch's first calls are written ahead together, before any call leaves; the batch
     costs three transactions (claims, write ahead, receipts), not one more per create call (8 calls here)."""
-    from sqlalchemy import event
-
-    commits: list[int] = []
-    calls_at_commit: list[int] = []
-    event.listen(deps.store.engine, "commit", lambda conn: (commits.append(1), calls_at_commit.append(len(planner.calls))))
+    calls_at_commit = _write_commits(deps, planner)
     batch = [state(f"m{n}-{i}", HOUR, mailbox=f"cw{n}@kommune.dk") for n in range(4) for i in range(3)]
     results = handle(batch, deps)
     assert all(isinstance(r, Done) for r in results)
     assert len(planner.calls) == 8   # batch_size 2: 3 creates a mailbox make 2 calls each
-    assert len(commits) == 3, calls_at_commit
+    assert len(calls_at_commit) == 3, calls_at_commit
     assert calls_at_commit[1] == 0   # the write ahead was committed before the first call
     rows = {m: deps.store.delivered(f"cw{m}@kommune.dk") for m in range(4)}
     assert all(r.present and not r.maybe_held for held in rows.values() for r in held.values())
@@ -196,12 +215,10 @@ def test_a_batch_writes_its_creates_ahead_in_one_transaction_whatever_its_calls(
 def test_a_later_rounds_create_is_written_ahead_by_its_own_call(deps: PublisherDeps, planner: PlannerModel) -> None:
     """An update answered 10 "not found" turns into a create in the next round; that create is not the batch's, so its
     own call writes it ahead (decision 84), committed before it leaves."""
-    from sqlalchemy import event
 
     handle([state("u1", HOUR)], deps)
     planner.forget("u1", "anne@kommune.dk")  # Planner lost it
-    calls_at_commit: list[int] = []
-    event.listen(deps.store.engine, "commit", lambda conn: calls_at_commit.append(len(planner.calls)))
+    calls_at_commit = _write_commits(deps, planner)
     results = handle([state("u1", LATER)], deps)
     assert results == [Done()]
     assert [op for op, _ in planner.calls] == ["create", "update", "create"]
